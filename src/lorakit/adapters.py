@@ -1,0 +1,175 @@
+"""Named state changes of the adapters in a model: activate, train, disable, merge, delete.
+
+Every function takes the model (any ``nn.Module`` holding LoRA layers) and validates its arguments
+before it changes anything. Temporary states are context managers that restore in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.injection import lora_modules
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+
+__all__ = [
+    "adapter_names",
+    "active_adapters",
+    "set_active",
+    "set_trainable",
+    "delete",
+    "disabled",
+    "merge",
+    "unmerge",
+    "merged_adapters",
+    "count_parameters",
+]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter present in ``model``, in order of first appearance."""
+    names: dict[str, None] = {}
+    for _, module in lora_modules(model):
+        names.update(dict.fromkeys(module.adapter_names))
+    return list(names)
+
+
+def _check_known(model: nn.Module, names: Sequence[str]) -> None:
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise AdapterError(f"no adapter named {', '.join(map(repr, unknown))}; existing adapters: {known}")
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, module in lora_modules(model):
+        if module.active_adapters:
+            return list(module.active_adapters)
+    return []
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the adapters forward applies (several LoRA adapters sum their updates).
+
+    Trainability is not touched: call :func:`set_trainable` for that.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    _check_known(model, names)
+    savers = [m for _, m in lora_modules(model) if isinstance(m, ModulesToSaveWrapper)]
+    for wrapper in savers:
+        if sum(wrapper.has_adapter(n) for n in names) > 1:
+            raise AdapterError(
+                f"adapters {names} each carry their own modules_to_save; only one of them can be active"
+            )
+    for _, module in lora_modules(model):
+        module.set_active(names)
+
+
+def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "none") -> None:
+    """``requires_grad`` on exactly: the LoRA weights and modules-to-save copies of ``names``, and
+    the biases selected by ``bias`` (``"all"``: every bias; ``"lora_only"``: biases of adapted
+    layers). Everything else is frozen."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_known(model, names)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, module in lora_modules(model):
+        for name in names:
+            for param in module.adapter_parameters(name):
+                param.requires_grad_(True)
+        if bias == "lora_only" and isinstance(module, LoraLayer):
+            base_bias = getattr(module.base_layer, "bias", None)
+            if base_bias is not None and any(module.has_adapter(n) for n in names):
+                base_bias.requires_grad_(True)
+    if bias == "all":
+        for pname, param in model.named_parameters():
+            if "bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname):
+                param.requires_grad_(True)
+
+
+def _is_adapter_param(model: nn.Module, pname: str) -> bool:
+    parts = pname.split(".")
+    return any(p in LoraLayer.adapter_param_names or p == "modules_to_save" for p in parts)
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` and every parameter it owns."""
+    _check_known(model, [name])
+    merged = [n for n, m in lora_modules(model) if isinstance(m, LoraLayer) and name in m.merged_adapters]
+    if merged:
+        raise AdapterError(f"adapter {name!r} is merged into {len(merged)} layers; unmerge it first")
+    for _, module in lora_modules(model):
+        module.delete_adapter(name)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block the model computes as its base model. Merged adapters are unmerged (exactly)
+    on entry and merged again on exit."""
+    modules = [m for _, m in lora_modules(model)]
+    merged = [(m, list(m.merged_adapters)) for m in modules if isinstance(m, LoraLayer) and m.merged]
+    previous = [m.disable_adapters for m in modules]
+    try:
+        for layer, _ in merged:
+            layer.unmerge()
+        for m in modules:
+            m.disable_adapters = True
+        yield
+    finally:
+        for m, flag in zip(modules, previous, strict=True):
+            m.disable_adapters = flag
+        for layer, names in merged:
+            layer.merge(names)
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, m in lora_modules(model):
+        if isinstance(m, LoraLayer):
+            names.update(dict.fromkeys(m.merged_adapters))
+    return list(names)
+
+
+def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: bool = False,
+          keep_original: bool = True) -> None:
+    """Merge ``names`` (default: the active adapters) into the base weights of every LoRA layer.
+
+    With ``safe_merge`` every layer's result is checked first: if any is non-finite, nothing is
+    written anywhere.
+    """
+    if names is not None:
+        _check_known(model, list(names))
+    layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    if safe_merge:
+        bad = []
+        for lname, layer in ((n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)):
+            result = layer.merge_result(names)
+            if result is not None and not all(t.isfinite().all() for t in result if t is not None):
+                bad.append(lname)
+        if bad:
+            raise AdapterError(
+                f"safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged"
+            )
+    for layer in layers:
+        layer.merge(names, keep_original=keep_original)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged base weight bit for bit."""
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer):
+            module.unmerge()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting each shared parameter once (PEFT's numbers)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", 0) or param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

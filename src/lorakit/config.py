@@ -1,0 +1,248 @@
+"""`LoraConfig` and `TaskType`: PEFT's names and defaults, validated once, never mutated.
+
+A config is data. It is checked when it is built and frozen afterwards; code that needs a variant
+(for example the concrete module names behind ``"all-linear"``) derives a new one with
+:func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from lorakit.errors import ConfigError
+
+__all__ = ["LoraConfig", "TaskType", "ConfigError"]
+
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_CHOICES = (True, False, "gaussian")
+ALL_LINEAR = "all-linear"
+
+
+class TaskType(str, enum.Enum):
+    """The kind of model an adapter is for; it selects the wrapper and the trainable head.
+
+    PEFT's members plus the names users also reach for. ``QUESTION_ANSWERING`` is an alias of
+    ``QUESTION_ANS`` (the same member), so both spellings save as ``"QUESTION_ANS"``.
+    """
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    SEQ_CLS = "SEQ_CLS"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    QUESTION_ANSWERING = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+    TRANSLATION = "TRANSLATION"
+    SPEECH_SEQ_2_SEQ = "SPEECH_SEQ_2_SEQ"
+    MULTIPLE_CHOICE = "MULTIPLE_CHOICE"
+    IMAGE_CLASSIFICATION = "IMAGE_CLASSIFICATION"
+    OTHER = "OTHER"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value: Any) -> list[str] | None:
+    """A list of module names as PEFT accepts them (list, tuple or set of str), sorted if unordered."""
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA settings, with PEFT's field names and defaults.
+
+    The update is ``h = W x + s · B A x`` with ``A`` (r × k), ``B`` (d × r) and the scaling
+    ``s = lora_alpha / r`` (or ``lora_alpha / √r`` with ``use_rslora``, Kalajdzievski 2023).
+
+    ``target_modules``: a list of names (a module matches when its full name equals an entry or ends
+    with ``"." + entry``), a regex string (full match against the full name), ``"all-linear"``
+    (every linear / Conv1D layer except the output head) or ``None`` (the default table for the
+    model's ``model_type``). ``exclude_modules`` uses the same rules.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    task_type: TaskType | str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        normalized = _validate(self, problems)
+        if problems:
+            raise ConfigError("invalid LoraConfig:\n  - " + "\n  - ".join(problems))
+        for name, value in normalized.items():
+            object.__setattr__(self, name, value)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data: lists for module sets, the task type as its string value."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, TaskType):
+                value = value.value
+            elif isinstance(value, dict):
+                value = dict(value)
+            elif isinstance(value, list):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown LoraConfig field(s) {unknown}; known fields: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data))
+
+    def scaling_for(self, r: int, alpha: float) -> float:
+        """The factor ``s`` applied to ``B A x``: ``alpha / r`` or ``alpha / √r`` (rsLoRA)."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _validate(cfg: LoraConfig, problems: list[str]) -> dict[str, Any]:
+    """Collect every problem with `cfg` and return the normalised values of the fields."""
+    out: dict[str, Any] = {}
+    if not (isinstance(cfg.r, int) and not isinstance(cfg.r, bool) and cfg.r > 0):
+        problems.append(f"r={cfg.r!r}: must be a positive integer (e.g. 8)")
+    if not (_is_number(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        problems.append(f"lora_alpha={cfg.lora_alpha!r}: must be a positive number (e.g. 16)")
+    if not (_is_number(cfg.lora_dropout) and 0.0 <= cfg.lora_dropout < 1.0):
+        problems.append(f"lora_dropout={cfg.lora_dropout!r}: must be a number in [0, 1)")
+    if cfg.bias not in BIAS_MODES:
+        problems.append(f"bias={cfg.bias!r}: must be one of {', '.join(BIAS_MODES)}")
+    init = cfg.init_lora_weights
+    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
+        problems.append(
+            f"init_lora_weights={init!r}: must be one of True, False, 'gaussian'"
+        )
+    for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
+        if not isinstance(getattr(cfg, name), bool):
+            problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
+
+    _check_modules(cfg, "target_modules", problems, out, allow_regex=True)
+    _check_modules(cfg, "exclude_modules", problems, out, allow_regex=True)
+    _check_modules(cfg, "modules_to_save", problems, out, allow_regex=False)
+    _check_layers(cfg, problems, out)
+    for field, kind in (("rank_pattern", "int"), ("alpha_pattern", "float")):
+        _check_pattern(field, getattr(cfg, field), kind, problems, out)
+
+    if cfg.task_type is not None:
+        try:
+            out["task_type"] = TaskType(cfg.task_type)
+        except ValueError:
+            choices = ", ".join(sorted({t.value for t in TaskType}))
+            problems.append(f"task_type={cfg.task_type!r}: must be one of {choices} or None")
+    for name in ("base_model_name_or_path", "revision"):
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{name}={value!r}: must be a string or None")
+    return out
+
+
+def _check_modules(
+    cfg: LoraConfig, field: str, problems: list[str], out: dict[str, Any], *, allow_regex: bool
+) -> None:
+    value = getattr(cfg, field)
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not allow_regex:
+            out[field] = [value]
+            return
+        if value.lower() == ALL_LINEAR and field == "target_modules":
+            out[field] = ALL_LINEAR
+            return
+        try:
+            re.compile(value)
+        except re.error as exc:
+            problems.append(f"{field}={value!r}: not a valid regular expression ({exc})")
+        return
+    names = _names(value)
+    if names is None:
+        kinds = "a list of module names, a regex string" if allow_regex else "a list of module names"
+        problems.append(f"{field}={value!r}: must be {kinds} or None")
+        return
+    out[field] = names
+
+
+def _check_layers(cfg: LoraConfig, problems: list[str], out: dict[str, Any]) -> None:
+    layers = cfg.layers_to_transform
+    if layers is not None:
+        ok_int = isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0
+        ok_list = isinstance(layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        )
+        if not (ok_int or ok_list):
+            problems.append(
+                f"layers_to_transform={layers!r}: must be a non-negative int or a list of them"
+            )
+        elif ok_list:
+            out["layers_to_transform"] = list(layers)  # type: ignore[arg-type]
+        if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() != ALL_LINEAR:
+            problems.append(
+                "layers_to_transform cannot be used with a regex target_modules "
+                f"({cfg.target_modules!r}); put the layer numbers in the regex, or give a list of names"
+            )
+    pattern = cfg.layers_pattern
+    if pattern is not None:
+        if layers is None:
+            problems.append(
+                f"layers_pattern={pattern!r} only applies together with layers_to_transform, which is None"
+            )
+        if not (isinstance(pattern, str) or _names(pattern) is not None):
+            problems.append(f"layers_pattern={pattern!r}: must be a string, a list of strings or None")
+
+
+def _check_pattern(
+    field: str, value: Any, kind: str, problems: list[str], out: dict[str, Any]
+) -> None:
+    if value is None:
+        out[field] = {}
+        return
+    if not isinstance(value, Mapping):
+        problems.append(f"{field}={value!r}: must be a dict of module-name pattern -> {kind}")
+        return
+    for key, item in value.items():
+        if not isinstance(key, str):
+            problems.append(f"{field} key {key!r}: must be a string (a module-name pattern)")
+        if kind == "int":
+            good = isinstance(item, int) and not isinstance(item, bool) and item > 0
+        else:
+            good = _is_number(item) and item > 0
+        if not good:
+            problems.append(f"{field}[{key!r}]={item!r}: must be a positive {kind}")
+    out[field] = dict(value)

@@ -1,0 +1,43 @@
+"""Default ``target_modules`` per transformers ``model_type`` (used when a config gives ``None``).
+
+Data only: it starts from PEFT's table (same choices, so a config saved by one library targets the
+same modules in the other) and adds the architectures PEFT leaves out. The attention query and value
+projections are the classic choice of the LoRA paper (§7.1).
+"""
+
+from __future__ import annotations
+
+_QV = ("q_proj", "v_proj")
+_QUERY_VALUE = ("query", "value")
+
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    # encoders
+    "bert": _QUERY_VALUE, "roberta": _QUERY_VALUE, "xlm-roberta": _QUERY_VALUE,
+    "electra": _QUERY_VALUE, "layoutlm": _QUERY_VALUE, "camembert": _QUERY_VALUE,
+    "albert": _QUERY_VALUE, "vit": _QUERY_VALUE, "deit": _QUERY_VALUE, "dinov2": _QUERY_VALUE,
+    "distilbert": ("q_lin", "v_lin"), "deberta-v2": ("query_proj", "value_proj"),
+    "deberta": ("in_proj",), "mpnet": ("q", "v"),
+    # encoder-decoders
+    "t5": ("q", "v"), "mt5": ("q", "v"), "umt5": ("q", "v"), "bart": _QV, "mbart": _QV,
+    "marian": _QV, "pegasus": _QV, "m2m_100": _QV, "whisper": _QV, "blip-2": ("q", "v", *_QV),
+    # decoders
+    "gpt2": ("c_attn",), "gpt_bigcode": ("c_attn",), "btlm": ("c_proj", "c_attn"),
+    "bloom": ("query_key_value",), "gpt_neox": ("query_key_value",), "falcon": ("query_key_value",),
+    "RefinedWeb": ("query_key_value",), "RefinedWebModel": ("query_key_value",),
+    "chatglm": ("query_key_value",), "mpt": ("Wqkv",), "codegen": ("qkv_proj",),
+    "opt": _QV, "gptj": _QV, "gpt_neo": _QV, "llama": _QV, "llama4": _QV, "mistral": _QV,
+    "mixtral": _QV, "stablelm": _QV, "gemma": _QV, "gemma2": _QV, "gemma3_text": _QV,
+    "qwen2": _QV, "qwen2_moe": _QV, "qwen3": _QV, "qwen3_moe": _QV, "phi3": ("qkv_proj",),
+    "phi": ("q_proj", "v_proj", "fc1", "fc2"), "olmo": _QV, "olmo2": _QV, "granite": _QV,
+    "starcoder2": _QV, "cohere": _QV, "smollm3": _QV,
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "rwkv": ("key", "value", "receptance", "output"),
+}
+
+
+def default_targets(model_type: str | None) -> list[str] | None:
+    """The default module names for ``model_type``, or ``None`` when lorakit has no default."""
+    if model_type is None:
+        return None
+    names = DEFAULT_TARGETS.get(model_type)
+    return list(names) if names is not None else None

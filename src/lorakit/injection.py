@@ -1,0 +1,180 @@
+"""The only code that changes a model's structure: wrapping targets in LoRA layers, and unwrapping.
+
+``inject`` first plans everything (targets, layer kinds, ranks, modules to save) and raises one
+error listing every problem; only a complete plan mutates the model, so a failed call leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Iterator
+
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, TargetingError
+from lorakit.layers import (
+    BASE_ROWS,
+    Embedding,
+    LoraLayer,
+    ModulesToSaveWrapper,
+    is_conv1d,
+    lora_layer_for,
+    supported_kinds,
+)
+from lorakit.targeting import (
+    iter_plain_modules,
+    rank_and_alpha,
+    resolve_config,
+    select_targets,
+    suffix_summary,
+)
+
+__all__ = ["inject", "unload", "lora_modules", "check_adapter_name", "Plan"]
+
+
+@dataclasses.dataclass
+class Plan:
+    """What :func:`inject` will do: the resolved config, the LoRA targets and the modules to save."""
+
+    config: LoraConfig
+    targets: list[tuple[str, nn.Module]]
+    to_save: list[tuple[str, nn.Module]]
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
+    """Every LoRA layer and modules-to-save wrapper in ``model``, with its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            yield name, module
+
+
+def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE_ROWS:
+        raise AdapterError(
+            f"adapter name {name!r} is not usable: it must be a non-empty string without '.' "
+            f"and not {BASE_ROWS!r}"
+        )
+    existing = sorted({a for _, m in lora_modules(model) for a in m.adapter_names})
+    if must_be_new and name in existing:
+        raise AdapterError(f"an adapter named {name!r} already exists; existing adapters: {existing}")
+
+
+def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> LoraConfig:
+    """Conv1D stores weights fan-in first; the flag follows the layers, with a warning if the user's
+    value disagreed (PEFT warns likewise)."""
+    bases = [m.base_layer if isinstance(m, LoraLayer) else m for _, m in targets]
+    linear = [b for b in bases if isinstance(b, nn.Linear) or is_conv1d(b)]
+    if not linear:
+        return config
+    wanted = all(is_conv1d(b) for b in linear)
+    if config.fan_in_fan_out != wanted:
+        warnings.warn(
+            f"fan_in_fan_out={config.fan_in_fan_out} does not fit the targeted layers "
+            f"({'transformers Conv1D' if wanted else 'nn.Linear'}); using fan_in_fan_out={wanted}",
+            stacklevel=3,
+        )
+        return dataclasses.replace(config, fan_in_fan_out=wanted)
+    return config
+
+
+def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    names = config.modules_to_save or []
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in iter_plain_modules(model):
+        if name and any(name == n or name.endswith("." + n) for n in names):
+            if any(name.startswith(prev + ".") for prev, _ in found):
+                continue
+            found.append((name, module))
+    if names and not found:
+        raise TargetingError(
+            f"modules_to_save={names} matches no module of the model. "
+            f"Top-level modules: {', '.join(n for n, _ in model.named_children())}"
+        )
+    return found
+
+
+def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
+    """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
+    check_adapter_name(model, adapter_name, must_be_new=True)
+    if config.use_dora:
+        raise TargetingError("use_dora=True (DoRA) is not supported yet by lorakit")
+    resolved = resolve_config(config, model)
+    targets = select_targets(resolved, model)
+    if not targets:
+        filtered = (" (after exclude_modules / layers_to_transform)"
+                    if config.exclude_modules or config.layers_to_transform is not None else "")
+        raise TargetingError(
+            f"target_modules={resolved.target_modules!r} matches no module of the model{filtered}. "
+            f"{suffix_summary(model)}"
+        )
+    problems = []
+    for name, module in targets:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if isinstance(module, ModulesToSaveWrapper) or lora_layer_for(base) is None:
+            problems.append(f"{name} ({type(base).__name__})")
+        elif resolved.lora_bias and lora_layer_for(base) is Embedding:
+            problems.append(f"{name} (lora_bias=True is not supported on embeddings)")
+    if problems:
+        raise TargetingError(
+            "cannot add LoRA to: " + "; ".join(problems)
+            + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
+        )
+    resolved = _fan_in_fan_out(resolved, targets)
+    return Plan(resolved, targets, _modules_to_save(resolved, model))
+
+
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child (shared modules may have several parents)."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, child_name, new)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
+    """Add adapter ``adapter_name`` to ``model`` in place; returns the resolved config.
+
+    The new adapter is not activated and its parameters are left as created; activation and
+    trainability are the caller's (see :mod:`lorakit.adapters`).
+    """
+    p = plan(model, config, adapter_name)
+    cfg = p.config
+    for name, module in p.targets:
+        if isinstance(module, LoraLayer):
+            layer = module
+        else:
+            layer_cls = lora_layer_for(module)
+            assert layer_cls is not None  # guaranteed by plan()
+            layer = layer_cls(module)
+            _replace(model, module, layer)
+        r, alpha = rank_and_alpha(cfg, name)
+        layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
+                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+    for _name, module in p.to_save:
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        if wrapper is not module:
+            _replace(model, module, wrapper)
+        wrapper.add_adapter(adapter_name)
+    return cfg
+
+
+def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
+    """Remove every LoRA layer and wrapper from ``model`` and return it.
+
+    ``keep_merged=False`` (``unload()``): merged weights are first restored, so the result holds the
+    original weights bit for bit and wrappers give back their original modules.
+    ``keep_merged=True`` (``merge_and_unload()``): base layers keep what was merged into them and
+    each modules-to-save wrapper is replaced by its active copy.
+    """
+    for _, module in list(lora_modules(model)):
+        if isinstance(module, LoraLayer):
+            if not keep_merged:
+                module.unmerge()
+            _replace(model, module, module.base_layer)
+        else:
+            replacement = module.active_module if keep_merged else module.original_module
+            _replace(model, module, replacement)
+    return model

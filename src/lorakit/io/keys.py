@@ -1,0 +1,137 @@
+"""The one place for PEFT's state-dict key rules.
+
+In memory an adapter's tensors carry the adapter name; in PEFT's format they do not:
+
+====================================================  ===========================================
+in memory (relative to the model root)                in the adapter state dict / file
+====================================================  ===========================================
+``<m>.lora_A.<name>.weight``                          ``<m>.lora_A.weight``
+``<m>.lora_B.<name>.weight`` / ``.bias``              ``<m>.lora_B.weight`` / ``.bias``
+``<m>.lora_embedding_A.<name>``                       ``<m>.lora_embedding_A``
+``<m>.lora_magnitude_vector.<name>.weight``           ``<m>.lora_magnitude_vector``
+``<m>.modules_to_save.<name>.<p>``                    ``<m>.<p>``
+``<m>.base_layer.bias`` (bias="all"/"lora_only")      unchanged
+====================================================  ===========================================
+
+Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+
+__all__ = ["AdapterKeys", "adapter_keys", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+
+MAGNITUDE = "lora_magnitude_vector"
+
+
+@dataclasses.dataclass
+class AdapterKeys:
+    """For one adapter: file key → the tensor in the model that holds it."""
+
+    tensors: dict[str, torch.Tensor]
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> AdapterKeys:
+    """Map every PEFT-format key of ``adapter_name`` to the live tensor it reads from / loads into."""
+    tensors: dict[str, torch.Tensor] = {}
+    adapted_prefixes: list[str] = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module.has_adapter(adapter_name):
+            adapted_prefixes.append(prefix)
+            for container in LoraLayer.adapter_param_names:
+                holder = getattr(module, container)
+                if adapter_name not in holder:
+                    continue
+                item = holder[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    tensors[_join(prefix, container)] = item
+                elif container == MAGNITUDE:
+                    tensors[_join(prefix, container)] = item.weight
+                else:
+                    for pname, t in item.state_dict(keep_vars=True).items():
+                        tensors[_join(prefix, container, pname)] = t
+        elif isinstance(module, ModulesToSaveWrapper) and module.has_adapter(adapter_name):
+            for pname, t in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                tensors[_join(prefix, pname)] = t
+    if bias != "none":
+        for pname, param in model.named_parameters():
+            owner = pname.rsplit(".", 1)[0]
+            if not pname.endswith("bias") or _inside_adapter(pname):
+                continue
+            if bias == "all" or any(owner == _join(p, "base_layer") for p in adapted_prefixes):
+                tensors[pname] = param
+    return AdapterKeys(tensors)
+
+
+def _inside_adapter(pname: str) -> bool:
+    parts = set(pname.split("."))
+    return bool(parts & (set(LoraLayer.adapter_param_names) | {"modules_to_save", "original_module"}))
+
+
+def _bias_mode(model: nn.Module, adapter_name: str) -> str:
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, Mapping) and adapter_name in configs:
+        return str(getattr(configs[adapter_name], "bias", "none"))
+    return "none"
+
+
+def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
+                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's keys (adapter name removed), detached, on their device.
+
+    If ``state_dict`` is given (e.g. a gathered full state dict), values are read from it by their
+    in-memory key instead of from the live model.
+    """
+    keys = adapter_keys(model, adapter_name, _bias_mode(model, adapter_name))
+    if not keys.tensors:
+        raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
+    if state_dict is None:
+        return {k: t.detach() for k, t in keys.tensors.items()}
+    live = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
+    return {k: state_dict[live[id(t)]] for k, t in keys.tensors.items()}
+
+
+def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor],
+                              adapter_name: str = "default") -> list[str]:
+    """Load PEFT-format tensors into adapter ``adapter_name``; every key must fit.
+
+    All problems (keys that match nothing, expected keys that are missing, shape mismatches) are
+    collected and raised together before any tensor is copied. Returns the loaded keys.
+    """
+    keys = adapter_keys(model, adapter_name, "all")
+    expected = adapter_keys(model, adapter_name, _bias_mode(model, adapter_name)).tensors
+    unknown = sorted(k for k in peft_model_state_dict if k not in keys.tensors)
+    missing = sorted(k for k in expected if k not in peft_model_state_dict)
+    mismatched = [
+        f"{k}: model expects {tuple(keys.tensors[k].shape)}, got {tuple(v.shape)}"
+        for k, v in peft_model_state_dict.items()
+        if k in keys.tensors and tuple(v.shape) != tuple(keys.tensors[k].shape)
+    ]
+    if unknown or missing or mismatched:
+        lines = []
+        if unknown:
+            lines.append(f"{len(unknown)} key(s) match no adapter tensor of the model: {unknown[:20]}")
+        if missing:
+            lines.append(f"{len(missing)} adapter tensor(s) missing from the state dict: {missing[:20]}")
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:20]))
+        raise AdapterError(
+            f"cannot load adapter {adapter_name!r}; nothing was changed:\n  - " + "\n  - ".join(lines)
+        )
+    with torch.no_grad():
+        for k, v in peft_model_state_dict.items():
+            target = keys.tensors[k]
+            target.copy_(v.to(device=target.device, dtype=target.dtype))
+    return sorted(peft_model_state_dict)

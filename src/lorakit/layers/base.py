@@ -1,0 +1,249 @@
+"""What every LoRA layer shares: the per-adapter containers, activation, merging and mixed batches.
+
+A LoRA layer wraps its ``base_layer`` and keeps one entry per adapter name in PEFT's containers
+(``lora_A``, ``lora_B``, ``lora_dropout``, ``lora_embedding_A``, ``lora_embedding_B``,
+``lora_magnitude_vector``), so state-dict keys and ``print(model)`` read as PEFT's. A layer kind
+(linear, embedding, conv) supplies three things: how to create an adapter's factors, its
+``ΔW`` and its low-rank branch; the bookkeeping here is the same for all of them.
+
+State is explicit: ``active_adapters`` (what forward applies), ``merged_adapters`` (what is inside
+the base weight; ``merged`` is derived from it) and ``disable_adapters``. ``forward`` never changes
+state.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit import functional as LF
+from lorakit.errors import AdapterError
+
+BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+
+class LoraLayer(nn.Module, abc.ABC):
+    """A base layer plus any number of named low-rank adapters.
+
+    ``forward(x) = base_layer(x) + Σ_{a ∈ active, a ∉ merged} branch_a(x)``.
+
+    Unmerging restores the base weight bit for bit: on the first merge the layer keeps a copy of the
+    original weight (and bias) as a non-persistent buffer, so a merged layer costs one extra copy
+    of its weight until it is unmerged; ``merge_and_unload`` does not keep it.
+    """
+
+    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                           "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.register_buffer("_original_weight", None, persistent=False)
+        self.register_buffer("_original_bias", None, persistent=False)
+
+    # -- what a layer kind provides --------------------------------------------------------------
+    @abc.abstractmethod
+    def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
+        """Create adapter ``name``'s factors in this kind's containers and initialise them."""
+
+    @abc.abstractmethod
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``ΔW`` of adapter ``name`` in float32, shaped like ``base_layer.weight``."""
+
+    @abc.abstractmethod
+    def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The adapter's contribution to the output for input ``x``."""
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.r
+
+    # -- adapters --------------------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (transformers reads ``.weight`` of some layers, e.g. tied embeddings)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def add_adapter(self, name: str, r: int, alpha: float, *, use_rslora: bool, dropout: float,
+                    init: bool | str, lora_bias: bool) -> None:
+        self.r[name] = r
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = LF.scaling(alpha, r, use_rslora)
+        self.lora_bias[name] = lora_bias
+        self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.create_adapter(name, r, init=init, lora_bias=lora_bias)
+        self._place_like_base(name)
+
+    def _place_like_base(self, name: str) -> None:
+        """New factors go on the base weight's device; a floating base below float32 keeps float32
+        factors (PEFT's default, design §5)."""
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        for container in (self.lora_A, self.lora_B):
+            if name in container:
+                container[name].to(device=weight.device, dtype=dtype)
+        for pdict in (self.lora_embedding_A, self.lora_embedding_B):
+            if name in pdict:
+                pdict[name].data = pdict[name].data.to(device=weight.device, dtype=dtype)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge it first")
+        for attr in ("lora_dropout",) + self.adapter_param_names:
+            container = getattr(self, attr)
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        self.active_adapters = [n for n in names if self.has_adapter(n)]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            if name in container:
+                item = container[name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    # -- merging ---------------------------------------------------------------------------------
+    def _pending(self, names: Sequence[str] | None) -> list[str]:
+        return [n for n in (self.active_adapters if names is None else names)
+                if self.has_adapter(n) and n not in self.merged_adapters]
+
+    def merge_result(self, names: Sequence[str] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The (weight, bias) the layer would hold after merging ``names``; ``None`` if nothing to do.
+
+        ``W + Σ s·B·A`` is summed in float32 from the *original* weight over every adapter that
+        would then be merged, and rounded once into the weight's dtype.
+        """
+        pending = self._pending(names)
+        if not pending:
+            return None
+        weight = self.base_layer.weight
+        original = self._original_weight if self._original_weight is not None else weight.detach()
+        all_merged = self.merged_adapters + pending
+        total = self.delta_weight(all_merged[0])
+        for name in all_merged[1:]:
+            total = total + self.delta_weight(name)
+        return LF.merged_weight(original, total), self._merged_bias(all_merged)
+
+    def merge(self, names: Sequence[str] | None = None, *, safe_merge: bool = False,
+              keep_original: bool = True) -> None:
+        """Merge ``names`` (default: the active adapters) into the base weight.
+
+        With ``safe_merge`` a non-finite result raises and changes nothing. With ``keep_original``
+        (the default) the pre-merge weight is kept so that :meth:`unmerge` is exact.
+        """
+        pending = self._pending(names)
+        result = self.merge_result(pending)
+        if result is None:
+            return
+        new_weight, new_bias = result
+        if safe_merge and not all(torch.isfinite(t).all() for t in result if t is not None):
+            raise AdapterError(
+                f"safe_merge: merging adapter(s) {pending} gives non-finite weights in "
+                f"{type(self.base_layer).__name__}; the weights were left unchanged"
+            )
+        weight = self.base_layer.weight
+        if keep_original and self._original_weight is None:
+            self._original_weight = weight.detach().clone()
+            if new_bias is not None:
+                self._original_bias = self.base_layer.bias.detach().clone()
+        with torch.no_grad():
+            weight.copy_(new_weight)
+            if new_bias is not None:
+                self.base_layer.bias.copy_(new_bias)
+        self.merged_adapters.extend(pending)
+
+    def _merged_bias(self, names: Sequence[str]) -> torch.Tensor | None:
+        with_bias = [n for n in names if self.lora_bias.get(n) and n in self.lora_B]
+        base_bias = getattr(self.base_layer, "bias", None)
+        if not with_bias or base_bias is None:
+            return None
+        original = self._original_bias if self._original_bias is not None else base_bias.detach()
+        total = sum(self.lora_B[n].bias.float() * self.scaling[n] for n in with_bias)
+        return (original.float() + total).to(base_bias.dtype)
+
+    def unmerge(self) -> None:
+        """Restore the base weight (and bias) exactly as they were before the first merge."""
+        if not self.merged_adapters:
+            return
+        if self._original_weight is None:
+            raise AdapterError("this layer was merged without keeping its original weight; cannot unmerge")
+        with torch.no_grad():
+            self.base_layer.weight.copy_(self._original_weight)
+            if self._original_bias is not None:
+                self.base_layer.bias.copy_(self._original_bias)
+        self._original_weight = None
+        self._original_bias = None
+        self.merged_adapters = []
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        if adapter_names is not None:
+            return self._mixed_batch(x, result, adapter_names)
+        out_dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            result = result + self.lora_branch(x, name)
+        return result.to(out_dtype)
+
+    def _mixed_batch(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
+                     ) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        if len(adapter_names) != x.shape[0]:
+            raise AdapterError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
+            )
+        if self.merged_adapters:
+            raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
+        result = result.clone()
+        for name in dict.fromkeys(adapter_names):
+            if name == BASE_ROWS or not self.has_adapter(name):
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name],
+                                device=x.device)
+            sub = self.lora_branch(x.index_select(0, rows), name)
+            result.index_add_(0, rows, sub.to(result.dtype))
+        return result
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()

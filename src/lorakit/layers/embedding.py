@@ -1,0 +1,47 @@
+"""LoRA for ``nn.Embedding``: ``y = E[ids] + s · (Aᵀ[ids]) Bᵀ``.
+
+A: (r, V) and B: (D, r) are plain parameters (``lora_embedding_A`` / ``lora_embedding_B``), so the
+branch is a lookup of r-dimensional rows followed by a rank-r projection. As in PEFT and loralib, A
+starts at zero and B random; no dropout is applied to token ids.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit import functional as LF
+from lorakit.errors import TargetingError
+from lorakit.layers.base import LoraLayer
+
+
+class Embedding(LoraLayer):
+    """LoRA around a ``nn.Embedding`` (or a subclass such as a scaled word embedding)."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        vocab, dim = base_layer.weight.shape
+        self.in_features, self.out_features = int(vocab), int(dim)  # (V, D)
+
+    def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
+        if lora_bias:
+            raise TargetingError("lora_bias=True is not supported on embedding layers")
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.in_features))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
+        LF.init_lora_embedding_(self.lora_embedding_A[name], self.lora_embedding_B[name], init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        return LF.linear_delta(a, b, self.scaling[name], fan_in_fan_out=True)  # (V, D)
+
+    def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        rows = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
+                           max_norm=base.max_norm, norm_type=base.norm_type,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (…, r)
+        out = (rows @ self.lora_embedding_B[name].T) * self.scaling[name]  # (…, D)
+        scale = getattr(base, "embed_scale", None)
+        if scale is not None:  # e.g. Gemma's scaled embeddings scale the base rows in forward
+            out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
+        return out

@@ -1,0 +1,83 @@
+"""A module trained in full beside the adapters (a classification head, say): one trainable copy
+per adapter, the original kept frozen, selected by the active adapter.
+
+State-dict layout is PEFT's: ``<path>.original_module.*`` and ``<path>.modules_to_save.<name>.*``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterError
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """``forward`` runs the active adapter's copy, or the original when disabled or none is active."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.modules_to_save
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: Sequence[str]) -> None:
+        present = [n for n in names if n in self.modules_to_save]
+        if len(present) > 1:
+            raise AdapterError(
+                f"adapters {present} each have their own copy of a module to save; only one can be active"
+            )
+        self.active_adapters = present
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
+
+    @property
+    def active_module(self) -> nn.Module:
+        if self.disable_adapters or not self.active_adapters:
+            return self.original_module
+        return self.modules_to_save[self.active_adapters[0]]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.active_module.weight
+
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> Any:
+        if adapter_names is None or self.disable_adapters:
+            return self.active_module(x, *args, **kwargs)
+        if len(adapter_names) != x.shape[0]:
+            raise AdapterError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
+            )
+        groups = list(dict.fromkeys(adapter_names))
+        outputs, order = [], []
+        for name in groups:
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            module = self.modules_to_save.get(name, self.original_module)
+            outputs.append(module(x[rows], *args, **kwargs))
+            order.extend(rows)
+        out = torch.cat(outputs, dim=0)
+        inverse = torch.empty(len(order), dtype=torch.long, device=out.device)
+        inverse[torch.tensor(order, device=out.device)] = torch.arange(len(order), device=out.device)
+        return out.index_select(0, inverse)

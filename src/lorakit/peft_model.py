@@ -1,0 +1,279 @@
+"""`PeftModel`: PEFT's model API over lorakit's parts, and `get_peft_model`.
+
+The wrapper holds ``base_model`` (a :class:`LoraModel`) whose ``model`` is the user's model, so
+parameter names read as PEFT's (``base_model.model.<path>.lora_A.default.weight``). Every
+operation delegates to :mod:`lorakit.injection` (structure) or :mod:`lorakit.adapters` (state).
+Attributes of the base model are forwarded one by one from an explicit list, never by a catch-all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+from torch import nn
+
+from lorakit import adapters, injection
+from lorakit.config import LoraConfig, TaskType
+from lorakit.errors import AdapterError, ConfigError
+
+__all__ = ["PeftModel", "LoraModel", "get_peft_model", "inject_adapter_in_model", "register_task_model"]
+
+# Base-model members a PEFT user reaches through the wrapper (transformers' Trainer and generate
+# use several of them). Anything else: ``model.get_base_model().<name>``.
+FORWARDED_ATTRIBUTES = (
+    "config",
+    "generation_config",
+    "main_input_name",
+    "name_or_path",
+    "device",
+    "dtype",
+    "hf_device_map",
+    "warnings_issued",
+    "is_gradient_checkpointing",
+    "supports_gradient_checkpointing",
+    "can_generate",
+    "get_input_embeddings",
+    "get_output_embeddings",
+    "resize_token_embeddings",
+    "gradient_checkpointing_enable",
+    "gradient_checkpointing_disable",
+    "enable_input_require_grads",
+    "disable_input_require_grads",
+    "prepare_inputs_for_generation",
+    "num_parameters",
+)
+
+
+def _forwarded(name: str) -> property:
+    def get(self: PeftModel) -> Any:
+        return getattr(self.get_base_model(), name)
+
+    get.__doc__ = f"The base model's ``{name}``."
+    return property(get)
+
+
+class LoraModel(nn.Module):
+    """The container between ``PeftModel`` and the user's model (PEFT's ``base_model``)."""
+
+    def __init__(self, model: nn.Module, peft_config: dict[str, LoraConfig]) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config = peft_config
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters; PEFT's ``PeftModel`` API.
+
+    ``model.peft_config`` maps adapter names to their (resolved) configs. One adapter is created by
+    the constructor, made active and, unless ``inference_mode``, trainable.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if not isinstance(peft_config, LoraConfig):
+            raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
+        configs: dict[str, LoraConfig] = {}
+        self.base_model = LoraModel(model, configs)
+        self.peft_config = configs
+        configs[adapter_name] = injection.inject(model, peft_config, adapter_name)
+        adapters.set_active(model, adapter_name)
+        self._apply_trainability([] if peft_config.inference_mode else [adapter_name])
+
+    # -- identity -------------------------------------------------------------------------------
+    def get_base_model(self) -> nn.Module:
+        """The user's model, with its LoRA layers in place."""
+        return self.base_model.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return adapters.active_adapters(self.get_base_model())
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active)."""
+        active = self.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    # -- adapters -------------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
+        self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
+        self._apply_trainability(self._trainable_names())
+
+    def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
+        """Make ``adapter_name`` (or several, whose updates add up) the active adapter(s).
+
+        Trainability is unchanged unless ``trainable=True``, which makes exactly these adapters
+        (and their modules to save) the trainable parameters. PEFT silently changes
+        ``requires_grad`` here; lorakit only does when asked.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        adapters.set_active(self.get_base_model(), names)
+        if trainable:
+            self._apply_trainability(names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and all its parameters. Deleting the active adapter activates the first
+        remaining one (with a warning); the last adapter cannot be deleted (use :meth:`unload`)."""
+        model = self.get_base_model()
+        known = adapters.adapter_names(model)
+        if adapter_name not in known:
+            raise AdapterError(f"no adapter named {adapter_name!r}; existing adapters: {known}")
+        if known == [adapter_name]:
+            raise AdapterError(f"{adapter_name!r} is the only adapter; use unload() to remove LoRA entirely")
+        active = [a for a in self.active_adapters if a != adapter_name]
+        trainable = [a for a in self._trainable_names() if a != adapter_name]
+        adapters.delete(model, adapter_name)
+        del self.peft_config[adapter_name]
+        if not active:
+            active = [adapters.adapter_names(model)[0]]
+            warnings.warn(f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active",
+                          stacklevel=2)
+        adapters.set_active(model, active)
+        self._apply_trainability(trainable)
+
+    def _trainable_names(self) -> list[str]:
+        model = self.get_base_model()
+        names = []
+        for _, module in injection.lora_modules(model):
+            for name in module.adapter_names:
+                params = module.adapter_parameters(name)
+                if params and params[0].requires_grad and name not in names:
+                    names.append(name)
+        return names
+
+    def _apply_trainability(self, names: list[str]) -> None:
+        model = self.get_base_model()
+        if not names:
+            for param in model.parameters():
+                param.requires_grad_(False)
+            return
+        bias = self.peft_config[names[0]].bias
+        adapters.set_trainable(model, names, bias=bias)
+
+    # -- state ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes exactly as its base model."""
+        with adapters.disabled(self.get_base_model()):
+            yield
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge the active adapters (or ``adapter_names``) into the base weights, exactly reversibly."""
+        adapters.merge(self.get_base_model(), adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Restore every merged base weight bit for bit."""
+        adapters.unmerge(self.get_base_model())
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge, then return the base model without any LoRA layer (for deployment)."""
+        model = self.get_base_model()
+        adapters.merge(model, adapter_names, safe_merge=safe_merge, keep_original=False)
+        return injection.unload(model, keep_merged=True)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with every LoRA layer removed and its original weights."""
+        return injection.unload(self.get_base_model(), keep_merged=False)
+
+    # -- parameters -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts, as PEFT reports them."""
+        return adapters.count_parameters(self)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    # -- running --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _adapter_names_hooks(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        """Pass ``adapter_names`` to every LoRA layer's forward for the duration of one call."""
+        if adapter_names is None:
+            yield
+            return
+        names = list(adapter_names)
+        known = adapters.adapter_names(self.get_base_model()) + ["__base__"]
+        unknown = sorted({n for n in names if n not in known})
+        if unknown:
+            raise AdapterError(f"adapter_names has unknown adapter(s) {unknown}; existing: {known}")
+        handles = []
+        try:
+            for _, module in injection.lora_modules(self.get_base_model()):
+                hook = partial(_inject_adapter_names, names=names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self._adapter_names_hooks(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self._adapter_names_hooks(adapter_names):
+            generate = getattr(self.get_base_model(), "generate", None)
+            if generate is None:
+                raise AttributeError(f"{type(self.get_base_model()).__name__} has no generate()")
+            return generate(*args, **kwargs)
+
+
+for _name in FORWARDED_ATTRIBUTES:
+    setattr(PeftModel, _name, _forwarded(_name))
+
+
+def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, *, names: list[str]
+                          ) -> tuple[tuple, dict]:
+    rows = args[0].shape[0] if args and hasattr(args[0], "shape") else None
+    if rows is not None and rows != len(names) and rows % len(names) == 0:
+        # generate() with beams or several samples repeats each row; repeat its name alike.
+        names = [n for n in names for _ in range(rows // len(names))]
+    return args, {**kwargs, "adapter_names": names}
+
+
+_TASK_MODELS: dict[TaskType, Callable[..., PeftModel]] = {}
+
+
+def register_task_model(task: TaskType, cls: Callable[..., PeftModel]) -> None:
+    """Register the ``PeftModel`` subclass that :func:`get_peft_model` builds for ``task``."""
+    _TASK_MODELS[task] = cls
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Add a LoRA adapter to ``model`` and return the task's ``PeftModel``.
+
+    Validation happens first; on error ``model`` is left exactly as it was.
+    """
+    if not isinstance(peft_config, LoraConfig):
+        raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
+    task = peft_config.task_type
+    cls = _TASK_MODELS.get(task, PeftModel) if isinstance(task, TaskType) else PeftModel
+    return cls(model, peft_config, adapter_name)
+
+
+def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default"
+                            ) -> nn.Module:
+    """Add LoRA layers to any ``nn.Module`` in place (no wrapper); the adapter is active and
+    trainable. ``model.peft_config`` records the resolved config, as PEFT does."""
+    resolved = injection.inject(model, peft_config, adapter_name)
+    configs = dict(getattr(model, "peft_config", None) or {})
+    configs[adapter_name] = resolved
+    setattr(model, "peft_config", configs)  # noqa: B010 (nn.Module typing)
+    adapters.set_active(model, adapter_name)
+    if not peft_config.inference_mode:
+        adapters.set_trainable(model, adapter_name, bias=resolved.bias)
+    return model

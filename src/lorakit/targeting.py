@@ -1,0 +1,191 @@
+"""Which modules a config selects, and why nothing matched. Read-only: nothing here changes a model.
+
+Module names are full dotted paths relative to the model the adapter is applied to, as in PEFT.
+Rules (PEFT's, so a config selects the same modules in both libraries):
+
+* a list entry matches a module whose name equals it or ends with ``"." + entry``;
+* a string is a regular expression that must match the whole name;
+* ``exclude_modules`` uses the same rules and wins over ``target_modules``;
+* ``modules_to_save`` modules (and their children) are never LoRA targets;
+* ``layers_to_transform`` keeps modules whose first numbered path segment (after
+  ``layers_pattern`` when given) is one of the listed layer indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
+from lorakit.default_targets import default_targets
+from lorakit.errors import TargetingError
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, is_conv1d, lora_layer_for
+
+__all__ = [
+    "resolve_config",
+    "select_targets",
+    "matches_target",
+    "rank_and_alpha",
+    "iter_plain_modules",
+    "targetable_modules",
+    "model_type_of",
+    "suffix_summary",
+]
+
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def model_type_of(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` without the insides of LoRA layers and modules-to-save wrappers."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _name_in(name: str, names: list[str]) -> bool:
+    return name in names or any(name.endswith("." + n) for n in names)
+
+
+def _is_module_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    if not modules_to_save:
+        return False
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save)
+
+
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    return int(match.group("idx")) if match else None
+
+
+def _in_layers(config: LoraConfig, name: str) -> bool:
+    layers = config.layers_to_transform
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def matches_target(config: LoraConfig, name: str) -> bool:
+    """Whether module ``name`` is selected by a config whose targets are already resolved."""
+    targets = config.target_modules
+    if targets is None or targets == ALL_LINEAR:
+        raise TargetingError("matches_target needs a resolved config; call resolve_config first")
+    excluded = config.exclude_modules
+    if excluded is not None and (
+        re.fullmatch(excluded, name) if isinstance(excluded, str) else _name_in(name, excluded)
+    ):
+        return False
+    if _is_module_to_save(name, config.modules_to_save):
+        return False
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return _name_in(name, targets) and _in_layers(config, name)
+
+
+def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
+    """The output embedding (``lm_head``) or, for classification, the classifier head."""
+    heads: list[nn.Module] = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads.append(out)
+    elif config.task_type == TaskType.SEQ_CLS:
+        heads.extend(m for n in SEQ_CLS_HEADS if isinstance(m := getattr(model, n, None), nn.Module))
+    return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+
+
+def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
+    """The config with concrete targets: ``None`` → the model type's defaults; ``"all-linear"`` →
+    the full names of every selected linear layer, as PEFT saves them."""
+    targets = config.target_modules
+    if targets is None:
+        defaults = default_targets(model_type_of(model))
+        if defaults is None:
+            raise TargetingError(
+                f"target_modules=None and lorakit has no default for model_type "
+                f"{model_type_of(model)!r}; pass target_modules. {suffix_summary(model)}"
+            )
+        return dataclasses.replace(config, target_modules=defaults)
+    if targets == ALL_LINEAR:
+        heads = _output_head_names(model, config)
+        provisional = dataclasses.replace(config, target_modules=r".*")
+        names = sorted(
+            n for n, m in iter_plain_modules(model)
+            if n and _is_linear(m) and n not in heads and matches_target(provisional, n)
+            and _in_layers(config, n)
+        )
+        return dataclasses.replace(config, target_modules=names)
+    return config
+
+
+def select_targets(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs a resolved config adapts; a module already wrapped by a LoRA layer
+    is returned as that layer (a second adapter goes into the same wrapper)."""
+    return [(n, m) for n, m in iter_plain_modules(model) if n and matches_target(config, n)]
+
+
+def rank_and_alpha(config: LoraConfig, name: str) -> tuple[int, float]:
+    """``r`` and ``lora_alpha`` for module ``name``: the first ``rank_pattern`` / ``alpha_pattern``
+    key whose regex matches the end of the name (after a dot) wins, else the config's values."""
+
+    def lookup(pattern: dict[str, Any], default: Any) -> Any:
+        for key, value in pattern.items():
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        return default
+
+    return lookup(config.rank_pattern, config.r), lookup(config.alpha_pattern, config.lora_alpha)
+
+
+def targetable_modules(model: nn.Module) -> list[dict[str, Any]]:
+    """Every module lorakit can adapt: name, type, weight shape and parameter count."""
+    rows = []
+    for name, module in iter_plain_modules(model):
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not name or lora_layer_for(base) is None:
+            continue
+        weight = cast(torch.Tensor, base.weight)
+        rows.append({
+            "name": name,
+            "type": type(base).__name__,
+            "shape": tuple(weight.shape),
+            "params": sum(p.numel() for p in base.parameters(recurse=False)),
+        })
+    return rows
+
+
+def suffix_summary(model: nn.Module, limit: int = 40) -> str:
+    """'Modules that could be targeted: q_proj, k_proj, ...' (deduplicated last name parts)."""
+    suffixes = list(dict.fromkeys(row["name"].rsplit(".", 1)[-1] for row in targetable_modules(model)))
+    if not suffixes:
+        return "The model has no module lorakit can adapt (Linear, Conv1D, Embedding, Conv1d/2d/3d)."
+    shown = ", ".join(suffixes[:limit]) + (", ..." if len(suffixes) > limit else "")
+    return f"Modules that could be targeted: {shown}"
