@@ -5,6 +5,9 @@ Migrating from PEFT is one import line::
     from lorakit import LoraConfig, get_peft_model, TaskType
 """
 
+# `integrations` registers the task wrappers (PeftModelForCausalLM, ...) with get_peft_model;
+# it does not import transformers.
+from lorakit import integrations  # noqa: F401
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, ConfigError, LorakitError, TargetingError
 from lorakit.inspect import inspect
