@@ -9,6 +9,7 @@ Attributes of the base model are forwarded one by one from an explicit list, nev
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -19,6 +20,7 @@ from torch import nn
 from lorakit import adapters, injection
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.io import adapter_dir
 
 __all__ = ["PeftModel", "LoraModel", "get_peft_model", "inject_adapter_in_model", "register_task_model"]
 
@@ -188,6 +190,35 @@ class PeftModel(nn.Module):
         """Return the base model with every LoRA layer removed and its original weights."""
         return injection.unload(self.get_base_model(), keep_merged=False)
 
+    # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str],
+                        selected_adapters: Sequence[str] | None = None) -> None:
+        """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
+        named after them; validated first, written atomically (a crash leaves the previous save)."""
+        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str],
+                        adapter_name: str = "default", is_trainable: bool = False,
+                        **kwargs: Any) -> PeftModel:
+        """Load the adapter in directory ``model_id`` onto ``model``. Config, keys, shapes and the base
+        fingerprint are checked before ``model`` changes. ``is_trainable=False``: inference (frozen,
+        eval mode). Keywords: ``on_base_mismatch`` ("warn" | "error" | "ignore"), ``subfolder``."""
+        build = get_peft_model if cls is PeftModel else cls
+        return adapter_dir.load_new(model, model_id, adapter_name, is_trainable=is_trainable, build=build,
+                                    **kwargs)
+
+    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
+                     **kwargs: Any) -> None:
+        """Add the adapter in directory ``model_id`` as ``adapter_name`` (inactive; trainable only with
+        ``is_trainable``). Same checks and keywords as :meth:`from_pretrained`."""
+        trainable = self._trainable_names()
+        adapter_dir.load_adapter(self.get_base_model(), self.peft_config, model_id, adapter_name,
+                                 is_trainable=is_trainable, **kwargs)
+        self._apply_trainability(trainable + [adapter_name] if is_trainable else trainable)
+        if not is_trainable:
+            self.eval()
+
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, as PEFT reports them."""
@@ -253,16 +284,22 @@ def register_task_model(task: TaskType, cls: Callable[..., PeftModel]) -> None:
     _TASK_MODELS[task] = cls
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
     """Add a LoRA adapter to ``model`` and return the task's ``PeftModel``.
 
+    ``autocast_adapter_dtype`` (PEFT's name): on a float16/bfloat16 base the adapter weights are
+    float32 (``True``, the default) or take the base dtype (``False``).
     Validation happens first; on error ``model`` is left exactly as it was.
     """
     if not isinstance(peft_config, LoraConfig):
         raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
     task = peft_config.task_type
     cls = _TASK_MODELS.get(task, PeftModel) if isinstance(task, TaskType) else PeftModel
-    return cls(model, peft_config, adapter_name)
+    peft_model = cls(model, peft_config, adapter_name)
+    if not autocast_adapter_dtype:
+        adapters.place_adapter(peft_model.get_base_model(), adapter_name, autocast_dtype=False)
+    return peft_model
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default"

@@ -25,11 +25,23 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.injection import Plan
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+from lorakit.targeting import rank_and_alpha
 
-__all__ = ["AdapterKeys", "adapter_keys", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+__all__ = [
+    "AdapterKeys",
+    "FILE_PREFIX",
+    "adapter_keys",
+    "planned_shapes",
+    "to_file_keys",
+    "from_file_keys",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+]
 
-MAGNITUDE = "lora_magnitude_vector"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-row magnitude: reserved, written without ``.weight``
+FILE_PREFIX = "base_model.model."  # what a PeftModel's file puts before each module path
 
 
 @dataclasses.dataclass
@@ -43,6 +55,29 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _layer_tensors(prefix: str, module: LoraLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The file keys of one LoRA layer's adapter ``adapter_name`` (the one rule for LoRA tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for container in LoraLayer.adapter_param_names:
+        holder = getattr(module, container)
+        if adapter_name not in holder:
+            continue
+        item = holder[adapter_name]
+        if isinstance(item, nn.Parameter):
+            tensors[_join(prefix, container)] = item
+        elif container == MAGNITUDE:
+            tensors[_join(prefix, container)] = item.weight
+        else:
+            for pname, t in item.state_dict(keep_vars=True).items():
+                tensors[_join(prefix, container, pname)] = t
+    return tensors
+
+
+def _saved_module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A modules-to-save copy is stored under the plain module path."""
+    return {_join(prefix, pname): t for pname, t in module.state_dict(keep_vars=True).items()}
+
+
 def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> AdapterKeys:
     """Map every PEFT-format key of ``adapter_name`` to the live tensor it reads from / loads into."""
     tensors: dict[str, torch.Tensor] = {}
@@ -50,21 +85,9 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
     for prefix, module in model.named_modules():
         if isinstance(module, LoraLayer) and module.has_adapter(adapter_name):
             adapted_prefixes.append(prefix)
-            for container in LoraLayer.adapter_param_names:
-                holder = getattr(module, container)
-                if adapter_name not in holder:
-                    continue
-                item = holder[adapter_name]
-                if isinstance(item, nn.Parameter):
-                    tensors[_join(prefix, container)] = item
-                elif container == MAGNITUDE:
-                    tensors[_join(prefix, container)] = item.weight
-                else:
-                    for pname, t in item.state_dict(keep_vars=True).items():
-                        tensors[_join(prefix, container, pname)] = t
+            tensors.update(_layer_tensors(prefix, module, adapter_name))
         elif isinstance(module, ModulesToSaveWrapper) and module.has_adapter(adapter_name):
-            for pname, t in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                tensors[_join(prefix, pname)] = t
+            tensors.update(_saved_module_tensors(prefix, module.modules_to_save[adapter_name]))
     if bias != "none":
         for pname, param in model.named_parameters():
             owner = pname.rsplit(".", 1)[0]
@@ -73,6 +96,49 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
             if bias == "all" or any(owner == _join(p, "base_layer") for p in adapted_prefixes):
                 tensors[pname] = param
     return AdapterKeys(tensors)
+
+
+def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """File key → shape of every tensor that injecting ``plan`` as ``adapter_name`` would create,
+    computed without changing ``model`` (each target is wrapped in a throwaway LoRA layer)."""
+    cfg = plan.config
+    shapes: dict[str, tuple[int, ...]] = {}
+    target_names = set()
+    for name, module in plan.targets:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        layer_cls = lora_layer_for(base)
+        if layer_cls is None:  # plan() refuses these; kept for type narrowing
+            continue
+        scratch = layer_cls(base)
+        r, alpha = rank_and_alpha(cfg, name)
+        scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
+                            init=False, lora_bias=cfg.lora_bias)
+        shapes.update({k: tuple(t.shape) for k, t in _layer_tensors(name, scratch, adapter_name).items()})
+        target_names.add(name)
+    for name, module in plan.to_save:
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
+    if cfg.bias != "none":
+        for pname, param in model.named_parameters():
+            if not pname.endswith("bias") or _inside_adapter(pname):
+                continue
+            owner = pname.rsplit(".", 1)[0]
+            owner = owner[: -len(".base_layer")] if owner.endswith(".base_layer") else owner
+            if owner in target_names:
+                shapes[_join(owner, "base_layer", "bias")] = tuple(param.shape)
+            elif cfg.bias == "all" and not any(pname.startswith(n + ".") for n, _ in plan.to_save):
+                shapes[pname] = tuple(param.shape)
+    return shapes
+
+
+def to_file_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as a ``PeftModel`` file stores them: ``base_model.model.`` + the module path."""
+    return {FILE_PREFIX + k: v for k, v in state.items()}
+
+
+def from_file_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``base_model.model.`` (keys without it are kept as they are and checked as such)."""
+    return {k[len(FILE_PREFIX):] if k.startswith(FILE_PREFIX) else k: v for k, v in state.items()}
 
 
 def _inside_adapter(pname: str) -> bool:
