@@ -144,7 +144,7 @@ def test_resume_continues_an_interrupted_run(files: Path, tmp_path: Path,
     resumed = train(files, tmp_path / "run", *seq_cls_args(files), "--resume")
     assert resumed["steps"] == 12
     assert [p["step"] for p in resumed["loss_curve"]] == [3, 6, 9, 12]  # the history carried over
-    straight = train(files, tmp_path / "straight", *seq_cls_args(files))
+    train(files, tmp_path / "straight", *seq_cls_args(files))
     a = load_file(tmp_path / "run" / "adapter_model.safetensors")
     b = load_file(tmp_path / "straight" / "adapter_model.safetensors")
     for key in a:

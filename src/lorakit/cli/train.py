@@ -80,7 +80,7 @@ def plan_run(args: argparse.Namespace) -> Plan:
     if label_column is not None:
         needed.append(("--label-column", label_column))
     data_mod.require_columns(rows, needed, source)
-    data_name = settings.data or (preset.description if preset else "")
+    data_name = settings.data or (preset.data if preset else "")
     return Plan(settings, task, model_path, rows, data_name, label_column, preset)
 
 

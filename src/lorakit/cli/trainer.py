@@ -64,6 +64,7 @@ def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_
         per_device_eval_batch_size=settings.eval_batch_size,
         learning_rate=settings.lr,
         lr_scheduler_type="linear",
+        train_sampling_strategy="group_by_length",  # batches of similar lengths: little padding
         warmup_steps=settings.warmup_ratio,
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1,
