@@ -169,3 +169,22 @@ def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert record["preset"] == "minilm-vader" and record["examples"]["train"] == 8454
     assert record["after"]["accuracy"] > record["before"]["accuracy"] + 0.05
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_torchrun_runs_data_parallel_on_cpu(files: Path, tmp_path: Path) -> None:
+    """The Trainer underneath makes `torchrun -m lorakit.cli train` data-parallel (gloo) as is."""
+    import os
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lorakit.cli",
+               "train", *seq_cls_args(files), "--max-steps", "4", "--threads", "1",
+               "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trainable parameters") == 1  # only rank 0 reports and writes
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert record["steps"] == 4 and (tmp_path / "run" / "adapter_model.safetensors").is_file()

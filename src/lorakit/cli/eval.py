@@ -59,10 +59,9 @@ def run(args: argparse.Namespace) -> int:
     rows = plan.rows if args.data else data_mod.split(plan.rows, s.test_size, s.seed)[1]
     rows = rows[: s.max_eval_samples] if s.max_eval_samples else rows
     model, tokenizer, labels = load_adapted(adapter, args.base or plan.model_path)
-    features = encode(plan.task, rows, tokenizer, s.text_column, plan.label_column, labels, s.max_length)
+    features = encode(plan.task, rows, tokenizer, s, plan.label_column, labels)
     trainer = build_trainer(model, tokenizer, plan.task, [], features, s, str(adapter.path))
-    metrics = evaluate(trainer, plan.task, features, rows, tokenizer, s.text_column, plan.label_column,
-                       s.max_new_tokens, s.eval_batch_size)
+    metrics = evaluate(trainer, plan.task, features, rows, tokenizer, s, plan.label_column)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from lorakit.cli.data import Rows
+from lorakit.cli.settings import TrainSettings
 from lorakit.cli.tasks import Task, perplexity, prompt_text
 
 __all__ = ["evaluate", "exact_match"]
 
 
-def evaluate(trainer: Any, task: Task, features: list, rows: Rows, tokenizer: Any, text_column: str,
-             label_column: str | None, max_new_tokens: int, batch_size: int) -> dict[str, float]:
+def evaluate(trainer: Any, task: Task, features: list, rows: Rows, tokenizer: Any, settings: TrainSettings,
+             label_column: str | None) -> dict[str, float]:
     """``{"accuracy": ...}`` for classifiers; ``{"perplexity": ..., "exact_match": ...}`` for LMs."""
     result = trainer.evaluate(eval_dataset=features)
     metrics = {"loss": float(result["eval_loss"])}
@@ -20,8 +21,7 @@ def evaluate(trainer: Any, task: Task, features: list, rows: Rows, tokenizer: An
     metrics = {"perplexity": perplexity(metrics["loss"]), **metrics}
     if label_column is not None:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        metrics["exact_match"] = exact_match(model, task, rows, tokenizer, text_column, label_column,
-                                             max_new_tokens, batch_size)
+        metrics["exact_match"] = exact_match(model, task, rows, tokenizer, settings, label_column)
     return metrics
 
 
@@ -53,11 +53,13 @@ def generate_answers(model: Any, task: Task, prompts: list[str], tokenizer: Any,
     return answers
 
 
-def exact_match(model: Any, task: Task, rows: Rows, tokenizer: Any, text_column: str, label_column: str,
-                max_new_tokens: int, batch_size: int) -> float:
+def exact_match(model: Any, task: Task, rows: Rows, tokenizer: Any, settings: TrainSettings,
+                label_column: str) -> float:
     """The fraction of rows whose generated answer equals the target (surrounding spaces ignored)."""
-    texts = [str(row[text_column]) for row in rows]
-    prompts = [prompt_text(tokenizer, t) for t in texts] if task.name == "causal-lm" else texts
-    answers = generate_answers(model, task, prompts, tokenizer, max_new_tokens, batch_size)
+    texts = [str(row[settings.text_column]) for row in rows]
+    if task.name == "causal-lm":
+        texts = [prompt_text(tokenizer, t, settings.chat_template) for t in texts]
+    answers = generate_answers(model, task, texts, tokenizer, settings.max_new_tokens,
+                               settings.eval_batch_size)
     hits = sum(a.strip() == str(row[label_column]).strip() for a, row in zip(answers, rows, strict=True))
     return hits / len(rows)

@@ -52,6 +52,8 @@ class TrainSettings:
     eval_steps: int | None = _opt(None, "evaluate on a held-out sample every N steps (for the plot)")
     logging_steps: int = _opt(10, "record the training loss every N steps")
     save_steps: int = _opt(100, "write a resumable checkpoint every N steps")
+    chat_template: bool = _opt(True, "causal-lm with a label column: wrap each prompt in the tokenizer's "
+                               "chat template, if it has one (else the prompt is the text and a newline)")
     max_new_tokens: int = _opt(8, "tokens generated per example for exact-match (language models)")
     seed: int = _opt(0, "seed for the split, the initialisation and the data order")
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice; 1 is faster "

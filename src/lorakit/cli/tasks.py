@@ -16,6 +16,7 @@ import numpy as np
 from lorakit import TaskType
 from lorakit.cli.data import Rows
 from lorakit.cli.errors import CliError, choices
+from lorakit.cli.settings import TrainSettings
 
 __all__ = ["Task", "TASKS", "get_task", "label_names", "encode", "load_model", "classification_metrics"]
 
@@ -96,9 +97,10 @@ def load_model(task: Task, path: str, labels: list[str]) -> Any:
                        f"{str(exc).splitlines()[0]}") from exc
 
 
-def encode(task: Task, rows: Rows, tokenizer: Any, text_column: str, label_column: str | None,
-           labels: list[str], max_length: int) -> list[dict[str, Any]]:
+def encode(task: Task, rows: Rows, tokenizer: Any, settings: TrainSettings, label_column: str | None,
+           labels: list[str]) -> list[dict[str, Any]]:
     """Token ids (and label ids) for each row, unpadded; the collator pads each batch."""
+    text_column, max_length = settings.text_column, settings.max_length
     if task.name == "seq-cls":
         ids = {n: i for i, n in enumerate(labels)}
         texts = [str(row[text_column]) for row in rows]
@@ -113,7 +115,8 @@ def encode(task: Task, rows: Rows, tokenizer: Any, text_column: str, label_colum
         targets = [str(row[str(label_column)]) for row in rows]
         enc = tokenizer(texts, text_target=targets, truncation=True, max_length=max_length)
         return [{k: enc[k][i] for k in enc} for i in range(len(rows))]
-    return [_encode_causal(row, tokenizer, text_column, label_column, max_length) for row in rows]
+    return [_encode_causal(row, tokenizer, text_column, label_column, max_length, settings.chat_template)
+            for row in rows]
 
 
 def _encode_tags(row: dict[str, Any], tokenizer: Any, text_column: str, label_column: str,
@@ -131,22 +134,24 @@ def _encode_tags(row: dict[str, Any], tokenizer: Any, text_column: str, label_co
     return {**dict(enc), "labels": label_ids}
 
 
-def prompt_text(tokenizer: Any, text: str) -> str:
-    """The prompt a causal LM answers: the chat template's user turn if it has one, else text + newline."""
-    if getattr(tokenizer, "chat_template", None):
+def prompt_text(tokenizer: Any, text: str, chat: bool) -> str:
+    """The prompt a causal LM answers: with ``chat``, the chat template's user turn (if the tokenizer
+    has a template); else the text and a newline."""
+    if chat and getattr(tokenizer, "chat_template", None):
         return str(tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                  add_generation_prompt=True, tokenize=False))
     return text + "\n"
 
 
 def _encode_causal(row: dict[str, Any], tokenizer: Any, text_column: str, label_column: str | None,
-                   max_length: int) -> dict[str, Any]:
+                   max_length: int, chat: bool) -> dict[str, Any]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if label_column is None:  # plain language modelling: every token is a target
         ids = tokenizer(str(row[text_column]), truncation=True, max_length=max_length - len(eos)).input_ids
         ids = ids + eos
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
-    prompt = tokenizer(prompt_text(tokenizer, str(row[text_column])), add_special_tokens=False).input_ids
+    prompt_str = prompt_text(tokenizer, str(row[text_column]), chat)
+    prompt = tokenizer(prompt_str, add_special_tokens=False).input_ids
     answer = tokenizer(str(row[label_column]), add_special_tokens=False).input_ids + eos
     prompt = prompt[-max(1, max_length - len(answer)):]  # keep the end of a long prompt
     ids = (prompt + answer)[:max_length]

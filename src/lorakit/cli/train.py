@@ -24,7 +24,7 @@ from lorakit.cli.settings import TrainSettings, add_arguments, read_config_file,
 from lorakit.cli.tasks import TASKS, Task, encode, get_task, label_names, load_model
 from lorakit.cli.trainer import build_trainer, last_checkpoint
 
-__all__ = ["add_parser", "run", "Plan", "plan_run"]
+__all__ = ["add_parser", "run", "fit", "Plan", "plan_run"]
 
 EVAL_SAMPLE = 256  # held-out examples evaluated every --eval-steps (the whole split before and after)
 
@@ -142,7 +142,7 @@ def _record(plan: Plan, model: Any, trainer: Any, results: dict[str, Any], timin
 
 
 def run(args: argparse.Namespace) -> int:
-    """Plan, load, evaluate, train, evaluate, save; prints a summary table at the end."""
+    """Plan, then fit; the main process writes the adapter, metrics, plot and card, and prints a table."""
     if getattr(args, "list_presets", False):
         for preset in PRESETS.values():
             mark = " (default)" if preset.name == DEFAULT_PRESET else ""
@@ -155,28 +155,37 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = last_checkpoint(out) if s.resume else None
     if s.resume and checkpoint is None:
         raise CliError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}; run without --resume")
-    train_rows, held_rows = data_mod.split(plan.rows, s.test_size, s.seed)
-    held_rows = held_rows[: s.max_eval_samples] if s.max_eval_samples else held_rows
-    labels = label_names(plan.task, plan.rows, str(plan.label_column))
+    record = fit(plan, out, checkpoint, start)
+    if record is not None:
+        report.write_metrics(out, record)
+        report.plot(out, record)
+        report.model_card(out, record)
+        print(report.summary_table(record))
+    return 0
 
+
+def fit(plan: Plan, out: str, checkpoint: str | None, start: float) -> dict[str, Any] | None:
+    """Split, load, evaluate, train, evaluate, save the adapter; the run's record (None off rank 0)."""
     import torch
     from transformers import set_seed
 
+    s = plan.settings
+    train_rows, held_rows = data_mod.split(plan.rows, s.test_size, s.seed)
+    held_rows = held_rows[: s.max_eval_samples] if s.max_eval_samples else held_rows
+    labels = label_names(plan.task, plan.rows, str(plan.label_column))
     if s.threads:
         torch.set_num_threads(s.threads)
     set_seed(s.seed)
     tokenizer = _tokenizer(plan.model_path)
     model = build_model(plan, labels)
-    feats = [encode(plan.task, r, tokenizer, s.text_column, plan.label_column, labels, s.max_length)
-             for r in (train_rows, held_rows)]
+    feats = [encode(plan.task, r, tokenizer, s, plan.label_column, labels) for r in (train_rows, held_rows)]
     trainer = build_trainer(model, tokenizer, plan.task, feats[0], feats[1][:EVAL_SAMPLE], s, out)
     feats[1], held_rows = by_length(feats[1], held_rows)
     timings = {"load_s": time.perf_counter() - start}
 
     def measure(name: str) -> dict[str, float]:
         began = time.perf_counter()
-        result = evaluate(trainer, plan.task, feats[1], held_rows, tokenizer, s.text_column,
-                          plan.label_column, s.max_new_tokens, s.eval_batch_size)
+        result = evaluate(trainer, plan.task, feats[1], held_rows, tokenizer, s, plan.label_column)
         timings[f"eval_{name}_s"] = time.perf_counter() - began
         return result
 
@@ -187,15 +196,10 @@ def run(args: argparse.Namespace) -> int:
     curves = report.curves(trainer.state.log_history, plan.task.metric)  # before the final evaluation
     after = measure("after")
     if not trainer.is_world_process_zero():
-        return 0
+        return None
     model.save_pretrained(out)
     timings["total_s"] = time.perf_counter() - start
     counts = {"train": len(train_rows), "held_out": len(held_rows),
               "eval_sample": min(EVAL_SAMPLE, len(held_rows))}
     results = {"before": before, "after": after, "loss_curve": curves[0], "eval_curve": curves[1]}
-    record = _record(plan, model, trainer, results, timings, out, counts, labels)
-    report.write_metrics(out, record)
-    report.plot(out, record)
-    report.model_card(out, record)
-    print(report.summary_table(record))
-    return 0
+    return _record(plan, model, trainer, results, timings, out, counts, labels)

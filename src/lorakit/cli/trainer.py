@@ -51,6 +51,13 @@ def _trainer_classes() -> tuple[type, type]:
     return AdapterTrainer, BarCallback
 
 
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, MPS, XPU, ...
+    return bool(accelerator.is_available() if accelerator else torch.cuda.is_available())
+
+
 def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_set: list,
                   settings: TrainSettings, out: str) -> Any:
     """A ``Trainer`` for ``model`` (a lorakit ``PeftModel``) writing checkpoints under ``out``."""
@@ -78,6 +85,7 @@ def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_
         report_to="none",
         disable_tqdm=False,
         dataloader_pin_memory=False,
+        use_cpu=not _has_accelerator(),  # on CPU, torchrun / accelerate launch then use gloo (DDP)
         label_names=["labels"],
     )
     classify = task.classifies
