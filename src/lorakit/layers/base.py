@@ -180,8 +180,9 @@ class LoraLayer(nn.Module, abc.ABC):
         weight = self.base_layer.weight
         if keep_original and self._original_weight is None:
             self._original_weight = weight.detach().clone()
-            if new_bias is not None:
-                self._original_bias = self.base_layer.bias.detach().clone()
+        # The bias may first change on a later merge (the first adapter with lora_bias).
+        if keep_original and new_bias is not None and self._original_bias is None:
+            self._original_bias = self.base_layer.bias.detach().clone()
         with torch.no_grad():
             weight.copy_(new_weight)
             if new_bias is not None:
