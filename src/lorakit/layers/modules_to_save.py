@@ -74,7 +74,8 @@ class ModulesToSaveWrapper(nn.Module):
         outputs, order = [], []
         for name in groups:
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            module = self.modules_to_save.get(name, self.original_module)
+            # nn.ModuleDict has no .get()
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module  # noqa: SIM401
             outputs.append(module(x[rows], *args, **kwargs))
             order.extend(rows)
         out = torch.cat(outputs, dim=0)
