@@ -303,3 +303,24 @@ def test_lora_free_state_unchanged_by_set_and_add():
     after = lora_free_state(peft_model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_active_adapters_on_disjoint_modules():
+    model = lorakit.get_peft_model(BUILDS["llama"](), LoraConfig(target_modules=["q_proj"],
+                                                                 init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(target_modules=["v_proj"], init_lora_weights=False,
+                                          modules_to_save=["lm_head"]))
+    x = ids()
+    only_default = logits(model, x)
+    for names in (["default", "other"], ["other", "default"], ["other"]):
+        model.set_adapter(names)
+        assert model.active_adapters == names
+    model.set_adapter(["default", "other"])
+    both = logits(model, x)
+    model.set_adapter("other")
+    assert not torch.allclose(logits(model, x), both, atol=1e-4)
+    model.set_adapter(["default", "other"])
+    model.delete_adapter("other")
+    assert model.active_adapter == "default"
+    assert torch.equal(logits(model, x), only_default)
+    assert not torch.equal(both, only_default)

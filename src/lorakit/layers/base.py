@@ -126,7 +126,9 @@ class LoraLayer(nn.Module, abc.ABC):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
-        self.active_adapters = [n for n in names if self.has_adapter(n)]
+        """Record the model's whole active list (as PEFT does), even names this layer lacks, so that
+        every layer reports the same list; forward and merge skip the adapters it does not hold."""
+        self.active_adapters = list(names)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
@@ -222,7 +224,7 @@ class LoraLayer(nn.Module, abc.ABC):
             return self._mixed_batch(x, result, adapter_names)
         out_dtype = result.dtype
         for name in self.active_adapters:
-            if name in self.merged_adapters:
+            if name in self.merged_adapters or not self.has_adapter(name):
                 continue
             result = result + self.lora_branch(x, name)
         return result.to(out_dtype)
