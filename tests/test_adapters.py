@@ -324,3 +324,32 @@ def test_active_adapters_on_disjoint_modules():
     assert model.active_adapter == "default"
     assert torch.equal(logits(model, x), only_default)
     assert not torch.equal(both, only_default)
+
+
+@pytest.mark.parametrize("call", ["merge_adapter", "merge_and_unload"])
+def test_lora_bias_without_base_bias_refuses_to_merge_and_changes_nothing(call):
+    """Llama's projections have no bias: merging a lora_bias adapter would silently drop its bias."""
+    peft_model, x, _ = setup("llama", target_modules=["q_proj"], lora_bias=True)
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            torch.nn.init.normal_(module.lora_B["default"].bias)
+    state, shape, before = snapshot(peft_model), structure(peft_model), logits(peft_model, x)
+    with pytest.raises(AdapterError) as info:
+        getattr(peft_model, call)()
+    assert "model.layers.0.self_attn.q_proj" in str(info.value) and "no bias" in str(info.value)
+    assert_same_state(state, peft_model)
+    assert structure(peft_model) == shape
+    assert lorakit.adapters.merged_adapters(peft_model) == []
+    assert torch.equal(logits(peft_model, x), before)
+
+
+def test_nested_disable_adapter():
+    peft_model, x, base_out = setup("toy")
+    peft_model.merge_adapter()
+    adapted = logits(peft_model, x)
+    with peft_model.disable_adapter():
+        with peft_model.disable_adapter():
+            assert torch.equal(logits(peft_model, x), base_out)
+        assert torch.equal(logits(peft_model, x), base_out)
+    assert torch.equal(logits(peft_model, x), adapted)
+    assert lorakit.adapters.merged_adapters(peft_model) == ["default"]

@@ -405,3 +405,11 @@ def test_repr_shows_lora_parts():
     text = repr(layer)
     for part in ("lora_A", "lora_B", "lora_dropout", "base_layer"):
         assert part in text
+
+
+def test_lora_bias_on_bias_free_layer_refuses_to_merge():
+    layer = add(Linear(nn.Linear(2, 3, bias=False)), lora_bias=True)
+    weight = layer.base_layer.weight.detach().clone()
+    with pytest.raises(AdapterError, match="no bias"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, weight) and not layer.merged

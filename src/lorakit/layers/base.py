@@ -144,6 +144,14 @@ class LoraLayer(nn.Module, abc.ABC):
         return [n for n in (self.active_adapters if names is None else names)
                 if self.has_adapter(n) and n not in self.merged_adapters]
 
+    def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
+        """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
+        with_bias = [n for n in self._pending(names) if self.lora_bias.get(n)]
+        if with_bias and getattr(self.base_layer, "bias", None) is None:
+            return (f"adapter(s) {with_bias} have lora_bias=True but the base "
+                    f"{type(self.base_layer).__name__} has no bias to merge it into")
+        return None
+
     def merge_result(self, names: Sequence[str] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The (weight, bias) the layer would hold after merging ``names``; ``None`` if nothing to do.
@@ -169,6 +177,9 @@ class LoraLayer(nn.Module, abc.ABC):
         With ``safe_merge`` a non-finite result raises and changes nothing. With ``keep_original``
         (the default) the pre-merge weight is kept so that :meth:`unmerge` is exact.
         """
+        problem = self.merge_problem(names)
+        if problem:
+            raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
         pending = self._pending(names)
         result = self.merge_result(pending)
         if result is None:
