@@ -8,6 +8,8 @@ import warnings
 import peft
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny import MODELS, TOY_TARGETS, assert_same_state, ids, logits, snapshot, structure, toy
 
 import lorakit
@@ -353,3 +355,50 @@ def test_nested_disable_adapter():
         assert torch.equal(logits(peft_model, x), base_out)
     assert torch.equal(logits(peft_model, x), adapted)
     assert lorakit.adapters.merged_adapters(peft_model) == ["default"]
+
+
+# -- random sequences of state changes ------------------------------------------------------------
+OPS = st.lists(st.sampled_from(["merge", "merge_a", "merge_b", "unmerge", "set_a", "set_b", "set_ab",
+                                "disable", "mixed"]), min_size=1, max_size=8)
+
+
+@pytest.fixture(scope="module")
+def toy_two_adapters():
+    peft_model, x, base_out = setup("toy")
+    add_second(peft_model, "toy", name="b")
+    reference = {frozenset(): base_out}
+    for names in (["default"], ["b"], ["default", "b"]):
+        peft_model.set_adapter(names)
+        reference[frozenset(names)] = logits(peft_model, x)
+    original = snapshot(peft_model)
+    return peft_model, x, reference, original
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+def test_any_sequence_of_state_changes(toy_two_adapters, ops):
+    """After any sequence, the output is base + every merged or active adapter; unmerge is exact."""
+    peft_model, x, reference, original = toy_two_adapters
+    peft_model.unmerge_adapter()
+    peft_model.set_adapter("default")
+    for op in ops:
+        if op == "merge":
+            peft_model.merge_adapter()
+        elif op in ("merge_a", "merge_b"):
+            peft_model.merge_adapter(["default" if op == "merge_a" else "b"])
+        elif op == "unmerge":
+            peft_model.unmerge_adapter()
+        elif op.startswith("set_"):
+            peft_model.set_adapter({"set_a": "default", "set_b": "b", "set_ab": ["default", "b"]}[op])
+        elif op == "disable":
+            with peft_model.disable_adapter():
+                assert torch.equal(logits(peft_model, x), reference[frozenset()])
+        elif op == "mixed" and not lorakit.adapters.merged_adapters(peft_model):
+            out = logits(peft_model, x, adapter_names=["b", "__base__", "default"])
+            for row, key in enumerate([["b"], [], ["default"]]):
+                assert torch.allclose(out[row], reference[frozenset(key)][row], atol=ATOL)
+        merged = lorakit.adapters.merged_adapters(peft_model)
+        in_effect = frozenset(peft_model.active_adapters) | frozenset(merged)
+        assert torch.allclose(logits(peft_model, x), reference[in_effect], atol=ATOL), (op, in_effect)
+    peft_model.unmerge_adapter()
+    assert_same_state(original, peft_model)
