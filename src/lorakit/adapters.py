@@ -142,10 +142,14 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
     """
     if names is not None:
         _check_known(model, list(names))
-    layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    problems = [f"{lname}: {problem}" for lname, layer in named if (problem := layer.merge_problem(names))]
+    if problems:
+        raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
+    layers = [m for _, m in named]
     if safe_merge:
         bad = []
-        for lname, layer in ((n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)):
+        for lname, layer in named:
             result = layer.merge_result(names)
             if result is not None and not all(t.isfinite().all() for t in result if t is not None):
                 bad.append(lname)

@@ -108,8 +108,9 @@ class PeftModel(nn.Module):
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
+        trainable = self._trainable_names()  # before injection: new parameters start with requires_grad
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
-        self._apply_trainability(self._trainable_names())
+        self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
         """Make ``adapter_name`` (or several, whose updates add up) the active adapter(s).

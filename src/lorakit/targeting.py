@@ -57,6 +57,9 @@ def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_linear(module: nn.Module) -> bool:
+    """A Linear or Conv1D, or a LoRA layer around one (a second adapter may target it too)."""
+    if isinstance(module, LoraLayer):
+        module = module.base_layer
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
@@ -136,13 +139,11 @@ def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
         return dataclasses.replace(config, target_modules=defaults)
     if targets == ALL_LINEAR:
         heads = _output_head_names(model, config)
-        provisional = dataclasses.replace(config, target_modules=r".*")
-        names = sorted(
-            n for n, m in iter_plain_modules(model)
-            if n and _is_linear(m) and n not in heads and matches_target(provisional, n)
-            and _in_layers(config, n)
-        )
-        return dataclasses.replace(config, target_modules=names)
+        linear = [n for n, m in iter_plain_modules(model) if n and _is_linear(m) and n not in heads]
+        # A list of full names (not a regex) so that layers_to_transform stays valid and applies.
+        provisional = dataclasses.replace(config, target_modules=linear)
+        return dataclasses.replace(
+            config, target_modules=sorted(n for n in linear if matches_target(provisional, n)))
     return config
 
 

@@ -131,7 +131,9 @@ class LoraLayer(nn.Module, abc.ABC):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
-        self.active_adapters = [n for n in names if self.has_adapter(n)]
+        """Record the model's whole active list (as PEFT does), even names this layer lacks, so that
+        every layer reports the same list; forward and merge skip the adapters it does not hold."""
+        self.active_adapters = list(names)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
@@ -146,6 +148,14 @@ class LoraLayer(nn.Module, abc.ABC):
     def _pending(self, names: Sequence[str] | None) -> list[str]:
         return [n for n in (self.active_adapters if names is None else names)
                 if self.has_adapter(n) and n not in self.merged_adapters]
+
+    def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
+        """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
+        with_bias = [n for n in self._pending(names) if self.lora_bias.get(n)]
+        if with_bias and getattr(self.base_layer, "bias", None) is None:
+            return (f"adapter(s) {with_bias} have lora_bias=True but the base "
+                    f"{type(self.base_layer).__name__} has no bias to merge it into")
+        return None
 
     def merge_result(self, names: Sequence[str] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -172,6 +182,9 @@ class LoraLayer(nn.Module, abc.ABC):
         With ``safe_merge`` a non-finite result raises and changes nothing. With ``keep_original``
         (the default) the pre-merge weight is kept so that :meth:`unmerge` is exact.
         """
+        problem = self.merge_problem(names)
+        if problem:
+            raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
         pending = self._pending(names)
         result = self.merge_result(pending)
         if result is None:
@@ -185,8 +198,9 @@ class LoraLayer(nn.Module, abc.ABC):
         weight = self.base_layer.weight
         if keep_original and self._original_weight is None:
             self._original_weight = weight.detach().clone()
-            if new_bias is not None:
-                self._original_bias = self.base_layer.bias.detach().clone()
+        # The bias may first change on a later merge (the first adapter with lora_bias).
+        if keep_original and new_bias is not None and self._original_bias is None:
+            self._original_bias = self.base_layer.bias.detach().clone()
         with torch.no_grad():
             weight.copy_(new_weight)
             if new_bias is not None:
@@ -227,7 +241,7 @@ class LoraLayer(nn.Module, abc.ABC):
             return self.add_mixed_(result, x, adapter_names)
         out_dtype = result.dtype
         for name in self.active_adapters:
-            if name in self.merged_adapters:
+            if name in self.merged_adapters or not self.has_adapter(name):
                 continue
             result = self.add_branch(result, x, name)
         return result.to(out_dtype)
