@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -17,7 +17,7 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/mypy src
 
 test: lint
@@ -25,6 +25,9 @@ test: lint
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -71,6 +71,11 @@ class LoraLayer(nn.Module, abc.ABC):
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The adapter's contribution to the output for input ``x``."""
 
+    def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s branch (the sum is taken in the promoted dtype, as PEFT
+        does). Kinds with a fused path override this; it must agree with :meth:`lora_branch`."""
+        return result + self.lora_branch(x, name)
+
     def has_adapter(self, name: str) -> bool:
         return name in self.r
 
@@ -232,24 +237,27 @@ class LoraLayer(nn.Module, abc.ABC):
         if self.disable_adapters:
             return result
         if adapter_names is not None:
-            return self._mixed_batch(x, result, adapter_names)
+            self._check_mixed(x, adapter_names)
+            return self.add_mixed_(result, x, adapter_names)
         out_dtype = result.dtype
         for name in self.active_adapters:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            result = result + self.lora_branch(x, name)
+            result = self.add_branch(result, x, name)
         return result.to(out_dtype)
 
-    def _mixed_batch(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
-                     ) -> torch.Tensor:
-        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+    def _check_mixed(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
         if len(adapter_names) != x.shape[0]:
             raise AdapterError(
                 f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
             )
         if self.merged_adapters:
             raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
-        result = result.clone()
+
+    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
+                   ) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none): each
+        adapter's branch runs once on its rows, added into ``result`` in place."""
         for name in dict.fromkeys(adapter_names):
             if name == BASE_ROWS or not self.has_adapter(name):
                 continue
