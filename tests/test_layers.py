@@ -180,6 +180,7 @@ def make(kind: str, dtype: torch.dtype = torch.float32, **kwargs):
         "embedding": (nn.Embedding(20, 6), torch.randint(0, 20, (4, 3))),
         "conv1d": (nn.Conv1d(3, 4, 3, padding=1), torch.randn(4, 3, 9)),
         "conv2d": (nn.Conv2d(3, 4, 3, padding=1), torch.randn(4, 3, 5, 5)),
+        "conv3d": (nn.Conv3d(2, 3, 2, stride=2), torch.randn(4, 2, 4, 4, 4)),
     }
     base, x = bases[kind]
     base = base.to(dtype)
@@ -191,7 +192,7 @@ def make(kind: str, dtype: torch.dtype = torch.float32, **kwargs):
     return layer, x
 
 
-KINDS = ["linear", "conv1d_transformers", "embedding", "conv1d", "conv2d"]
+KINDS = ["linear", "conv1d_transformers", "embedding", "conv1d", "conv2d", "conv3d"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -215,7 +216,7 @@ def test_default_inits_start_as_identity(kind, init):
     assert torch.count_nonzero(layer.delta_weight("a")) == 0
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d_transformers", "conv1d", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d_transformers", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_init_b_zero_a_random(kind, init):
     layer, _ = make(kind, init=init)
