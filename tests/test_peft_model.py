@@ -219,3 +219,36 @@ def test_get_peft_model_task_types(task):
     assert isinstance(model, lorakit.PeftModel)
     out = model(input_ids=ids())
     assert out.logits.shape == (3, 5, VOCAB)
+
+
+@pytest.mark.parametrize(("model_name", "kwargs"), [
+    ("llama", {"target_modules": ["q_proj", "embed_tokens"], "lora_dropout": 0.1,
+               "modules_to_save": ["lm_head"]}),
+    ("gpt2", {"target_modules": ["c_attn", "wte"], "fan_in_fan_out": True}),
+])
+def test_print_is_peft_print(model_name, kwargs):
+    ours, theirs = build_pair(model_name, **kwargs)
+    assert str(ours) == str(theirs)
+
+
+def test_train_mode_dropout_only_on_lora_branch():
+    model = lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                                                       init_lora_weights=False))
+    x = ids()
+    exact = logits(model, x)
+    with model.disable_adapter():
+        base = logits(model, x)
+    model.train()
+    torch.manual_seed(0)
+    first = logits(model, x)
+    torch.manual_seed(0)
+    assert torch.equal(logits(model, x), first)  # the masks follow torch.manual_seed
+    assert not torch.allclose(logits(model, x), first)
+    assert not torch.allclose(first, exact)
+    torch.manual_seed(0)
+    with_grad = model(input_ids=x).logits  # the autograd path draws the same masks
+    assert torch.equal(with_grad.detach(), first)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, x), base)
+    model.eval()
+    assert torch.equal(logits(model, x), exact)

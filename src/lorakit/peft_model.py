@@ -81,6 +81,7 @@ class PeftModel(nn.Module):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
         configs: dict[str, LoraConfig] = {}
         self.base_model = LoraModel(model, configs)
+        self.training = self.base_model.training = model.training  # report the model's mode
         self.peft_config = configs
         configs[adapter_name] = injection.inject(model, peft_config, adapter_name)
         adapters.set_active(model, adapter_name)
