@@ -129,7 +129,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is a child (shared modules may have several parents)."""
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        # ``_modules`` rather than ``named_children()``: the latter yields a module once even when
+        # the parent holds it under two names, and the second name would keep the unwrapped module.
+        for child_name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, child_name, new)
 

@@ -256,9 +256,15 @@ def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, 
     """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
     (which injects the adapter and wraps the model), then copy the weights in."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
-    check_adapter(model, files_, adapter_name, on_base_mismatch)
-    wrapped = build(model, files_.config, adapter_name)
-    _fill(model, files_, adapter_name)
+    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = build(model, plan.config, adapter_name)
+    try:
+        _fill(model, files_, adapter_name)
+    except BaseException:
+        for param, flag in requires_grad:  # the wrapper froze the base; give it back as it was
+            param.requires_grad_(flag)
+        raise
     if not is_trainable:
         wrapped.eval()
     return wrapped
@@ -270,8 +276,8 @@ def load_adapter(model: nn.Module, configs: dict[str, LoraConfig], path: str | o
     """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
     trainability is the caller's) and record its config in ``configs``."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
-    check_adapter(model, files_, adapter_name, on_base_mismatch)
-    configs[adapter_name] = injection.inject(model, files_.config, adapter_name)
+    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
+    configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
     try:
         _fill(model, files_, adapter_name)
     except BaseException:
