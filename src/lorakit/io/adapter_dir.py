@@ -34,8 +34,11 @@ from lorakit.io import config_json, files
 from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
 from lorakit.io.keys import (
     adapter_keys,
+    embedding_base_tensors,
     from_file_keys,
+    planned_embedding_shapes,
     planned_shapes,
+    saves_embedding_base,
     set_peft_model_state_dict,
     to_file_keys,
 )
@@ -71,6 +74,8 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[s
     tensors = adapter_keys(model, name, config.bias).tensors
     if not tensors:
         raise AdapterError(f"cannot save adapter {name!r}: the model holds no tensor of it")
+    if saves_embedding_base(model, config.target_modules):
+        tensors.update(embedding_base_tensors(model, wrapped_only=True))
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets)
@@ -173,20 +178,25 @@ def read_adapter(path: str | os.PathLike[str], *, is_trainable: bool = False,
 
 
 # -- checking -------------------------------------------------------------------------------------
-def _key_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor]) -> list[str]:
+def _key_problems(expected: Mapping[str, tuple[int, ...]], optional: Mapping[str, tuple[int, ...]],
+                  found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Unknown keys, missing keys and shape mismatches, one line each (optional keys may be absent)."""
     lines = []
-    for key in sorted(set(found) - set(expected)):
+    for key in sorted(set(found) - set(expected) - set(optional)):
         lines.append(f"{key}: in the file, but no module of the model has this adapter tensor")
     for key in sorted(set(expected) - set(found)):
         module, tensor = _split(key)
         lines.append(f"{module}: targeted by the config, but the file has no {tensor!r} "
                      f"(expected shape {expected[key]})")
-    for key in sorted(set(expected) & set(found)):
+    known = {**optional, **expected}
+    for key in sorted(set(known) & set(found)):
         shape = tuple(found[key].shape)
-        if shape != tuple(expected[key]):
+        if shape != tuple(known[key]):
             module, tensor = _split(key)
+            hint = " (was the vocabulary resized? resize the model's embeddings first)" \
+                if key in optional else ""
             lines.append(f"{module}: {tensor} has shape {shape} in the file, "
-                         f"the model expects {expected[key]}")
+                         f"the model expects {known[key]}{hint}")
     return lines
 
 
@@ -228,7 +238,8 @@ def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
         raise AdapterError(
             f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}")
     plan = injection.plan(model, files_.config, adapter_name)
-    lines = _key_problems(planned_shapes(model, plan, adapter_name), files_.tensors)
+    lines = _key_problems(planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan),
+                          files_.tensors)
     if lines:
         more = f"\n  ... and {len(lines) - _MAX_LINES} more" if len(lines) > _MAX_LINES else ""
         raise AdapterError(
