@@ -310,3 +310,33 @@ def test_save_error_midway_leaves_previous_adapter(tmp_path, monkeypatch):
         model.save_pretrained(path)
     assert (path / "adapter_model.safetensors").read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["saved"]
+
+
+def test_save_keywords(tmp_path):
+    model = get_peft_model(tiny(), LoraConfig(**CONFIG))
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(AdapterError, match="safe_serialization=False: lorakit writes"):
+        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_malicious_legacy_bin_is_refused_and_never_runs(tmp_path):
+    _, path = _trained(tmp_path)
+    os.remove(path / "adapter_model.safetensors")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"base_model.model.fc1.lora_A.weight": Evil()}, path / "adapter_model.bin")
+    _fails(tiny(), path, AdapterFileError, "adapter_model.bin", "torch.load(weights_only=True)")
+    assert not marker.exists()
+
+
+def test_lorakit_only_task_type_survives_the_roundtrip(tmp_path):
+    model = get_peft_model(tiny(), LoraConfig(**CONFIG, task_type="OTHER"))
+    model.save_pretrained(tmp_path / "t")
+    assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["task_type"] is None
+    assert PeftModel.from_pretrained(tiny(), tmp_path / "t").peft_config["default"].task_type == "OTHER"

@@ -192,10 +192,12 @@ class PeftModel(nn.Module):
 
     # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str],
-                        selected_adapters: Sequence[str] | None = None) -> None:
+                        selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
-        named after them; validated first, written atomically (a crash leaves the previous save)."""
-        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters)
+        named after them; validated first, written atomically (a crash leaves the previous save).
+        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True)."""
+        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
+                                  **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str],

@@ -92,7 +92,8 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[s
 
 
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
-                  selected_adapters: Sequence[str] | None = None) -> None:
+                  selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
+                  safe_serialization: bool = True) -> None:
     """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
 
     "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
@@ -104,7 +105,12 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if unknown or not names:
         raise AdapterError(f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
                            f"existing adapters: {list(configs)}")
+    if not safe_serialization:
+        raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
+                           "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
     payloads = {n: _adapter_payload(model, n, configs[n]) for n in names}
+    if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
+        return
     replaced = [os.path.join(_subfolder(n), f)
                 for n in names for f in (files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME)]
     with files.atomic_directory(directory, replaced) as staging:
