@@ -33,12 +33,10 @@ from lorakit.injection import Plan
 from lorakit.io import config_json, files
 from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
 from lorakit.io.keys import (
-    adapter_keys,
-    embedding_base_tensors,
     from_file_keys,
     planned_embedding_shapes,
     planned_shapes,
-    saves_embedding_base,
+    saved_tensors,
     set_peft_model_state_dict,
     to_file_keys,
 )
@@ -71,11 +69,7 @@ def _subfolder(name: str) -> str:
 def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[str, dict[str, torch.Tensor],
                                                                                dict[str, str]]:
     """(config JSON text, file tensors, header metadata) of adapter ``name``."""
-    tensors = adapter_keys(model, name, config.bias).tensors
-    if not tensors:
-        raise AdapterError(f"cannot save adapter {name!r}: the model holds no tensor of it")
-    if saves_embedding_base(model, config.target_modules):
-        tensors.update(embedding_base_tensors(model, wrapped_only=True))
+    tensors = saved_tensors(model, name, config.bias, config.target_modules)
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets)
