@@ -340,3 +340,9 @@ def test_lorakit_only_task_type_survives_the_roundtrip(tmp_path):
     model.save_pretrained(tmp_path / "t")
     assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["task_type"] is None
     assert PeftModel.from_pretrained(tiny(), tmp_path / "t").peft_config["default"].task_type == "OTHER"
+
+
+def test_add_adapter_leaves_the_new_adapter_frozen():
+    model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
+    model.add_adapter("b", LoraConfig(target_modules=["fc2"]))
+    assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"default"}

@@ -110,8 +110,9 @@ class PeftModel(nn.Module):
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
+        trainable = self._trainable_names()  # before: new factors are created with requires_grad=True
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
-        self._apply_trainability(self._trainable_names())
+        self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
         """Make ``adapter_name`` (or several, whose updates add up) the active adapter(s).
