@@ -346,3 +346,11 @@ def test_add_adapter_leaves_the_new_adapter_frozen():
     model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
     model.add_adapter("b", LoraConfig(target_modules=["fc2"]))
     assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"default"}
+
+
+def test_adapter_names_cannot_escape_the_directory(tmp_path):
+    model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
+    model.peft_config["/abs"] = model.peft_config["default"]  # as if a name had slipped through
+    with pytest.raises(AdapterError, match="must be a single path component"):
+        model.save_pretrained(tmp_path / "x", selected_adapters=["/abs"])
+    assert os.listdir(tmp_path) == []

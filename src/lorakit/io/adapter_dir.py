@@ -99,6 +99,10 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if unknown or not names:
         raise AdapterError(f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
                            f"existing adapters: {list(configs)}")
+    unsafe = [n for n in names if not n or n != os.path.basename(n) or "\\" in n or n in (".", "..")]
+    if unsafe:
+        raise AdapterError(f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
+                           "to a subfolder named after it, so a name must be a single path component")
     if not safe_serialization:
         raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
                            "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
