@@ -354,3 +354,22 @@ def test_adapter_names_cannot_escape_the_directory(tmp_path):
     with pytest.raises(AdapterError, match="must be a single path component"):
         model.save_pretrained(tmp_path / "x", selected_adapters=["/abs"])
     assert os.listdir(tmp_path) == []
+
+
+def test_resized_vocabulary_is_named(tmp_path):
+    from zoo import ZOO
+
+    model = get_peft_model(ZOO["llama"].build(), LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    model.save_pretrained(tmp_path / "e")
+    with safe_open(str(tmp_path / "e" / "adapter_model.safetensors"), "pt") as fh:
+        assert "base_model.model.model.embed_tokens.base_layer.weight" in fh.keys()  # noqa: SIM118 (PEFT writes it too)
+    resized = ZOO["llama"].build()
+    resized.resize_token_embeddings(120)
+    before = snapshot(resized)
+    with pytest.raises(AdapterError) as info:
+        PeftModel.from_pretrained(resized, tmp_path / "e")
+    assert ("model.embed_tokens: base_layer.weight has shape (100, 16) in the file, the model expects "
+            "(120, 16) (was the vocabulary resized?") in str(info.value)
+    assert "model.embed_tokens: lora_embedding_A has shape (8, 100) in the file, the model expects (8, 120)" \
+        in str(info.value)
+    assert_unchanged(resized, before)

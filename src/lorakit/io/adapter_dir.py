@@ -231,7 +231,7 @@ def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None
                "refuse such loads, or 'ignore' to silence this warning")
     if on_base_mismatch == "error":
         raise BaseModelMismatchError(message)
-    warnings.warn(message, BaseModelMismatchWarning, stacklevel=4)
+    warnings.warn(message, BaseModelMismatchWarning, stacklevel=5)  # the caller of from_pretrained
 
 
 def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
