@@ -38,6 +38,7 @@ SELECTIONS = [
     ("llama", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]}),
     ("llama", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 0, "layers_pattern": "layers"}),
     ("llama", {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": ["h", "layers"]}),
+    ("llama", {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]}),
     ("llama", {"target_modules": ["embed_tokens", "q_proj"]}),
     ("gpt2", {"target_modules": ["c_attn"]}),
     ("gpt2", {"target_modules": "all-linear"}),
@@ -177,7 +178,8 @@ def test_inspect_gpt2_conv1d_and_after_injection():
 
 
 SUFFIXES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "self_attn.q_proj",
-            "layers.0.mlp.up_proj", "embed_tokens", "lm_head", "mlp", "proj"]
+            "layers.0.mlp.up_proj", "embed_tokens", "lm_head", "mlp", "proj",
+            "model.layers.1.self_attn.v_proj"]
 
 
 def _selection(fn, build, kwargs):
