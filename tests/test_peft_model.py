@@ -132,13 +132,14 @@ def test_mixed_batch_unknown_name_lists_adapters():
     assert "nope" in str(info.value) and "default" in str(info.value)
 
 
-def test_mixed_batch_generate():
+@pytest.mark.parametrize("beams", [1, 2])
+def test_mixed_batch_generate(beams):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lorakit.get_peft_model(MODELS["gpt2"](), LoraConfig(target_modules=["c_attn"],
                                                                     init_lora_weights=False))
     x = ids(batch=2, seq=3)
-    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "num_beams": beams}
     mixed = model.generate(input_ids=x, adapter_names=["default", "__base__"], **kwargs)
     adapted = model.generate(input_ids=x, **kwargs)
     with model.disable_adapter():
@@ -252,3 +253,15 @@ def test_train_mode_dropout_only_on_lora_branch():
         assert torch.equal(logits(model, x), base)
     model.eval()
     assert torch.equal(logits(model, x), exact)
+
+
+def test_add_adapter_trainability_matches_peft():
+    kwargs = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    ours, theirs = build_pair("llama", **kwargs)
+    second = {"target_modules": ["q_proj", "o_proj"], "r": 4, "modules_to_save": ["lm_head"]}
+    ours.add_adapter("other", LoraConfig(**second))
+    theirs.add_adapter("other", peft.LoraConfig(**second))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert set(ours.state_dict()) == set(theirs.state_dict())
