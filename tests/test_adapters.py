@@ -374,7 +374,7 @@ def toy_two_adapters():
     return peft_model, x, reference, original
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_any_sequence_of_state_changes(toy_two_adapters, ops):
     """After any sequence, the output is base + every merged or active adapter; unmerge is exact."""
@@ -437,3 +437,28 @@ def test_low_precision_base_keeps_float32_adapters(dtype):
     assert out.dtype == dtype and torch.isfinite(out).all()
     peft_model.add_adapter("other", LoraConfig(target_modules=["q_proj"]))
     assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if ".lora_" in n)
+
+
+@settings(max_examples=10, deadline=None)
+@given(ops=st.lists(st.sampled_from(["merge", "merge_a", "merge_b", "unmerge", "set_b", "set_ab", "disable"]),
+                    min_size=1, max_size=6),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_any_sequence_then_unmerge_is_bit_exact_in_low_precision(ops, dtype):
+    model = toy().to(dtype)
+    original = snapshot(model)
+    config = LoraConfig(target_modules=TOY_TARGETS, init_lora_weights=False)
+    peft_model = lorakit.get_peft_model(model, config)
+    add_second(peft_model, "toy", name="b")
+    for op in ops:
+        if op == "merge":
+            peft_model.merge_adapter()
+        elif op in ("merge_a", "merge_b"):
+            peft_model.merge_adapter(["default" if op == "merge_a" else "b"])
+        elif op == "unmerge":
+            peft_model.unmerge_adapter()
+        elif op == "disable":
+            with peft_model.disable_adapter():
+                pass
+        else:
+            peft_model.set_adapter("b" if op == "set_b" else ["default", "b"])
+    assert_same_state(original, peft_model.unload())
