@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import MODELS, TOY_TARGETS, assert_same_state, ids, logits, snapshot, structure, toy
+from tiny import MODELS, TOY_TARGETS, assert_same_state, bert_cls, ids, logits, snapshot, structure, toy
 
 import lorakit
 from lorakit import AdapterError, LoraConfig
@@ -462,3 +462,13 @@ def test_any_sequence_then_unmerge_is_bit_exact_in_low_precision(ops, dtype):
         else:
             peft_model.set_adapter("b" if op == "set_b" else ["default", "b"])
     assert_same_state(original, peft_model.unload())
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_trainable_parameters_with_biased_modules_to_save_match_peft(bias):
+    kwargs = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "bias": bias}
+    ours = lorakit.get_peft_model(bert_cls(), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(bert_cls(), peft.LoraConfig(**kwargs))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()

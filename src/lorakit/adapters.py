@@ -85,8 +85,12 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
             if base_bias is not None and any(module.has_adapter(n) for n in names):
                 base_bias.requires_grad_(True)
     if bias == "all":
+        # The frozen originals behind modules-to-save copies never train (as in PEFT).
+        originals = {id(p) for _, m in lora_modules(model) if isinstance(m, ModulesToSaveWrapper)
+                     for p in m.original_module.parameters()}
         for pname, param in model.named_parameters():
-            if "bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname):
+            if ("bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname)
+                    and id(param) not in originals):
                 param.requires_grad_(True)
 
 
