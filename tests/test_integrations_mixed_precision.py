@@ -7,10 +7,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from task_models import build, labels_for, text_inputs
 
 import lorakit
 from lorakit.layers import LoraLayer
-from task_models import build, labels_for, text_inputs
 
 
 def _llama(dtype: torch.dtype, **kwargs) -> lorakit.PeftModel:

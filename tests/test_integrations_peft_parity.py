@@ -8,9 +8,9 @@ import io
 
 import peft
 import pytest
+from task_models import build
 
 import lorakit
-from task_models import build
 
 PEFT_TASKS = [
     ("llama", "ForCausalLM", "CAUSAL_LM"),
