@@ -220,3 +220,18 @@ def test_user_modules_to_save_are_kept_beside_the_head() -> None:
     model = get_peft_model(build("bert", "ForSequenceClassification"),
                            LoraConfig(task_type="SEQ_CLS", modules_to_save=["pooler"]))
     assert model.peft_config["default"].modules_to_save == ["pooler", "classifier"]
+
+
+@pytest.mark.parametrize("case", [HEAD_CASES[0], HEAD_CASES[10]], ids=lambda c: c.id)
+def test_mixed_batch_forward_uses_each_rows_adapter_and_head(case: Case) -> None:
+    model = _peft(case).eval()
+    with torch.no_grad():
+        for name in case.saved_head:
+            for p in getattr(model.get_base_model(), name).modules_to_save["default"].parameters():
+                p.add_(0.1)
+    adapted = _main(model(**case.inputs()))
+    with model.disable_adapter():
+        base = _main(model(**case.inputs()))
+    mixed = _main(model(**case.inputs(), adapter_names=["__base__", "default"]))
+    torch.testing.assert_close(mixed[0], base[0])
+    torch.testing.assert_close(mixed[1], adapted[1])

@@ -102,3 +102,21 @@ def test_trainer_keeps_the_columns_forward_names() -> None:
     trainer._set_signature_columns_if_needed()
     assert {"input_ids", "attention_mask", "token_type_ids", "labels"} <= set(trainer._signature_columns)
     assert trainer.label_names == ["labels"]
+
+
+def test_trainer_asks_the_base_model_about_loss_kwargs() -> None:
+    model = _model("CAUSAL_LM")
+    trainer = _trainer(model, "CAUSAL_LM", Path("unused"))
+    plain = transformers.Trainer(model=build("gpt2", "LMHeadModel"), args=trainer.args)
+    assert trainer.model_accepts_loss_kwargs == plain.model_accepts_loss_kwargs
+
+
+def test_trainer_with_activation_checkpointing_trains_the_adapter(tmp_path: Path) -> None:
+    model = _model("CAUSAL_LM")
+    before = _adapter_state(model)
+    trainer = _trainer(model, "CAUSAL_LM", tmp_path, activation_checkpointing=True,
+                       activation_checkpointing_kwargs={"use_reentrant": True})
+    trainer.train()
+    assert model.is_activation_checkpointing
+    after = _adapter_state(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before)

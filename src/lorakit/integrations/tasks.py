@@ -24,6 +24,7 @@ arguments are passed on by name, ``None`` ones dropped (the base model's default
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -70,6 +71,17 @@ class TaskPeftModel(PeftModel):
         """Call the base model with the named arguments that are set, plus ``kwargs``."""
         inputs = {k: v for k, v in named.items() if v is not None}
         return super().forward(adapter_names=adapter_names, **inputs, **kwargs)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the base model's loss takes ``num_items_in_batch`` (transformers.Trainer asks, to
+        scale the loss correctly under gradient accumulation): the base model's answer."""
+        base = self.get_base_model()
+        flag = getattr(base, "accepts_loss_kwargs", None)
+        if flag is None:
+            params = inspect.signature(base.forward).parameters.values()
+            flag = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        return bool(flag)
 
     # -- gradient checkpointing (see lorakit.integrations.checkpointing) --------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
