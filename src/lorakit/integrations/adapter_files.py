@@ -9,6 +9,10 @@ call the real methods instead. Until then this file writes exactly PEFT's layout
 * ``adapter_model.safetensors``: :func:`lorakit.get_peft_model_state_dict`, metadata
   ``{"format": "pt"}``;
 * ``adapter_config.json``: ``config.to_dict()`` plus ``"peft_type": "LORA"``.
+
+PEFT 0.21 refuses to load a config whose ``task_type`` it does not define, so lorakit's extra task
+types are written as their PEFT equivalent (see :data:`PEFT_TASK_TYPES`) and the exact one goes in
+the safetensors header metadata (``lorakit_task_type``), which PEFT ignores (design §3).
 """
 
 from __future__ import annotations
@@ -22,13 +26,43 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError
 from lorakit.io.keys import get_peft_model_state_dict, set_peft_model_state_dict
 
-__all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "save_adapter_dir", "load_adapter_weights"]
+__all__ = [
+    "ADAPTER_WEIGHTS_NAME",
+    "ADAPTER_CONFIG_NAME",
+    "PEFT_TASK_TYPES",
+    "peft_config_dict",
+    "save_adapter_dir",
+    "load_adapter_weights",
+]
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+# lorakit task type -> the task_type written for PEFT (None: PEFT's plain PeftModel, which still
+# restores the head from modules_to_save). Task types PEFT knows are written unchanged.
+PEFT_TASK_TYPES: dict[TaskType, TaskType | None] = {
+    TaskType.TRANSLATION: TaskType.SEQ_2_SEQ_LM,
+    TaskType.SPEECH_SEQ_2_SEQ: TaskType.SEQ_2_SEQ_LM,
+    TaskType.MULTIPLE_CHOICE: None,
+    TaskType.IMAGE_CLASSIFICATION: None,
+    TaskType.OTHER: None,
+}
+
+
+def peft_config_dict(config: LoraConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """(``adapter_config.json`` content that PEFT 0.21 loads, extra safetensors metadata)."""
+    data = {**config.to_dict(), "peft_type": "LORA"}
+    metadata = {"format": "pt"}
+    task = config.task_type
+    if isinstance(task, TaskType) and task in PEFT_TASK_TYPES:
+        written = PEFT_TASK_TYPES[task]
+        data["task_type"] = written.value if written is not None else None
+        metadata["lorakit_task_type"] = task.value
+    return data, metadata
 
 
 def save_adapter_dir(model: nn.Module, save_directory: str | os.PathLike[str], adapter_name: str = "default",
@@ -45,9 +79,9 @@ def save_adapter_dir(model: nn.Module, save_directory: str | os.PathLike[str], a
     tensors = get_peft_model_state_dict(model, state_dict, adapter_name=adapter_name)
     # safetensors refuses views and shared storage; an adapter file holds independent copies.
     tensors = {k: t.detach().contiguous().clone().cpu() for k, t in tensors.items()}
+    config, metadata = peft_config_dict(configs[adapter_name])
     os.makedirs(save_directory, exist_ok=True)
-    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    config = {**configs[adapter_name].to_dict(), "peft_type": "LORA"}
+    save_file(tensors, os.path.join(save_directory, ADAPTER_WEIGHTS_NAME), metadata=metadata)
     with open(os.path.join(save_directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
