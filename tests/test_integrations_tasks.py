@@ -235,3 +235,15 @@ def test_mixed_batch_forward_uses_each_rows_adapter_and_head(case: Case) -> None
     mixed = _main(model(**case.inputs(), adapter_names=["__base__", "default"]))
     torch.testing.assert_close(mixed[0], base[0])
     torch.testing.assert_close(mixed[1], adapted[1])
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: c.id)
+def test_all_linear_leaves_the_head_to_modules_to_save(case: Case) -> None:
+    """(PEFT 0.21 puts LoRA into ``qa_outputs`` / a token classifier here, then fails to wrap it.)"""
+    model = get_peft_model(build(case.arch, case.head),
+                           LoraConfig(task_type=case.task, target_modules="all-linear"))
+    for name in case.saved_head:
+        head = getattr(model.get_base_model(), name)
+        assert isinstance(head, ModulesToSaveWrapper)
+        assert not any(isinstance(m, LoraLayer) for m in head.modules())
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
