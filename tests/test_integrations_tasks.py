@@ -247,3 +247,17 @@ def test_all_linear_leaves_the_head_to_modules_to_save(case: Case) -> None:
         assert isinstance(head, ModulesToSaveWrapper)
         assert not any(isinstance(m, LoraLayer) for m in head.modules())
     assert any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_added_adapter_gets_its_own_head() -> None:
+    case = HEAD_CASES[0]
+    model = _peft(case).eval()
+    model.add_adapter("other", LoraConfig(task_type="SEQ_CLS", init_lora_weights=False))
+    assert model.peft_config["other"].modules_to_save == ["classifier"]
+    head = model.get_base_model().classifier
+    assert set(head.modules_to_save) == {"default", "other"}
+    first = _main(model(**case.inputs()))
+    with torch.no_grad():
+        head.modules_to_save["other"].weight.add_(0.1)
+    model.set_adapter("other")
+    assert not torch.allclose(_main(model(**case.inputs())), first)

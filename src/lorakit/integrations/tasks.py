@@ -61,10 +61,18 @@ class TaskPeftModel(PeftModel):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
-        if self.task_type in HEAD_TASKS:
-            heads = head_modules_to_save(model, self.task_type, peft_config.modules_to_save)
-            peft_config = dataclasses.replace(peft_config, modules_to_save=heads)
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, self._with_head(model, peft_config), adapter_name)
+
+    def _with_head(self, model: nn.Module, peft_config: LoraConfig) -> LoraConfig:
+        """For a head task, the config with the model's head added to ``modules_to_save``."""
+        if self.task_type not in HEAD_TASKS:
+            return peft_config
+        heads = head_modules_to_save(model, self.task_type, peft_config.modules_to_save)
+        return dataclasses.replace(peft_config, modules_to_save=heads)
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add another adapter, with its own copy of the head (as PEFT)."""
+        super().add_adapter(adapter_name, self._with_head(self.get_base_model(), peft_config))
 
     def _run(self, adapter_names: Sequence[str] | None, named: dict[str, Any], kwargs: dict[str, Any]
              ) -> Any:
