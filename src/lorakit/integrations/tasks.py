@@ -9,7 +9,8 @@ QUESTION_ANS (_ANSWERING)  PeftModelForQuestionAnswering       head trained and 
 MULTIPLE_CHOICE            PeftModelForMultipleChoice          head trained and saved
 IMAGE_CLASSIFICATION       PeftModelForImageClassification     head trained and saved
 CAUSAL_LM                  PeftModelForCausalLM                ``generate`` (+ ``adapter_names``)
-SEQ_2_SEQ_LM, TRANSLATION  PeftModelForSeq2SeqLM               ``generate`` (+ ``adapter_names``)
+SEQ_2_SEQ_LM               PeftModelForSeq2SeqLM               ``generate`` (+ ``adapter_names``)
+TRANSLATION                PeftModelForTranslation             the same, saved as SEQ_2_SEQ_LM for PEFT
 SPEECH_SEQ_2_SEQ           PeftModelForSpeechSeq2Seq           ``generate(input_features=...)``
 FEATURE_EXTRACTION         PeftModelForFeatureExtraction       returns the base model's hidden states
 OTHER / None               PeftModel                           any ``nn.Module``
