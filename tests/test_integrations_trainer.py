@@ -38,11 +38,13 @@ def _dataset(task: str) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def _trainer(model: lorakit.PeftModel, task: str, out: Path, **kwargs) -> LorakitTrainer:
+def _trainer(model: lorakit.PeftModel, task: str, out: Path, evaluate: bool = False, **kwargs
+             ) -> LorakitTrainer:
     args = transformers.TrainingArguments(
         str(out), max_steps=STEPS, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
         report_to=[], use_cpu=True, logging_steps=1, seed=0, **kwargs)
-    return LorakitTrainer(model=model, args=args, train_dataset=_dataset(task))
+    return LorakitTrainer(model=model, args=args, train_dataset=_dataset(task),
+                          eval_dataset=_dataset(task) if evaluate else None)
 
 
 def _adapter_state(model: lorakit.PeftModel) -> dict[str, torch.Tensor]:
@@ -120,3 +122,19 @@ def test_trainer_with_activation_checkpointing_trains_the_adapter(tmp_path: Path
     assert model.is_activation_checkpointing
     after = _adapter_state(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_best_model_at_end_restores_the_best_adapter(tmp_path: Path) -> None:
+    model = _model("SEQ_CLS")
+    trainer = _trainer(model, "SEQ_CLS", tmp_path, evaluate=True, eval_strategy="steps", eval_steps=2,
+                       load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    with torch.no_grad():  # move away from the best weights; loading them must come back exactly
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    trainer._load_best_model()
+    with safe_open(str(best / "adapter_model.safetensors"), "pt") as f:
+        for key, value in _adapter_state(model).items():
+            torch.testing.assert_close(value, f.get_tensor(key), rtol=0, atol=0)
