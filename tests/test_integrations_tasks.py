@@ -67,6 +67,7 @@ HEAD_CASES = [
 GEN_CASES = [
     Case("gpt2", "LMHeadModel", "CAUSAL_LM", "PeftModelForCausalLM"),
     Case("llama", "ForCausalLM", "CAUSAL_LM", "PeftModelForCausalLM"),
+    Case("mistral", "ForCausalLM", "CAUSAL_LM", "PeftModelForCausalLM"),
     Case("t5", "ForConditionalGeneration", "SEQ_2_SEQ_LM", "PeftModelForSeq2SeqLM"),
     Case("bart", "ForConditionalGeneration", "SEQ_2_SEQ_LM", "PeftModelForSeq2SeqLM"),
     Case("t5", "ForConditionalGeneration", "TRANSLATION", "PeftModelForTranslation"),
