@@ -41,6 +41,9 @@ FORWARDED_ATTRIBUTES = (
     "resize_token_embeddings",
     "gradient_checkpointing_enable",
     "gradient_checkpointing_disable",
+    "activation_checkpointing_enable",  # transformers >= 5 names (Trainer calls these)
+    "activation_checkpointing_disable",
+    "is_activation_checkpointing",
     "enable_input_require_grads",
     "disable_input_require_grads",
     "prepare_inputs_for_generation",
