@@ -81,7 +81,7 @@ class AdapterCheckpointsMixin:
             return
         output_dir = output_dir if output_dir is not None else trainer.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_adapters(model, output_dir, state_dict)
+        save_adapters(model, output_dir, state_dict or None)  # DeepSpeed may pass {}: read the model
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(output_dir)
         torch.save(trainer.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
