@@ -262,3 +262,15 @@ def test_added_adapter_gets_its_own_head() -> None:
         head.modules_to_save["other"].weight.add_(0.1)
     model.set_adapter("other")
     assert not torch.allclose(_main(model(**case.inputs())), first)
+
+
+def test_mixed_batch_generate_with_beams() -> None:
+    """generate repeats each prompt row per beam; each repeat keeps its row's adapter."""
+    case = GEN_CASES[1]  # llama
+    model = _peft(case).eval()
+    with_adapter = _greedy(model, case, num_beams=2)
+    with model.disable_adapter():
+        base = _greedy(model, case, num_beams=2)
+    assert not torch.equal(with_adapter, base)
+    mixed = _greedy(model, case, num_beams=2, adapter_names=["default", "__base__"])
+    assert torch.equal(mixed[0], with_adapter[0]) and torch.equal(mixed[1], base[1])
