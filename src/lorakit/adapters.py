@@ -26,6 +26,7 @@ __all__ = [
     "unmerge",
     "merged_adapters",
     "count_parameters",
+    "place_adapter",
 ]
 
 
@@ -181,3 +182,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def place_adapter(model: nn.Module, name: str, *, autocast_dtype: bool = True) -> None:
+    """Re-place adapter ``name``'s factors in every LoRA layer: float32 on a half-precision base
+    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``)."""
+    _check_known(model, [name])
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer) and module.has_adapter(name):
+            module.place_adapter(name, autocast_dtype=autocast_dtype)
