@@ -1,5 +1,5 @@
-"""The interim adapter writer used for Trainer checkpoints: every task type's adapter (and head)
-loads in real PEFT 0.21 with the same outputs, and back into lorakit."""
+"""Every task type's adapter (and head), saved with save_pretrained, loads in real PEFT 0.21 with the
+same outputs, and back into lorakit (as a new adapter, and into an existing one as Trainer resumes)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors import safe_open
 from task_models import build, choice_inputs, image_inputs, speech_inputs, text_inputs
 
 import lorakit
-from lorakit.integrations.adapter_files import load_adapter_weights, save_adapter_dir
+from lorakit.io.adapter_dir import load_weights
 
 CASES = {
     "SEQ_CLS": ("bert", "ForSequenceClassification", text_inputs, "SEQ_CLS"),
@@ -56,7 +56,7 @@ def test_saved_adapter_loads_in_peft_and_lorakit(task: str, tmp_path: Path) -> N
                 p.add_(0.1)  # a trained head differs from the base model's
     ours.eval()
     expected = _out(ours, _inputs(task))
-    save_adapter_dir(ours, tmp_path)
+    ours.save_pretrained(tmp_path)
 
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["task_type"] == peft_task and config["peft_type"] == "LORA"
@@ -68,11 +68,14 @@ def test_saved_adapter_loads_in_peft_and_lorakit(task: str, tmp_path: Path) -> N
     torch.testing.assert_close(_out(theirs.get_base_model(), _inputs(task)), expected)
 
     fresh = lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig(task_type=task))
-    load_adapter_weights(fresh, tmp_path)
+    load_weights(fresh.get_base_model(), tmp_path)
     torch.testing.assert_close(_out(fresh.eval(), _inputs(task)), expected, rtol=0, atol=0)
+    reloaded = lorakit.PeftModel.from_pretrained(build(arch, head), tmp_path)
+    assert type(reloaded) is type(ours)
+    torch.testing.assert_close(_out(reloaded, _inputs(task)), expected, rtol=0, atol=0)
 
 
 def test_loading_from_a_directory_without_adapter_names_the_file(tmp_path: Path) -> None:
     model = lorakit.get_peft_model(build("bert", "Model"), lorakit.LoraConfig())
-    with pytest.raises(lorakit.AdapterError, match="no adapter_model.safetensors in"):
-        load_adapter_weights(model, tmp_path)
+    with pytest.raises(lorakit.LorakitError, match="adapter_config.json"):
+        load_weights(model.get_base_model(), tmp_path)

@@ -23,14 +23,13 @@ sub-folder per non-default adapter, as PEFT) beside the optimizer, scheduler and
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import transformers
 from torch import nn
 
-from lorakit.integrations.adapter_files import load_adapter_weights, save_adapter_dir
+from lorakit.io.adapter_dir import load_weights
 from lorakit.peft_model import PeftModel
 
 __all__ = ["AdapterCheckpointsMixin", "LorakitTrainer", "save_adapters", "load_adapters"]
@@ -38,25 +37,16 @@ __all__ = ["AdapterCheckpointsMixin", "LorakitTrainer", "save_adapters", "load_a
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' file name for the pickled TrainingArguments
 
 
-def _adapter_dir(directory: str, adapter_name: str) -> str:
-    return directory if adapter_name == "default" else os.path.join(directory, adapter_name)
-
-
-def save_adapters(model: PeftModel, directory: str,
-                  state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Write every adapter of ``model`` to ``directory`` in PEFT's layout.
-
-    TEMPORARY: calls the minimal writer in :mod:`lorakit.integrations.adapter_files`; becomes
-    ``model.save_pretrained(directory)`` once lorakit's full adapter I/O is merged.
-    """
-    for name in model.peft_config:
-        save_adapter_dir(model, _adapter_dir(directory, name), name, state_dict)
+def save_adapters(model: PeftModel, directory: str) -> None:
+    """Write every adapter of ``model`` to ``directory`` in PEFT's layout (``save_pretrained``:
+    validated, atomic, other checkpoint files kept)."""
+    model.save_pretrained(directory)
 
 
 def load_adapters(model: PeftModel, directory: str) -> None:
     """Load every adapter of ``model`` that ``directory`` holds (all of them must be there)."""
     for name in model.peft_config:
-        load_adapter_weights(model, _adapter_dir(directory, name), name)
+        load_weights(model.get_base_model(), directory, name, subfolder=None if name == "default" else name)
 
 
 class AdapterCheckpointsMixin:
@@ -81,7 +71,7 @@ class AdapterCheckpointsMixin:
             return
         output_dir = output_dir if output_dir is not None else trainer.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_adapters(model, output_dir, state_dict or None)  # DeepSpeed may pass {}: read the model
+        save_adapters(model, output_dir)  # the live adapter tensors (a gathered state_dict is not needed)
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(output_dir)
         torch.save(trainer.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
