@@ -68,8 +68,8 @@ def test_unmerged_equals_merged_equals_merge_and_unload(model_name):
     assert torch.allclose(logits(peft_model.merge_and_unload(), x), unmerged, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, reason="known: merging LoRA into a tied embedding also changes lm_head "
-                   "(PEFT 0.21 does the same); needs untying or a refusal on merge")
+@pytest.mark.xfail(strict=True, reason="known: merging LoRA into a tied input embedding (GPT-2, Gemma, ...) "
+                   "also changes the tied lm_head (PEFT 0.21 does the same); to decide: refuse or untie")
 def test_merge_into_tied_embedding_keeps_outputs():
     model = BUILDS["gpt2"]()
     peft_model = lorakit.get_peft_model(model, LoraConfig(target_modules=["wte"], init_lora_weights=False))
