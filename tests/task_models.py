@@ -40,6 +40,9 @@ def _config(arch: str) -> Any:
         return transformers.LlamaConfig(**_TEXT, num_key_value_heads=1, max_position_embeddings=32,
                                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
                                         eos_token_id=2)
+    if arch == "mistral":
+        return transformers.MistralConfig(**_TEXT, num_key_value_heads=1, max_position_embeddings=32,
+                                          sliding_window=16, tie_word_embeddings=False)
     if arch == "t5":
         return transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=2,
                                      num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
@@ -68,8 +71,8 @@ def _config(arch: str) -> Any:
     raise KeyError(f"unknown arch {arch!r}")
 
 
-_CLASSES = {"bert": "Bert", "roberta": "Roberta", "gpt2": "GPT2", "llama": "Llama", "t5": "T5",
-            "bart": "Bart", "whisper": "Whisper", "vit": "ViT"}
+_CLASSES = {"bert": "Bert", "roberta": "Roberta", "gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral",
+            "t5": "T5", "bart": "Bart", "whisper": "Whisper", "vit": "ViT"}
 
 
 def build(arch: str, head: str, seed: int = 0) -> nn.Module:

@@ -59,7 +59,9 @@ BAD = [
     ({"rank_pattern": {"q_proj": 2.0}}, "rank_pattern", "2.0", "positive int"),
     ({"alpha_pattern": {"q_proj": -1}}, "alpha_pattern", "-1", "positive float"),
     ({"alpha_pattern": ["q_proj"]}, "alpha_pattern", "['q_proj']", "dict"),
-    ({"task_type": "CAUSAL"}, "task_type", "'CAUSAL'", "CAUSAL_LM"),
+    ({"rank_pattern": {"q_proj(": 4}}, "rank_pattern", "'q_proj('", "regular expression"),
+    ({"alpha_pattern": {"*o_proj": 4}}, "alpha_pattern", "'*o_proj'", "regular expression"),
+    ({"task_type": "CAUSAL"}, "task_type", "'CAUSAL'", "QUESTION_ANSWERING"),
     ({"target_modules": 3}, "target_modules", "3", "list of module names"),
     ({"target_modules": "q_proj("}, "target_modules", "'q_proj('", "regular expression"),
     ({"layers_to_transform": [-1]}, "layers_to_transform", "[-1]", "non-negative int"),
@@ -134,7 +136,8 @@ TASK_NAMES = ["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_task_type_names(name):
     member = TaskType[name]
-    assert LoraConfig(task_type=name if name != "QUESTION_ANSWERING" else member).task_type is member
+    assert LoraConfig(task_type=name).task_type is member
+    assert LoraConfig(task_type=member).task_type is member
 
 
 @pytest.mark.parametrize("name", [t.value for t in peft.TaskType])

@@ -67,6 +67,7 @@ HEAD_CASES = [
 GEN_CASES = [
     Case("gpt2", "LMHeadModel", "CAUSAL_LM", "PeftModelForCausalLM"),
     Case("llama", "ForCausalLM", "CAUSAL_LM", "PeftModelForCausalLM"),
+    Case("mistral", "ForCausalLM", "CAUSAL_LM", "PeftModelForCausalLM"),
     Case("t5", "ForConditionalGeneration", "SEQ_2_SEQ_LM", "PeftModelForSeq2SeqLM"),
     Case("bart", "ForConditionalGeneration", "SEQ_2_SEQ_LM", "PeftModelForSeq2SeqLM"),
     Case("t5", "ForConditionalGeneration", "TRANSLATION", "PeftModelForTranslation"),
@@ -220,3 +221,56 @@ def test_user_modules_to_save_are_kept_beside_the_head() -> None:
     model = get_peft_model(build("bert", "ForSequenceClassification"),
                            LoraConfig(task_type="SEQ_CLS", modules_to_save=["pooler"]))
     assert model.peft_config["default"].modules_to_save == ["pooler", "classifier"]
+
+
+@pytest.mark.parametrize("case", [HEAD_CASES[0], HEAD_CASES[10]], ids=lambda c: c.id)
+def test_mixed_batch_forward_uses_each_rows_adapter_and_head(case: Case) -> None:
+    model = _peft(case).eval()
+    with torch.no_grad():
+        for name in case.saved_head:
+            for p in getattr(model.get_base_model(), name).modules_to_save["default"].parameters():
+                p.add_(0.1)
+    adapted = _main(model(**case.inputs()))
+    with model.disable_adapter():
+        base = _main(model(**case.inputs()))
+    mixed = _main(model(**case.inputs(), adapter_names=["__base__", "default"]))
+    torch.testing.assert_close(mixed[0], base[0])
+    torch.testing.assert_close(mixed[1], adapted[1])
+
+
+@pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: c.id)
+def test_all_linear_leaves_the_head_to_modules_to_save(case: Case) -> None:
+    """(PEFT 0.21 puts LoRA into ``qa_outputs`` / a token classifier here, then fails to wrap it.)"""
+    model = get_peft_model(build(case.arch, case.head),
+                           LoraConfig(task_type=case.task, target_modules="all-linear"))
+    for name in case.saved_head:
+        head = getattr(model.get_base_model(), name)
+        assert isinstance(head, ModulesToSaveWrapper)
+        assert not any(isinstance(m, LoraLayer) for m in head.modules())
+    assert any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def test_added_adapter_gets_its_own_head() -> None:
+    case = HEAD_CASES[0]
+    model = _peft(case).eval()
+    model.add_adapter("other", LoraConfig(task_type="SEQ_CLS", init_lora_weights=False))
+    assert model.peft_config["other"].modules_to_save == ["classifier"]
+    head = model.get_base_model().classifier
+    assert set(head.modules_to_save) == {"default", "other"}
+    first = _main(model(**case.inputs()))
+    with torch.no_grad():
+        head.modules_to_save["other"].weight.add_(0.1)
+    model.set_adapter("other")
+    assert not torch.allclose(_main(model(**case.inputs())), first)
+
+
+def test_mixed_batch_generate_with_beams() -> None:
+    """generate repeats each prompt row per beam; each repeat keeps its row's adapter."""
+    case = GEN_CASES[1]  # llama
+    model = _peft(case).eval()
+    with_adapter = _greedy(model, case, num_beams=2)
+    with model.disable_adapter():
+        base = _greedy(model, case, num_beams=2)
+    assert not torch.equal(with_adapter, base)
+    mixed = _greedy(model, case, num_beams=2, adapter_names=["default", "__base__"])
+    assert torch.equal(mixed[0], with_adapter[0]) and torch.equal(mixed[1], base[1])

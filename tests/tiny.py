@@ -101,5 +101,12 @@ def structure(model: nn.Module) -> list[tuple[str, str]]:
 def assert_same_state(before: dict[str, torch.Tensor], model: nn.Module) -> None:
     after = model.state_dict()
     assert list(after) == list(before)
-    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    changed = [k for k, v in before.items() if not _identical(v, after[k])]
     assert not changed, f"tensors changed: {changed}"
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element for element, NaN equal to NaN in the same place."""
+    if a.is_floating_point() and b.is_floating_point():
+        return a.dtype == b.dtype and torch.allclose(a, b, rtol=0, atol=0, equal_nan=True)
+    return torch.equal(a, b)

@@ -8,8 +8,9 @@ passes are deterministic even in train mode.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ class ZooEntry:
     name: str
     _factory: Callable[[], nn.Module]
     _inputs: Callable[[], dict[str, torch.Tensor]]
+    is_transformers: bool = True
 
     def build(self, seed: int = SEED) -> nn.Module:
         """Return a freshly initialised model (in eval mode)."""
@@ -262,7 +264,7 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("mistral", _mistral, _decoder_only_inputs),
         ZooEntry("t5", _t5, _seq2seq_inputs),
         ZooEntry("bart", _bart, _seq2seq_inputs),
-        ZooEntry("mlp", MLP, _mlp_inputs),
+        ZooEntry("mlp", MLP, _mlp_inputs, is_transformers=False),
     ]
 }
 
@@ -276,3 +278,24 @@ def main_output(out: Any) -> torch.Tensor:
         if value is not None:
             return value
     raise TypeError(f"don't know how to extract the main output from {type(out)!r}")
+
+
+def output_tensors(out: Any) -> dict[str, torch.Tensor]:
+    """All comparable tensors of a forward result, by name.
+
+    Besides the main output this includes the pooler output and the last
+    (encoder / decoder) hidden states when present, i.e. when the model was
+    called with ``output_hidden_states=True``.
+    """
+    if isinstance(out, torch.Tensor):
+        return {"output": out}
+    tensors = {"main": main_output(out)}
+    for key in ("pooler_output", "encoder_last_hidden_state"):
+        value = getattr(out, key, None)
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+    for key in ("hidden_states", "encoder_hidden_states", "decoder_hidden_states"):
+        value = getattr(out, key, None)
+        if isinstance(value, (tuple, list)) and value:
+            tensors[f"{key}[-1]"] = value[-1]
+    return tensors

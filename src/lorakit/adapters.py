@@ -86,8 +86,12 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
             if base_bias is not None and any(module.has_adapter(n) for n in names):
                 base_bias.requires_grad_(True)
     if bias == "all":
+        # The frozen originals behind modules-to-save copies never train (as in PEFT).
+        originals = {id(p) for _, m in lora_modules(model) if isinstance(m, ModulesToSaveWrapper)
+                     for p in m.original_module.parameters()}
         for pname, param in model.named_parameters():
-            if "bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname):
+            if ("bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname)
+                    and id(param) not in originals):
                 param.requires_grad_(True)
 
 
@@ -143,10 +147,15 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
     """
     if names is not None:
         _check_known(model, list(names))
-    layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    problems = [f"{lname}: {problem}" for lname, layer in named if (problem := layer.merge_problem(names))]
+    problems += _tied_weight_problems(model, named, names)
+    if problems:
+        raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
+    layers = [m for _, m in named]
     if safe_merge:
         bad = []
-        for lname, layer in ((n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)):
+        for lname, layer in named:
             result = layer.merge_result(names)
             if result is not None and not all(t.isfinite().all() for t in result if t is not None):
                 bad.append(lname)
@@ -156,6 +165,25 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
             )
     for layer in layers:
         layer.merge(names, keep_original=keep_original)
+
+
+def _tied_weight_problems(model: nn.Module, named: list[tuple[str, LoraLayer]],
+                          names: Sequence[str] | None) -> list[str]:
+    """Merging writes into the base weight; a weight tied to another module (GPT-2's ``wte`` and
+    ``lm_head``, say) would change that module too, so such a merge is refused."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    problems = []
+    for lname, layer in named:
+        sharing = owners.get(id(layer.base_layer.weight), [])
+        if len(sharing) > 1 and layer.merge_result_names(names):
+            others = [p for p in sharing if not p.startswith(lname + ".")]
+            problems.append(
+                f"{lname}: its weight is tied to {', '.join(others)}; merging would change those too. "
+                "Use the adapter unmerged, or untie the weights first (e.g. give the output head its own "
+                "copy and set config.tie_word_embeddings=False)")
+    return problems
 
 
 def unmerge(model: nn.Module) -> None:

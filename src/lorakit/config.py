@@ -179,9 +179,9 @@ def _validate(cfg: LoraConfig, problems: list[str]) -> dict[str, Any]:
 
     if cfg.task_type is not None:
         try:
-            out["task_type"] = TaskType(cfg.task_type)
+            out["task_type"] = TaskType.__members__.get(str(cfg.task_type)) or TaskType(cfg.task_type)
         except ValueError:
-            choices = ", ".join(sorted({t.value for t in TaskType}))
+            choices = ", ".join(sorted(TaskType.__members__))  # names include the aliases
             problems.append(f"task_type={cfg.task_type!r}: must be one of {choices} or None")
     for name in ("base_model_name_or_path", "revision"):
         value = getattr(cfg, name)
@@ -256,6 +256,11 @@ def _check_pattern(
     for key, item in value.items():
         if not isinstance(key, str):
             problems.append(f"{field} key {key!r}: must be a string (a module-name pattern)")
+        else:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                problems.append(f"{field} key {key!r}: not a valid regular expression ({exc})")
         if kind == "int":
             good = isinstance(item, int) and not isinstance(item, bool) and item > 0
         else:

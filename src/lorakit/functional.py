@@ -8,6 +8,7 @@ Notation: a frozen weight ``W`` (d × k) maps ``x`` (…, k) to ``W x`` (…, d)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,3 +94,116 @@ def init_lora_embedding_(lora_a: torch.Tensor, lora_b: torch.Tensor, init: bool 
         return
     torch.nn.init.zeros_(lora_a)
     torch.nn.init.normal_(lora_b)
+
+
+# -- the fast LoRA linear path -------------------------------------------------------------------
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA branch computes in: autocast's if active, else the input's.
+
+    Computing in the input's dtype (casting the small A and B, never the large x) avoids the
+    activation-sized casts PEFT makes for a bf16 base with float32 adapters.
+    """
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.is_floating_point() else torch.float32
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout whose mask is a pure function of ``seed``: the backward regenerates it
+    instead of saving a copy of the input (design §5)."""
+    return x * _keep_mask(x, p, seed) / (1.0 - p)
+
+
+def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=like.device)
+    gen.manual_seed(seed)
+    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
+
+
+def draw_seed() -> int:
+    """A dropout seed drawn from the global generator, so ``torch.manual_seed`` reproduces runs."""
+    return int(torch.randint(0, 2**62, (), device="cpu").item())
+
+
+class _LoraLinearAccumulate(torch.autograd.Function):
+    """``result += s · B (A · dropout(x)) (+ s · b_B)`` in place, with a lean backward.
+
+    Saved for backward: ``x`` (the same tensor the caller already holds; no copy), the rank-r
+    intermediate ``h = A·dropout(x)`` (…, r), and the dropout seed. Shapes: result (…, d),
+    x (…, k), A (r, k), B (d, r).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                b_bias: torch.Tensor | None, s: float, p: float, seed: int) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        xc = x.to(dtype)
+        xd = seeded_dropout(xc, p, seed) if p > 0 else xc
+        h = F.linear(xd, a.to(dtype))  # (…, r)
+        result.add_(F.linear(h, b.to(dtype), None if b_bias is None else b_bias.to(dtype)), alpha=s)
+        ctx.save_for_backward(x, a, b, h)
+        ctx.has_bias = b_bias is not None
+        ctx.s, ctx.p, ctx.seed = s, p, seed
+        ctx.mark_dirty(result)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, a, b, h = ctx.saved_tensors
+        dtype, s = h.dtype, ctx.s
+        g2 = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, d)
+        h2 = h.reshape(-1, h.shape[-1])  # (N, r)
+        grad_b = (g2.T @ h2).mul_(s).to(b.dtype)  # (d, r)
+        grad_bias = g2.sum(0).mul_(s).to(b.dtype) if ctx.has_bias else None
+        gh = (g2 @ b.to(dtype)).mul_(s)  # (N, r)
+        grad_x = grad_a = None
+        need_x = ctx.needs_input_grad[1]
+        xc = x.to(dtype)
+        keep = _keep_mask(xc, ctx.p, ctx.seed) if ctx.p > 0 else None
+        if ctx.needs_input_grad[2]:
+            xd = xc if keep is None else xc * keep / (1.0 - ctx.p)  # as in forward, bit for bit
+            grad_a = (gh.T @ xd.reshape(-1, xd.shape[-1])).to(a.dtype)  # (r, k)
+            del xd
+        if need_x:
+            gx = (gh @ a.to(dtype)).reshape(x.shape)
+            if keep is not None:
+                gx = gx / (1.0 - ctx.p) * keep
+            grad_x = gx.to(x.dtype)
+        return grad, grad_x, grad_a, grad_b, grad_bias, None, None, None
+
+
+def lora_linear_accumulate_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    s: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    lora_b_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Add the LoRA branch to ``result`` in place and return it; equal to
+    ``result + lora_linear(x, A, B, s, ...)`` up to the dtype the sum is computed in.
+
+    Without autograd (inference) this is two small GEMMs and one in-place add. With autograd it runs
+    :class:`_LoraLinearAccumulate`, which never copies ``x`` for dropout. Under ``torch.compile`` the
+    plain differentiable ops are used, which the compiler fuses itself.
+    """
+    p = dropout_p if training else 0.0
+    needs_graph = torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad or result.requires_grad
+    )
+    if torch.compiler.is_compiling():
+        dtype = compute_dtype(x)
+        bias = None if lora_b_bias is None else lora_b_bias.to(dtype)
+        return result + lora_linear(x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), s, p, p > 0, bias)
+    if not needs_graph:
+        dtype = compute_dtype(x)
+        bias = None if lora_b_bias is None else lora_b_bias.to(dtype)
+        xc = x.to(dtype)
+        if p > 0:  # train mode without autograd still drops (as nn.Dropout does), with the same masks
+            xc = seeded_dropout(xc, p, draw_seed())
+        h = F.linear(xc, lora_a.to(dtype))
+        return result.add_(F.linear(h, lora_b.to(dtype), bias), alpha=s)
+    seed = draw_seed() if p > 0 else 0
+    return _LoraLinearAccumulate.apply(result, x, lora_a, lora_b, lora_b_bias, s, p, seed)

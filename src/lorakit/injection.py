@@ -129,7 +129,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is a child (shared modules may have several parents)."""
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        # ``_modules`` rather than ``named_children()``: the latter yields a module once even when
+        # the parent holds it under two names, and the second name would keep the unwrapped module.
+        for child_name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, child_name, new)
 
@@ -153,11 +155,14 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
                           init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+        # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
+        layer.train(layer.base_layer.training)
     for _name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
             _replace(model, module, wrapper)
         wrapper.add_adapter(adapter_name)
+        wrapper.train(wrapper.original_module.training)
     return cfg
 
 

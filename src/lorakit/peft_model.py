@@ -43,6 +43,9 @@ FORWARDED_ATTRIBUTES = (
     "resize_token_embeddings",
     "gradient_checkpointing_enable",
     "gradient_checkpointing_disable",
+    "activation_checkpointing_enable",  # transformers >= 5 names (Trainer calls these)
+    "activation_checkpointing_disable",
+    "is_activation_checkpointing",
     "enable_input_require_grads",
     "disable_input_require_grads",
     "prepare_inputs_for_generation",
@@ -83,6 +86,7 @@ class PeftModel(nn.Module):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
         configs: dict[str, LoraConfig] = {}
         self.base_model = LoraModel(model, configs)
+        self.training = self.base_model.training = model.training  # report the model's mode
         self.peft_config = configs
         configs[adapter_name] = injection.inject(model, peft_config, adapter_name)
         adapters.set_active(model, adapter_name)
@@ -110,8 +114,9 @@ class PeftModel(nn.Module):
     # -- adapters -------------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
         """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
+        trainable = self._trainable_names()  # before injection: new parameters start with requires_grad
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
-        self._apply_trainability(self._trainable_names())
+        self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
         """Make ``adapter_name`` (or several, whose updates add up) the active adapter(s).
@@ -192,10 +197,12 @@ class PeftModel(nn.Module):
 
     # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str],
-                        selected_adapters: Sequence[str] | None = None) -> None:
+                        selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
-        named after them; validated first, written atomically (a crash leaves the previous save)."""
-        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters)
+        named after them; validated first, written atomically (a crash leaves the previous save).
+        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True)."""
+        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
+                                  **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str],

@@ -9,7 +9,8 @@ QUESTION_ANS (_ANSWERING)  PeftModelForQuestionAnswering       head trained and 
 MULTIPLE_CHOICE            PeftModelForMultipleChoice          head trained and saved
 IMAGE_CLASSIFICATION       PeftModelForImageClassification     head trained and saved
 CAUSAL_LM                  PeftModelForCausalLM                ``generate`` (+ ``adapter_names``)
-SEQ_2_SEQ_LM, TRANSLATION  PeftModelForSeq2SeqLM               ``generate`` (+ ``adapter_names``)
+SEQ_2_SEQ_LM               PeftModelForSeq2SeqLM               ``generate`` (+ ``adapter_names``)
+TRANSLATION                PeftModelForTranslation             the same, saved as SEQ_2_SEQ_LM for PEFT
 SPEECH_SEQ_2_SEQ           PeftModelForSpeechSeq2Seq           ``generate(input_features=...)``
 FEATURE_EXTRACTION         PeftModelForFeatureExtraction       returns the base model's hidden states
 OTHER / None               PeftModel                           any ``nn.Module``
@@ -24,6 +25,7 @@ arguments are passed on by name, ``None`` ones dropped (the base model's default
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -60,16 +62,35 @@ class TaskPeftModel(PeftModel):
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
-        if self.task_type in HEAD_TASKS:
-            heads = head_modules_to_save(model, self.task_type, peft_config.modules_to_save)
-            peft_config = dataclasses.replace(peft_config, modules_to_save=heads)
-        super().__init__(model, peft_config, adapter_name)
+        super().__init__(model, self._with_head(model, peft_config), adapter_name)
+
+    def _with_head(self, model: nn.Module, peft_config: LoraConfig) -> LoraConfig:
+        """For a head task, the config with the model's head added to ``modules_to_save``."""
+        if self.task_type not in HEAD_TASKS:
+            return peft_config
+        heads = head_modules_to_save(model, self.task_type, peft_config.modules_to_save)
+        return dataclasses.replace(peft_config, modules_to_save=heads)
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add another adapter, with its own copy of the head (as PEFT)."""
+        super().add_adapter(adapter_name, self._with_head(self.get_base_model(), peft_config))
 
     def _run(self, adapter_names: Sequence[str] | None, named: dict[str, Any], kwargs: dict[str, Any]
              ) -> Any:
         """Call the base model with the named arguments that are set, plus ``kwargs``."""
         inputs = {k: v for k, v in named.items() if v is not None}
         return super().forward(adapter_names=adapter_names, **inputs, **kwargs)
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the base model's loss takes ``num_items_in_batch`` (transformers.Trainer asks, to
+        scale the loss correctly under gradient accumulation): the base model's answer."""
+        base = self.get_base_model()
+        flag = getattr(base, "accepts_loss_kwargs", None)
+        if flag is None:
+            params = inspect.signature(base.forward).parameters.values()
+            flag = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        return bool(flag)
 
     # -- gradient checkpointing (see lorakit.integrations.checkpointing) --------------------------
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,

@@ -33,9 +33,10 @@ from lorakit.injection import Plan
 from lorakit.io import config_json, files
 from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
 from lorakit.io.keys import (
-    adapter_keys,
     from_file_keys,
+    planned_embedding_shapes,
     planned_shapes,
+    saved_tensors,
     set_peft_model_state_dict,
     to_file_keys,
 )
@@ -68,9 +69,7 @@ def _subfolder(name: str) -> str:
 def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[str, dict[str, torch.Tensor],
                                                                                dict[str, str]]:
     """(config JSON text, file tensors, header metadata) of adapter ``name``."""
-    tensors = adapter_keys(model, name, config.bias).tensors
-    if not tensors:
-        raise AdapterError(f"cannot save adapter {name!r}: the model holds no tensor of it")
+    tensors = saved_tensors(model, name, config.bias, config.target_modules)
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets)
@@ -87,7 +86,8 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[s
 
 
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
-                  selected_adapters: Sequence[str] | None = None) -> None:
+                  selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
+                  safe_serialization: bool = True) -> None:
     """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
 
     "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
@@ -99,7 +99,16 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if unknown or not names:
         raise AdapterError(f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
                            f"existing adapters: {list(configs)}")
+    unsafe = [n for n in names if not n or n != os.path.basename(n) or "\\" in n or n in (".", "..")]
+    if unsafe:
+        raise AdapterError(f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
+                           "to a subfolder named after it, so a name must be a single path component")
+    if not safe_serialization:
+        raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
+                           "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
     payloads = {n: _adapter_payload(model, n, configs[n]) for n in names}
+    if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
+        return
     replaced = [os.path.join(_subfolder(n), f)
                 for n in names for f in (files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME)]
     with files.atomic_directory(directory, replaced) as staging:
@@ -173,20 +182,25 @@ def read_adapter(path: str | os.PathLike[str], *, is_trainable: bool = False,
 
 
 # -- checking -------------------------------------------------------------------------------------
-def _key_problems(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, torch.Tensor]) -> list[str]:
+def _key_problems(expected: Mapping[str, tuple[int, ...]], optional: Mapping[str, tuple[int, ...]],
+                  found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Unknown keys, missing keys and shape mismatches, one line each (optional keys may be absent)."""
     lines = []
-    for key in sorted(set(found) - set(expected)):
+    for key in sorted(set(found) - set(expected) - set(optional)):
         lines.append(f"{key}: in the file, but no module of the model has this adapter tensor")
     for key in sorted(set(expected) - set(found)):
         module, tensor = _split(key)
         lines.append(f"{module}: targeted by the config, but the file has no {tensor!r} "
                      f"(expected shape {expected[key]})")
-    for key in sorted(set(expected) & set(found)):
+    known = {**optional, **expected}
+    for key in sorted(set(known) & set(found)):
         shape = tuple(found[key].shape)
-        if shape != tuple(expected[key]):
+        if shape != tuple(known[key]):
             module, tensor = _split(key)
+            hint = " (was the vocabulary resized? resize the model's embeddings first)" \
+                if key in optional else ""
             lines.append(f"{module}: {tensor} has shape {shape} in the file, "
-                         f"the model expects {expected[key]}")
+                         f"the model expects {known[key]}{hint}")
     return lines
 
 
@@ -217,7 +231,7 @@ def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None
                "refuse such loads, or 'ignore' to silence this warning")
     if on_base_mismatch == "error":
         raise BaseModelMismatchError(message)
-    warnings.warn(message, BaseModelMismatchWarning, stacklevel=4)
+    warnings.warn(message, BaseModelMismatchWarning, stacklevel=5)  # the caller of from_pretrained
 
 
 def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
@@ -228,7 +242,8 @@ def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
         raise AdapterError(
             f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}")
     plan = injection.plan(model, files_.config, adapter_name)
-    lines = _key_problems(planned_shapes(model, plan, adapter_name), files_.tensors)
+    lines = _key_problems(planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan),
+                          files_.tensors)
     if lines:
         more = f"\n  ... and {len(lines) - _MAX_LINES} more" if len(lines) > _MAX_LINES else ""
         raise AdapterError(
@@ -250,15 +265,29 @@ def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
         raise
 
 
+def load_weights(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
+                 subfolder: str | None = None) -> list[str]:
+    """Copy an adapter directory's tensors into the *existing* adapter ``adapter_name`` (resuming a
+    checkpoint). Every key and shape is checked before anything is copied."""
+    files_ = read_adapter(path, subfolder=subfolder)
+    return set_peft_model_state_dict(model, files_.tensors, adapter_name)
+
+
 def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool,
              build: Callable[[nn.Module, LoraConfig, str], Any], on_base_mismatch: BaseMismatch = "warn",
              subfolder: str | None = None) -> Any:
     """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
     (which injects the adapter and wraps the model), then copy the weights in."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
-    check_adapter(model, files_, adapter_name, on_base_mismatch)
-    wrapped = build(model, files_.config, adapter_name)
-    _fill(model, files_, adapter_name)
+    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = build(model, plan.config, adapter_name)
+    try:
+        _fill(model, files_, adapter_name)
+    except BaseException:
+        for param, flag in requires_grad:  # the wrapper froze the base; give it back as it was
+            param.requires_grad_(flag)
+        raise
     if not is_trainable:
         wrapped.eval()
     return wrapped
@@ -270,8 +299,8 @@ def load_adapter(model: nn.Module, configs: dict[str, LoraConfig], path: str | o
     """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
     trainability is the caller's) and record its config in ``configs``."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
-    check_adapter(model, files_, adapter_name, on_base_mismatch)
-    configs[adapter_name] = injection.inject(model, files_.config, adapter_name)
+    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
+    configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
     try:
         _fill(model, files_, adapter_name)
     except BaseException:

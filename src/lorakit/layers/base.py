@@ -71,6 +71,11 @@ class LoraLayer(nn.Module, abc.ABC):
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The adapter's contribution to the output for input ``x``."""
 
+    def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``result`` plus adapter ``name``'s branch (the sum is taken in the promoted dtype, as PEFT
+        does). Kinds with a fused path override this; it must agree with :meth:`lora_branch`."""
+        return result + self.lora_branch(x, name)
+
     def has_adapter(self, name: str) -> bool:
         return name in self.r
 
@@ -131,7 +136,9 @@ class LoraLayer(nn.Module, abc.ABC):
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
-        self.active_adapters = [n for n in names if self.has_adapter(n)]
+        """Record the model's whole active list (as PEFT does), even names this layer lacks, so that
+        every layer reports the same list; forward and merge skip the adapters it does not hold."""
+        self.active_adapters = list(names)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
@@ -143,9 +150,18 @@ class LoraLayer(nn.Module, abc.ABC):
         return params
 
     # -- merging ---------------------------------------------------------------------------------
-    def _pending(self, names: Sequence[str] | None) -> list[str]:
+    def merge_result_names(self, names: Sequence[str] | None) -> list[str]:
+        """The adapters a merge of ``names`` (default: the active ones) would add to this layer."""
         return [n for n in (self.active_adapters if names is None else names)
                 if self.has_adapter(n) and n not in self.merged_adapters]
+
+    def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
+        """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
+        with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
+        if with_bias and getattr(self.base_layer, "bias", None) is None:
+            return (f"adapter(s) {with_bias} have lora_bias=True but the base "
+                    f"{type(self.base_layer).__name__} has no bias to merge it into")
+        return None
 
     def merge_result(self, names: Sequence[str] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -154,7 +170,7 @@ class LoraLayer(nn.Module, abc.ABC):
         ``W + Σ s·B·A`` is summed in float32 from the *original* weight over every adapter that
         would then be merged, and rounded once into the weight's dtype.
         """
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         if not pending:
             return None
         weight = self.base_layer.weight
@@ -172,7 +188,10 @@ class LoraLayer(nn.Module, abc.ABC):
         With ``safe_merge`` a non-finite result raises and changes nothing. With ``keep_original``
         (the default) the pre-merge weight is kept so that :meth:`unmerge` is exact.
         """
-        pending = self._pending(names)
+        problem = self.merge_problem(names)
+        if problem:
+            raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
+        pending = self.merge_result_names(names)
         result = self.merge_result(pending)
         if result is None:
             return
@@ -185,8 +204,9 @@ class LoraLayer(nn.Module, abc.ABC):
         weight = self.base_layer.weight
         if keep_original and self._original_weight is None:
             self._original_weight = weight.detach().clone()
-            if new_bias is not None:
-                self._original_bias = self.base_layer.bias.detach().clone()
+        # The bias may first change on a later merge (the first adapter with lora_bias).
+        if keep_original and new_bias is not None and self._original_bias is None:
+            self._original_bias = self.base_layer.bias.detach().clone()
         with torch.no_grad():
             weight.copy_(new_weight)
             if new_bias is not None:
@@ -223,24 +243,27 @@ class LoraLayer(nn.Module, abc.ABC):
         if self.disable_adapters:
             return result
         if adapter_names is not None:
-            return self._mixed_batch(x, result, adapter_names)
+            self._check_mixed(x, adapter_names)
+            return self.add_mixed_(result, x, adapter_names)
         out_dtype = result.dtype
         for name in self.active_adapters:
-            if name in self.merged_adapters:
+            if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            result = result + self.lora_branch(x, name)
+            result = self.add_branch(result, x, name)
         return result.to(out_dtype)
 
-    def _mixed_batch(self, x: torch.Tensor, result: torch.Tensor, adapter_names: Sequence[str]
-                     ) -> torch.Tensor:
-        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+    def _check_mixed(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
         if len(adapter_names) != x.shape[0]:
             raise AdapterError(
                 f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
             )
         if self.merged_adapters:
             raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
-        result = result.clone()
+
+    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
+                   ) -> torch.Tensor:
+        """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none): each
+        adapter's branch runs once on its rows, added into ``result`` in place."""
         for name in dict.fromkeys(adapter_names):
             if name == BASE_ROWS or not self.has_adapter(name):
                 continue

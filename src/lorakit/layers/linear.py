@@ -6,11 +6,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional as LF
-from lorakit.layers.base import LoraLayer
+from lorakit.layers.base import BASE_ROWS, LoraLayer
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -45,6 +48,48 @@ class Linear(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], self.fan_in_fan_out)
+
+    def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The fused path: accumulate in place, dropout without a copy of ``x``."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return LF.lora_linear_accumulate_(result, x, a.weight, b.weight, self.scaling[name], p,
+                                          self.training, b.bias)
+
+    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
+                   ) -> torch.Tensor:
+        """One batched product for a batch that mixes adapters.
+
+        The adapters' factors are stacked (zero-padded to the largest rank, which adds exactly 0;
+        slot 0 is all zeros for ``"__base__"`` rows) and gathered per row, so the cost is two
+        ``bmm`` whatever the number of adapters: x (n, L, k) @ A_rowsᵀ (n, k, r) → (n, L, r) @
+        (s·B)_rowsᵀ (n, r, d) → (n, L, d).
+        """
+        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and self.has_adapter(n)]
+        dropout_active = self.training and any(
+            isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
+        if not names or dropout_active:
+            return super().add_mixed_(result, x, adapter_names)
+        dtype = LF.compute_dtype(x)
+        r_max = max(self.r[n] for n in names)
+        a_stack = torch.stack([x.new_zeros(r_max, self.in_features, dtype=dtype)] + [
+            F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, r_max - self.r[n])) for n in names])
+        b_stack = torch.stack([x.new_zeros(self.out_features, r_max, dtype=dtype)] + [
+            F.pad(self.lora_B[n].weight.to(dtype) * self.scaling[n], (0, r_max - self.r[n]))
+            for n in names])
+        slot = {n: i + 1 for i, n in enumerate(names)}
+        rows = torch.tensor([slot.get(n, 0) for n in adapter_names], device=x.device)
+        x3 = x.to(dtype).reshape(x.shape[0], -1, self.in_features)  # (n, L, k)
+        h = torch.bmm(x3, a_stack.index_select(0, rows).transpose(1, 2))  # (n, L, r)
+        out = torch.bmm(h, b_stack.index_select(0, rows).transpose(1, 2))  # (n, L, d)
+        biases = [self.lora_B[n].bias for n in names]
+        if any(b is not None for b in biases):
+            bias_stack = torch.stack([x.new_zeros(self.out_features, dtype=dtype)] + [
+                x.new_zeros(self.out_features, dtype=dtype) if b is None else b.to(dtype) * self.scaling[n]
+                for n, b in zip(names, biases, strict=True)])
+            out = out + bias_stack.index_select(0, rows).unsqueeze(1)
+        return result.add_(out.reshape(result.shape))
 
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]

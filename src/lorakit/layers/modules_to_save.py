@@ -47,16 +47,17 @@ class ModulesToSaveWrapper(nn.Module):
             raise AdapterError(
                 f"adapters {present} each have their own copy of a module to save; only one can be active"
             )
-        self.active_adapters = present
+        self.active_adapters = list(names)  # the model's whole list; active_module picks ours
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []
 
     @property
     def active_module(self) -> nn.Module:
-        if self.disable_adapters or not self.active_adapters:
+        present = [n for n in self.active_adapters if n in self.modules_to_save]
+        if self.disable_adapters or not present:
             return self.original_module
-        return self.modules_to_save[self.active_adapters[0]]
+        return self.modules_to_save[present[0]]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -71,10 +72,11 @@ class ModulesToSaveWrapper(nn.Module):
                 f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
             )
         groups = list(dict.fromkeys(adapter_names))
+        copies = dict(self.modules_to_save.items())  # nn.ModuleDict has no .get()
         outputs, order = [], []
         for name in groups:
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            module = self.modules_to_save.get(name, self.original_module)
+            module = copies.get(name, self.original_module)
             outputs.append(module(x[rows], *args, **kwargs))
             order.extend(rows)
         out = torch.cat(outputs, dim=0)

@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of lorakit and PEFT (run with ``make bench``)."""

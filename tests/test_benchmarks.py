@@ -1,0 +1,44 @@
+"""Smoke test of the benchmark suite on a toy model: every method trains and the report renders.
+(The numbers themselves come from ``make bench``; tests check behaviour, not speed.)"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common, report  # noqa: E402
+from benchmarks.run import PAIRS, TRAIN_METHODS  # noqa: E402
+
+
+@pytest.mark.parametrize("method", TRAIN_METHODS)
+def test_every_method_takes_a_training_step(method):
+    model, optimizer = common.make(method, common.QUICK, torch.float32)
+    ids = common.batch(common.QUICK)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    common.train_step(model, optimizer, ids)
+    common.train_step(model, optimizer, ids)
+    if method == "floor":
+        assert optimizer is None and not before
+    else:
+        assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_report_renders_every_row(tmp_path):
+    train = {m: {"time_vs_floor": 1.0 + i / 10, "time_spread": [1.0, 1.1], "peak_mib": 10.0 * i}
+             for i, m in enumerate(TRAIN_METHODS)}
+    inproc = {"ratio_to_floor": {m: 1.0 for m in TRAIN_METHODS}, "median_s": {}}
+    infer = {"ratios": {k: 1.01 for _, k in report.INFERENCE_ROWS}}
+    results = {"machine": {"cores": 2, "cpu": "test", "python": "3"}, "command": "x",
+               "shape": common.QUICK.__dict__, "train": {"float32": train},
+               "train_inprocess": {"float32": inproc}, "inference": {"lorakit": infer, "peft": infer}}
+    report.write_outputs(results, tmp_path, PAIRS, update_readme=False)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("**lorakit**") == len(PAIRS)
+    assert json.loads((tmp_path / "results.json").read_text())["command"] == "x"
+    assert (tmp_path / "results.png").stat().st_size > 1000
