@@ -139,8 +139,10 @@ def test_resume_continues_an_interrupted_run(files: Path, tmp_path: Path,
     with monkeypatch.context() as patch:
         patch.setattr(train_cmd, "build_trainer", interrupted)
         assert train(files, tmp_path / "run", *seq_cls_args(files))["steps"] == 6
-    with safe_open_keys(tmp_path / "run" / "checkpoints" / "checkpoint-6" / "model.safetensors") as keys:
-        assert keys and all("lora_" in k or "classifier" in k for k in keys)  # trainable tensors only
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    assert not (checkpoint / "model.safetensors").exists()  # no copy of the frozen base
+    with safe_open_keys(checkpoint / "adapter_model.safetensors") as keys:
+        assert keys and all("lora_" in k or "classifier" in k for k in keys)
     resumed = train(files, tmp_path / "run", *seq_cls_args(files), "--resume")
     assert resumed["steps"] == 12
     assert [p["step"] for p in resumed["loss_curve"]] == [3, 6, 9, 12]  # the history carried over
