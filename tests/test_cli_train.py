@@ -15,6 +15,7 @@ from cli_fixtures import (
     tagging_rows,
     tiny_bert,
     tiny_llama,
+    tiny_t5,
     write_rows,
 )
 
@@ -29,6 +30,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     tiny_bert(root / "bert")
     tiny_llama(root / "llama")
+    tiny_t5(root / "t5")
     write_rows(sentiment_rows(), root / "sentiment.csv")
     write_rows(tagging_rows(), root / "tags.parquet")
     write_rows(qa_rows(), root / "qa.jsonl")
@@ -87,10 +89,11 @@ def test_adapter_loads_in_peft_with_the_same_outputs(files: Path, tmp_path: Path
 @pytest.mark.parametrize("task, data, columns, metrics", [
     ("token-cls", "tags.parquet", ["--text-column", "tokens", "--label-column", "tags"], {"accuracy"}),
     ("causal-lm", "qa.jsonl", [], {"perplexity", "exact_match"}),
+    ("seq2seq", "qa.jsonl", [], {"perplexity", "exact_match"}),
 ])
 def test_other_tasks_and_formats(files: Path, tmp_path: Path, task: str, data: str, columns: list[str],
                                  metrics: set[str]) -> None:
-    model = "llama" if task == "causal-lm" else "bert"
+    model = {"causal-lm": "llama", "seq2seq": "t5"}.get(task, "bert")
     record = train(files, tmp_path / "run", "--task", task, "--model", str(files / model),
                    "--data", str(files / data), *columns)
     assert set(record["after"]) == metrics | {"loss"}
