@@ -97,3 +97,10 @@ def test_list_presets(capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "--list-presets"]) == 0
     out = capsys.readouterr().out
     assert "minilm-vader" in out and "(default)" in out and "smollm2-trec" in out
+
+
+def test_unknown_target_module_lists_the_targetable_ones(files: Path, capsys: pytest.CaptureFixture) -> None:
+    line = error_line(["train", "--model", str(files / "bert"), "--data", str(files / "sentiment.csv"),
+                       "--text-column", "sentence", "--label-column", "sentiment",
+                       "--target-modules", "qproj"], capsys)
+    assert "'qproj'" in line and "query, key, value" in line

@@ -8,6 +8,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from lorakit.cli.tasks import perplexity
+
 __all__ = ["curves", "versions", "write_metrics", "plot", "model_card", "summary_table", "folder_bytes"]
 
 METRICS_FILE = "metrics.json"
@@ -24,8 +26,6 @@ def curves(log_history: list[dict[str, Any]], metric: str) -> tuple[list[dict], 
         if key in entry:
             value = entry[key]
             if metric == "perplexity":
-                from lorakit.cli.tasks import perplexity
-
                 value = perplexity(value)
             evals.append({"step": entry["step"], metric: value})
     return loss, evals
