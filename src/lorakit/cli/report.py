@@ -70,6 +70,8 @@ def plot(out: str, record: dict[str, Any]) -> None:
     right.plot(*zip(*ends, strict=True), "s", color="black",
                label=f"whole held-out split ({record['examples']['held_out']})")
     right.set(title=f"held-out {metric}", xlabel="step", ylabel=metric)
+    if metric == "perplexity":
+        right.set_yscale("log")
     right.legend(fontsize="small")
     fig.suptitle(record["title"], fontsize="medium")
     fig.tight_layout()
