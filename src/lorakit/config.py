@@ -152,6 +152,9 @@ def _validate(cfg: LoraConfig, problems: list[str]) -> dict[str, Any]:
     for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
         if not isinstance(getattr(cfg, name), bool):
             problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
+    if cfg.use_dora is True and cfg.lora_bias is True:
+        problems.append("lora_bias=True cannot be combined with use_dora=True (as in PEFT): DoRA "
+                        "rescales the whole output, so a separate LoRA bias has no exact merge")
 
     _check_modules(cfg, "target_modules", problems, out, allow_regex=True)
     _check_modules(cfg, "exclude_modules", problems, out, allow_regex=True)

@@ -99,8 +99,6 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
     check_adapter_name(model, adapter_name, must_be_new=True)
-    if config.use_dora:
-        raise TargetingError("use_dora=True (DoRA) is not supported yet by lorakit")
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
     if not targets:
@@ -152,7 +150,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(model, module, layer)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
-                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
     for _name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:

@@ -31,6 +31,15 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
         LF.init_lora_embedding_(self.lora_embedding_A[name], self.lora_embedding_B[name], init)
 
+    out_axis = 1  # the table is (V, D): output channels are its columns
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                          base.scale_grad_by_freq, base.sparse)
+        scale = getattr(base, "embed_scale", None)
+        return out if scale is None else out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         return LF.linear_delta(a, b, self.scaling[name], fan_in_fan_out=True)  # (V, D)

@@ -45,6 +45,13 @@ class Linear(LoraLayer):
         if lora_bias and init is not False:
             nn.init.zeros_(self.lora_B[name].bias)
 
+    @property
+    def out_axis(self) -> int:  # type: ignore[override]
+        return 1 if self.fan_in_fan_out else 0
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(weight.dtype), weight.T if self.fan_in_fan_out else weight)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         return LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], self.fan_in_fan_out)
@@ -64,9 +71,15 @@ class Linear(LoraLayer):
         The adapters' factors are stacked (zero-padded to the largest rank, which adds exactly 0;
         slot 0 is all zeros for ``"__base__"`` rows) and gathered per row, so the cost is two
         ``bmm`` whatever the number of adapters: x (n, L, k) @ A_rowsᵀ (n, k, r) → (n, L, r) @
-        (s·B)_rowsᵀ (n, r, d) → (n, L, d).
+        (s·B)_rowsᵀ (n, r, d) → (n, L, d). Rows of variant adapters (DoRA) are done first, by
+        the generic per-adapter path.
         """
         names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and self.has_adapter(n)]
+        if any(n in self.lora_variant for n in names):
+            only_variants = [n if n in self.lora_variant else BASE_ROWS for n in adapter_names]
+            result = super().add_mixed_(result, x, only_variants)
+            adapter_names = [BASE_ROWS if n in self.lora_variant else n for n in adapter_names]
+            names = [n for n in names if n not in self.lora_variant]
         dropout_active = self.training and any(
             isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
         if not names or dropout_active:
