@@ -83,7 +83,8 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def magnitude_shape(self) -> tuple[int, ...]:
         """The shape of a per-output-channel vector as PEFT stores it (DoRA's magnitude)."""
-        return (int(self.base_layer.weight.shape[self.out_axis]),)
+        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
+        return (int(weight.shape[self.out_axis]),)
 
     def channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector ``v`` (C,) shaped to broadcast over an output ``like``
