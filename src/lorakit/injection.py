@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, parse_init
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
+    Conv,
     Embedding,
     LoraLayer,
     ModulesToSaveWrapper,
@@ -31,6 +32,9 @@ from lorakit.targeting import (
     select_targets,
     suffix_summary,
 )
+
+# inits that read the base weight (and, for PiSSA / OLoRA, replace it by a residual)
+FROM_WEIGHT_INITS = ("pissa", "olora", "orthogonal")
 
 __all__ = ["inject", "unload", "lora_modules", "check_adapter_name", "Plan"]
 
@@ -109,12 +113,16 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             f"{suffix_summary(model)}"
         )
     problems = []
+    init_kind = (parse_init(resolved.init_lora_weights) or ("default", None))[0]
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if isinstance(module, ModulesToSaveWrapper) or lora_layer_for(base) is None:
             problems.append(f"{name} ({type(base).__name__})")
         elif resolved.lora_bias and lora_layer_for(base) is Embedding:
             problems.append(f"{name} (lora_bias=True is not supported on embeddings)")
+        elif init_kind in FROM_WEIGHT_INITS and lora_layer_for(base) is Conv:
+            problems.append(f"{name} (init_lora_weights={resolved.init_lora_weights!r} is for linear "
+                            "layers; convolutions take True, False or 'gaussian')")
     if problems:
         raise TargetingError(
             "cannot add LoRA to: " + "; ".join(problems)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional as LF
+from lorakit import init as LI
 from lorakit.layers.base import BASE_ROWS, LoraLayer
 
 
@@ -41,9 +42,31 @@ class Linear(LoraLayer):
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias)
-        LF.init_lora_linear_(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        kind, niter = LI.parse_init(init) or ("default", None)
+        if kind in ("pissa", "olora"):
+            self._init_from_weight(name, kind, niter)
+        elif kind == "orthogonal":
+            new_a, new_b = LI.orthogonal(self.out_features, self.in_features, r)
+            with torch.no_grad():
+                a.copy_(new_a)
+                b.copy_(new_b)
+        else:
+            LF.init_lora_linear_(a, b, init, r)
         if lora_bias and init is not False:
             nn.init.zeros_(self.lora_B[name].bias)
+
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, kind: str, niter: int | None) -> None:
+        """PiSSA / OLoRA: the adapter takes the principal part of W and the base keeps the residual
+        (computed in float32, rounded once into the weight's dtype)."""
+        weight = self.base_layer.weight
+        w = weight.T if self.fan_in_fan_out else weight  # (d, k)
+        r, s = self.r[name], self.scaling[name]
+        a, b, residual = LI.pissa(w, r, s, niter) if kind == "pissa" else LI.olora(w, r, s)
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
 
     @property
     def out_axis(self) -> int:  # type: ignore[override]
