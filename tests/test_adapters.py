@@ -402,3 +402,25 @@ def test_any_sequence_of_state_changes(toy_two_adapters, ops):
         assert torch.allclose(logits(peft_model, x), reference[in_effect], atol=ATOL), (op, in_effect)
     peft_model.unmerge_adapter()
     assert_same_state(original, peft_model)
+
+
+def test_delete_merged_adapter_refused_and_changes_nothing():
+    peft_model, _, _ = setup("llama")
+    add_second(peft_model, "llama")
+    peft_model.merge_adapter(["other"])
+    state, shape = snapshot(peft_model), structure(peft_model)
+    with pytest.raises(AdapterError, match="unmerge"):
+        peft_model.delete_adapter("other")
+    assert_same_state(state, peft_model)
+    assert structure(peft_model) == shape
+    assert set(peft_model.peft_config) == {"default", "other"}
+
+
+def test_two_adapters_with_modules_to_save_cannot_both_be_active():
+    peft_model, x, _ = setup("llama", modules_to_save=["lm_head"])
+    add_second(peft_model, "llama", modules_to_save=["lm_head"])
+    before = logits(peft_model, x)
+    with pytest.raises(AdapterError, match="only one"):
+        peft_model.set_adapter(["default", "other"])
+    assert peft_model.active_adapters == ["default"]
+    assert torch.equal(logits(peft_model, x), before)
