@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit import adapters, injection
+from lorakit import adapters, arithmetic, injection
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.io import adapter_dir
@@ -113,6 +113,26 @@ class PeftModel(nn.Module):
         """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
         trainable = self._trainable_names()  # before injection: new parameters start with requires_grad
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
+        self._apply_trainability(trainable)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` (inactive and frozen).
+
+        ``combination_type``: ``"cat"``, ``"linear"``, ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"``, ``"svd"`` or ``"<one of those>_svd"``; the math is in
+        :mod:`lorakit.arithmetic`. ``density`` is the fraction the pruning types keep;
+        ``majority_sign_method`` (``"total"`` / ``"frequency"``) is how TIES elects signs.
+        Unlike PEFT, an existing ``adapter_name`` is an error rather than a silent no-op.
+        """
+        trainable = self._trainable_names()
+        self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
+            self.get_base_model(), self.peft_config, adapters, weights, adapter_name, combination_type,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
         self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
