@@ -74,8 +74,8 @@ def test_cat_and_full_rank_svd_are_exact_on_every_layer_kind():
     """Σ w_i ΔW_i, also on Conv1d/Conv2d (where PEFT's SVD types fail) and with a rank above the
     update's: the SVD is padded with zeros."""
     targets = ["lin", "c1d", "conv1", "conv2", "emb"]
-    lk = lorakit.get_peft_model(toy(), lorakit.LoraConfig(r=2, target_modules=targets, init_lora_weights=False),
-                                "a")
+    config = lorakit.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
+    lk = lorakit.get_peft_model(toy(), config, "a")
     lk.add_adapter("b", lorakit.LoraConfig(r=3, lora_alpha=6, target_modules=["lin", "conv1", "conv2"],
                                            init_lora_weights=False))
     lk.add_weighted_adapter(["a", "b"], [0.5, 2.0], "cat", combination_type="cat")

@@ -111,9 +111,9 @@ def test_all_problems_are_reported_together():
     assert all(k in str(info.value) for k in ("use_qalora", "use_bdlora", "init_lora_weights"))
 
 
-@pytest.mark.parametrize("key, value", [("use_dora", True), ("init_lora_weights", "pissa"),
-                                        ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"),
-                                        ("init_lora_weights", "orthogonal")])
+@pytest.mark.parametrize("key, value", [
+    ("use_dora", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "pissa_niter_4"),
+    ("init_lora_weights", "olora"), ("init_lora_weights", "orthogonal")])
 def test_dora_and_initialisations_are_read(key, value):
     assert getattr(config_from_peft_dict({**PEFT_LORA_KEYS, key: value}), key) == value
 
