@@ -217,7 +217,9 @@ class PeftModel(nn.Module):
                         selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
         named after them; validated first, written atomically (a crash leaves the previous save).
-        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True)."""
+        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True),
+        ``path_initial_model_for_weight_conversion`` (the directory a PiSSA/OLoRA adapter was saved
+        to right after its init: save a rank-2r plain LoRA for the original base instead)."""
         adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
                                   **kwargs)
 
