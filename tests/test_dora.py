@@ -364,3 +364,20 @@ def test_peft_multi_active_lora_then_dora_matches_when_dora_first():
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(lk(x).logits, pm(x).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "mlp"])
+def test_files_load_both_ways_with_equal_outputs(tmp_path, arch):
+    entry = ZOO[arch]
+    base, pm, lk, inputs = _pair(arch)
+    _perturb(lk, seed=8)
+    lk.save_pretrained(tmp_path / "ours")
+    _perturb(pm, seed=9)
+    pm.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want_ours, want_theirs = main_output(lk(**inputs)), main_output(pm(**inputs))
+        into_peft = peft.PeftModel.from_pretrained(entry.build(), str(tmp_path / "ours"))
+        torch.testing.assert_close(main_output(into_peft(**inputs)), want_ours, atol=1e-5, rtol=1e-4)
+        into_lorakit = lorakit.PeftModel.from_pretrained(entry.build(), tmp_path / "theirs")
+        torch.testing.assert_close(main_output(into_lorakit(**inputs)), want_theirs, atol=1e-5, rtol=1e-4)
+    assert "lora_magnitude_vector" in str(sorted(lorakit.get_peft_model_state_dict(into_lorakit)))
