@@ -149,3 +149,15 @@ def test_pissa_source_does_not_rewrite_the_base_again():
     lk.add_weighted_adapter(["default"], [1.0], "copy", combination_type="linear")
     assert torch.equal(lk.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, residual)
     assert lk.peft_config["copy"].init_lora_weights is True
+
+
+def test_rslora_sources_combine_to_the_exact_sum():
+    """With rsLoRA the combined adapter's scaling is still 1 (α = √r), so ``cat`` stays exact."""
+    kw = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, "use_rslora": True}
+    lk = lorakit.get_peft_model(llama(), lorakit.LoraConfig(**kw), "a")
+    lk.add_adapter("b", lorakit.LoraConfig(**{**kw, "r": 2, "lora_alpha": 5}))
+    lk.add_weighted_adapter(["a", "b"], [1.0, -2.0], "cat", combination_type="cat")
+    for layer in _layers(lk, LoraLayer):
+        assert layer.scaling["cat"] == 1.0
+        want = layer.delta_weight("a") - 2.0 * layer.delta_weight("b")
+        torch.testing.assert_close(layer.delta_weight("cat"), want, atol=1e-6, rtol=1e-5)

@@ -18,6 +18,7 @@ lacks are zeroed, as in PEFT); anything else is refused before any weight change
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -72,12 +73,23 @@ def _pad_layer(layer: LoraLayer, name: str, rank: int) -> None:
     layer.r[name] = rank  # the scaling keeps the adapter's own rank
 
 
-def prepare_model_for_compiled_hotswap(model: nn.Module, target_rank: int | None = None) -> None:
+def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | None = None,
+                                       config: object = None, check_compiled: str = "error") -> None:
     """Pad every adapter of ``model`` to rank ``target_rank`` (default: the largest rank present)
     so that adapters up to that rank can be hot-swapped in without recompiling. Call it before
-    ``torch.compile``; outputs are unchanged (the padding is zeros)."""
+    ``torch.compile``; outputs are unchanged (the padding is zeros).
+
+    ``config`` is accepted for PEFT's signature and not needed: lorakit never turns scalings into
+    tensors (a swap folds the new scaling into B). ``check_compiled``: ``"error"`` (default),
+    ``"warn"`` or ``"ignore"`` when ``model`` is already compiled (padding then recompiles)."""
+    if check_compiled not in ("error", "warn", "ignore"):
+        raise AdapterError(f"check_compiled={check_compiled!r}: must be one of 'error', 'warn', 'ignore'")
     if hasattr(model, "_orig_mod"):
-        raise AdapterError("prepare_model_for_compiled_hotswap must be called before torch.compile(model)")
+        message = "prepare_model_for_compiled_hotswap must be called before torch.compile(model)"
+        if check_compiled == "error":
+            raise AdapterError(message)
+        if check_compiled == "warn":
+            warnings.warn(message, stacklevel=2)
     layers = [m for _, m in injection.lora_modules(_user_model(model)) if isinstance(m, LoraLayer)]
     if not layers:
         raise AdapterError("the model holds no LoRA layer to prepare for hot-swapping")
@@ -171,11 +183,13 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: Mapping[str, t
 
 
 def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str],
-                    adapter_name: str = "default", subfolder: str | None = None) -> None:
+                    adapter_name: str = "default", torch_device: str | None = None,
+                    subfolder: str | None = None) -> None:
     """Hot-swap the adapter saved in directory ``model_name_or_path`` (lorakit's or PEFT's format)
     into the loaded adapter ``adapter_name`` of ``model``; see :func:`hotswap_adapter_from_state_dict`.
-    Settings that change what the layers compute (DoRA, rsLoRA, bias, dropout-free vs not) must match
-    the loaded adapter's config."""
+    Settings that change what the layers compute (DoRA, LoRA bias, Conv1D layout, bias mode) must
+    match the loaded adapter's config; rank, alpha, their patterns and rsLoRA may differ.
+    ``torch_device`` is accepted for PEFT's signature: tensors always go to their parameter's device."""
     files_ = read_adapter(model_name_or_path, subfolder=subfolder)
     loaded = _configs(model).get(adapter_name)
     if loaded is not None:

@@ -209,7 +209,11 @@ class PeftModel(nn.Module):
         return injection.unload(model, keep_merged=True)
 
     def unload(self) -> nn.Module:
-        """Return the base model with every LoRA layer removed and its original weights."""
+        """Return the base model with every LoRA layer removed and its original weights.
+
+        "Original" means as they were before any merge: after a PiSSA or OLoRA initialisation the
+        base holds the residual ``W − s·B₀A₀`` (as in PEFT); the converted save
+        (``path_initial_model_for_weight_conversion``) is the way back to an adapter for ``W``."""
         return injection.unload(self.get_base_model(), keep_merged=False)
 
     # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
