@@ -276,6 +276,14 @@ def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
         raise
 
 
+def load_weights(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
+                 subfolder: str | None = None) -> list[str]:
+    """Copy an adapter directory's tensors into the *existing* adapter ``adapter_name`` (resuming a
+    checkpoint). Every key and shape is checked before anything is copied."""
+    files_ = read_adapter(path, subfolder=subfolder)
+    return set_peft_model_state_dict(model, files_.tensors, adapter_name)
+
+
 def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool,
              build: Callable[[nn.Module, LoraConfig, str], Any], on_base_mismatch: BaseMismatch = "warn",
              subfolder: str | None = None) -> Any:

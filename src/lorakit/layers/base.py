@@ -140,17 +140,22 @@ class LoraLayer(nn.Module, abc.ABC):
         self.lora_bias[name] = lora_bias
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.create_adapter(name, r, init=init, lora_bias=lora_bias)
-        self._place_like_base(name)
+        self.place_adapter(name)
         if use_dora:
             DORA.init(self, name)
             self.lora_variant[name] = DORA
 
-    def _place_like_base(self, name: str) -> None:
-        """New factors go on the base weight's device; a floating base below float32 keeps float32
-        factors (PEFT's default, design §5)."""
+    def place_adapter(self, name: str, *, autocast_dtype: bool = True) -> None:
+        """Move adapter ``name``'s factors to the base weight's device and pick their dtype.
+
+        ``autocast_dtype=True`` (PEFT's ``autocast_adapter_dtype``): a float16/bfloat16 base keeps
+        float32 factors, so small updates are not lost to rounding. ``False``: the factors take the
+        base weight's dtype (less memory, PEFT's behaviour with ``autocast_adapter_dtype=False``).
+        """
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        for container in (self.lora_A, self.lora_B):
+        keep_base = not autocast_dtype or weight.dtype in (torch.float32, torch.float64)
+        dtype = weight.dtype if keep_base and weight.is_floating_point() else torch.float32
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if name in container:
                 container[name].to(device=weight.device, dtype=dtype)
         for pdict in (self.lora_embedding_A, self.lora_embedding_B):
@@ -183,13 +188,14 @@ class LoraLayer(nn.Module, abc.ABC):
         return params
 
     # -- merging ---------------------------------------------------------------------------------
-    def _pending(self, names: Sequence[str] | None) -> list[str]:
+    def merge_result_names(self, names: Sequence[str] | None) -> list[str]:
+        """The adapters a merge of ``names`` (default: the active ones) would add to this layer."""
         return [n for n in (self.active_adapters if names is None else names)
                 if self.has_adapter(n) and n not in self.merged_adapters]
 
     def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
-        with_bias = [n for n in self._pending(names) if self.lora_bias.get(n)]
+        with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
         if with_bias and getattr(self.base_layer, "bias", None) is None:
             return (f"adapter(s) {with_bias} have lora_bias=True but the base "
                     f"{type(self.base_layer).__name__} has no bias to merge it into")
@@ -202,7 +208,7 @@ class LoraLayer(nn.Module, abc.ABC):
         ``W + Σ s·B·A`` is summed in float32 from the *original* weight over every adapter that
         would then be merged, and rounded once into the weight's dtype.
         """
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         if not pending:
             return None
         weight = self.base_layer.weight
@@ -223,7 +229,7 @@ class LoraLayer(nn.Module, abc.ABC):
         problem = self.merge_problem(names)
         if problem:
             raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         result = self.merge_result(pending)
         if result is None:
             return
