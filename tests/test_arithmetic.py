@@ -161,3 +161,11 @@ def test_rslora_sources_combine_to_the_exact_sum():
         assert layer.scaling["cat"] == 1.0
         want = layer.delta_weight("a") - 2.0 * layer.delta_weight("b")
         torch.testing.assert_close(layer.delta_weight("cat"), want, atol=1e-6, rtol=1e-5)
+
+
+def test_base_model_spelling_like_peft():
+    lk = lorakit.get_peft_model(llama(), lorakit.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    lk.add_adapter("b", lorakit.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.base_model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="linear")
+    assert "ab" in lk.peft_config
+    assert not any(p.requires_grad for n, p in lk.named_parameters() if ".ab." in n)

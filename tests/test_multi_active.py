@@ -40,7 +40,7 @@ def test_two_active_adapters_sum_like_peft_and_merge_to_the_same(arch):
     lk.add_adapter("b", lorakit.LoraConfig(**kw_b))
     _copy_adapters(pm, lk, ["a", "b"])
     pm.base_model.set_adapter(["a", "b"])
-    lk.set_adapter(["a", "b"])
+    lk.base_model.set_adapter(["a", "b"])  # PEFT's spelling; lk.set_adapter([...]) does the same
     assert lk.active_adapters == ["a", "b"] and lk.active_adapter == ["a", "b"]
     with torch.no_grad():
         want, got = main_output(pm(**inputs)), main_output(lk(**inputs))

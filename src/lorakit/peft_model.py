@@ -72,6 +72,20 @@ class LoraModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter or several (their updates add up), as PEFT's
+        ``model.base_model.set_adapter([...])``; trainability is left unchanged."""
+        adapters.set_active(self.model, adapter_name)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """See :meth:`PeftModel.add_weighted_adapter` (the new adapter is frozen)."""
+        self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
+            self.model, self.peft_config, adapters, weights, adapter_name, combination_type, **kwargs)
+        for _, module in injection.lora_modules(self.model):
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
+
 
 class PeftModel(nn.Module):
     """A model with LoRA adapters; PEFT's ``PeftModel`` API.
