@@ -366,10 +366,16 @@ OPS = st.lists(st.sampled_from(["merge", "merge_a", "merge_b", "unmerge", "set_a
                                 "disable", "mixed"]), min_size=1, max_size=8)
 
 
-@pytest.fixture(scope="module")
-def toy_two_adapters():
-    peft_model, x, base_out = setup("toy")
-    add_second(peft_model, "toy", name="b")
+# variants of the two adapters: plain LoRA, DoRA + LoRA, DoRA + DoRA (state changes must not care)
+DORA = {"use_dora": True}
+VARIANTS = {"lora": ({}, {}), "dora": (DORA, {}), "dora+dora": (DORA, DORA)}
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def toy_two_adapters(request):
+    first, second = VARIANTS[request.param]
+    peft_model, x, base_out = setup("toy", **first)
+    add_second(peft_model, "toy", name="b", **second)
     reference = {frozenset(): base_out}
     for names in (["default"], ["b"], ["default", "b"]):
         peft_model.set_adapter(names)

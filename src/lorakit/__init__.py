@@ -19,6 +19,11 @@ from lorakit.errors import (
     LorakitError,
     TargetingError,
 )
+from lorakit.hotswap import (
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
 from lorakit.inspect import inspect
 from lorakit.integrations.tasks import (
     PeftModelForCausalLM,
@@ -55,6 +60,9 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inspect",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
+    "prepare_model_for_compiled_hotswap",
     "LorakitError",
     "ConfigError",
     "TargetingError",

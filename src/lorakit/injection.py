@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, parse_init
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
+    Conv,
     Embedding,
     LoraLayer,
     ModulesToSaveWrapper,
@@ -31,6 +32,9 @@ from lorakit.targeting import (
     select_targets,
     suffix_summary,
 )
+
+# inits that read the base weight (and, for PiSSA / OLoRA, replace it by a residual)
+FROM_WEIGHT_INITS = ("pissa", "olora", "orthogonal")
 
 __all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
 
@@ -99,8 +103,6 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
     check_adapter_name(model, adapter_name, must_be_new=True)
-    if config.use_dora:
-        raise TargetingError("use_dora=True (DoRA) is not supported yet by lorakit")
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
     if not targets:
@@ -111,12 +113,16 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             f"{suffix_summary(model)}"
         )
     problems = []
+    init_kind = (parse_init(resolved.init_lora_weights) or ("default", None))[0]
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if isinstance(module, ModulesToSaveWrapper) or lora_layer_for(base) is None:
             problems.append(f"{name} ({type(base).__name__})")
         elif resolved.lora_bias and lora_layer_for(base) is Embedding:
             problems.append(f"{name} (lora_bias=True is not supported on embeddings)")
+        elif init_kind in FROM_WEIGHT_INITS and lora_layer_for(base) is Conv:
+            problems.append(f"{name} (init_lora_weights={resolved.init_lora_weights!r} is for linear "
+                            "layers; convolutions take True, False or 'gaussian')")
     if problems:
         raise TargetingError(
             "cannot add LoRA to: " + "; ".join(problems)
@@ -154,7 +160,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(model, module, layer)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
-                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
     for _name, module in p.to_save:

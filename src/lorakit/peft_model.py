@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from lorakit import adapters, injection
+from lorakit import adapters, arithmetic, injection
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.io import adapter_dir
@@ -72,6 +72,20 @@ class LoraModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter or several (their updates add up), as PEFT's
+        ``model.base_model.set_adapter([...])``; trainability is left unchanged."""
+        adapters.set_active(self.model, adapter_name)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """See :meth:`PeftModel.add_weighted_adapter` (the new adapter is frozen)."""
+        self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
+            self.model, self.peft_config, adapters, weights, adapter_name, combination_type, **kwargs)
+        for _, module in injection.lora_modules(self.model):
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
+
 
 class PeftModel(nn.Module):
     """A model with LoRA adapters; PEFT's ``PeftModel`` API.
@@ -116,6 +130,26 @@ class PeftModel(nn.Module):
         """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
         trainable = self._trainable_names()  # before injection: new parameters start with requires_grad
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
+        self._apply_trainability(trainable)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` (inactive and frozen).
+
+        ``combination_type``: ``"cat"``, ``"linear"``, ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"``, ``"svd"`` or ``"<one of those>_svd"``; the math is in
+        :mod:`lorakit.arithmetic`. ``density`` is the fraction the pruning types keep;
+        ``majority_sign_method`` (``"total"`` / ``"frequency"``) is how TIES elects signs.
+        Unlike PEFT, an existing ``adapter_name`` is an error rather than a silent no-op.
+        """
+        trainable = self._trainable_names()
+        self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
+            self.get_base_model(), self.peft_config, adapters, weights, adapter_name, combination_type,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
         self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
@@ -192,7 +226,11 @@ class PeftModel(nn.Module):
         return injection.unload(model, keep_merged=True)
 
     def unload(self) -> nn.Module:
-        """Return the base model with every LoRA layer removed and its original weights."""
+        """Return the base model with every LoRA layer removed and its original weights.
+
+        "Original" means as they were before any merge: after a PiSSA or OLoRA initialisation the
+        base holds the residual ``W − s·B₀A₀`` (as in PEFT); the converted save
+        (``path_initial_model_for_weight_conversion``) is the way back to an adapter for ``W``."""
         return injection.unload(self.get_base_model(), keep_merged=False)
 
     # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
@@ -200,7 +238,9 @@ class PeftModel(nn.Module):
                         selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
         named after them; validated first, written atomically (a crash leaves the previous save).
-        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True)."""
+        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True),
+        ``path_initial_model_for_weight_conversion`` (the directory a PiSSA/OLoRA adapter was saved
+        to right after its init: save a rank-2r plain LoRA for the original base instead)."""
         adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
                                   **kwargs)
 

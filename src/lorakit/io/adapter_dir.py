@@ -30,7 +30,7 @@ from lorakit._version import __version__
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
 from lorakit.injection import Plan
-from lorakit.io import config_json, files
+from lorakit.io import config_json, conversion, files
 from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
 from lorakit.io.keys import (
     from_file_keys,
@@ -66,10 +66,14 @@ def _subfolder(name: str) -> str:
     return "" if name == "default" else name
 
 
-def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[str, dict[str, torch.Tensor],
-                                                                               dict[str, str]]:
-    """(config JSON text, file tensors, header metadata) of adapter ``name``."""
+def _adapter_payload(model: nn.Module, name: str, config: LoraConfig, initial: AdapterFiles | None = None
+                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(config JSON text, file tensors, header metadata) of adapter ``name``; with ``initial`` (the
+    adapter as saved right after a PiSSA/OLoRA init) converted to a plain LoRA for the original base."""
     tensors = saved_tensors(model, name, config.bias, config.target_modules)
+    if initial is not None:
+        source = str(initial.weights_path)
+        config, tensors = conversion.to_plain_lora(config, tensors, initial.tensors, source)
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets)
@@ -87,12 +91,17 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[s
 
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
                   selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
-                  safe_serialization: bool = True) -> None:
+                  safe_serialization: bool = True,
+                  path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None) -> None:
     """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
 
     "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
     adapters are validated and serialised in memory first; then the directory is replaced
     atomically (other files in it are kept). A path that is an existing file is refused.
+
+    ``path_initial_model_for_weight_conversion``: the directory where a PiSSA/OLoRA adapter was
+    saved right after its initialisation; the adapters are then saved as plain LoRA adapters of
+    twice the rank that apply to the original base (:mod:`lorakit.io.conversion`).
     """
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
@@ -106,7 +115,9 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if not safe_serialization:
         raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
                            "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
-    payloads = {n: _adapter_payload(model, n, configs[n]) for n in names}
+    initial = (None if path_initial_model_for_weight_conversion is None
+               else read_adapter(path_initial_model_for_weight_conversion))
+    payloads = {n: _adapter_payload(model, n, configs[n], initial) for n in names}
     if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
         return
     replaced = [os.path.join(_subfolder(n), f)

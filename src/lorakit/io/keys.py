@@ -137,7 +137,7 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
         scratch = layer_cls(base)
         r, alpha = rank_and_alpha(cfg, name)
         scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
-                            init=False, lora_bias=cfg.lora_bias)
+                            init=False, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
         shapes.update({k: tuple(t.shape) for k, t in _layer_tensors(name, scratch, adapter_name).items()})
         target_names.add(name)
     for name, module in plan.to_save:
