@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,7 +98,7 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def _word_tokenizer(extra: list[str]):  # type: ignore[no-untyped-def]
+def _word_tokenizer(extra: list[str]) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
