@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit import injection
+from lorakit import injection, sharding
 from lorakit._version import __version__
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
@@ -68,17 +68,23 @@ def _subfolder(name: str) -> str:
     return "" if name == "default" else name
 
 
-def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[str, dict[str, torch.Tensor],
-                                                                               dict[str, str]]:
-    """(config JSON text, file tensors, header metadata) of adapter ``name``."""
-    tensors = adapter_keys(model, name, config.bias).tensors
-    if not tensors:
+def _adapter_payload(model: nn.Module, name: str, config: LoraConfig,
+                     whole: Mapping[str, torch.Tensor] | None = None
+                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(config JSON text, file tensors, header metadata) of adapter ``name``. ``whole``: the
+    adapter's tensors gathered from a sharded model (by :mod:`lorakit.distributed`)."""
+    live = adapter_keys(model, name, config.bias).tensors
+    if not live:
         raise AdapterError(f"cannot save adapter {name!r}: the model holds no tensor of it")
+    tensors = dict(live) if whole is None else dict(whole)
+    _refuse_shards(model, name, live, tensors)
     if saves_embedding_base(model, config.target_modules):
         tensors.update(embedding_base_tensors(model, wrapped_only=True))
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
+    if any(sharding.is_engine_sharded(m.weight) for _, m in targets):
+        targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
     metadata = {"format": "pt", "lorakit_version": __version__}
-    fp = fingerprint(targets)
+    fp = fingerprint(targets) if targets else None
     if fp is not None:
         metadata[METADATA_KEY] = fp.to_json()
     if config.task_type is not None and config_json.peft_task_type(config.task_type) != str(config.task_type):
@@ -91,9 +97,28 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[s
     return config_json.dumps(data), to_file_keys(tensors), metadata
 
 
+def _refuse_shards(model: nn.Module, name: str, live: Mapping[str, torch.Tensor],
+                   tensors: Mapping[str, torch.Tensor]) -> None:
+    """Never write a shard as if it were the adapter (PEFT writes empty tensors under ZeRO-3/FSDP1)."""
+    canon = sharding.canonical_name
+    shapes = {canon(k): v for k, v in sharding.expected_shapes(model, live).items()}
+    tensors = {canon(k): v for k, v in tensors.items()}
+    problems = [f"{k}: the model has no such adapter tensor" for k in tensors if k not in shapes]
+    problems += [f"{k}: missing" for k in shapes if k not in tensors]
+    problems += sharding.shard_problems({k: v for k, v in tensors.items() if k in shapes}, shapes)
+    if problems:
+        raise AdapterFileError(
+            f"refusing to save adapter {name!r}: {len(problems)} of its {len(shapes)} tensors are not "
+            "whole tensors:\n  - " + "\n  - ".join(problems[:_MAX_LINES]) + "\nUnder a sharded engine "
+            "(FSDP, ZeRO-3) call save_pretrained on every rank, which gathers the adapter and writes "
+            "on rank 0, or lorakit.distributed.gather_adapter_state_dict"
+        )
+
+
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
                   selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
-                  safe_serialization: bool = True) -> None:
+                  safe_serialization: bool = True,
+                  whole: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
     """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
 
     "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
@@ -108,7 +133,8 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if not safe_serialization:
         raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
                            "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
-    payloads = {n: _adapter_payload(model, n, configs[n]) for n in names}
+    payloads = {n: _adapter_payload(model, n, configs[n], None if whole is None else whole[n])
+                for n in names}
     if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
         return
     replaced = [os.path.join(_subfolder(n), f)
