@@ -36,7 +36,8 @@ def _clone(pairs: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pairs}
 
 
-def _train(step: Callable[[torch.Tensor, bool], None], optimizer_step: Callable[[], None], accum: int) -> None:
+def _train(step: Callable[[torch.Tensor, bool], None], optimizer_step: Callable[[], None], accum: int
+           ) -> None:
     """5 steps; each rank's batch split into ``accum`` micro-batches (the last one syncs)."""
     rank, world = _rank_world()
     micro = S.local_batch(rank, world).chunk(accum)
@@ -98,7 +99,8 @@ def ddp_controls(ref: tuple, work: Path) -> dict[str, Any]:
     local = lorakit.get_peft_model_state_dict(peft)
     out["no_sync_off_reference"] = S.all_ranks(S.max_diff(local, ref[1]))
     skewed = S.peft_model(adapter_seed=rank)  # rank-dependent init
-    out["rank_init_detected"] = S.raises(lambda: ld.check_adapters_in_sync(skewed), DistributedError, "differs")
+    out["rank_init_detected"] = S.raises(lambda: ld.check_adapters_in_sync(skewed), DistributedError,
+                                         "differs")
     ld.broadcast_adapters(skewed)
     out["rank_init_fixed_by_broadcast"] = S.passes(lambda: ld.check_adapters_in_sync(skewed))
     wrapped = torch.nn.parallel.DistributedDataParallel(S.base_model())
@@ -123,7 +125,8 @@ def _fully_shard(peft: lorakit.PeftModel) -> None:
 
 
 def _whole_frozen(peft: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in _frozen(peft)}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in _frozen(peft)}
 
 
 def fsdp2(accum: int = 1, checkpointing: bool = False) -> Callable[[tuple, Path], dict[str, Any]]:
@@ -218,7 +221,9 @@ def fsdp1_controls(ref: tuple, work: Path) -> dict[str, Any]:
         AdapterFileError, "not whole")
     out["inject_after_wrap_refused"] = S.raises(lambda: lorakit.get_peft_model(model, S.lora_config()),
                                                 TargetingError, "Inject first")
-    hidden = _fsdp1(S.peft_model(), use_orig_params=False)
+    frozen = S.peft_model()
+    frozen.requires_grad_(False)  # FSDP1 without use_orig_params refuses units mixing frozen and trainable
+    hidden = _fsdp1(frozen, use_orig_params=False)
     out["flat_params_refused"] = S.raises(lambda: ld.gather_adapter_state_dict(hidden), DistributedError,
                                           "use_orig_params=True")
     return out
@@ -226,10 +231,21 @@ def fsdp1_controls(ref: tuple, work: Path) -> dict[str, Any]:
 
 # -- DeepSpeed ZeRO --------------------------------------------------------------------------------
 def _deepspeed(peft: nn.Module, stage: int) -> Any:
+    import importlib
+
     import deepspeed
 
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+
+    # DeepSpeed's CPU backend JIT-compiles an optional shared-memory all-reduce kernel on first use
+    # (minutes of C++ compilation on 2 cores, and a lock that a killed run leaves behind). Without it
+    # DeepSpeed uses torch.distributed's gloo collectives, which is what these tests are about.
+    ds_torch_comm.build_shm_op = lambda: None
+
+    # persistence threshold 0: partition even the tiny test parameters (ZeRO-3 keeps small ones whole)
+    zero_cfg = {"stage": stage, "stage3_param_persistence_threshold": 0}
     config = {"train_batch_size": S.GLOBAL_BATCH, "train_micro_batch_size_per_gpu": S.GLOBAL_BATCH // 2,
-              "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+              "gradient_accumulation_steps": 1, "zero_optimization": zero_cfg,
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     engine, *_ = deepspeed.initialize(model=peft, optimizer=_sgd(peft), config=config)
     return engine
@@ -250,6 +266,7 @@ def zero(stage: int) -> Callable[[tuple, Path], dict[str, Any]]:
         peft.train()
         before = _clone(_frozen(peft))
         engine = _deepspeed(peft, stage)
+        naive = _zero3_naive(peft, work) if stage == 3 else {}  # while every parameter is partitioned
 
         def step(mb: torch.Tensor, sync: bool) -> None:
             engine.backward(engine(input_ids=mb, labels=mb).loss)
@@ -257,20 +274,26 @@ def zero(stage: int) -> Callable[[tuple, Path], dict[str, Any]]:
         _train(step, engine.step, 1)
         out = S.trained_checks(engine, _logits(engine), before, _ds_whole_frozen(peft), work, ref)
         if stage == 3:
-            out.update(_zero3_merge(peft, engine, work))
-        return out
+            out.update(_zero3_merge(peft, engine))
+        return {**out, **naive} if dist.get_rank() == 0 else out
 
     return run
 
 
-def _zero3_merge(peft: lorakit.PeftModel, engine: Any, work: Path) -> dict[str, Any]:
-    forward = _logits(engine)
-    unmerged = forward(S.eval_batch())
-    out: dict[str, Any] = {
+def _zero3_naive(peft: lorakit.PeftModel, work: Path) -> dict[str, Any]:
+    """PEFT's ZeRO-3 failures: a save that writes empty tensors, a merge that does nothing."""
+    return {
         "naive_save_refused": S.raises(
             lambda: adapter_dir.save_adapters(peft.get_base_model(), peft.peft_config, work / "naive"),
             AdapterFileError, "not whole"),
         "naive_merge_refused": S.raises(peft.merge_adapter, AdapterError, "sharded"),
+    }
+
+
+def _zero3_merge(peft: lorakit.PeftModel, engine: Any) -> dict[str, Any]:
+    forward = _logits(engine)
+    unmerged = forward(S.eval_batch())
+    out: dict[str, Any] = {
         "inject_after_wrap_refused": S.raises(lambda: lorakit.get_peft_model(engine, S.lora_config()),
                                               TargetingError, "Inject first"),
     }

@@ -63,7 +63,8 @@ def live_adapter_tensors(model: nn.Module, adapter_name: str = "default"
                          ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
     """(PEFT key → live tensor, PEFT key → whole shape) of ``adapter_name``: keys as
     :func:`get_peft_model_state_dict` gives them for the unwrapped model (``base_model.model.…`` for
-    a PeftModel), free of wrapper segments. Raises if the engine hides adapter parameters (FSDP1 without ``use_orig_params``)."""
+    a PeftModel), free of wrapper segments. Raises if the engine hides adapter parameters (FSDP1
+    without ``use_orig_params``)."""
     root, prefix = _root_and_prefix(model)
     hidden = sharding.hidden_adapter_params(root, adapter_name)
     if hidden:
