@@ -7,7 +7,8 @@ the tests here read its results, one test per scenario and check:
 1. the gathered adapter is bit-identical on every rank;
 2. it equals a single-process run on the concatenated batch (1e-5), moved (> 1e-3), and the frozen
    base weights changed by exactly 0;
-3. rank 0's saved adapter holds exactly the expected tensors and shapes, reloads into a plain model
+3. loading into the wrapped model (rank 0 reads, broadcasts) arrives whole on every rank;
+   rank 0's saved adapter holds exactly the expected tensors and shapes, reloads into a plain model
    with the same weights and logits (1e-6), and its merge gives the unmerged logits (1e-5);
 4. negative controls fail as they must (no gradient sync, rank-dependent init, injection after
    wrapping, naive sharded saves and merges, a save called on rank 0 alone).
@@ -32,7 +33,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
-TRAINED = ("identical_on_ranks", "matches_reference", "adapter_moved", "base_unchanged",
+TRAINED = ("identical_on_ranks", "matches_reference", "adapter_moved", "base_unchanged", "load_broadcast",
            "saved_keys_and_shapes", "reload_weights", "reload_logits", "merge_logits")
 SCENARIOS = {
     "ddp": ["ddp", "ddp_accum", "ddp_reentrant_ckpt"],
@@ -91,6 +92,8 @@ def _check(name: str, value: Any) -> None:
         assert value > 1e-3, f"adapter moved only {value}"
     elif name == "base_unchanged":
         assert value == 0.0, f"frozen base weights changed by {value}"
+    elif name == "load_broadcast":
+        assert value is True, "a broadcast load into the wrapped model did not arrive whole on every rank"
     elif name == "saved_keys_and_shapes":
         assert value is True, "saved tensors/shapes differ from the expected adapter"
     elif name == "reload_weights":

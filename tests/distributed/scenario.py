@@ -124,6 +124,7 @@ def trained_checks(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     peft = _find_peft(model)
     peft.save_pretrained(str(save_dir))  # every rank: gathers if sharded, rank 0 writes
     logits = forward(eval_batch())
+    load_ok = _load_back(model, save_dir, gathered)
     if dist.get_rank() != 0:
         return {}
     results: dict[str, Any] = {
@@ -131,9 +132,22 @@ def trained_checks(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
         "matches_reference": max_diff(gathered, trained_ref),
         "adapter_moved": max_diff(gathered, initial),
         "base_unchanged": max_diff(base_before, base_after),
+        "load_broadcast": load_ok,
     }
     results.update(_reload_checks(save_dir, gathered, logits))
     return results
+
+
+def _load_back(model: nn.Module, save_dir: Path, gathered: dict[str, torch.Tensor]) -> bool:
+    """Collective: zero the (sharded) adapter through a broadcast load, then load the saved files
+    back (rank 0 reads, broadcasts); both must arrive whole on every rank."""
+    zeros = {k: torch.zeros_like(v) for k, v in gathered.items()} if dist.get_rank() == 0 else None
+    ld.load_adapter_state_dict(model, zeros)
+    zeroed = ld.gather_adapter_state_dict(model, rank0_only=False)
+    ld.load_pretrained(model, save_dir)
+    back = ld.gather_adapter_state_dict(model, rank0_only=False)
+    ok = all(float(v.abs().max()) == 0.0 for v in zeroed.values()) and max_diff(back, gathered) == 0.0
+    return all(all_ranks(ok))
 
 
 def _find_peft(model: nn.Module) -> lorakit.PeftModel:

@@ -24,6 +24,7 @@ from lorakit import adapters, sharding
 from lorakit.config import LoraConfig
 from lorakit.distributed import group
 from lorakit.distributed.state import (
+    _root_and_prefix,
     _zero3_gathered,
     gather_adapter_state_dict,
     live_adapter_tensors,
@@ -86,7 +87,9 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike[str], adapter_name
     error: BaseException | None = None
     if group.is_main_process():
         try:
-            state = adapter_dir.read_adapter(path, subfolder=subfolder).tensors
+            files = adapter_dir.read_adapter(path, subfolder=subfolder).tensors  # keys from the root
+            prefix = _root_and_prefix(model)[1]
+            state = {".".join(p for p in (prefix, k) if p): v for k, v in files.items()}
         except (OSError, ValueError) as exc:
             error = exc
     if group.is_active():

@@ -156,9 +156,10 @@ class LoraLayer(nn.Module, abc.ABC):
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
         weight = self.base_layer.weight
         if sharding.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
-            return (f"the base weight is sharded by a distributed engine (shape {tuple(weight.shape)}, "
-                    f"unsharded {self.base_weight_shape}); merging it here would change only this rank's "
-                    "piece. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
+            what = "a DTensor shard" if sharding.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
+            return (f"the base weight is sharded by a distributed engine ({what}, unsharded "
+                    f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
+                    "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
                     "saved adapter into an unsharded model and merge there")
         with_bias = [n for n in self._pending(names) if self.lora_bias.get(n)]
         if with_bias and getattr(self.base_layer, "bias", None) is None:
