@@ -27,6 +27,7 @@ BASE = {"r": 4, "lora_alpha": 8, "init_lora_weights": False}
 CASES = {
     "bert-default": ("bert", {}),
     "bert-all-linear-lora_only": ("bert", {"target_modules": "all-linear", "bias": "lora_only"}),
+    "bert_cls-seq_cls-head": ("bert_cls", {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}),
     "roberta-layers_to_transform": ("roberta", {"target_modules": ["query", "value", "dense"],
                                                 "layers_to_transform": [1]}),
     "gpt2-default": ("gpt2", {"fan_in_fan_out": True}),
@@ -133,3 +134,14 @@ def test_transformers_load_adapter_reads_lorakit(tmp_path):
     model = ZOO["llama"].build()
     model.load_adapter(str(tmp_path))
     torch.testing.assert_close(_out(model, "llama"), _out(ours, "llama"), rtol=1e-5, atol=1e-6)
+
+
+def test_peft_legacy_bin_loads(tmp_path):
+    model = peft.get_peft_model(ZOO["gpt2"].build(), peft.LoraConfig(**BASE, fan_in_fan_out=True))
+    perturb_trainable(model, seed=5)
+    model.eval()
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("adapter_model")) == [
+        "adapter_model.bin"]
+    loaded = lorakit.PeftModel.from_pretrained(ZOO["gpt2"].build(), tmp_path)
+    torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=1e-5, atol=1e-6)

@@ -3,13 +3,16 @@ features lorakit lacks refused with the key and value named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import peft
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorakit import ConfigError, LoraConfig, TaskType
-from lorakit.io.config_json import PEFT_LORA_KEYS, config_from_peft_dict, config_to_peft_dict
+from lorakit.io.config_json import PEFT_LORA_KEYS, config_from_peft_dict, config_to_peft_dict, peft_task_type
 
 
 def _peft_json(**kwargs):
@@ -127,3 +130,22 @@ def test_config_save_refuses_a_file_path(tmp_path):
     with pytest.raises(ValueError, match="existing file"):
         LoraConfig().save_pretrained(path)
     assert path.read_text() == "x"
+
+
+names = st.lists(st.sampled_from(["q", "k", "v", "o", "fc1"]), min_size=1, max_size=4, unique=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(r=st.integers(1, 64), alpha=st.one_of(st.integers(1, 64), st.floats(0.5, 64)),
+       dropout=st.floats(0, 0.9), targets=st.one_of(names, st.just("all-linear"), st.just(r".*\.q")),
+       bias=st.sampled_from(["none", "all", "lora_only"]), rslora=st.booleans(),
+       init=st.sampled_from([True, False, "gaussian"]), save=st.one_of(st.none(), names),
+       task=st.one_of(st.none(), st.sampled_from([t.value for t in TaskType])))
+def test_json_roundtrip_property(r, alpha, dropout, targets, bias, rslora, init, save, task):
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias=bias,
+                        use_rslora=rslora, init_lora_weights=init, modules_to_save=save, task_type=task)
+    data = json.loads(json.dumps(config_to_peft_dict(config)))
+    assert data.keys() == PEFT_LORA_KEYS.keys()
+    back = config_from_peft_dict(data)
+    expected_task = None if task is None else peft_task_type(task)
+    assert back == dataclasses.replace(config, inference_mode=True, task_type=expected_task)

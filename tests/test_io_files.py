@@ -173,3 +173,30 @@ def test_legacy_bin_must_hold_tensors(tmp_path):
     torch.save([torch.ones(1)], path)
     with pytest.raises(AdapterFileError, match="mapping of names to tensors"):
         files.read_legacy_bin(path)
+
+
+def test_working_directory_is_replaced_file_by_file(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    _write(target, "a.txt", "old")
+    _write(target, "old.bin", "stale")
+    _write(target, "keep.txt", "k")
+    monkeypatch.chdir(target)  # the directory cannot be swapped away from under the process
+    with files.atomic_directory(".", ["a.txt", "old.bin"]) as staging:
+        assert staging.parent == target
+        (staging / "a.txt").write_text("new")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "b.txt").write_text("b")
+    assert sorted(os.listdir(target)) == ["a.txt", "keep.txt", "sub"]
+    assert (target / "a.txt").read_text() == "new" and (target / "sub" / "b.txt").read_text() == "b"
+    assert os.getcwd() == str(target)
+
+
+def test_symlinked_directory_is_written_through(tmp_path):
+    real = tmp_path / "real"
+    _write(real, "a.txt", "old")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    with files.atomic_directory(link, ["a.txt"]) as staging:
+        (staging / "a.txt").write_text("new")
+    assert link.is_symlink() and (real / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

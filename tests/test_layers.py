@@ -180,6 +180,7 @@ def make(kind: str, dtype: torch.dtype = torch.float32, **kwargs):
         "embedding": (nn.Embedding(20, 6), torch.randint(0, 20, (4, 3))),
         "conv1d": (nn.Conv1d(3, 4, 3, padding=1), torch.randn(4, 3, 9)),
         "conv2d": (nn.Conv2d(3, 4, 3, padding=1), torch.randn(4, 3, 5, 5)),
+        "conv3d": (nn.Conv3d(2, 3, 2, stride=2), torch.randn(4, 2, 4, 4, 4)),
     }
     base, x = bases[kind]
     base = base.to(dtype)
@@ -191,7 +192,7 @@ def make(kind: str, dtype: torch.dtype = torch.float32, **kwargs):
     return layer, x
 
 
-KINDS = ["linear", "conv1d_transformers", "embedding", "conv1d", "conv2d"]
+KINDS = ["linear", "conv1d_transformers", "embedding", "conv1d", "conv2d", "conv3d"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -215,7 +216,7 @@ def test_default_inits_start_as_identity(kind, init):
     assert torch.count_nonzero(layer.delta_weight("a")) == 0
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d_transformers", "conv1d", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv1d_transformers", "conv1d", "conv2d", "conv3d"])
 @pytest.mark.parametrize("init", [True, "gaussian"])
 def test_init_b_zero_a_random(kind, init):
     layer, _ = make(kind, init=init)
@@ -413,3 +414,28 @@ def test_lora_bias_on_bias_free_layer_refuses_to_merge():
     with pytest.raises(AdapterError, match="no bias"):
         layer.merge()
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_gradients_equal_the_plain_reference(kind, mixed):
+    """Gradients of x, A and B through the layer equal those of ``base(x) + lora_branch(x)``."""
+    layer, x = make(kind, lora_bias=kind != "embedding")
+    layer.train()
+    layer.base_layer.requires_grad_(False)
+    grads = []
+    for use_layer in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(x.is_floating_point())
+        if use_layer:
+            out = layer(xi, adapter_names=["a", "__base__", "a", "a"]) if mixed else layer(xi)
+        else:
+            branch = layer.lora_branch(xi, "a")
+            if mixed:
+                branch = branch * torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(-1, *[1] * (branch.dim() - 1))
+            out = layer.base_layer(xi) + branch
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin())
+        params = [p.grad.clone() for p in layer.adapter_parameters("a")]
+        grads.append(([xi.grad] if xi.is_floating_point() else []) + params + [out.detach()])
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

@@ -340,3 +340,36 @@ def test_lorakit_only_task_type_survives_the_roundtrip(tmp_path):
     model.save_pretrained(tmp_path / "t")
     assert json.loads((tmp_path / "t" / "adapter_config.json").read_text())["task_type"] is None
     assert PeftModel.from_pretrained(tiny(), tmp_path / "t").peft_config["default"].task_type == "OTHER"
+
+
+def test_add_adapter_leaves_the_new_adapter_frozen():
+    model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
+    model.add_adapter("b", LoraConfig(target_modules=["fc2"]))
+    assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"default"}
+
+
+def test_adapter_names_cannot_escape_the_directory(tmp_path):
+    model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
+    model.peft_config["/abs"] = model.peft_config["default"]  # as if a name had slipped through
+    with pytest.raises(AdapterError, match="must be a single path component"):
+        model.save_pretrained(tmp_path / "x", selected_adapters=["/abs"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_resized_vocabulary_is_named(tmp_path):
+    from zoo import ZOO
+
+    model = get_peft_model(ZOO["llama"].build(), LoraConfig(target_modules=["embed_tokens", "q_proj"]))
+    model.save_pretrained(tmp_path / "e")
+    with safe_open(str(tmp_path / "e" / "adapter_model.safetensors"), "pt") as fh:
+        assert "base_model.model.model.embed_tokens.base_layer.weight" in fh.keys()  # noqa: SIM118 (PEFT writes it too)
+    resized = ZOO["llama"].build()
+    resized.resize_token_embeddings(120)
+    before = snapshot(resized)
+    with pytest.raises(AdapterError) as info:
+        PeftModel.from_pretrained(resized, tmp_path / "e")
+    assert ("model.embed_tokens: base_layer.weight has shape (100, 16) in the file, the model expects "
+            "(120, 16) (was the vocabulary resized?") in str(info.value)
+    assert "model.embed_tokens: lora_embedding_A has shape (8, 100) in the file, the model expects (8, 120)" \
+        in str(info.value)
+    assert_unchanged(resized, before)

@@ -26,6 +26,7 @@ __all__ = [
     "unmerge",
     "merged_adapters",
     "count_parameters",
+    "place_adapter",
 ]
 
 
@@ -85,8 +86,12 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
             if base_bias is not None and any(module.has_adapter(n) for n in names):
                 base_bias.requires_grad_(True)
     if bias == "all":
+        # The frozen originals behind modules-to-save copies never train (as in PEFT).
+        originals = {id(p) for _, m in lora_modules(model) if isinstance(m, ModulesToSaveWrapper)
+                     for p in m.original_module.parameters()}
         for pname, param in model.named_parameters():
-            if "bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname):
+            if ("bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname)
+                    and id(param) not in originals):
                 param.requires_grad_(True)
 
 
@@ -177,3 +182,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def place_adapter(model: nn.Module, name: str, *, autocast_dtype: bool = True) -> None:
+    """Re-place adapter ``name``'s factors in every LoRA layer: float32 on a half-precision base
+    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``)."""
+    _check_known(model, [name])
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer) and module.has_adapter(name):
+            module.place_adapter(name, autocast_dtype=autocast_dtype)

@@ -170,11 +170,14 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
                           init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+        # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
+        layer.train(layer.base_layer.training)
     for _name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
             _replace(model, module, wrapper)
         wrapper.add_adapter(adapter_name)
+        wrapper.train(wrapper.original_module.training)
     params = [p for _, m in lora_modules(model) if m.has_adapter(adapter_name)
               for p in m.adapter_parameters(adapter_name)]
     sharding.record(model, adapter_name, params)

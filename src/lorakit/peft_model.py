@@ -44,6 +44,9 @@ FORWARDED_ATTRIBUTES = (
     "resize_token_embeddings",
     "gradient_checkpointing_enable",
     "gradient_checkpointing_disable",
+    "activation_checkpointing_enable",  # transformers >= 5 names (Trainer calls these)
+    "activation_checkpointing_disable",
+    "is_activation_checkpointing",
     "enable_input_require_grads",
     "disable_input_require_grads",
     "prepare_inputs_for_generation",
@@ -84,6 +87,7 @@ class PeftModel(nn.Module):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
         configs: dict[str, LoraConfig] = {}
         self.base_model = LoraModel(model, configs)
+        self.training = self.base_model.training = model.training  # report the model's mode
         self.peft_config = configs
         configs[adapter_name] = injection.inject(model, peft_config, adapter_name)
         adapters.set_active(model, adapter_name)
@@ -297,16 +301,22 @@ def register_task_model(task: TaskType, cls: Callable[..., PeftModel]) -> None:
     _TASK_MODELS[task] = cls
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
     """Add a LoRA adapter to ``model`` and return the task's ``PeftModel``.
 
+    ``autocast_adapter_dtype`` (PEFT's name): on a float16/bfloat16 base the adapter weights are
+    float32 (``True``, the default) or take the base dtype (``False``).
     Validation happens first; on error ``model`` is left exactly as it was.
     """
     if not isinstance(peft_config, LoraConfig):
         raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
     task = peft_config.task_type
     cls = _TASK_MODELS.get(task, PeftModel) if isinstance(task, TaskType) else PeftModel
-    return cls(model, peft_config, adapter_name)
+    peft_model = cls(model, peft_config, adapter_name)
+    if not autocast_adapter_dtype:
+        adapters.place_adapter(peft_model.get_base_model(), adapter_name, autocast_dtype=False)
+    return peft_model
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default"

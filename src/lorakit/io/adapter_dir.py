@@ -34,11 +34,10 @@ from lorakit.io import config_json, files
 from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
 from lorakit.io.keys import (
     adapter_keys,
-    embedding_base_tensors,
     from_file_keys,
     planned_embedding_shapes,
     planned_shapes,
-    saves_embedding_base,
+    saved_tensors,
     set_peft_model_state_dict,
     to_file_keys,
 )
@@ -73,13 +72,14 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig,
                      ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
     """(config JSON text, file tensors, header metadata) of adapter ``name``. ``whole``: the
     adapter's tensors gathered from a sharded model (by :mod:`lorakit.distributed`)."""
-    live = adapter_keys(model, name, config.bias).tensors
-    if not live:
-        raise AdapterError(f"cannot save adapter {name!r}: the model holds no tensor of it")
-    tensors = dict(live) if whole is None else dict(whole)
+    live = saved_tensors(model, name, config.bias, config.target_modules)
+    if whole is None:
+        tensors = dict(live)
+    else:
+        gathered_keys = set(adapter_keys(model, name, config.bias).tensors)
+        tensors = {**{k: t for k, t in live.items() if k not in gathered_keys}, **whole}
     _refuse_shards(model, name, live, tensors)
-    if saves_embedding_base(model, config.target_modules):
-        tensors.update(embedding_base_tensors(model, wrapped_only=True))
+    tensors = {sharding.canonical_name(k): t for k, t in tensors.items()}
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     if any(sharding.is_engine_sharded(m.weight) for _, m in targets):
         targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
@@ -130,6 +130,10 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if unknown or not names:
         raise AdapterError(f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
                            f"existing adapters: {list(configs)}")
+    unsafe = [n for n in names if not n or n != os.path.basename(n) or "\\" in n or n in (".", "..")]
+    if unsafe:
+        raise AdapterError(f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
+                           "to a subfolder named after it, so a name must be a single path component")
     if not safe_serialization:
         raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
                            "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
@@ -259,7 +263,7 @@ def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None
                "refuse such loads, or 'ignore' to silence this warning")
     if on_base_mismatch == "error":
         raise BaseModelMismatchError(message)
-    warnings.warn(message, BaseModelMismatchWarning, stacklevel=4)
+    warnings.warn(message, BaseModelMismatchWarning, stacklevel=5)  # the caller of from_pretrained
 
 
 def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
@@ -291,6 +295,14 @@ def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
     except BaseException:
         injection.uninject(model, adapter_name)
         raise
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
+                 subfolder: str | None = None) -> list[str]:
+    """Copy an adapter directory's tensors into the *existing* adapter ``adapter_name`` (resuming a
+    checkpoint). Every key and shape is checked before anything is copied."""
+    files_ = read_adapter(path, subfolder=subfolder)
+    return set_peft_model_state_dict(model, files_.tensors, adapter_name)
 
 
 def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool,

@@ -7,7 +7,9 @@ Guarantees:
   ``RENAME_EXCHANGE`` when the directory already exists). A process killed at any instant leaves
   either the previous complete content or the new complete content at the path. Files already in
   the directory that the save does not replace (a trainer's ``optimizer.pt``, other adapters'
-  subfolders) are carried over as hard links, so nothing else in the directory is lost.
+  subfolders) are carried over as hard links, so nothing else in the directory is lost. A
+  directory that cannot be swapped (a mount point, the working directory, a read-only parent) has
+  each file replaced atomically on its own instead.
 * **Nothing is unpickled** except through ``torch.load(weights_only=True)`` for a legacy
   ``adapter_model.bin``; a pickle that carries code is refused and never runs.
 * **Clear errors.** A missing, truncated or corrupt file, or invalid JSON, raises
@@ -119,13 +121,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _staging_dirs(target: Path) -> Iterator[tuple[Path, int]]:
-    prefix = f".{target.name}{_STAGING_TAG}"
-    if not target.parent.is_dir():
-        return
-    for entry in target.parent.iterdir():
-        if entry.name.startswith(prefix):
-            pid = entry.name[len(prefix):].split("-", 1)[0]
-            yield entry, int(pid) if pid.isdigit() else -1
+    """Staging directories of saves to ``target``: siblings, and (in-place mode) children."""
+    places = [(target.parent, f".{target.name}{_STAGING_TAG}"), (target, _STAGING_TAG)]
+    for folder, prefix in places:
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(prefix):
+                pid = entry.name[len(prefix):].split("-", 1)[0]
+                yield entry, int(pid) if pid.isdigit() else -1
 
 
 def recover(target: Path) -> None:
@@ -141,28 +145,60 @@ def recover(target: Path) -> None:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def _in_place(target: Path) -> bool:
+    """Whether ``target`` cannot be swapped as a whole: a mount point, the working directory (or
+    one above it), or a directory whose parent is not writable."""
+    if not target.is_dir():
+        return False
+    cwd = Path.cwd().resolve()
+    return os.path.ismount(target) or cwd == target or target in cwd.parents or \
+        not os.access(target.parent, os.W_OK)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str], replaced: list[str]) -> Iterator[Path]:
     """Yield an empty staging directory; on normal exit it becomes ``target`` atomically.
 
     ``replaced`` lists the paths (relative to ``target``) that the new content supersedes; every
     other entry already in ``target`` is carried over unchanged. If the block raises, ``target``
-    is untouched and the staging directory is removed.
+    is untouched and the staging directory is removed. Where the directory cannot be swapped as a
+    whole (see :func:`_in_place`), each file is replaced atomically on its own instead.
     """
-    target = Path(target).absolute()
+    target = Path(target).resolve()
     _check_writable_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    staging = target.parent / f".{target.name}{_STAGING_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{_STAGING_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    in_place = _in_place(target)
+    staging = target / tag if in_place else target.parent / f".{target.name}{tag}"
     staging.mkdir()
     try:
         yield staging
+        if in_place:
+            _replace_files(staging, target, replaced)
+            return
         if target.exists():
             _link_tree(target, staging, {target / r for r in replaced})
         _fsync_dir(staging)
         _swap_into_place(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_files(staging: Path, target: Path, replaced: list[str]) -> None:
+    """In-place mode: move every staged file over its destination (one atomic rename per file),
+    then remove the superseded paths the new content does not rewrite."""
+    staged = sorted(p for p in staging.rglob("*") if p.is_file())
+    for path in staged:
+        dest = target / path.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+    written = {target / p.relative_to(staging) for p in staged}
+    for rel in replaced:
+        stale = target / rel
+        if stale not in written and stale.is_file():
+            stale.unlink()
+    _fsync_dir(target)
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "FILE_PREFIX",
     "adapter_keys",
     "planned_shapes",
+    "saved_tensors",
     "planned_embedding_shapes",
     "embedding_base_tensors",
     "saves_embedding_base",
@@ -233,13 +234,29 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     If ``state_dict`` is given (e.g. a gathered full state dict), values are read from it by their
     in-memory key instead of from the live model.
     """
-    keys = adapter_keys(model, adapter_name, _bias_mode(model, adapter_name))
-    if not keys.tensors:
-        raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(adapter_name) if isinstance(configs, Mapping) else None
+    tensors = saved_tensors(model, adapter_name, _bias_mode(model, adapter_name),
+                            getattr(config, "target_modules", None))
     if state_dict is None:
-        return {k: t.detach() for k, t in keys.tensors.items()}
+        return {k: t.detach() for k, t in tensors.items()}
     live = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-    return {k: state_dict[live[id(t)]] for k, t in keys.tensors.items()}
+    return {k: state_dict[live[id(t)]] for k, t in tensors.items()}
+
+
+def saved_tensors(model: nn.Module, adapter_name: str, bias: str, target_modules: list[str] | str | None
+                  ) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter file holds for ``adapter_name``, by file key (without
+    ``base_model.model.``): the adapter's tensors plus, by PEFT's rule, targeted embeddings' base
+    weights. Raises if the model holds no such adapter."""
+    tensors = adapter_keys(model, adapter_name, bias).tensors
+    if not tensors:
+        raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
+    get_base = getattr(model, "get_base_model", None)
+    user_model = get_base() if callable(get_base) else model  # target regexes see the user's names
+    if saves_embedding_base(user_model, target_modules):
+        tensors.update(embedding_base_tensors(model, wrapped_only=True))
+    return tensors
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor],

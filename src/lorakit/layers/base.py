@@ -108,13 +108,18 @@ class LoraLayer(nn.Module, abc.ABC):
         self.lora_bias[name] = lora_bias
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.create_adapter(name, r, init=init, lora_bias=lora_bias)
-        self._place_like_base(name)
+        self.place_adapter(name)
 
-    def _place_like_base(self, name: str) -> None:
-        """New factors go on the base weight's device; a floating base below float32 keeps float32
-        factors (PEFT's default, design §5)."""
+    def place_adapter(self, name: str, *, autocast_dtype: bool = True) -> None:
+        """Move adapter ``name``'s factors to the base weight's device and pick their dtype.
+
+        ``autocast_dtype=True`` (PEFT's ``autocast_adapter_dtype``): a float16/bfloat16 base keeps
+        float32 factors, so small updates are not lost to rounding. ``False``: the factors take the
+        base weight's dtype (less memory, PEFT's behaviour with ``autocast_adapter_dtype=False``).
+        """
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        keep_base = not autocast_dtype or weight.dtype in (torch.float32, torch.float64)
+        dtype = weight.dtype if keep_base and weight.is_floating_point() else torch.float32
         for container in (self.lora_A, self.lora_B):
             if name in container:
                 container[name].to(device=weight.device, dtype=dtype)
