@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRAINED = ("identical_on_ranks", "matches_reference", "adapter_moved", "base_unchanged", "load_broadcast",
-           "saved_keys_and_shapes", "reload_weights", "reload_logits", "merge_logits")
+           "names_map_back", "saved_keys_and_shapes", "reload_weights", "reload_logits", "merge_logits")
 SCENARIOS = {
     "ddp": ["ddp", "ddp_accum", "ddp_reentrant_ckpt"],
     "fsdp2": ["fsdp2", "fsdp2_accum", "fsdp2_ckpt"],
@@ -92,6 +92,8 @@ def _check(name: str, value: Any) -> None:
         assert value > 1e-3, f"adapter moved only {value}"
     elif name == "base_unchanged":
         assert value == 0.0, f"frozen base weights changed by {value}"
+    elif name == "names_map_back":
+        assert value is True, "wrapped parameter names do not map back to the names recorded at injection"
     elif name == "load_broadcast":
         assert value is True, "a broadcast load into the wrapped model did not arrive whole on every rank"
     elif name == "saved_keys_and_shapes":

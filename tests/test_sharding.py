@@ -150,3 +150,12 @@ def test_collective_timeout_setting_is_validated(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LORAKIT_COLLECTIVE_TIMEOUT", value)
     with pytest.raises(DistributedError, match="LORAKIT_COLLECTIVE_TIMEOUT"):
         ld.default_timeout()
+
+
+def test_wrapped_parameter_names_map_back_to_the_record() -> None:
+    model = _peft()
+    wrapped = _fake_engine("Wrapper")(model)  # names gain a leading ``module.``
+    names = ld.adapter_parameter_names(wrapped)
+    assert len(names) == 8
+    assert all(k.startswith("module.base_model.model.") and k.endswith(v) for k, v in names.items())
+    assert set(names.values()) == set(sharding.recorded(model.get_base_model())["adapters"]["default"])

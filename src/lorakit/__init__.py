@@ -16,6 +16,7 @@ from lorakit.errors import (
     BaseModelMismatchError,
     BaseModelMismatchWarning,
     ConfigError,
+    DistributedError,
     LorakitError,
     TargetingError,
 )
@@ -62,5 +63,6 @@ __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
+    "DistributedError",
     "__version__",
 ]

@@ -120,6 +120,7 @@ def trained_checks(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
     """
     initial, trained_ref = ref
     gathered = ld.gather_adapter_state_dict(model, rank0_only=False)
+    names = ld.adapter_parameter_names(model)  # wrapped names → names recorded at injection
     digests = all_ranks(digest(gathered))
     peft = _find_peft(model)
     peft.save_pretrained(str(save_dir))  # every rank: gathers if sharded, rank 0 writes
@@ -133,6 +134,7 @@ def trained_checks(model: nn.Module, forward: Callable[[torch.Tensor], torch.Ten
         "adapter_moved": max_diff(gathered, initial),
         "base_unchanged": max_diff(base_before, base_after),
         "load_broadcast": load_ok,
+        "names_map_back": len(names) == len(gathered) and all(".default." in v for v in names.values()),
     }
     results.update(_reload_checks(save_dir, gathered, logits))
     return results

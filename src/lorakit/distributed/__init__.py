@@ -25,6 +25,7 @@ from lorakit.distributed.persist import (
     unmerge_adapter,
 )
 from lorakit.distributed.state import (
+    adapter_parameter_names,
     adapter_root,
     broadcast_adapters,
     check_adapters_in_sync,
@@ -40,6 +41,7 @@ __all__ = [
     "is_main_process",
     "default_timeout",
     "adapter_root",
+    "adapter_parameter_names",
     "canonical_name",
     "broadcast_adapters",
     "check_adapters_in_sync",

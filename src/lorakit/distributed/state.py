@@ -32,8 +32,8 @@ from lorakit.distributed import group
 from lorakit.errors import AdapterError, DistributedError
 from lorakit.io.keys import adapter_keys
 
-__all__ = ["adapter_root", "live_adapter_tensors", "gather_adapter_state_dict", "broadcast_adapters",
-           "check_adapters_in_sync", "load_adapter_state_dict"]
+__all__ = ["adapter_root", "adapter_parameter_names", "live_adapter_tensors", "gather_adapter_state_dict",
+           "broadcast_adapters", "check_adapters_in_sync", "load_adapter_state_dict"]
 
 
 def adapter_root(model: nn.Module) -> nn.Module:
@@ -49,6 +49,27 @@ def _root_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
             return module, sharding.canonical_name(name, outer=True) if name != "module" else ""
     raise AdapterError(f"{type(model).__name__} holds no LoRA adapter injected by lorakit "
                        "(get_peft_model / inject_adapter_in_model)")
+
+
+def adapter_parameter_names(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
+    """Each of ``model``'s parameter names that belongs to ``adapter_name``, as the wrappers show it
+    (``module.``, ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.``, ``_orig_mod.``), mapped
+    to the name recorded at injection (relative to the module LoRA was injected into). Raises if
+    the wrapped model no longer shows some of them."""
+    root, prefix = _root_and_prefix(model)
+    record = sharding.recorded(root) or {"adapters": {}}
+    recorded = set(record["adapters"].get(adapter_name, []))
+    out: dict[str, str] = {}
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        canon = sharding.canonical_name(name, outer=True)
+        relative = canon[len(prefix) + 1:] if prefix and canon.startswith(prefix + ".") else canon
+        if relative in recorded:
+            out[name] = relative
+    missing = sorted(recorded - set(out.values()))
+    if missing or not recorded:
+        raise DistributedError(f"adapter {adapter_name!r}: {len(missing)} of {len(recorded)} recorded "
+                               f"parameters are not visible through the wrappers (e.g. {missing[:3]})")
+    return out
 
 
 def _bias_mode(model: nn.Module, adapter_name: str) -> str:

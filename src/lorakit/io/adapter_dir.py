@@ -103,7 +103,9 @@ def _refuse_shards(model: nn.Module, name: str, live: Mapping[str, torch.Tensor]
     canon = sharding.canonical_name
     shapes = {canon(k): v for k, v in sharding.expected_shapes(model, live).items()}
     tensors = {canon(k): v for k, v in tensors.items()}
-    problems = [f"{k}: the model has no such adapter tensor" for k in tensors if k not in shapes]
+    problems = [f"{n}: recorded at injection, but the wrapped model hides it (FSDP1 without "
+                "use_orig_params=True?)" for n in sharding.hidden_adapter_params(model, name)]
+    problems += [f"{k}: the model has no such adapter tensor" for k in tensors if k not in shapes]
     problems += [f"{k}: missing" for k in shapes if k not in tensors]
     problems += sharding.shard_problems({k: v for k, v in tensors.items() if k in shapes}, shapes)
     if problems:
