@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -69,10 +70,17 @@ def _launch(engine: str, out: Path) -> dict[str, Any]:
            "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", str(WORKER), engine, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=115)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=115)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+        _, stderr = proc.communicate()
+        pytest.fail(f"{engine} launch did not finish in 115 s; rank stacks (faulthandler):\n{stderr[-6000:]}")
     result_file = out / f"{engine}.json"
     if proc.returncode != 0 or not result_file.exists():
-        pytest.fail(f"{engine} launch failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+        pytest.fail(f"{engine} launch failed (exit {proc.returncode}):\n{stderr[-6000:]}")
     _cache[engine] = json.loads(result_file.read_text())
     return _cache[engine]
 
@@ -121,6 +129,13 @@ def test_negative_control(engine: str, check: str, out_dir: Path) -> None:
     results = _launch(engine, out_dir)[scenario]
     assert "error" not in results, results.get("error")
     assert str(results[check]).startswith("ok"), results[check]
+
+
+@pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
+def test_uneven_shards_roundtrip(engine: str, out_dir: Path) -> None:
+    """r=3 splits rows unevenly over 2 ranks: gathering and broadcast loading stay exact."""
+    result = _launch(engine, out_dir)["controls"]["uneven_shards_roundtrip"]
+    assert result == "ok", result
 
 
 def test_no_gradient_sync_really_diverges(out_dir: Path) -> None:

@@ -149,8 +149,30 @@ def fsdp2(accum: int = 1, checkpointing: bool = False) -> Callable[[tuple, Path]
     return run
 
 
+def _uneven_roundtrip(shard: Callable[[lorakit.PeftModel], nn.Module]) -> str:
+    """r=3 splits unevenly across 2 ranks: gather gives back the unsharded adapter exactly, and a
+    broadcast load of new values arrives whole (collective)."""
+    torch.manual_seed(1)
+    peft = lorakit.get_peft_model(S.base_model(), lorakit.LoraConfig(r=3, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+    before = {k: v.clone() for k, v in lorakit.get_peft_model_state_dict(peft).items()}
+    model = shard(peft)
+    gathered = ld.gather_adapter_state_dict(model, rank0_only=False)
+    new = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) for k, v in before.items()}
+    ld.load_adapter_state_dict(model, new if dist.get_rank() == 0 else None)
+    back = ld.gather_adapter_state_dict(model, rank0_only=False)
+    ok = S.max_diff(gathered, before) == 0.0 and S.max_diff(back, new) == 0.0
+    diffs = (S.max_diff(gathered, before), S.max_diff(back, new))
+    return "ok" if all(S.all_ranks(ok)) else f"mismatch: {diffs}"
+
+
+def _fully_shard_returning(peft: lorakit.PeftModel) -> nn.Module:
+    _fully_shard(peft)
+    return peft
+
+
 def fsdp2_controls(ref: tuple, work: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"uneven_shards_roundtrip": _uneven_roundtrip(_fully_shard_returning)}
     plain = S.base_model()
     from torch.distributed.fsdp import fully_shard
 
@@ -213,7 +235,7 @@ def fsdp1(ref: tuple, work: Path) -> dict[str, Any]:
 
 
 def fsdp1_controls(ref: tuple, work: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"uneven_shards_roundtrip": _uneven_roundtrip(_fsdp1)}
     peft = S.peft_model()
     model = _fsdp1(peft)
     out["naive_save_refused"] = S.raises(
