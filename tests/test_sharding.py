@@ -159,3 +159,10 @@ def test_wrapped_parameter_names_map_back_to_the_record() -> None:
     assert len(names) == 8
     assert all(k.startswith("module.base_model.model.") and k.endswith(v) for k, v in names.items())
     assert set(names.values()) == set(sharding.recorded(model.get_base_model())["adapters"]["default"])
+
+
+def test_get_peft_model_state_dict_refuses_shards() -> None:
+    model = _peft()
+    model.get_base_model().model.layers[0].self_attn.v_proj.lora_B["default"].weight.data = torch.empty(0)
+    with pytest.raises(AdapterError, match="gather_adapter_state_dict"):
+        lorakit.get_peft_model_state_dict(model)

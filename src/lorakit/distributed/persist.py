@@ -59,7 +59,9 @@ def save_pretrained(model: nn.Module, configs: Mapping[str, LoraConfig], directo
                     safe_serialization: bool = True, timeout: float | None = None) -> None:
     """Save adapters of ``model`` (the module holding the LoRA layers, possibly inside wrappers)
     from a process group: validated, written by rank 0 only. **Collective** when the adapter is
-    sharded (see the module docstring); ``is_main_process`` defaults to ``rank == 0``."""
+    sharded (see the module docstring). ``is_main_process`` defaults to ``rank == 0``; for a
+    sharded adapter only rank 0 can write (it alone holds the gathered tensors), and passing
+    ``is_main_process=False`` there makes it validate without writing."""
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     writer = group.is_main_process() if is_main_process is None else is_main_process
     sharded = any(adapter_is_sharded(model, n) for n in names if n in configs)
@@ -69,10 +71,10 @@ def save_pretrained(model: nn.Module, configs: Mapping[str, LoraConfig], directo
         return
     whole = {n: gather_adapter_state_dict(model, n, timeout=timeout) for n in names}
     error: BaseException | None = None
-    if group.is_main_process():
+    if group.is_main_process():  # the gathered tensors are on rank 0 only
         try:
             adapter_dir.save_adapters(model, configs, directory, names, safe_serialization=safe_serialization,
-                                      whole=whole)
+                                      whole=whole, is_main_process=is_main_process is not False)
         except (OSError, ValueError) as exc:
             error = exc
     _share_outcome(error)

@@ -190,7 +190,7 @@ def _broadcast(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtyp
     return buf
 
 
-def _write_whole(key: str, t: torch.Tensor, whole: torch.Tensor, sizes: list[int] | None) -> None:
+def _write_whole(t: torch.Tensor, whole: torch.Tensor, sizes: list[int] | None) -> None:
     """Store the whole tensor ``whole`` into this rank's part of live tensor ``t``."""
     with torch.no_grad():
         if sharding.is_dtensor(t):
@@ -242,7 +242,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             device = t.device if group.is_active() and dist.get_backend() != "gloo" else torch.device("cpu")
             whole = _broadcast(source, shapes[key], t.dtype, device)
             column = sizes[:, plain.index(key)].tolist() if sizes is not None and key in plain else None
-            _write_whole(key, t, whole.to(t.device), column)
+            _write_whole(t, whole.to(t.device), column)
 
 
 def broadcast_adapters(model: nn.Module, adapter_names: list[str] | None = None, *, src: int = 0,
