@@ -68,15 +68,19 @@ def test_unmerged_equals_merged_equals_merge_and_unload(model_name):
     assert torch.allclose(logits(peft_model.merge_and_unload(), x), unmerged, atol=ATOL)
 
 
-@pytest.mark.xfail(strict=True, reason="known: merging LoRA into a tied input embedding (GPT-2, Gemma, ...) "
-                   "also changes the tied lm_head (PEFT 0.21 does the same); to decide: refuse or untie")
-def test_merge_into_tied_embedding_keeps_outputs():
+def test_merge_into_tied_embedding_is_refused_and_changes_nothing():
+    # PEFT 0.21 merges into GPT-2's wte and so silently changes the tied lm_head as well.
     model = BUILDS["gpt2"]()
-    peft_model = lorakit.get_peft_model(model, LoraConfig(target_modules=["wte"], init_lora_weights=False))
+    peft_model = lorakit.get_peft_model(model, LoraConfig(target_modules=["wte", "c_attn"],
+                                                          init_lora_weights=False))
     x = ids()
     unmerged = logits(peft_model, x)
-    peft_model.merge_adapter()
-    assert torch.allclose(logits(peft_model, x), unmerged, atol=ATOL)
+    before = snapshot(peft_model)
+    for merge in (peft_model.merge_adapter, peft_model.merge_and_unload):
+        with pytest.raises(lorakit.AdapterError, match=r"wte: its weight is tied to .*lm_head"):
+            merge()
+        assert_same_state(before, peft_model)
+    assert torch.equal(logits(peft_model, x), unmerged)
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

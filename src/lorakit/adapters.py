@@ -149,6 +149,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
         _check_known(model, list(names))
     named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
     problems = [f"{lname}: {problem}" for lname, layer in named if (problem := layer.merge_problem(names))]
+    problems += _tied_weight_problems(model, named, names)
     if problems:
         raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
     layers = [m for _, m in named]
@@ -164,6 +165,25 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
             )
     for layer in layers:
         layer.merge(names, keep_original=keep_original)
+
+
+def _tied_weight_problems(model: nn.Module, named: list[tuple[str, LoraLayer]],
+                          names: Sequence[str] | None) -> list[str]:
+    """Merging writes into the base weight; a weight tied to another module (GPT-2's ``wte`` and
+    ``lm_head``, say) would change that module too, so such a merge is refused."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    problems = []
+    for lname, layer in named:
+        sharing = owners.get(id(layer.base_layer.weight), [])
+        if len(sharing) > 1 and layer.merge_result_names(names):
+            others = [p for p in sharing if not p.startswith(lname + ".")]
+            problems.append(
+                f"{lname}: its weight is tied to {', '.join(others)}; merging would change those too. "
+                "Use the adapter unmerged, or untie the weights first (e.g. give the output head its own "
+                "copy and set config.tie_word_embeddings=False)")
+    return problems
 
 
 def unmerge(model: nn.Module) -> None:

@@ -121,7 +121,8 @@ def _refuse_fsdp(model: nn.Module, what: str) -> list[tuple[str, LoraLayer]]:
 def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False,
                   timeout: float | None = None) -> None:
     """**Collective.** Merge adapters into the base weights of a model in a process group. Under
-    ZeRO-3 each layer's weights are gathered, merged on every rank and re-partitioned from rank 0;
+    ZeRO-3 the targeted layers' weights are gathered (together: the merge is validated as a whole
+    before any weight changes), merged on every rank and re-partitioned from rank 0;
     plain and replicated models (DDP, ZeRO-1/2) merge locally on each rank; FSDP is refused."""
     layers = _refuse_fsdp(model, "merge_adapter")
     names = None if adapter_names is None else list(adapter_names)
@@ -129,9 +130,11 @@ def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, 
     if not any(sharding.is_zero3(layer.weight) for _, layer in layers):
         adapters.merge(model, names, safe_merge=safe_merge)
         return
-    for _, layer in layers:  # the same order on every rank
-        with _zero3_gathered([p for p in layer.parameters() if sharding.is_zero3(p)], modifier_rank=0):
-            layer.merge(names, safe_merge=safe_merge)
+    # All targeted layers at once, so that the core merge validates everything (tied weights, biases,
+    # safe_merge) before it writes anything; the base model's other weights stay partitioned.
+    params = [p for _, layer in layers for p in layer.parameters() if sharding.is_zero3(p)]
+    with _zero3_gathered(params, modifier_rank=0):
+        adapters.merge(model, names, safe_merge=safe_merge)
 
 
 def unmerge_adapter(model: nn.Module, *, timeout: float | None = None) -> None:

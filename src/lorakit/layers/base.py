@@ -153,7 +153,8 @@ class LoraLayer(nn.Module, abc.ABC):
         return params
 
     # -- merging ---------------------------------------------------------------------------------
-    def _pending(self, names: Sequence[str] | None) -> list[str]:
+    def merge_result_names(self, names: Sequence[str] | None) -> list[str]:
+        """The adapters a merge of ``names`` (default: the active ones) would add to this layer."""
         return [n for n in (self.active_adapters if names is None else names)
                 if self.has_adapter(n) and n not in self.merged_adapters]
 
@@ -166,7 +167,7 @@ class LoraLayer(nn.Module, abc.ABC):
                     f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
                     "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
                     "saved adapter into an unsharded model and merge there")
-        with_bias = [n for n in self._pending(names) if self.lora_bias.get(n)]
+        with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
         if with_bias and getattr(self.base_layer, "bias", None) is None:
             return (f"adapter(s) {with_bias} have lora_bias=True but the base "
                     f"{type(self.base_layer).__name__} has no bias to merge it into")
@@ -179,7 +180,7 @@ class LoraLayer(nn.Module, abc.ABC):
         ``W + Σ s·B·A`` is summed in float32 from the *original* weight over every adapter that
         would then be merged, and rounded once into the weight's dtype.
         """
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         if not pending:
             return None
         weight = self.base_layer.weight
@@ -200,7 +201,7 @@ class LoraLayer(nn.Module, abc.ABC):
         problem = self.merge_problem(names)
         if problem:
             raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         result = self.merge_result(pending)
         if result is None:
             return
