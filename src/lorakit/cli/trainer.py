@@ -1,8 +1,9 @@
 """The training loop: transformers' ``Trainer``, so ``torchrun`` and ``accelerate launch`` just work.
 
-Two small adjustments, nothing re-implemented: checkpoints hold only the trainable parameters (the
-adapter and the trained head, not the frozen base), and the progress bar shows the latest loss and
-evaluation metric as its postfix instead of printing a dict per log line.
+The Trainer is lorakit's :class:`~lorakit.integrations.trainer.LorakitTrainer`, whose checkpoints
+hold the adapter (and trained head) in PEFT's format rather than the frozen base. The one change
+here: the progress bar shows the latest loss and evaluation metric as its postfix instead of
+printing a dict per log line.
 """
 
 from __future__ import annotations
@@ -18,28 +19,12 @@ __all__ = ["build_trainer", "last_checkpoint"]
 CHECKPOINTS = "checkpoints"
 
 
-def _trainer_classes() -> tuple[type, type]:
-    """(AdapterTrainer, BarCallback), defined lazily so that ``lorakit --help`` stays fast."""
-    from transformers import Trainer
+def _bar_callback() -> Any:
+    """Trainer's progress bar (rate, ETA) with the latest loss and metric as its postfix; defined
+    lazily so that ``lorakit --help`` does not import transformers."""
     from transformers.trainer_callback import ProgressCallback
 
-    class AdapterTrainer(Trainer):
-        """A ``Trainer`` whose checkpoints keep only what training changes."""
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            model = self.accelerator.unwrap_model(self.model)
-            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            state_dict = {k: v for k, v in (state_dict or model.state_dict()).items() if k in trainable}
-            super()._save(output_dir, state_dict=state_dict)
-
-        def _issue_warnings_after_load(self, load_result: Any) -> None:
-            # Resuming loads a partial state dict by design: the frozen base is "missing".
-            if load_result.unexpected_keys:
-                raise RuntimeError(f"checkpoint holds unknown keys: {load_result.unexpected_keys[:5]}")
-
     class BarCallback(ProgressCallback):
-        """Trainer's progress bar (rate, ETA), with the latest loss and metric as its postfix."""
-
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if not (state.is_world_process_zero and self.training_bar is not None and logs):
                 return
@@ -48,7 +33,7 @@ def _trainer_classes() -> tuple[type, type]:
             if shown:
                 self.training_bar.set_postfix(shown, refresh=True)
 
-    return AdapterTrainer, BarCallback
+    return BarCallback()
 
 
 def _has_accelerator() -> bool:
@@ -64,7 +49,8 @@ def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_
     from transformers import TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
-    adapter_trainer, bar_callback = _trainer_classes()
+    from lorakit.integrations.trainer import LorakitTrainer
+
     args = TrainingArguments(
         output_dir=os.path.join(out, CHECKPOINTS),
         per_device_train_batch_size=settings.batch_size,
@@ -89,7 +75,7 @@ def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_
         label_names=["labels"],
     )
     classify = task.classifies
-    trainer = adapter_trainer(
+    trainer = LorakitTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -100,7 +86,7 @@ def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_
         preprocess_logits_for_metrics=argmax_logits if classify else None,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(bar_callback())
+    trainer.add_callback(_bar_callback())
     return trainer
 
 
