@@ -20,7 +20,7 @@ left on the model (:mod:`lorakit.sharding`), keys are PEFT's (as :func:`get_peft
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -105,7 +105,7 @@ def live_adapter_tensors(model: nn.Module, adapter_name: str = "default"
 
 
 @contextlib.contextmanager
-def _zero3_gathered(tensors: list[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+def _zero3_gathered(tensors: Sequence[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
     """Collective: the whole ZeRO-3 parameters ``tensors`` within the block (no-op without any)."""
     if not tensors:
         yield
