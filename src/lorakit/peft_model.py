@@ -19,6 +19,7 @@ from torch import nn
 
 from lorakit import adapters, arithmetic, injection
 from lorakit.config import LoraConfig, TaskType
+from lorakit.distributed import group as distributed_group
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.io import adapter_dir
 
@@ -240,7 +241,16 @@ class PeftModel(nn.Module):
         named after them; validated first, written atomically (a crash leaves the previous save).
         Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True),
         ``path_initial_model_for_weight_conversion`` (the directory a PiSSA/OLoRA adapter was saved
-        to right after its init: save a rank-2r plain LoRA for the original base instead)."""
+        to right after its init: save a rank-2r plain LoRA for the original base instead).
+
+        Inside a process group only rank 0 writes; an adapter sharded by FSDP or ZeRO-3 is first
+        gathered, which makes this a collective: call it on every rank (see lorakit.distributed)."""
+        if distributed_group.is_active():
+            from lorakit.distributed import persist
+
+            persist.save_pretrained(self.get_base_model(), self.peft_config, save_directory,
+                                    selected_adapters, **kwargs)
+            return
         adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
                                   **kwargs)
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit import functional as LF
+from lorakit import sharding
 from lorakit.errors import AdapterError
 from lorakit.layers.variants import DORA, LoraVariant
 
@@ -59,6 +60,8 @@ class LoraLayer(nn.Module, abc.ABC):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # The unsharded shape, to recognise a weight an engine has sharded since (see merge_problem).
+        self.base_weight_shape = tuple(base_layer.weight.shape)
         self.register_buffer("_original_weight", None, persistent=False)
         self.register_buffer("_original_bias", None, persistent=False)
 
@@ -195,6 +198,13 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
+        weight = self.base_layer.weight
+        if sharding.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
+            what = "a DTensor shard" if sharding.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
+            return (f"the base weight is sharded by a distributed engine ({what}, unsharded "
+                    f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
+                    "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
+                    "saved adapter into an unsharded model and merge there")
         with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
         if with_bias and getattr(self.base_layer, "bias", None) is None:
             return (f"adapter(s) {with_bias} have lora_bias=True but the base "
