@@ -177,6 +177,7 @@ def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_torchrun_runs_data_parallel_on_cpu(files: Path, tmp_path: Path) -> None:
     """The Trainer underneath makes `torchrun -m lorakit.cli train` data-parallel (gloo) as is."""
     import os
