@@ -424,3 +424,16 @@ def test_two_adapters_with_modules_to_save_cannot_both_be_active():
         peft_model.set_adapter(["default", "other"])
     assert peft_model.active_adapters == ["default"]
     assert torch.equal(logits(peft_model, x), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_base_keeps_float32_adapters(dtype):
+    model = BUILDS["llama"]().to(dtype)
+    peft_model = lorakit.get_peft_model(model, LoraConfig(target_modules=LLAMA_ALL, init_lora_weights=False))
+    lora = [p for n, p in peft_model.named_parameters() if ".lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    assert all(p.dtype == dtype for n, p in peft_model.named_parameters() if ".lora_" not in n)
+    out = logits(peft_model, ids())
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    peft_model.add_adapter("other", LoraConfig(target_modules=["q_proj"]))
+    assert all(p.dtype == torch.float32 for n, p in peft_model.named_parameters() if ".lora_" in n)

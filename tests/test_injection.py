@@ -176,3 +176,25 @@ def test_merge_and_unload_keeps_active_modules_to_save_copy():
     merged = peft_model.merge_and_unload()
     assert isinstance(merged.lm_head, nn.Linear)
     assert torch.allclose(logits(merged, x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_injected_modules_follow_the_model_mode(mode):
+    model = llama()
+    getattr(model, mode)()
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.5, modules_to_save=["lm_head"])
+    peft_model = lorakit.get_peft_model(model, config)
+    peft_model.add_adapter("other", LoraConfig(target_modules=["q_proj", "o_proj"], lora_dropout=0.2))
+    assert {m.training for m in peft_model.modules()} == {mode == "train"}
+
+
+def test_eval_model_with_dropout_is_deterministic():
+    model = llama()
+    config = LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.5, init_lora_weights=False)
+    peft_model = lorakit.get_peft_model(model, config)
+    x = ids()
+    first = logits(peft_model, x)
+    assert torch.equal(logits(peft_model, x), first)
+    peft_model.train()
+    peft_model.eval()
+    assert torch.equal(logits(peft_model, x), first)

@@ -414,3 +414,28 @@ def test_lora_bias_on_bias_free_layer_refuses_to_merge():
     with pytest.raises(AdapterError, match="no bias"):
         layer.merge()
     assert torch.equal(layer.base_layer.weight, weight) and not layer.merged
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mixed", [False, True])
+def test_gradients_equal_the_plain_reference(kind, mixed):
+    """Gradients of x, A and B through the layer equal those of ``base(x) + lora_branch(x)``."""
+    layer, x = make(kind, lora_bias=kind != "embedding")
+    layer.train()
+    layer.base_layer.requires_grad_(False)
+    grads = []
+    for use_layer in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(x.is_floating_point())
+        if use_layer:
+            out = layer(xi, adapter_names=["a", "__base__", "a", "a"]) if mixed else layer(xi)
+        else:
+            branch = layer.lora_branch(xi, "a")
+            if mixed:
+                branch = branch * torch.tensor([1.0, 0.0, 1.0, 1.0]).reshape(-1, *[1] * (branch.dim() - 1))
+            out = layer.base_layer(xi) + branch
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape).sin())
+        params = [p.grad.clone() for p in layer.adapter_parameters("a")]
+        grads.append(([xi.grad] if xi.is_floating_point() else []) + params + [out.detach()])
+    for ours, reference in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)

@@ -132,13 +132,14 @@ def test_mixed_batch_unknown_name_lists_adapters():
     assert "nope" in str(info.value) and "default" in str(info.value)
 
 
-def test_mixed_batch_generate():
+@pytest.mark.parametrize("beams", [1, 2])
+def test_mixed_batch_generate(beams):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lorakit.get_peft_model(MODELS["gpt2"](), LoraConfig(target_modules=["c_attn"],
                                                                     init_lora_weights=False))
     x = ids(batch=2, seq=3)
-    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "num_beams": beams}
     mixed = model.generate(input_ids=x, adapter_names=["default", "__base__"], **kwargs)
     adapted = model.generate(input_ids=x, **kwargs)
     with model.disable_adapter():
@@ -219,3 +220,48 @@ def test_get_peft_model_task_types(task):
     assert isinstance(model, lorakit.PeftModel)
     out = model(input_ids=ids())
     assert out.logits.shape == (3, 5, VOCAB)
+
+
+@pytest.mark.parametrize(("model_name", "kwargs"), [
+    ("llama", {"target_modules": ["q_proj", "embed_tokens"], "lora_dropout": 0.1,
+               "modules_to_save": ["lm_head"]}),
+    ("gpt2", {"target_modules": ["c_attn", "wte"], "fan_in_fan_out": True}),
+])
+def test_print_is_peft_print(model_name, kwargs):
+    ours, theirs = build_pair(model_name, **kwargs)
+    assert str(ours) == str(theirs)
+
+
+def test_train_mode_dropout_only_on_lora_branch():
+    model = lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                                                       init_lora_weights=False))
+    x = ids()
+    exact = logits(model, x)
+    with model.disable_adapter():
+        base = logits(model, x)
+    model.train()
+    torch.manual_seed(0)
+    first = logits(model, x)
+    torch.manual_seed(0)
+    assert torch.equal(logits(model, x), first)  # the masks follow torch.manual_seed
+    assert not torch.allclose(logits(model, x), first)
+    assert not torch.allclose(first, exact)
+    torch.manual_seed(0)
+    with_grad = model(input_ids=x).logits  # the autograd path draws the same masks
+    assert torch.equal(with_grad.detach(), first)
+    with model.disable_adapter():
+        assert torch.equal(logits(model, x), base)
+    model.eval()
+    assert torch.equal(logits(model, x), exact)
+
+
+def test_add_adapter_trainability_matches_peft():
+    kwargs = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    ours, theirs = build_pair("llama", **kwargs)
+    second = {"target_modules": ["q_proj", "o_proj"], "r": 4, "modules_to_save": ["lm_head"]}
+    ours.add_adapter("other", LoraConfig(**second))
+    theirs.add_adapter("other", peft.LoraConfig(**second))
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert set(ours.state_dict()) == set(theirs.state_dict())

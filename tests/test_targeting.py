@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import peft
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from tiny import MODELS, bert_cls, gpt2, llama, toy
 from torch import nn
@@ -34,6 +38,7 @@ SELECTIONS = [
     ("llama", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": [1]}),
     ("llama", {"target_modules": ["q_proj", "v_proj"], "layers_to_transform": 0, "layers_pattern": "layers"}),
     ("llama", {"target_modules": ["q_proj"], "layers_to_transform": [1], "layers_pattern": ["h", "layers"]}),
+    ("llama", {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"], "layers_to_transform": [1]}),
     ("llama", {"target_modules": ["embed_tokens", "q_proj"]}),
     ("gpt2", {"target_modules": ["c_attn"]}),
     ("gpt2", {"target_modules": "all-linear"}),
@@ -170,3 +175,29 @@ def test_inspect_gpt2_conv1d_and_after_injection():
     lorakit.inject_adapter_in_model(LoraConfig(target_modules=["c_attn"]), model)
     after = {row["name"]: row for row in lorakit.inspect(model).modules}
     assert after == rows  # the wrapped modules are still listed as their base layers
+
+
+SUFFIXES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "self_attn.q_proj",
+            "layers.0.mlp.up_proj", "embed_tokens", "lm_head", "mlp", "proj",
+            "model.layers.1.self_attn.v_proj"]
+
+
+def _selection(fn, build, kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return sorted(fn(build, **kwargs))
+        except ValueError:
+            return "error"
+
+
+@settings(max_examples=20, deadline=None)
+@given(targets=st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=4, unique=True),
+       exclude=st.one_of(st.none(), st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=2, unique=True)),
+       layers=st.one_of(st.none(), st.sampled_from([0, 1, [0], [1], [0, 1]])),
+       pattern=st.sampled_from([None, "layers"]))
+def test_random_selections_match_peft(targets, exclude, layers, pattern):
+    kwargs = {"target_modules": targets, "exclude_modules": exclude, "layers_to_transform": layers,
+              "layers_pattern": pattern if layers is not None else None}
+    # PEFT refuses non-Linear "mlp" modules with a different message; both must refuse
+    assert _selection(ours, llama, kwargs) == _selection(theirs, llama, kwargs)

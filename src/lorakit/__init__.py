@@ -5,13 +5,20 @@ Migrating from PEFT is one import line::
     from lorakit import LoraConfig, get_peft_model, TaskType
 """
 
+from lorakit._version import __version__
 from lorakit.config import LoraConfig, TaskType
-from lorakit.errors import AdapterError, ConfigError, LorakitError, TargetingError
+from lorakit.errors import (
+    AdapterError,
+    AdapterFileError,
+    BaseModelMismatchError,
+    BaseModelMismatchWarning,
+    ConfigError,
+    LorakitError,
+    TargetingError,
+)
 from lorakit.inspect import inspect
 from lorakit.io.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "LoraConfig",
@@ -27,5 +34,8 @@ __all__ = [
     "ConfigError",
     "TargetingError",
     "AdapterError",
+    "AdapterFileError",
+    "BaseModelMismatchError",
+    "BaseModelMismatchWarning",
     "__version__",
 ]

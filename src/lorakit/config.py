@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -127,6 +128,22 @@ class LoraConfig:
                 f"unknown LoraConfig field(s) {unknown}; known fields: {', '.join(sorted(known))}"
             )
         return cls(**dict(data))
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``save_directory/adapter_config.json`` in PEFT 0.21's format (every PEFT key,
+        ``peft_type: "LORA"``, ``inference_mode: true``), atomically. See ``lorakit.io.config_json``."""
+        from lorakit.io.adapter_dir import save_config  # io sits above config in the layering
+
+        save_config(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], subfolder: str | None = None) -> LoraConfig:
+        """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's), or that
+        file itself. PEFT keys lorakit does not implement are accepted at their neutral values; a
+        config that enables one is refused with an error naming the key and value."""
+        from lorakit.io.adapter_dir import load_config
+
+        return load_config(path, subfolder)
 
     def scaling_for(self, r: int, alpha: float) -> float:
         """The factor ``s`` applied to ``B A x``: ``alpha / r`` or ``alpha / √r`` (rsLoRA)."""

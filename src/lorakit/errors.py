@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["LorakitError", "ConfigError", "TargetingError", "AdapterError"]
+__all__ = [
+    "LorakitError",
+    "ConfigError",
+    "TargetingError",
+    "AdapterError",
+    "AdapterFileError",
+    "BaseModelMismatchError",
+    "BaseModelMismatchWarning",
+]
 
 
 class LorakitError(ValueError):
@@ -19,3 +27,15 @@ class TargetingError(LorakitError):
 
 class AdapterError(LorakitError):
     """An adapter operation was asked for that the model's current state does not allow."""
+
+
+class AdapterFileError(LorakitError):
+    """An adapter file or directory is missing, unreadable, truncated, corrupt or unsafe."""
+
+
+class BaseModelMismatchError(AdapterError):
+    """An adapter's recorded base-weight fingerprint differs from the model it is loaded onto."""
+
+
+class BaseModelMismatchWarning(UserWarning):
+    """Warned (by default) when an adapter was trained on a different base model."""

@@ -195,14 +195,15 @@ def lora_linear_accumulate_(
     )
     if torch.compiler.is_compiling():
         dtype = compute_dtype(x)
-        xc = x.to(dtype)
-        xd = F.dropout(xc, p, training=True) if p > 0 else xc
         bias = None if lora_b_bias is None else lora_b_bias.to(dtype)
-        return result + F.linear(F.linear(xd, lora_a.to(dtype)), lora_b.to(dtype), bias) * s
+        return result + lora_linear(x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), s, p, p > 0, bias)
     if not needs_graph:
         dtype = compute_dtype(x)
         bias = None if lora_b_bias is None else lora_b_bias.to(dtype)
-        h = F.linear(x.to(dtype), lora_a.to(dtype))
+        xc = x.to(dtype)
+        if p > 0:  # train mode without autograd still drops (as nn.Dropout does), with the same masks
+            xc = seeded_dropout(xc, p, draw_seed())
+        h = F.linear(xc, lora_a.to(dtype))
         return result.add_(F.linear(h, lora_b.to(dtype), bias), alpha=s)
     seed = draw_seed() if p > 0 else 0
     return _LoraLinearAccumulate.apply(result, x, lora_a, lora_b, lora_b_bias, s, p, seed)

@@ -32,7 +32,7 @@ from lorakit.targeting import (
     suffix_summary,
 )
 
-__all__ = ["inject", "unload", "lora_modules", "check_adapter_name", "Plan"]
+__all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
 
 
 @dataclasses.dataclass
@@ -129,7 +129,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
     """Put ``new`` wherever ``old`` is a child (shared modules may have several parents)."""
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        # ``_modules`` rather than ``named_children()``: the latter yields a module once even when
+        # the parent holds it under two names, and the second name would keep the unwrapped module.
+        for child_name, child in list(parent._modules.items()):
             if child is old:
                 setattr(parent, child_name, new)
 
@@ -153,11 +155,14 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
                           init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+        # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
+        layer.train(layer.base_layer.training)
     for _name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
             _replace(model, module, wrapper)
         wrapper.add_adapter(adapter_name)
+        wrapper.train(wrapper.original_module.training)
     return cfg
 
 
@@ -178,3 +183,17 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
             replacement = module.active_module if keep_merged else module.original_module
             _replace(model, module, replacement)
     return model
+
+
+def uninject(model: nn.Module, adapter_name: str) -> None:
+    """Undo :func:`inject`: remove ``adapter_name`` everywhere and unwrap every LoRA layer or
+    wrapper left without any adapter, so the model's structure is as before the injection.
+    (Used to roll back a load that failed after injecting; the adapter must not be merged.)"""
+    for _, module in list(lora_modules(model)):
+        if adapter_name in module.adapter_names:
+            module.delete_adapter(adapter_name)
+        if not module.adapter_names:
+            if isinstance(module, LoraLayer):
+                _replace(model, module, module.base_layer)
+            else:
+                _replace(model, module, module.original_module)

@@ -9,6 +9,7 @@ Attributes of the base model are forwarded one by one from an explicit list, nev
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
@@ -19,6 +20,7 @@ from torch import nn
 from lorakit import adapters, injection
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.io import adapter_dir
 
 __all__ = ["PeftModel", "LoraModel", "get_peft_model", "inject_adapter_in_model", "register_task_model"]
 
@@ -81,6 +83,7 @@ class PeftModel(nn.Module):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
         configs: dict[str, LoraConfig] = {}
         self.base_model = LoraModel(model, configs)
+        self.training = self.base_model.training = model.training  # report the model's mode
         self.peft_config = configs
         configs[adapter_name] = injection.inject(model, peft_config, adapter_name)
         adapters.set_active(model, adapter_name)
@@ -188,6 +191,37 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the base model with every LoRA layer removed and its original weights."""
         return injection.unload(self.get_base_model(), keep_merged=False)
+
+    # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str],
+                        selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
+        """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
+        named after them; validated first, written atomically (a crash leaves the previous save).
+        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True)."""
+        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
+                                  **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str],
+                        adapter_name: str = "default", is_trainable: bool = False,
+                        **kwargs: Any) -> PeftModel:
+        """Load the adapter in directory ``model_id`` onto ``model``. Config, keys, shapes and the base
+        fingerprint are checked before ``model`` changes. ``is_trainable=False``: inference (frozen,
+        eval mode). Keywords: ``on_base_mismatch`` ("warn" | "error" | "ignore"), ``subfolder``."""
+        build = get_peft_model if cls is PeftModel else cls
+        return adapter_dir.load_new(model, model_id, adapter_name, is_trainable=is_trainable, build=build,
+                                    **kwargs)
+
+    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
+                     **kwargs: Any) -> None:
+        """Add the adapter in directory ``model_id`` as ``adapter_name`` (inactive; trainable only with
+        ``is_trainable``). Same checks and keywords as :meth:`from_pretrained`."""
+        trainable = self._trainable_names()
+        adapter_dir.load_adapter(self.get_base_model(), self.peft_config, model_id, adapter_name,
+                                 is_trainable=is_trainable, **kwargs)
+        self._apply_trainability(trainable + [adapter_name] if is_trainable else trainable)
+        if not is_trainable:
+            self.eval()
 
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -8,7 +8,8 @@ Rules (PEFT's, so a config selects the same modules in both libraries):
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``;
 * ``modules_to_save`` modules (and their children) are never LoRA targets;
 * ``layers_to_transform`` keeps modules whose first numbered path segment (after
-  ``layers_pattern`` when given) is one of the listed layer indices.
+  ``layers_pattern`` when given) is one of the listed layer indices; like PEFT, it does not filter
+  a module whose full name is listed.
 """
 
 from __future__ import annotations
@@ -110,7 +111,9 @@ def matches_target(config: LoraConfig, name: str) -> bool:
         return False
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return _name_in(name, targets) and _in_layers(config, name)
+    if name in targets:  # as in PEFT, a full name is taken as given, without layers_to_transform
+        return True
+    return any(name.endswith("." + t) for t in targets) and _in_layers(config, name)
 
 
 def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
@@ -142,8 +145,8 @@ def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
         linear = [n for n, m in iter_plain_modules(model) if n and _is_linear(m) and n not in heads]
         # A list of full names (not a regex) so that layers_to_transform stays valid and applies.
         provisional = dataclasses.replace(config, target_modules=linear)
-        return dataclasses.replace(
-            config, target_modules=sorted(n for n in linear if matches_target(provisional, n)))
+        return dataclasses.replace(config, target_modules=sorted(
+            n for n in linear if matches_target(provisional, n) and _in_layers(config, n)))
     return config
 
 

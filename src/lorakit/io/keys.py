@@ -11,6 +11,10 @@ in memory (relative to the model root)                in the adapter state dict 
 ``<m>.lora_magnitude_vector.<name>.weight``           ``<m>.lora_magnitude_vector``
 ``<m>.modules_to_save.<name>.<p>``                    ``<m>.<p>``
 ``<m>.base_layer.bias`` (bias="all"/"lora_only")      unchanged
+``<m>.original_module.bias``, ``<m>.modules_to_save.  unchanged (PEFT writes a modules-to-save
+<name>.bias`` (bias="all")                            wrapper's biases also under these paths)
+``<emb>.base_layer.weight`` (targeted embed_tokens /  unchanged; optional on load (PEFT writes it
+lm_head, see ``EMBEDDING_LAYER_NAMES``)               when such a layer is targeted)
 ====================================================  ===========================================
 
 Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring.
@@ -19,17 +23,37 @@ Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.injection import Plan
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+from lorakit.targeting import rank_and_alpha
 
-__all__ = ["AdapterKeys", "adapter_keys", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+__all__ = [
+    "AdapterKeys",
+    "FILE_PREFIX",
+    "adapter_keys",
+    "planned_shapes",
+    "saved_tensors",
+    "planned_embedding_shapes",
+    "embedding_base_tensors",
+    "saves_embedding_base",
+    "to_file_keys",
+    "from_file_keys",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+]
 
-MAGNITUDE = "lora_magnitude_vector"
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-row magnitude: reserved, written without ``.weight``
+FILE_PREFIX = "base_model.model."  # what a PeftModel's file puts before each module path
+# PEFT also saves the base weights of a targeted input / output embedding with these names (so that
+# adapters trained after resizing the vocabulary carry the resized embedding); loading accepts them.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 @dataclasses.dataclass
@@ -43,6 +67,39 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _layer_tensors(prefix: str, module: LoraLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The file keys of one LoRA layer's adapter ``adapter_name`` (the one rule for LoRA tensors)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for container in LoraLayer.adapter_param_names:
+        holder = getattr(module, container)
+        if adapter_name not in holder:
+            continue
+        item = holder[adapter_name]
+        if isinstance(item, nn.Parameter):
+            tensors[_join(prefix, container)] = item
+        elif container == MAGNITUDE:
+            tensors[_join(prefix, container)] = item.weight
+        else:
+            for pname, t in item.state_dict(keep_vars=True).items():
+                tensors[_join(prefix, container, pname)] = t
+    return tensors
+
+
+def _saved_module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """A modules-to-save copy is stored under the plain module path."""
+    return {_join(prefix, pname): t for pname, t in module.state_dict(keep_vars=True).items()}
+
+
+def _wrapper_biases(prefix: str, original: nn.Module, copy: nn.Module) -> dict[str, torch.Tensor]:
+    """With ``bias="all"`` PEFT also writes a modules-to-save wrapper's biases under its internal
+    paths: ``<m>.original_module.<p>`` and ``<m>.modules_to_save.<p>`` (the adapter's copy)."""
+    out = {_join(prefix, "original_module", k): t
+           for k, t in original.state_dict(keep_vars=True).items() if "bias" in k}
+    out.update({_join(prefix, "modules_to_save", k): t
+                for k, t in copy.state_dict(keep_vars=True).items() if "bias" in k})
+    return out
+
+
 def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> AdapterKeys:
     """Map every PEFT-format key of ``adapter_name`` to the live tensor it reads from / loads into."""
     tensors: dict[str, torch.Tensor] = {}
@@ -50,21 +107,12 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
     for prefix, module in model.named_modules():
         if isinstance(module, LoraLayer) and module.has_adapter(adapter_name):
             adapted_prefixes.append(prefix)
-            for container in LoraLayer.adapter_param_names:
-                holder = getattr(module, container)
-                if adapter_name not in holder:
-                    continue
-                item = holder[adapter_name]
-                if isinstance(item, nn.Parameter):
-                    tensors[_join(prefix, container)] = item
-                elif container == MAGNITUDE:
-                    tensors[_join(prefix, container)] = item.weight
-                else:
-                    for pname, t in item.state_dict(keep_vars=True).items():
-                        tensors[_join(prefix, container, pname)] = t
+            tensors.update(_layer_tensors(prefix, module, adapter_name))
         elif isinstance(module, ModulesToSaveWrapper) and module.has_adapter(adapter_name):
-            for pname, t in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                tensors[_join(prefix, pname)] = t
+            tensors.update(_saved_module_tensors(prefix, module.modules_to_save[adapter_name]))
+            if bias == "all":
+                copy = module.modules_to_save[adapter_name]
+                tensors.update(_wrapper_biases(prefix, module.original_module, copy))
     if bias != "none":
         for pname, param in model.named_parameters():
             owner = pname.rsplit(".", 1)[0]
@@ -73,6 +121,98 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
             if bias == "all" or any(owner == _join(p, "base_layer") for p in adapted_prefixes):
                 tensors[pname] = param
     return AdapterKeys(tensors)
+
+
+def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """File key → shape of every tensor that injecting ``plan`` as ``adapter_name`` would create,
+    computed without changing ``model`` (each target is wrapped in a throwaway LoRA layer)."""
+    cfg = plan.config
+    shapes: dict[str, tuple[int, ...]] = {}
+    target_names = set()
+    for name, module in plan.targets:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        layer_cls = lora_layer_for(base)
+        if layer_cls is None:  # plan() refuses these; kept for type narrowing
+            continue
+        scratch = layer_cls(base)
+        r, alpha = rank_and_alpha(cfg, name)
+        scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
+                            init=False, lora_bias=cfg.lora_bias)
+        shapes.update({k: tuple(t.shape) for k, t in _layer_tensors(name, scratch, adapter_name).items()})
+        target_names.add(name)
+    for name, module in plan.to_save:
+        original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
+        if cfg.bias == "all":
+            shapes.update({k: tuple(t.shape) for k, t in _wrapper_biases(name, original, original).items()})
+    if cfg.bias != "none":
+        for pname, param in model.named_parameters():
+            if not pname.endswith("bias") or _inside_adapter(pname):
+                continue
+            owner = pname.rsplit(".", 1)[0]
+            owner = owner[: -len(".base_layer")] if owner.endswith(".base_layer") else owner
+            if owner in target_names:
+                shapes[_join(owner, "base_layer", "bias")] = tuple(param.shape)
+            elif cfg.bias == "all" and not any(pname.startswith(n + ".") for n, _ in plan.to_save):
+                shapes[pname] = tuple(param.shape)
+    return shapes
+
+
+def _embedding_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of a transformers model's input and output embeddings (none for other models)."""
+    found: list[tuple[str, nn.Module]] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        layer = get() if callable(get) else None
+        if isinstance(layer, nn.Module):
+            found.extend((n, m) for n, m in model.named_modules() if m is layer)
+    return list(dict.fromkeys(found))
+
+
+def saves_embedding_base(model: nn.Module, target_modules: list[str] | str | None) -> bool:
+    """PEFT's rule for writing targeted embeddings' base weights: a target list naming
+    ``embed_tokens`` / ``lm_head``, or a regex matching a module so named."""
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, n) for n, _ in model.named_modules()
+                   if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+    names = target_modules or []
+    return any(e in names for e in EMBEDDING_LAYER_NAMES)
+
+
+def embedding_base_tensors(model: nn.Module, *, wrapped_only: bool) -> dict[str, torch.Tensor]:
+    """The input / output embedding base weights under PEFT's keys: ``<m>.base_layer.<p>`` for a LoRA
+    layer, ``<m>.<p>`` for a plain one (only LoRA layers with ``wrapped_only``)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in _embedding_layers(model):
+        if isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            prefix = _join(name, "base_layer")
+            tensors.update(_saved_module_tensors(prefix, layer.base_layer))
+        elif not wrapped_only and isinstance(layer, (nn.Linear, nn.Embedding)):
+            tensors.update(_saved_module_tensors(name, layer))
+    return tensors
+
+
+def planned_embedding_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
+    """Optional keys a file may hold for ``plan``: the embedding base weights, by PEFT's naming once
+    the plan is injected."""
+    targeted = {n for n, _ in plan.targets}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, layer in _embedding_layers(model):
+        wrapped = isinstance(layer, LoraLayer) or name in targeted
+        base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+        prefix = _join(name, "base_layer") if wrapped else name
+        shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(prefix, base).items()})
+    return shapes
+
+
+def to_file_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys as a ``PeftModel`` file stores them: ``base_model.model.`` + the module path."""
+    return {FILE_PREFIX + k: v for k, v in state.items()}
+
+
+def from_file_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip ``base_model.model.`` (keys without it are kept as they are and checked as such)."""
+    return {k[len(FILE_PREFIX):] if k.startswith(FILE_PREFIX) else k: v for k, v in state.items()}
 
 
 def _inside_adapter(pname: str) -> bool:
@@ -94,13 +234,29 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     If ``state_dict`` is given (e.g. a gathered full state dict), values are read from it by their
     in-memory key instead of from the live model.
     """
-    keys = adapter_keys(model, adapter_name, _bias_mode(model, adapter_name))
-    if not keys.tensors:
-        raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(adapter_name) if isinstance(configs, Mapping) else None
+    tensors = saved_tensors(model, adapter_name, _bias_mode(model, adapter_name),
+                            getattr(config, "target_modules", None))
     if state_dict is None:
-        return {k: t.detach() for k, t in keys.tensors.items()}
+        return {k: t.detach() for k, t in tensors.items()}
     live = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-    return {k: state_dict[live[id(t)]] for k, t in keys.tensors.items()}
+    return {k: state_dict[live[id(t)]] for k, t in tensors.items()}
+
+
+def saved_tensors(model: nn.Module, adapter_name: str, bias: str, target_modules: list[str] | str | None
+                  ) -> dict[str, torch.Tensor]:
+    """Every tensor an adapter file holds for ``adapter_name``, by file key (without
+    ``base_model.model.``): the adapter's tensors plus, by PEFT's rule, targeted embeddings' base
+    weights. Raises if the model holds no such adapter."""
+    tensors = adapter_keys(model, adapter_name, bias).tensors
+    if not tensors:
+        raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
+    get_base = getattr(model, "get_base_model", None)
+    user_model = get_base() if callable(get_base) else model  # target regexes see the user's names
+    if saves_embedding_base(user_model, target_modules):
+        tensors.update(embedding_base_tensors(model, wrapped_only=True))
+    return tensors
 
 
 def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor],
@@ -111,6 +267,7 @@ def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[s
     collected and raised together before any tensor is copied. Returns the loaded keys.
     """
     keys = adapter_keys(model, adapter_name, "all")
+    keys.tensors.update(embedding_base_tensors(model, wrapped_only=False))  # optional, as in PEFT
     expected = adapter_keys(model, adapter_name, _bias_mode(model, adapter_name)).tensors
     unknown = sorted(k for k in peft_model_state_dict if k not in keys.tensors)
     missing = sorted(k for k in expected if k not in peft_model_state_dict)

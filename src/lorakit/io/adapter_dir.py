@@ -1,0 +1,300 @@
+"""Adapter directories: what ``PeftModel.save_pretrained`` writes and ``from_pretrained`` /
+``load_adapter`` read. The layout is PEFT's (design §3)::
+
+    <dir>/adapter_config.json          the "default" adapter (or the one loaded into "default")
+    <dir>/adapter_model.safetensors    metadata {"format": "pt", "lorakit_version", fingerprint}
+    <dir>/<name>/adapter_config.json   every other adapter, in a subfolder named after it
+    <dir>/<name>/adapter_model.safetensors
+
+Saving validates everything first and writes the whole directory atomically (see
+:mod:`lorakit.io.files`). Loading reads and checks the config, every key and every shape against
+what the config would create on this model *before* changing the model; all problems are reported
+together, and a load that still fails afterwards is rolled back, so a failed load leaves the model
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from lorakit import injection
+from lorakit._version import __version__
+from lorakit.config import LoraConfig, TaskType
+from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
+from lorakit.injection import Plan
+from lorakit.io import config_json, files
+from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
+from lorakit.io.keys import (
+    from_file_keys,
+    planned_embedding_shapes,
+    planned_shapes,
+    saved_tensors,
+    set_peft_model_state_dict,
+    to_file_keys,
+)
+from lorakit.layers import LoraLayer
+
+__all__ = ["AdapterFiles", "save_adapters", "read_adapter", "check_adapter", "load_new", "load_adapter"]
+
+BaseMismatch = Literal["warn", "error", "ignore"]
+_MISMATCH_CHOICES = ("warn", "error", "ignore")
+_TASK_KEY = "lorakit_task_type"
+_MAX_LINES = 40
+
+
+@dataclasses.dataclass
+class AdapterFiles:
+    """One adapter as read from disk: its config, tensors (file keys without ``base_model.model.``)
+    and safetensors header metadata (empty for a legacy ``.bin``)."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    weights_path: Path
+
+
+# -- saving ---------------------------------------------------------------------------------------
+def _subfolder(name: str) -> str:
+    return "" if name == "default" else name
+
+
+def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[str, dict[str, torch.Tensor],
+                                                                               dict[str, str]]:
+    """(config JSON text, file tensors, header metadata) of adapter ``name``."""
+    tensors = saved_tensors(model, name, config.bias, config.target_modules)
+    targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
+    metadata = {"format": "pt", "lorakit_version": __version__}
+    fp = fingerprint(targets)
+    if fp is not None:
+        metadata[METADATA_KEY] = fp.to_json()
+    if config.task_type is not None and config_json.peft_task_type(config.task_type) != str(config.task_type):
+        metadata[_TASK_KEY] = str(config.task_type)
+    data = config_json.config_to_peft_dict(
+        config,
+        auto_mapping={"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
+        base_model_name_or_path=getattr(model, "name_or_path", None) or None,
+    )
+    return config_json.dumps(data), to_file_keys(tensors), metadata
+
+
+def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
+                  selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
+                  safe_serialization: bool = True) -> None:
+    """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
+
+    "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
+    adapters are validated and serialised in memory first; then the directory is replaced
+    atomically (other files in it are kept). A path that is an existing file is refused.
+    """
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in configs]
+    if unknown or not names:
+        raise AdapterError(f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
+                           f"existing adapters: {list(configs)}")
+    unsafe = [n for n in names if not n or n != os.path.basename(n) or "\\" in n or n in (".", "..")]
+    if unsafe:
+        raise AdapterError(f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
+                           "to a subfolder named after it, so a name must be a single path component")
+    if not safe_serialization:
+        raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
+                           "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
+    payloads = {n: _adapter_payload(model, n, configs[n]) for n in names}
+    if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
+        return
+    replaced = [os.path.join(_subfolder(n), f)
+                for n in names for f in (files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME)]
+    with files.atomic_directory(directory, replaced) as staging:
+        for name, (text, tensors, metadata) in payloads.items():
+            out = staging / _subfolder(name)
+            out.mkdir(parents=True, exist_ok=True)
+            files.write_safetensors(out / files.WEIGHTS_NAME, tensors, metadata)
+            (out / files.CONFIG_NAME).write_text(text, encoding="utf-8")
+
+
+def save_config(config: LoraConfig, directory: str | os.PathLike[str]) -> None:
+    """Write ``directory/adapter_config.json`` for ``config`` (atomically)."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(
+            f"cannot save a config to {str(path)!r}: it is an existing file, not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    text = config_json.dumps(config_json.config_to_peft_dict(config))
+    files.atomic_write_text(path / files.CONFIG_NAME, text)
+
+
+# -- reading --------------------------------------------------------------------------------------
+def _adapter_dir(path: str | os.PathLike[str], subfolder: str | None) -> Path:
+    directory = Path(path) / subfolder if subfolder else Path(path)
+    if not directory.exists():
+        files.recover(directory.absolute())
+    if not directory.is_dir():
+        what = "is a file" if directory.exists() else "does not exist"
+        raise AdapterFileError(
+            f"no adapter at {str(directory)!r}: the path {what}. An adapter directory (written by "
+            f"save_pretrained) holds {files.CONFIG_NAME} and {files.WEIGHTS_NAME}; lorakit reads local "
+            "directories only"
+        )
+    return directory
+
+
+def load_config(path: str | os.PathLike[str], subfolder: str | None = None) -> LoraConfig:
+    """The :class:`LoraConfig` of an adapter directory (or of an ``adapter_config.json`` path)."""
+    candidate = Path(path) / subfolder if subfolder else Path(path)
+    if candidate.is_file():
+        return config_json.config_from_peft_dict(files.read_json(candidate), str(candidate))
+    config_path = _adapter_dir(path, subfolder) / files.CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{str(config_path)!r} does not exist; an adapter directory written by "
+                               "save_pretrained (lorakit or PEFT) holds it")
+    return config_json.config_from_peft_dict(files.read_json(config_path), str(config_path))
+
+
+def read_adapter(path: str | os.PathLike[str], *, is_trainable: bool = False,
+                 subfolder: str | None = None) -> AdapterFiles:
+    """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
+    ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
+    directory = _adapter_dir(path, subfolder)
+    config = load_config(directory)
+    safe, legacy = directory / files.WEIGHTS_NAME, directory / files.LEGACY_WEIGHTS_NAME
+    if safe.is_file():
+        tensors, metadata = files.read_safetensors(safe)
+        weights = safe
+    elif legacy.is_file():
+        tensors, metadata, weights = files.read_legacy_bin(legacy), {}, legacy
+    else:
+        present = sorted(p.name for p in directory.iterdir())
+        raise AdapterFileError(f"no adapter weights in {str(directory)!r}: neither {files.WEIGHTS_NAME} "
+                               f"nor {files.LEGACY_WEIGHTS_NAME} exists (found: {present})")
+    task = metadata.get(_TASK_KEY)
+    if task in {t.value for t in TaskType} and config_json.peft_task_type(task) == (
+            None if config.task_type is None else str(config.task_type)):
+        config = dataclasses.replace(config, task_type=TaskType(task))
+    config = dataclasses.replace(config, inference_mode=not is_trainable)
+    return AdapterFiles(config, from_file_keys(tensors), metadata, weights)
+
+
+# -- checking -------------------------------------------------------------------------------------
+def _key_problems(expected: Mapping[str, tuple[int, ...]], optional: Mapping[str, tuple[int, ...]],
+                  found: Mapping[str, torch.Tensor]) -> list[str]:
+    """Unknown keys, missing keys and shape mismatches, one line each (optional keys may be absent)."""
+    lines = []
+    for key in sorted(set(found) - set(expected) - set(optional)):
+        lines.append(f"{key}: in the file, but no module of the model has this adapter tensor")
+    for key in sorted(set(expected) - set(found)):
+        module, tensor = _split(key)
+        lines.append(f"{module}: targeted by the config, but the file has no {tensor!r} "
+                     f"(expected shape {expected[key]})")
+    known = {**optional, **expected}
+    for key in sorted(set(known) & set(found)):
+        shape = tuple(found[key].shape)
+        if shape != tuple(known[key]):
+            module, tensor = _split(key)
+            hint = " (was the vocabulary resized? resize the model's embeddings first)" \
+                if key in optional else ""
+            lines.append(f"{module}: {tensor} has shape {shape} in the file, "
+                         f"the model expects {known[key]}{hint}")
+    return lines
+
+
+def _split(key: str) -> tuple[str, str]:
+    """(module path, tensor name) of a file key, split before the LoRA container name."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in LoraLayer.adapter_param_names or part == "base_layer":
+            return ".".join(parts[:i]), ".".join(parts[i:])
+    return ".".join(parts[:-1]), parts[-1]
+
+
+def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None:
+    recorded = files_.metadata.get(METADATA_KEY)
+    if on_base_mismatch == "ignore" or recorded is None:
+        return
+    trained = Fingerprint.from_json(recorded)
+    current = fingerprint(plan.targets)
+    if trained is None or current is None:
+        return
+    diffs = trained.differences(current)
+    if not diffs:
+        return
+    shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs) - 5} more)" if len(diffs) > 5 else "")
+    message = (f"this adapter was trained on a different base model: {files_.weights_path}: "
+               f"{len(diffs)} of {len(trained.shapes)} targeted modules differ ({shown}). Its outputs on "
+               "this model will not be what they were in training. Pass on_base_mismatch='error' to "
+               "refuse such loads, or 'ignore' to silence this warning")
+    if on_base_mismatch == "error":
+        raise BaseModelMismatchError(message)
+    warnings.warn(message, BaseModelMismatchWarning, stacklevel=5)  # the caller of from_pretrained
+
+
+def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
+                  on_base_mismatch: BaseMismatch = "warn") -> Plan:
+    """Everything that can go wrong with loading ``files_`` into ``model``, checked read-only:
+    the config against the model, then every key and shape, then the base fingerprint."""
+    if on_base_mismatch not in _MISMATCH_CHOICES:
+        raise AdapterError(
+            f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}")
+    plan = injection.plan(model, files_.config, adapter_name)
+    lines = _key_problems(planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan),
+                          files_.tensors)
+    if lines:
+        more = f"\n  ... and {len(lines) - _MAX_LINES} more" if len(lines) > _MAX_LINES else ""
+        raise AdapterError(
+            f"cannot load {str(files_.weights_path)!r} as adapter {adapter_name!r} "
+            f"({len(lines)} problem(s)); the model was not changed:\n  - "
+            + "\n  - ".join(lines[:_MAX_LINES]) + more
+        )
+    _check_base(plan, files_, on_base_mismatch)
+    return plan
+
+
+# -- loading --------------------------------------------------------------------------------------
+def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
+    """Copy the checked tensors into the freshly injected adapter; on any failure remove it again."""
+    try:
+        set_peft_model_state_dict(model, files_.tensors, adapter_name)
+    except BaseException:
+        injection.uninject(model, adapter_name)
+        raise
+
+
+def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool,
+             build: Callable[[nn.Module, LoraConfig, str], Any], on_base_mismatch: BaseMismatch = "warn",
+             subfolder: str | None = None) -> Any:
+    """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
+    (which injects the adapter and wraps the model), then copy the weights in."""
+    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
+    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    wrapped = build(model, plan.config, adapter_name)
+    try:
+        _fill(model, files_, adapter_name)
+    except BaseException:
+        for param, flag in requires_grad:  # the wrapper froze the base; give it back as it was
+            param.requires_grad_(flag)
+        raise
+    if not is_trainable:
+        wrapped.eval()
+    return wrapped
+
+
+def load_adapter(model: nn.Module, configs: dict[str, LoraConfig], path: str | os.PathLike[str],
+                 adapter_name: str, *, is_trainable: bool, on_base_mismatch: BaseMismatch = "warn",
+                 subfolder: str | None = None) -> None:
+    """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
+    trainability is the caller's) and record its config in ``configs``."""
+    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
+    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
+    configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
+    try:
+        _fill(model, files_, adapter_name)
+    except BaseException:
+        configs.pop(adapter_name, None)
+        raise
