@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from lorakit.io.keys import to_file_keys
 from lorakit.rank import resize_adapter, spectrum
 from lorakit.rank.extract import extract_adapter
 from lorakit.rank.spectrum import effective_rank, stable_rank
@@ -130,11 +131,11 @@ def test_extract_exact_rank_delta_reproduces_the_tuned_model_in_peft(tmp_path):
     assert result.modules_to_save == ["model.norm"]
     cfg = peft.LoraConfig(**{kk: v for kk, v in result.config.to_dict().items() if kk != "task_type"})
     loaded = peft.get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), cfg)
-    peft.set_peft_model_state_dict(loaded, result.state_dict)
+    peft.set_peft_model_state_dict(loaded, to_file_keys(result.state_dict))
     ids = torch.randint(0, 100, (2, 7))
     torch.testing.assert_close(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-5, rtol=0)
     lk = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), result.config)
-    set_peft_model_state_dict(lk, result.state_dict)
+    set_peft_model_state_dict(lk, to_file_keys(result.state_dict))
     torch.testing.assert_close(lk(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
@@ -145,3 +146,18 @@ def test_extract_at_lower_rank_reports_the_error(tmp_path):
     result = extract_adapter(tmp_path / "base", tmp_path / "tuned", rank=2)
     assert all(0.3 < e < 1.0 for e in result.errors.values())
     assert "lm_head" in result.modules_to_save and "model.embed_tokens" in result.modules_to_save
+
+
+def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
+    from lorakit.io.adapter_dir import read_adapter, save_adapter_tensors
+
+    model = get_peft_model(_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False))
+    model.save_pretrained(tmp_path / "full")
+    files = read_adapter(tmp_path / "full")
+    result = resize_adapter(files.config, files.tensors, rank=8)
+    assert max(result.errors.values()) < 1e-6
+    save_adapter_tensors(tmp_path / "same", result.config, result.state_dict)
+    ids = torch.randint(0, 100, (2, 5))
+    reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path / "same")
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -20,7 +20,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.layers import is_conv1d
-from lorakit.rank.factors import PEFT_PREFIX, pattern_key
+from lorakit.rank.factors import pattern_key
 from lorakit.rank.spectrum import rank_for_energy
 
 __all__ = ["ExtractResult", "extract_adapter", "Checkpoint"]
@@ -28,6 +28,10 @@ __all__ = ["ExtractResult", "extract_adapter", "Checkpoint"]
 
 @dataclasses.dataclass
 class ExtractResult:
+    """The adapter (config + tensors keyed by module path, as adapter files store them without the
+    ``base_model.model.`` prefix), the rank and relative error of each low-rank module, and the
+    modules kept in full."""
+
     config: LoraConfig
     state_dict: dict[str, torch.Tensor]
     ranks: dict[str, int]
@@ -186,7 +190,7 @@ def _assemble(factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint,
     for name, d in factors.items():
         s = alpha / ranks[name]
         a, b, errors[name] = d.factors(ranks[name], s)
-        key = PEFT_PREFIX + name
+        key = name
         if d.embedding:
             state[f"{key}.lora_embedding_A"], state[f"{key}.lora_embedding_B"] = a, b
             continue
@@ -199,7 +203,7 @@ def _assemble(factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint,
             if key.startswith(name + ".") and "." not in key[len(name) + 1:]:
                 tensor = tuned.get(key)
                 if tensor is not None:
-                    state[PEFT_PREFIX + key] = tensor
+                    state[key] = tensor
     config = LoraConfig(
         r=base_r, lora_alpha=alpha, target_modules=sorted(factors) or None, lora_bias=lora_bias,
         rank_pattern={pattern_key(n): k for n, k in ranks.items() if k != base_r},

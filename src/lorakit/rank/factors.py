@@ -1,4 +1,5 @@
-"""The LoRA factors of each module in a PEFT-format adapter state dict (keys without adapter name).
+"""The LoRA factors of each module in a PEFT-format adapter state dict (keys without adapter name,
+with or without the ``base_model.model.`` file prefix).
 
 Linear / Conv1D / conv: ``<m>.lora_A.weight`` (r, k[, kh, kw]) and ``<m>.lora_B.weight``
 (d, r[, 1, 1]), optional ``<m>.lora_B.bias``; embedding: ``<m>.lora_embedding_A`` (r, V) and
@@ -15,11 +16,10 @@ from collections.abc import Mapping
 import torch
 
 from lorakit.config import LoraConfig
+from lorakit.io.keys import FILE_PREFIX
 from lorakit.targeting import rank_and_alpha
 
-__all__ = ["ModuleFactors", "split_factors", "module_name", "PEFT_PREFIX"]
-
-PEFT_PREFIX = "base_model.model."
+__all__ = ["ModuleFactors", "split_factors", "module_name"]
 _A_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
 
 
@@ -41,7 +41,7 @@ class ModuleFactors:
 
 def module_name(prefix: str) -> str:
     """The module path relative to the model (what target_modules and rank_pattern match)."""
-    return prefix[len(PEFT_PREFIX):] if prefix.startswith(PEFT_PREFIX) else prefix
+    return prefix[len(FILE_PREFIX):] if prefix.startswith(FILE_PREFIX) else prefix
 
 
 def split_factors(config: LoraConfig, state_dict: Mapping[str, torch.Tensor]
