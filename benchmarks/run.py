@@ -25,7 +25,8 @@ from benchmarks.report import write_outputs
 
 HERE = Path(__file__).resolve().parent
 PAIRS = [("qkvo", "lorakit_qkvo", "peft_qkvo"), ("qkvo, dropout 0.05", "lorakit_qkvo_dropout",
-         "peft_qkvo_dropout"), ("all-linear", "lorakit_all_linear", "peft_all_linear")]
+         "peft_qkvo_dropout"), ("all-linear", "lorakit_all_linear", "peft_all_linear"),
+         ("DoRA qkvo", "lorakit_dora", "peft_dora")]
 TRAIN_METHODS = ["floor", "full"] + [m for _, a, b in PAIRS for m in (a, b)]
 
 

@@ -40,3 +40,23 @@ def test_compiled_training_step_matches_eager_gradients():
     compiled(input_ids=ids, labels=ids).loss.backward()
     for name, grad in eager.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_dora_training_forward_compiles_without_graph_break_and_matches_eager():
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            use_dora=True, init_lora_weights=False))
+    ids = torch.randint(0, 100, (2, 8))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in eager)
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    torch.compile(model, backend="aot_eager")(input_ids=ids, labels=ids).loss.backward()
+    for name, grad in eager.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6)

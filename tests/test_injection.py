@@ -23,7 +23,6 @@ FAILING = [
     ({"target_modules": ["q_proj", "mlp"]}, "default", TargetingError, ["model.layers.0.mlp", "LlamaMLP"]),
     ({"target_modules": ["embed_tokens"], "lora_bias": True}, "default", TargetingError,
      ["embed_tokens", "lora_bias"]),
-    ({"target_modules": ["q_proj"], "use_dora": True}, "default", TargetingError, ["use_dora"]),
     ({"target_modules": ["q_proj"], "modules_to_save": ["scorer"]}, "default", TargetingError,
      ["scorer", "lm_head"]),
     ({"target_modules": ["q_proj"]}, "a.b", AdapterError, ["'a.b'", "'.'"]),

@@ -88,15 +88,14 @@ def test_neutral_values_are_accepted(key, value):
 @pytest.mark.parametrize("key, value, shown", [
     ("loftq_config", {"loftq_bits": 4}, 'loftq_config={"loftq_bits": 4}'),
     ("use_qalora", True, "use_qalora=true"),
-    ("use_dora", True, "use_dora=true"),
     ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]]"),
     ("trainable_token_indices", [1, 2], "trainable_token_indices=[1, 2]"),
     ("megatron_config", {"tp": 2}, "megatron_config="),
     ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
     ("target_parameters", ["experts.weight"], "target_parameters="),
     ("eva_config", {"rho": 2}, "eva_config="),
-    ("init_lora_weights", "pissa", "init_lora_weights='pissa'"),
-    ("init_lora_weights", "olora", "init_lora_weights='olora'"),
+    ("init_lora_weights", "corda", "init_lora_weights='corda'"),
+    ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
     ("future_key", 3, "future_key=3: unknown key"),
 ])
 def test_enabled_unsupported_features_are_refused(key, value, shown):
@@ -106,10 +105,17 @@ def test_enabled_unsupported_features_are_refused(key, value, shown):
 
 
 def test_all_problems_are_reported_together():
-    data = {**PEFT_LORA_KEYS, "use_qalora": True, "use_dora": True, "init_lora_weights": "corda"}
+    data = {**PEFT_LORA_KEYS, "use_qalora": True, "use_bdlora": True, "init_lora_weights": "corda"}
     with pytest.raises(ConfigError) as info:
         config_from_peft_dict(data)
-    assert all(k in str(info.value) for k in ("use_qalora", "use_dora", "init_lora_weights"))
+    assert all(k in str(info.value) for k in ("use_qalora", "use_bdlora", "init_lora_weights"))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("use_dora", True), ("init_lora_weights", "pissa"), ("init_lora_weights", "pissa_niter_4"),
+    ("init_lora_weights", "olora"), ("init_lora_weights", "orthogonal")])
+def test_dora_and_initialisations_are_read(key, value):
+    assert getattr(config_from_peft_dict({**PEFT_LORA_KEYS, key: value}), key) == value
 
 
 @pytest.mark.parametrize("data, shown", [

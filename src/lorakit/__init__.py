@@ -3,6 +3,9 @@
 Migrating from PEFT is one import line::
 
     from lorakit import LoraConfig, get_peft_model, TaskType
+
+Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers with
+``get_peft_model``; it does not import transformers.
 """
 
 from lorakit._version import __version__
@@ -13,10 +16,28 @@ from lorakit.errors import (
     BaseModelMismatchError,
     BaseModelMismatchWarning,
     ConfigError,
+    DistributedError,
     LorakitError,
     TargetingError,
 )
+from lorakit.hotswap import (
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
 from lorakit.inspect import inspect
+from lorakit.integrations.tasks import (
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForImageClassification,
+    PeftModelForMultipleChoice,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForSpeechSeq2Seq,
+    PeftModelForTokenClassification,
+    PeftModelForTranslation,
+)
 from lorakit.io.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
 
@@ -25,11 +46,24 @@ __all__ = [
     "TaskType",
     "PeftModel",
     "LoraModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForImageClassification",
+    "PeftModelForMultipleChoice",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForSpeechSeq2Seq",
+    "PeftModelForTokenClassification",
+    "PeftModelForTranslation",
     "get_peft_model",
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inspect",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
+    "prepare_model_for_compiled_hotswap",
     "LorakitError",
     "ConfigError",
     "TargetingError",
@@ -37,5 +71,6 @@ __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
+    "DistributedError",
     "__version__",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "unmerge",
     "merged_adapters",
     "count_parameters",
+    "place_adapter",
 ]
 
 
@@ -85,8 +86,12 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
             if base_bias is not None and any(module.has_adapter(n) for n in names):
                 base_bias.requires_grad_(True)
     if bias == "all":
+        # The frozen originals behind modules-to-save copies never train (as in PEFT).
+        originals = {id(p) for _, m in lora_modules(model) if isinstance(m, ModulesToSaveWrapper)
+                     for p in m.original_module.parameters()}
         for pname, param in model.named_parameters():
-            if "bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname):
+            if ("bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname)
+                    and id(param) not in originals):
                 param.requires_grad_(True)
 
 
@@ -144,6 +149,7 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
         _check_known(model, list(names))
     named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
     problems = [f"{lname}: {problem}" for lname, layer in named if (problem := layer.merge_problem(names))]
+    problems += _tied_weight_problems(model, named, names)
     if problems:
         raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
     layers = [m for _, m in named]
@@ -159,6 +165,25 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
             )
     for layer in layers:
         layer.merge(names, keep_original=keep_original)
+
+
+def _tied_weight_problems(model: nn.Module, named: list[tuple[str, LoraLayer]],
+                          names: Sequence[str] | None) -> list[str]:
+    """Merging writes into the base weight; a weight tied to another module (GPT-2's ``wte`` and
+    ``lm_head``, say) would change that module too, so such a merge is refused."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname)
+    problems = []
+    for lname, layer in named:
+        sharing = owners.get(id(layer.base_layer.weight), [])
+        if len(sharing) > 1 and layer.merge_result_names(names):
+            others = [p for p in sharing if not p.startswith(lname + ".")]
+            problems.append(
+                f"{lname}: its weight is tied to {', '.join(others)}; merging would change those too. "
+                "Use the adapter unmerged, or untie the weights first (e.g. give the output head its own "
+                "copy and set config.tie_word_embeddings=False)")
+    return problems
 
 
 def unmerge(model: nn.Module) -> None:
@@ -177,3 +202,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def place_adapter(model: nn.Module, name: str, *, autocast_dtype: bool = True) -> None:
+    """Re-place adapter ``name``'s factors in every LoRA layer: float32 on a half-precision base
+    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``)."""
+    _check_known(model, [name])
+    for _, module in lora_modules(model):
+        if isinstance(module, LoraLayer) and module.has_adapter(name):
+            module.place_adapter(name, autocast_dtype=autocast_dtype)

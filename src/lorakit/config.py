@@ -20,8 +20,31 @@ from lorakit.errors import ConfigError
 __all__ = ["LoraConfig", "TaskType", "ConfigError"]
 
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian")
 ALL_LINEAR = "all-linear"
+
+
+INIT_NAMES: tuple[bool | str, ...] = (
+    True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal")
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def parse_init(init: bool | str) -> tuple[str, int | None] | None:
+    """``(kind, niter)`` for a valid ``init_lora_weights`` value, ``None`` if it is not one.
+
+    kind ∈ {"default", "none", "gaussian", "pissa", "olora", "orthogonal"}; niter only for
+    ``"pissa_niter_N"``.
+    """
+    if init is True:
+        return "default", None
+    if init is False:
+        return "none", None
+    if not isinstance(init, str):
+        return None
+    name = init.lower()
+    if name in ("gaussian", "pissa", "olora", "orthogonal"):
+        return name, None
+    match = _NITER.fullmatch(name)
+    return ("pissa", int(match.group(1))) if match else None
 
 
 class TaskType(str, enum.Enum):
@@ -162,13 +185,26 @@ def _validate(cfg: LoraConfig, problems: list[str]) -> dict[str, Any]:
     if cfg.bias not in BIAS_MODES:
         problems.append(f"bias={cfg.bias!r}: must be one of {', '.join(BIAS_MODES)}")
     init = cfg.init_lora_weights
-    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() == "gaussian")):
-        problems.append(
-            f"init_lora_weights={init!r}: must be one of True, False, 'gaussian'"
-        )
+    parsed = parse_init(init)
+    if parsed is None:
+        choices = ", ".join(repr(c) for c in INIT_NAMES)
+        problems.append(f"init_lora_weights={init!r}: must be one of {choices} (N ≥ 0 iterations)")
+    elif parsed[0] == "orthogonal":
+        odd = {"r": cfg.r} if isinstance(cfg.r, int) and cfg.r % 2 else {}
+        if isinstance(cfg.rank_pattern, Mapping):
+            odd.update({f"rank_pattern[{k!r}]": v for k, v in cfg.rank_pattern.items()
+                        if isinstance(v, int) and v % 2})
+        if odd:
+            problems.append(f"init_lora_weights='orthogonal' needs even ranks; odd: {odd}")
+    if cfg.lora_bias is True and init not in (True, False):
+        problems.append(f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), "
+                        f"got {init!r}")
     for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
         if not isinstance(getattr(cfg, name), bool):
             problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
+    if cfg.use_dora is True and cfg.lora_bias is True:
+        problems.append("lora_bias=True cannot be combined with use_dora=True (as in PEFT): DoRA "
+                        "rescales the whole output, so a separate LoRA bias has no exact merge")
 
     _check_modules(cfg, "target_modules", problems, out, allow_regex=True)
     _check_modules(cfg, "exclude_modules", problems, out, allow_regex=True)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 _QV = ("q_proj", "v_proj")
 _QUERY_VALUE = ("query", "value")
+# ViT-family attention is `query`/`value` before transformers 5 and `q_proj`/`v_proj` from 5 on;
+# a name that is absent simply matches nothing, so both spellings are listed.
+_VIT_QV = ("query", "value", "q_proj", "v_proj")
 
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     # encoders
     "bert": _QUERY_VALUE, "roberta": _QUERY_VALUE, "xlm-roberta": _QUERY_VALUE,
     "electra": _QUERY_VALUE, "layoutlm": _QUERY_VALUE, "camembert": _QUERY_VALUE,
-    "albert": _QUERY_VALUE, "vit": _QUERY_VALUE, "deit": _QUERY_VALUE, "dinov2": _QUERY_VALUE,
+    "albert": _QUERY_VALUE, "vit": _VIT_QV, "deit": _VIT_QV, "dinov2": _VIT_QV,
     "distilbert": ("q_lin", "v_lin"), "deberta-v2": ("query_proj", "value_proj"),
     "deberta": ("in_proj",), "mpnet": ("q", "v"),
     # encoder-decoders

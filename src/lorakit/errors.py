@@ -10,6 +10,7 @@ __all__ = [
     "AdapterFileError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
+    "DistributedError",
 ]
 
 
@@ -39,3 +40,8 @@ class BaseModelMismatchError(AdapterError):
 
 class BaseModelMismatchWarning(UserWarning):
     """Warned (by default) when an adapter was trained on a different base model."""
+
+
+class DistributedError(LorakitError):
+    """A distributed operation was misused (not called on every rank, ranks disagree) or the model's
+    sharding does not allow it."""

@@ -13,10 +13,12 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit import sharding
+from lorakit.config import LoraConfig, parse_init
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
+    Conv,
     Embedding,
     LoraLayer,
     ModulesToSaveWrapper,
@@ -31,6 +33,9 @@ from lorakit.targeting import (
     select_targets,
     suffix_summary,
 )
+
+# inits that read the base weight (and, for PiSSA / OLoRA, replace it by a residual)
+FROM_WEIGHT_INITS = ("pissa", "olora", "orthogonal")
 
 __all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
 
@@ -98,9 +103,8 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
 
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
+    _refuse_wrapped(model)
     check_adapter_name(model, adapter_name, must_be_new=True)
-    if config.use_dora:
-        raise TargetingError("use_dora=True (DoRA) is not supported yet by lorakit")
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
     if not targets:
@@ -111,12 +115,16 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             f"{suffix_summary(model)}"
         )
     problems = []
+    init_kind = (parse_init(resolved.init_lora_weights) or ("default", None))[0]
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if isinstance(module, ModulesToSaveWrapper) or lora_layer_for(base) is None:
             problems.append(f"{name} ({type(base).__name__})")
         elif resolved.lora_bias and lora_layer_for(base) is Embedding:
             problems.append(f"{name} (lora_bias=True is not supported on embeddings)")
+        elif init_kind in FROM_WEIGHT_INITS and lora_layer_for(base) is Conv:
+            problems.append(f"{name} (init_lora_weights={resolved.init_lora_weights!r} is for linear "
+                            "layers; convolutions take True, False or 'gaussian')")
     if problems:
         raise TargetingError(
             "cannot add LoRA to: " + "; ".join(problems)
@@ -124,6 +132,19 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
         )
     resolved = _fan_in_fan_out(resolved, targets)
     return Plan(resolved, targets, _modules_to_save(resolved, model))
+
+
+def _refuse_wrapped(model: nn.Module) -> None:
+    """LoRA added after an engine wrapped or sharded the model would not be sharded, synchronised
+    or saved by it (training silently diverges across ranks), so it is refused."""
+    problems = sharding.wrapping_problems(model)
+    if problems:
+        raise TargetingError(
+            "cannot inject LoRA into a model that is already wrapped or sharded by a distributed "
+            "engine:\n  - " + "\n  - ".join(problems) + "\nInject first (get_peft_model / "
+            "inject_adapter_in_model on the plain model, on every rank), then wrap it with DDP, "
+            "fully_shard, FSDP or deepspeed.initialize"
+        )
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -154,7 +175,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(model, module, layer)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
-                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias)
+                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
     for _name, module in p.to_save:
@@ -163,6 +184,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(model, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
+    params = [p for _, m in lora_modules(model) if m.has_adapter(adapter_name)
+              for p in m.adapter_parameters(adapter_name)]
+    sharding.record(model, adapter_name, params)
     return cfg
 
 

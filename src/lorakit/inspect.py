@@ -13,6 +13,9 @@ from lorakit.targeting import matches_target, model_type_of, suffix_summary, tar
 
 __all__ = ["inspect", "ModelReport"]
 
+_NO_DEFAULT = ("(no default for this model type: pass target_modules, e.g. names from the list "
+               "below or 'all-linear')")
+
 
 @dataclasses.dataclass
 class ModelReport:
@@ -24,7 +27,7 @@ class ModelReport:
 
     def __str__(self) -> str:
         lines = [f"model_type: {self.model_type or '(none)'}",
-                 f"default target_modules: {self.default_targets or '(no default: pass target_modules)'}"]
+                 f"default target_modules: {self.default_targets or _NO_DEFAULT}"]
         width = max((len(m["name"]) for m in self.modules), default=4)
         lines.append(f"{'module':<{width}}  {'type':<10} {'shape':<16} {'params':>10}  default")
         for m in self.modules:

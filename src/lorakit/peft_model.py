@@ -17,8 +17,9 @@ from typing import Any
 
 from torch import nn
 
-from lorakit import adapters, injection
+from lorakit import adapters, arithmetic, injection
 from lorakit.config import LoraConfig, TaskType
+from lorakit.distributed import group as distributed_group
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.io import adapter_dir
 
@@ -43,6 +44,9 @@ FORWARDED_ATTRIBUTES = (
     "resize_token_embeddings",
     "gradient_checkpointing_enable",
     "gradient_checkpointing_disable",
+    "activation_checkpointing_enable",  # transformers >= 5 names (Trainer calls these)
+    "activation_checkpointing_disable",
+    "is_activation_checkpointing",
     "enable_input_require_grads",
     "disable_input_require_grads",
     "prepare_inputs_for_generation",
@@ -68,6 +72,20 @@ class LoraModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Activate one adapter or several (their updates add up), as PEFT's
+        ``model.base_model.set_adapter([...])``; trainability is left unchanged."""
+        adapters.set_active(self.model, adapter_name)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", **kwargs: Any) -> None:
+        """See :meth:`PeftModel.add_weighted_adapter` (the new adapter is frozen)."""
+        self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
+            self.model, self.peft_config, adapters, weights, adapter_name, combination_type, **kwargs)
+        for _, module in injection.lora_modules(self.model):
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
 
 
 class PeftModel(nn.Module):
@@ -113,6 +131,26 @@ class PeftModel(nn.Module):
         """Add a new adapter, inactive and frozen; :meth:`set_adapter` activates it."""
         trainable = self._trainable_names()  # before injection: new parameters start with requires_grad
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
+        self._apply_trainability(trainable)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` (inactive and frozen).
+
+        ``combination_type``: ``"cat"``, ``"linear"``, ``"ties"``, ``"dare_linear"``,
+        ``"dare_ties"``, ``"magnitude_prune"``, ``"svd"`` or ``"<one of those>_svd"``; the math is in
+        :mod:`lorakit.arithmetic`. ``density`` is the fraction the pruning types keep;
+        ``majority_sign_method`` (``"total"`` / ``"frequency"``) is how TIES elects signs.
+        Unlike PEFT, an existing ``adapter_name`` is an error rather than a silent no-op.
+        """
+        trainable = self._trainable_names()
+        self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
+            self.get_base_model(), self.peft_config, adapters, weights, adapter_name, combination_type,
+            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
         self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
@@ -189,7 +227,11 @@ class PeftModel(nn.Module):
         return injection.unload(model, keep_merged=True)
 
     def unload(self) -> nn.Module:
-        """Return the base model with every LoRA layer removed and its original weights."""
+        """Return the base model with every LoRA layer removed and its original weights.
+
+        "Original" means as they were before any merge: after a PiSSA or OLoRA initialisation the
+        base holds the residual ``W − s·B₀A₀`` (as in PEFT); the converted save
+        (``path_initial_model_for_weight_conversion``) is the way back to an adapter for ``W``."""
         return injection.unload(self.get_base_model(), keep_merged=False)
 
     # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
@@ -197,7 +239,18 @@ class PeftModel(nn.Module):
                         selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
         """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
         named after them; validated first, written atomically (a crash leaves the previous save).
-        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True)."""
+        Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True),
+        ``path_initial_model_for_weight_conversion`` (the directory a PiSSA/OLoRA adapter was saved
+        to right after its init: save a rank-2r plain LoRA for the original base instead).
+
+        Inside a process group only rank 0 writes; an adapter sharded by FSDP or ZeRO-3 is first
+        gathered, which makes this a collective: call it on every rank (see lorakit.distributed)."""
+        if distributed_group.is_active():
+            from lorakit.distributed import persist
+
+            persist.save_pretrained(self.get_base_model(), self.peft_config, save_directory,
+                                    selected_adapters, **kwargs)
+            return
         adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
                                   **kwargs)
 
@@ -288,16 +341,22 @@ def register_task_model(task: TaskType, cls: Callable[..., PeftModel]) -> None:
     _TASK_MODELS[task] = cls
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
     """Add a LoRA adapter to ``model`` and return the task's ``PeftModel``.
 
+    ``autocast_adapter_dtype`` (PEFT's name): on a float16/bfloat16 base the adapter weights are
+    float32 (``True``, the default) or take the base dtype (``False``).
     Validation happens first; on error ``model`` is left exactly as it was.
     """
     if not isinstance(peft_config, LoraConfig):
         raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
     task = peft_config.task_type
     cls = _TASK_MODELS.get(task, PeftModel) if isinstance(task, TaskType) else PeftModel
-    return cls(model, peft_config, adapter_name)
+    peft_model = cls(model, peft_config, adapter_name)
+    if not autocast_adapter_dtype:
+        adapters.place_adapter(peft_model.get_base_model(), adapter_name, autocast_dtype=False)
+    return peft_model
 
 
 def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default"

@@ -25,14 +25,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit import injection
+from lorakit import injection, sharding
 from lorakit._version import __version__
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
 from lorakit.injection import Plan
-from lorakit.io import config_json, files
+from lorakit.io import config_json, conversion, files
 from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
 from lorakit.io.keys import (
+    adapter_keys,
     from_file_keys,
     planned_embedding_shapes,
     planned_shapes,
@@ -67,13 +68,29 @@ def _subfolder(name: str) -> str:
     return "" if name == "default" else name
 
 
-def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[str, dict[str, torch.Tensor],
-                                                                               dict[str, str]]:
-    """(config JSON text, file tensors, header metadata) of adapter ``name``."""
-    tensors = saved_tensors(model, name, config.bias, config.target_modules)
+def _adapter_payload(model: nn.Module, name: str, config: LoraConfig, initial: AdapterFiles | None = None,
+                     whole: Mapping[str, torch.Tensor] | None = None
+                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """(config JSON text, file tensors, header metadata) of adapter ``name``. ``initial``: the
+    adapter as saved right after a PiSSA/OLoRA init (the result is converted to a plain LoRA for the
+    original base); ``whole``: the adapter's tensors gathered from a sharded model (by
+    :mod:`lorakit.distributed`)."""
+    live = saved_tensors(model, name, config.bias, config.target_modules)
+    if whole is None:
+        tensors = dict(live)
+    else:
+        gathered_keys = set(adapter_keys(model, name, config.bias).tensors)
+        tensors = {**{k: t for k, t in live.items() if k not in gathered_keys}, **whole}
+    _refuse_shards(model, name, live, tensors)
+    tensors = {sharding.canonical_name(k): t for k, t in tensors.items()}
+    if initial is not None:
+        source = str(initial.weights_path)
+        config, tensors = conversion.to_plain_lora(config, tensors, initial.tensors, source)
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
+    if any(sharding.is_engine_sharded(m.weight) for _, m in targets):
+        targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
     metadata = {"format": "pt", "lorakit_version": __version__}
-    fp = fingerprint(targets)
+    fp = fingerprint(targets) if targets else None
     if fp is not None:
         metadata[METADATA_KEY] = fp.to_json()
     if config.task_type is not None and config_json.peft_task_type(config.task_type) != str(config.task_type):
@@ -86,14 +103,40 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig) -> tuple[s
     return config_json.dumps(data), to_file_keys(tensors), metadata
 
 
+def _refuse_shards(model: nn.Module, name: str, live: Mapping[str, torch.Tensor],
+                   tensors: Mapping[str, torch.Tensor]) -> None:
+    """Never write a shard as if it were the adapter (PEFT writes empty tensors under ZeRO-3/FSDP1)."""
+    canon = sharding.canonical_name
+    shapes = {canon(k): v for k, v in sharding.expected_shapes(model, live).items()}
+    tensors = {canon(k): v for k, v in tensors.items()}
+    problems = [f"{n}: recorded at injection, but the wrapped model hides it (FSDP1 without "
+                "use_orig_params=True?)" for n in sharding.hidden_adapter_params(model, name)]
+    problems += [f"{k}: the model has no such adapter tensor" for k in tensors if k not in shapes]
+    problems += [f"{k}: missing" for k in shapes if k not in tensors]
+    problems += sharding.shard_problems({k: v for k, v in tensors.items() if k in shapes}, shapes)
+    if problems:
+        raise AdapterFileError(
+            f"refusing to save adapter {name!r}: {len(problems)} of its {len(shapes)} tensors are not "
+            "whole tensors:\n  - " + "\n  - ".join(problems[:_MAX_LINES]) + "\nUnder a sharded engine "
+            "(FSDP, ZeRO-3) call save_pretrained on every rank, which gathers the adapter and writes "
+            "on rank 0, or lorakit.distributed.gather_adapter_state_dict"
+        )
+
+
 def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
                   selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
-                  safe_serialization: bool = True) -> None:
+                  safe_serialization: bool = True,
+                  path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
+                  whole: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
     """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
 
     "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
     adapters are validated and serialised in memory first; then the directory is replaced
     atomically (other files in it are kept). A path that is an existing file is refused.
+
+    ``path_initial_model_for_weight_conversion``: the directory where a PiSSA/OLoRA adapter was
+    saved right after its initialisation; the adapters are then saved as plain LoRA adapters of
+    twice the rank that apply to the original base (:mod:`lorakit.io.conversion`).
     """
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
@@ -107,7 +150,10 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     if not safe_serialization:
         raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
                            "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
-    payloads = {n: _adapter_payload(model, n, configs[n]) for n in names}
+    initial = (None if path_initial_model_for_weight_conversion is None
+               else read_adapter(path_initial_model_for_weight_conversion))
+    payloads = {n: _adapter_payload(model, n, configs[n], initial, None if whole is None else whole[n])
+                for n in names}
     if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
         return
     replaced = [os.path.join(_subfolder(n), f)
@@ -277,6 +323,14 @@ def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
     except BaseException:
         injection.uninject(model, adapter_name)
         raise
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
+                 subfolder: str | None = None) -> list[str]:
+    """Copy an adapter directory's tensors into the *existing* adapter ``adapter_name`` (resuming a
+    checkpoint). Every key and shape is checked before anything is copied."""
+    files_ = read_adapter(path, subfolder=subfolder)
+    return set_peft_model_state_dict(model, files_.tensors, adapter_name)
 
 
 def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool,

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import INIT_NAMES, LoraConfig, TaskType, parse_init
 from lorakit.errors import ConfigError
 
 __all__ = [
@@ -67,7 +67,6 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "arrow_config": ((None,), "Arrow routing"),
     "kasa_config": ((None,), "KaSA"),
     "ensure_weight_tying": ((False, None), "weight tying of adapted embeddings"),
-    "use_dora": ((False, None), "DoRA (its lora_magnitude_vector key is reserved; not implemented yet)"),
 }
 
 # lorakit task types PEFT 0.21 does not know, saved as the PEFT type that loads the same model.
@@ -78,7 +77,7 @@ _PEFT_TASK: dict[TaskType, str | None] = {
     TaskType.IMAGE_CLASSIFICATION: None,
     TaskType.OTHER: None,
 }
-_INIT_CHOICES = "True, False, 'gaussian'"
+_INIT_CHOICES = ", ".join(repr(c) for c in INIT_NAMES)
 
 
 def _field_names() -> list[str]:
@@ -115,10 +114,10 @@ def dumps(data: Mapping[str, Any]) -> str:
 
 
 def _init_problem(value: Any) -> str | None:
-    if isinstance(value, bool) or (isinstance(value, str) and value.lower() == "gaussian"):
+    if isinstance(value, (bool, str)) and parse_init(value) is not None:
         return None
     return (f"init_lora_weights={value!r}: lorakit implements {_INIT_CHOICES}; {value!r} initialisations "
-            "(PiSSA, OLoRA, LoftQ, EVA, ...) are not implemented, and some of them change the base weights")
+            "(LoftQ, EVA, CorDA, ...) are not implemented, and some of them change the base weights")
 
 
 def _key_problem(key: str, value: Any) -> str | None:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from lorakit import sharding
 from lorakit.errors import AdapterError
 from lorakit.injection import Plan
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
@@ -137,7 +138,7 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
         scratch = layer_cls(base)
         r, alpha = rank_and_alpha(cfg, name)
         scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
-                            init=False, lora_bias=cfg.lora_bias)
+                            init=False, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
         shapes.update({k: tuple(t.shape) for k, t in _layer_tensors(name, scratch, adapter_name).items()})
         target_names.add(name)
     for name, module in plan.to_save:
@@ -227,6 +228,18 @@ def _bias_mode(model: nn.Module, adapter_name: str) -> str:
     return "none"
 
 
+def _refuse_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A sharded engine's pieces are not the adapter: say how to get the whole tensors."""
+    root = next((m for _, m in model.named_modules() if sharding.recorded(m) is not None), model)
+    problems = sharding.shard_problems(tensors, sharding.expected_shapes(root, tensors))
+    if problems:
+        raise AdapterError(
+            f"{len(problems)} adapter tensor(s) are shards of a distributed engine, not whole tensors:\n  - "
+            + "\n  - ".join(problems[:10]) + "\nCall lorakit.distributed.gather_adapter_state_dict(model) "
+            "on every rank, or pass a gathered full state_dict"
+        )
+
+
 def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
                               adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys (adapter name removed), detached, on their device.
@@ -239,6 +252,7 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     tensors = saved_tensors(model, adapter_name, _bias_mode(model, adapter_name),
                             getattr(config, "target_modules", None))
     if state_dict is None:
+        _refuse_shards(model, tensors)
         return {k: t.detach() for k, t in tensors.items()}
     live = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
     return {k: state_dict[live[id(t)]] for k, t in tensors.items()}

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from lorakit import functional as LF
+from lorakit import sharding
 from lorakit.errors import AdapterError
+from lorakit.layers.variants import DORA, LoraVariant
 
 BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -29,7 +31,9 @@ BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed ba
 class LoraLayer(nn.Module, abc.ABC):
     """A base layer plus any number of named low-rank adapters.
 
-    ``forward(x) = base_layer(x) + Σ_{a ∈ active, a ∉ merged} branch_a(x)``.
+    ``forward(x) = base_layer(x) + Σ_{a ∈ active, a ∉ merged} update_a(x)``, where a LoRA
+    adapter's update is its low-rank branch and a variant's (DoRA) is what its strategy in
+    ``lora_variant`` computes (see :mod:`lorakit.layers.variants`).
 
     Unmerging restores the base weight bit for bit: on the first merge the layer keeps a copy of the
     original weight (and bias) as a non-persistent buffer, so a merged layer costs one extra copy
@@ -52,9 +56,12 @@ class LoraLayer(nn.Module, abc.ABC):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.lora_bias: dict[str, bool] = {}
+        self.lora_variant: dict[str, LoraVariant] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
+        # The unsharded shape, to recognise a weight an engine has sharded since (see merge_problem).
+        self.base_weight_shape = tuple(base_layer.weight.shape)
         self.register_buffer("_original_weight", None, persistent=False)
         self.register_buffer("_original_bias", None, persistent=False)
 
@@ -70,6 +77,37 @@ class LoraLayer(nn.Module, abc.ABC):
     @abc.abstractmethod
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The adapter's contribution to the output for input ``x``."""
+
+    out_axis = 0  # the axis of base_layer.weight that indexes output channels
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's output for ``x`` computed with ``weight`` and without bias."""
+        raise NotImplementedError(f"{type(self).__name__} does not support adapter variants (DoRA)")
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape of a per-output-channel vector as PEFT stores it (DoRA's magnitude)."""
+        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
+        return (int(weight.shape[self.out_axis]),)
+
+    def channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-output-channel vector ``v`` (C,) shaped to broadcast over an output ``like``
+        whose channels are its last dimension (kinds with channels elsewhere override this)."""
+        return v.reshape(-1)
+
+    def original_weight(self) -> torch.Tensor:
+        """The base weight as it is without any merged adapter (after any init that changed it)."""
+        return self._original_weight if self._original_weight is not None else self.base_layer.weight
+
+    def original_bias(self) -> torch.Tensor | None:
+        if self._original_bias is not None:
+            return self._original_bias
+        return getattr(self.base_layer, "bias", None)
+
+    def adapter_delta(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The change adapter ``name`` makes to the unmerged ``weight``, in float32: ``ΔW`` for
+        LoRA, the variant's own for a variant."""
+        variant = self.lora_variant.get(name)
+        return self.delta_weight(name) if variant is None else variant.delta(self, name, weight)
 
     def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` plus adapter ``name``'s branch (the sum is taken in the promoted dtype, as PEFT
@@ -98,21 +136,29 @@ class LoraLayer(nn.Module, abc.ABC):
         return getattr(self.base_layer, "bias", None)
 
     def add_adapter(self, name: str, r: int, alpha: float, *, use_rslora: bool, dropout: float,
-                    init: bool | str, lora_bias: bool) -> None:
+                    init: bool | str, lora_bias: bool, use_dora: bool = False) -> None:
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = LF.scaling(alpha, r, use_rslora)
         self.lora_bias[name] = lora_bias
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.create_adapter(name, r, init=init, lora_bias=lora_bias)
-        self._place_like_base(name)
+        self.place_adapter(name)
+        if use_dora:
+            DORA.init(self, name)
+            self.lora_variant[name] = DORA
 
-    def _place_like_base(self, name: str) -> None:
-        """New factors go on the base weight's device; a floating base below float32 keeps float32
-        factors (PEFT's default, design §5)."""
+    def place_adapter(self, name: str, *, autocast_dtype: bool = True) -> None:
+        """Move adapter ``name``'s factors to the base weight's device and pick their dtype.
+
+        ``autocast_dtype=True`` (PEFT's ``autocast_adapter_dtype``): a float16/bfloat16 base keeps
+        float32 factors, so small updates are not lost to rounding. ``False``: the factors take the
+        base weight's dtype (less memory, PEFT's behaviour with ``autocast_adapter_dtype=False``).
+        """
         weight = self.base_layer.weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        for container in (self.lora_A, self.lora_B):
+        keep_base = not autocast_dtype or weight.dtype in (torch.float32, torch.float64)
+        dtype = weight.dtype if keep_base and weight.is_floating_point() else torch.float32
+        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
             if name in container:
                 container[name].to(device=weight.device, dtype=dtype)
         for pdict in (self.lora_embedding_A, self.lora_embedding_B):
@@ -126,7 +172,7 @@ class LoraLayer(nn.Module, abc.ABC):
             container = getattr(self, attr)
             if name in container:
                 del container[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.lora_variant):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -145,13 +191,21 @@ class LoraLayer(nn.Module, abc.ABC):
         return params
 
     # -- merging ---------------------------------------------------------------------------------
-    def _pending(self, names: Sequence[str] | None) -> list[str]:
+    def merge_result_names(self, names: Sequence[str] | None) -> list[str]:
+        """The adapters a merge of ``names`` (default: the active ones) would add to this layer."""
         return [n for n in (self.active_adapters if names is None else names)
                 if self.has_adapter(n) and n not in self.merged_adapters]
 
     def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
-        with_bias = [n for n in self._pending(names) if self.lora_bias.get(n)]
+        weight = self.base_layer.weight
+        if sharding.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
+            what = "a DTensor shard" if sharding.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
+            return (f"the base weight is sharded by a distributed engine ({what}, unsharded "
+                    f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
+                    "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
+                    "saved adapter into an unsharded model and merge there")
+        with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
         if with_bias and getattr(self.base_layer, "bias", None) is None:
             return (f"adapter(s) {with_bias} have lora_bias=True but the base "
                     f"{type(self.base_layer).__name__} has no bias to merge it into")
@@ -164,15 +218,15 @@ class LoraLayer(nn.Module, abc.ABC):
         ``W + Σ s·B·A`` is summed in float32 from the *original* weight over every adapter that
         would then be merged, and rounded once into the weight's dtype.
         """
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         if not pending:
             return None
         weight = self.base_layer.weight
         original = self._original_weight if self._original_weight is not None else weight.detach()
         all_merged = self.merged_adapters + pending
-        total = self.delta_weight(all_merged[0])
+        total = self.adapter_delta(all_merged[0], original)
         for name in all_merged[1:]:
-            total = total + self.delta_weight(name)
+            total = total + self.adapter_delta(name, original)
         return LF.merged_weight(original, total), self._merged_bias(all_merged)
 
     def merge(self, names: Sequence[str] | None = None, *, safe_merge: bool = False,
@@ -185,7 +239,7 @@ class LoraLayer(nn.Module, abc.ABC):
         problem = self.merge_problem(names)
         if problem:
             raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
-        pending = self._pending(names)
+        pending = self.merge_result_names(names)
         result = self.merge_result(pending)
         if result is None:
             return
@@ -240,10 +294,15 @@ class LoraLayer(nn.Module, abc.ABC):
             self._check_mixed(x, adapter_names)
             return self.add_mixed_(result, x, adapter_names)
         out_dtype = result.dtype
-        for name in self.active_adapters:
-            if name in self.merged_adapters or not self.has_adapter(name):
-                continue
-            result = self.add_branch(result, x, name)
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters and self.has_adapter(n)]
+        variants = [n for n in pending if n in self.lora_variant]
+        base = result
+        for name in variants:  # first, while ``result`` is still the pure base output
+            result = self.lora_variant[name].add_update(self, result, base, x, name,
+                                                        consume_base=len(variants) == 1)
+        for name in pending:
+            if name not in self.lora_variant:
+                result = self.add_branch(result, x, name)
         return result.to(out_dtype)
 
     def _check_mixed(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
@@ -257,13 +316,19 @@ class LoraLayer(nn.Module, abc.ABC):
     def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
                    ) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none): each
-        adapter's branch runs once on its rows, added into ``result`` in place."""
-        for name in dict.fromkeys(adapter_names):
-            if name == BASE_ROWS or not self.has_adapter(name):
-                continue
+        adapter's update runs once on its rows, added into ``result`` in place. Variants (DoRA)
+        go first, while ``result`` still holds the pure base output of their rows."""
+        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and self.has_adapter(n)]
+        names.sort(key=lambda n: n not in self.lora_variant)
+        for name in names:
             rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name],
                                 device=x.device)
-            sub = self.lora_branch(x.index_select(0, rows), name)
+            x_rows = x.index_select(0, rows)
+            variant = self.lora_variant.get(name)
+            if variant is None:
+                sub = self.lora_branch(x_rows, name)
+            else:
+                sub = variant.rows_update(self, result.index_select(0, rows), x_rows, name)
             result.index_add_(0, rows, sub.to(result.dtype))
         return result
 

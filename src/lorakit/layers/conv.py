@@ -34,6 +34,16 @@ class Conv(LoraLayer):
         if lora_bias and init is not False:
             nn.init.zeros_(self.lora_B[name].bias)
 
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """(1, C_out, 1, …): broadcasts over a (N, C_out, *spatial) output, as PEFT stores it."""
+        return (1, self.out_features) + (1,) * (self.base_layer.weight.dim() - 2)
+
+    def channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape((1, -1) + (1,) * (like.dim() - 2))
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x.to(weight.dtype), weight, None)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         return LF.conv_delta(self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
 

@@ -31,6 +31,21 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
         LF.init_lora_embedding_(self.lora_embedding_A[name], self.lora_embedding_B[name], init)
 
+    out_axis = 1  # the table is (V, D): output channels are its columns
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
+                          base.scale_grad_by_freq, base.sparse)
+        return self._scaled(out)
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        """Some embeddings (e.g. Gemma's) scale their rows in forward; apply the same scale."""
+        scale = getattr(self.base_layer, "embed_scale", None)
+        if scale is None:
+            return out
+        return out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
+
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         return LF.linear_delta(a, b, self.scaling[name], fan_in_fan_out=True)  # (V, D)
@@ -40,8 +55,4 @@ class Embedding(LoraLayer):
         rows = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
                            max_norm=base.max_norm, norm_type=base.norm_type,
                            scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (…, r)
-        out = (rows @ self.lora_embedding_B[name].T) * self.scaling[name]  # (…, D)
-        scale = getattr(base, "embed_scale", None)
-        if scale is not None:  # e.g. Gemma's scaled embeddings scale the base rows in forward
-            out = out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
-        return out
+        return self._scaled((rows @ self.lora_embedding_B[name].T) * self.scaling[name])  # (…, D)

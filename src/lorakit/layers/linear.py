@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional as LF
+from lorakit import init as LI
 from lorakit.layers.base import BASE_ROWS, LoraLayer
 
 
@@ -41,9 +42,38 @@ class Linear(LoraLayer):
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias)
-        LF.init_lora_linear_(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        kind, niter = LI.parse_init(init) or ("default", None)
+        if kind in ("pissa", "olora"):
+            self._init_from_weight(name, kind, niter)
+        elif kind == "orthogonal":
+            new_a, new_b = LI.orthogonal(self.out_features, self.in_features, r)
+            with torch.no_grad():
+                a.copy_(new_a)
+                b.copy_(new_b)
+        else:
+            LF.init_lora_linear_(a, b, init, r)
         if lora_bias and init is not False:
             nn.init.zeros_(self.lora_B[name].bias)
+
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, kind: str, niter: int | None) -> None:
+        """PiSSA / OLoRA: the adapter takes the principal part of W and the base keeps the residual
+        (computed in float32, rounded once into the weight's dtype)."""
+        weight = self.base_layer.weight
+        w = weight.T if self.fan_in_fan_out else weight  # (d, k)
+        r, s = self.r[name], self.scaling[name]
+        a, b, residual = LI.pissa(w, r, s, niter) if kind == "pissa" else LI.olora(w, r, s)
+        self.lora_A[name].weight.copy_(a)
+        self.lora_B[name].weight.copy_(b)
+        weight.copy_((residual.T if self.fan_in_fan_out else residual).to(weight.dtype))
+
+    @property
+    def out_axis(self) -> int:  # type: ignore[override]
+        return 1 if self.fan_in_fan_out else 0
+
+    def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(weight.dtype), weight.T if self.fan_in_fan_out else weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight,
@@ -64,9 +94,15 @@ class Linear(LoraLayer):
         The adapters' factors are stacked (zero-padded to the largest rank, which adds exactly 0;
         slot 0 is all zeros for ``"__base__"`` rows) and gathered per row, so the cost is two
         ``bmm`` whatever the number of adapters: x (n, L, k) @ A_rowsᵀ (n, k, r) → (n, L, r) @
-        (s·B)_rowsᵀ (n, r, d) → (n, L, d).
+        (s·B)_rowsᵀ (n, r, d) → (n, L, d). Rows of variant adapters (DoRA) are done first, by
+        the generic per-adapter path.
         """
         names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and self.has_adapter(n)]
+        if any(n in self.lora_variant for n in names):
+            only_variants = [n if n in self.lora_variant else BASE_ROWS for n in adapter_names]
+            result = super().add_mixed_(result, x, only_variants)
+            adapter_names = [BASE_ROWS if n in self.lora_variant else n for n in adapter_names]
+            names = [n for n in names if n not in self.lora_variant]
         dropout_active = self.training and any(
             isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
         if not names or dropout_active:

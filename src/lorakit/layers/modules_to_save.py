@@ -72,11 +72,11 @@ class ModulesToSaveWrapper(nn.Module):
                 f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
             )
         groups = list(dict.fromkeys(adapter_names))
+        copies = dict(self.modules_to_save.items())  # nn.ModuleDict has no .get()
         outputs, order = [], []
         for name in groups:
             rows = [i for i, n in enumerate(adapter_names) if n == name]
-            # nn.ModuleDict has no .get()
-            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module  # noqa: SIM401
+            module = copies.get(name, self.original_module)
             outputs.append(module(x[rows], *args, **kwargs))
             order.extend(rows)
         out = torch.cat(outputs, dim=0)

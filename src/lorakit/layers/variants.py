@@ -1,0 +1,123 @@
+"""Adapter variants: strategies a LoRA layer calls for adapters that are more than ``s · B A``.
+
+A plain LoRA adapter needs no variant. A variant changes three things, and only these: what is
+created beside A and B (``init``), the change the adapter makes to the weight (``delta``, used by
+merging) and what it adds to the output (``add_update`` for whole batches, ``rows_update`` for
+the rows of a mixed batch). Layer kinds stay unaware of variants: they expose ``delta_weight``,
+``add_branch`` / ``lora_branch``, ``out_axis`` (the output-channel axis of their weight),
+``channel_view`` (how a per-channel vector broadcasts over their output), ``magnitude_shape`` and
+``base_without_bias``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import nn
+
+from lorakit import dora as LD
+
+if TYPE_CHECKING:
+    from lorakit.layers.base import LoraLayer
+
+__all__ = ["LoraVariant", "DoraMagnitude", "Dora", "DORA"]
+
+
+class LoraVariant(Protocol):
+    name: str
+
+    def init(self, layer: LoraLayer, adapter: str) -> None: ...
+
+    def delta(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor: ...
+
+    def add_update(self, layer: LoraLayer, result: torch.Tensor, base: torch.Tensor,
+                   x: torch.Tensor, adapter: str, *, consume_base: bool) -> torch.Tensor: ...
+
+    def rows_update(self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
+                    ) -> torch.Tensor: ...
+
+
+class DoraMagnitude(nn.Module):
+    """Holds DoRA's magnitude ``m`` as ``.weight`` (PEFT's layout: the state-dict key is
+    ``lora_magnitude_vector.<adapter>.weight``). Shape (C_out,), or (1, C_out, 1, …) for a
+    convolution."""
+
+    def __init__(self, magnitude: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}"
+
+    def __repr__(self) -> str:
+        return "lora.dora." + super().__repr__()
+
+
+class Dora:
+    """DoRA (Liu et al. 2024) as a strategy; the math is in :mod:`lorakit.dora`.
+
+    Forward: ``y = f ⊙ (base(x) − b + s · B A dropout(x)) + b`` with ``f = m / ‖W + ΔW‖_c``
+    (norm detached, §4.3), computed from the base output the layer already has.
+    """
+
+    name = "dora"
+
+    @torch.no_grad()
+    def init(self, layer: LoraLayer, adapter: str) -> None:
+        weight = layer.original_weight()
+        m = LD.magnitude_init(weight, layer.delta_weight(adapter), layer.out_axis)
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+        layer.lora_magnitude_vector[adapter] = DoraMagnitude(
+            m.reshape(layer.magnitude_shape()).to(device=weight.device, dtype=dtype))
+
+    def delta(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        magnitude = layer.lora_magnitude_vector[adapter].weight
+        return LD.dora_delta(weight, layer.delta_weight(adapter), magnitude, layer.out_axis)
+
+    def factor(self, layer: LoraLayer, adapter: str) -> torch.Tensor:
+        """``f = m / ‖W₀ + ΔW‖_c`` (C_out,), with ``W₀`` the weight before any merge."""
+        with torch.no_grad():
+            delta = layer.delta_weight(adapter)
+        magnitude = layer.lora_magnitude_vector[adapter].weight
+        return LD.dora_factor(magnitude, layer.original_weight(), delta, layer.out_axis)
+
+    def _base_no_bias(self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if layer.merged_adapters:  # base(x) holds merged adapters: recompute W₀ x
+            return layer.base_without_bias(x, layer.original_weight()).to(base.dtype)
+        bias = layer.original_bias()
+        return base if bias is None else base - layer.channel_view(bias.to(base.dtype), base)
+
+    def add_update(self, layer: LoraLayer, result: torch.Tensor, base: torch.Tensor,
+                   x: torch.Tensor, adapter: str, *, consume_base: bool) -> torch.Tensor:
+        """``result`` plus this adapter's change to the output.
+
+        With ``consume_base`` (``result`` is ``base`` and nothing else needs ``base``), the
+        low-rank branch is accumulated into ``base − b`` in place (the layer's fused path) and the
+        output is ``f ⊙ (…) + b``: one multiply beyond LoRA. Otherwise the change
+        ``(f − 1) ⊙ (W x) + f ⊙ s·B A x`` is added to ``result``.
+        """
+        consume_base = consume_base and not layer.merged_adapters
+        f = self.factor(layer, adapter)
+        base_nb = self._base_no_bias(layer, base, x)
+        if consume_base:
+            t = layer.add_branch(base_nb, x, adapter)
+            out = t * layer.channel_view(f.to(t.dtype), t)
+            bias = layer.original_bias()
+            return out if bias is None else out + layer.channel_view(bias.to(out.dtype), out)
+        return result + self._change(layer, base_nb, x, adapter, f)
+
+    def _change(self, layer: LoraLayer, base_nb: torch.Tensor, x: torch.Tensor, adapter: str,
+                f: torch.Tensor) -> torch.Tensor:
+        branch = layer.lora_branch(x, adapter)
+        fv = layer.channel_view(f.to(branch.dtype), branch)
+        return base_nb * (fv - 1) + branch * fv
+
+    def rows_update(self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
+                    ) -> torch.Tensor:
+        """The change for the rows ``x`` of a mixed batch, given their base output ``base``."""
+        f = self.factor(layer, adapter)
+        return self._change(layer, self._base_no_bias(layer, base, x), x, adapter, f)
+
+
+DORA = Dora()

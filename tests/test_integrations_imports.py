@@ -1,0 +1,21 @@
+"""``import lorakit`` registers every task wrapper without importing transformers (design §4)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+CODE = """
+import sys
+import lorakit
+from lorakit.peft_model import _TASK_MODELS
+assert "transformers" not in sys.modules, "import lorakit imported transformers"
+missing = {t for t in lorakit.TaskType if t is not lorakit.TaskType.OTHER} - set(_TASK_MODELS)
+assert not missing, missing
+"""
+
+
+def test_import_registers_tasks_without_transformers() -> None:
+    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
+                            env={"PYTHONPATH": ":".join(p for p in sys.path if p)})
+    assert result.returncode == 0, result.stderr
