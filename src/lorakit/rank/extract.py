@@ -92,8 +92,20 @@ def _heads(model: nn.Module) -> set[str]:
 
 
 def extract_adapter(base: str | Path, tuned: str | Path, *, rank: int | None = None,
-                    energy: float | None = None, include_embeddings: bool = False) -> ExtractResult:
-    """A PEFT-format LoRA adapter that turns ``base`` into (approximately) ``tuned``."""
+                    energy: float | None = None, include_embeddings: bool = False,
+                    out: str | Path | None = None) -> ExtractResult:
+    """A PEFT-format LoRA adapter that turns ``base`` into (approximately) ``tuned``; written to the
+    folder ``out`` when given."""
+    result = _extract(base, tuned, rank=rank, energy=energy, include_embeddings=include_embeddings)
+    if out is not None:
+        from lorakit.io.adapter_dir import save_adapter_tensors
+
+        save_adapter_tensors(out, result.config, result.state_dict)
+    return result
+
+
+def _extract(base: str | Path, tuned: str | Path, *, rank: int | None, energy: float | None,
+             include_embeddings: bool) -> ExtractResult:
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (a positive int) or energy (a number in (0, 1])")
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:

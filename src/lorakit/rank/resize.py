@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -19,7 +20,7 @@ from lorakit.config import LoraConfig
 from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors
 from lorakit.rank.spectrum import lowrank_svd, rank_for_energy
 
-__all__ = ["ResizeResult", "resize_adapter", "truncate_factors"]
+__all__ = ["ResizeResult", "resize_adapter", "resize_adapter_files", "truncate_factors"]
 
 
 @dataclasses.dataclass
@@ -92,3 +93,17 @@ def resize_adapter(config: LoraConfig, state_dict: Mapping[str, torch.Tensor], *
     new_config = dataclasses.replace(config, r=base_r, lora_alpha=alpha, rank_pattern=rank_pattern,
                                      alpha_pattern={})
     return ResizeResult(new_config, out, ranks, errors)
+
+
+def resize_adapter_files(source: str | Path, out: str | Path, *, rank: int | None = None,
+                         energy: float | None = None) -> ResizeResult:
+    """:func:`resize_adapter` from the adapter folder ``source`` into a new PEFT-format folder
+    ``out`` (written atomically; the base-model fingerprint is carried over)."""
+    from lorakit.io.adapter_dir import read_adapter, save_adapter_tensors
+    from lorakit.io.fingerprint import METADATA_KEY
+
+    files = read_adapter(source)
+    result = resize_adapter(files.config, files.tensors, rank=rank, energy=energy)
+    kept = {k: v for k, v in files.metadata.items() if k == METADATA_KEY}
+    save_adapter_tensors(out, result.config, result.state_dict, kept)
+    return result
