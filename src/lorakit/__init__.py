@@ -40,6 +40,16 @@ from lorakit.integrations.tasks import (
 )
 from lorakit.io.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
+from lorakit.rank import (
+    ExtractResult,
+    RankReport,
+    ResizeResult,
+    Spectrum,
+    extract_adapter,
+    rank_report,
+    resize_adapter,
+    resize_adapter_files,
+)
 
 __all__ = [
     "LoraConfig",
@@ -64,6 +74,14 @@ __all__ = [
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",
+    "rank_report",
+    "RankReport",
+    "Spectrum",
+    "resize_adapter",
+    "resize_adapter_files",
+    "ResizeResult",
+    "extract_adapter",
+    "ExtractResult",
     "LorakitError",
     "ConfigError",
     "TargetingError",

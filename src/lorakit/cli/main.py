@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 from lorakit import LorakitError, __version__
 from lorakit.cli import eval as eval_cmd
-from lorakit.cli import info, inspect, merge, train
+from lorakit.cli import extract, info, inspect, merge, rank, resize, train
 from lorakit.cli.errors import CliError
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (train, eval_cmd, inspect, merge, info)
+SUBCOMMANDS = (train, eval_cmd, inspect, merge, info, rank, resize, extract)
 
 
 def build_parser() -> argparse.ArgumentParser:

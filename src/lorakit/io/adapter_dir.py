@@ -43,7 +43,8 @@ from lorakit.io.keys import (
 )
 from lorakit.layers import LoraLayer
 
-__all__ = ["AdapterFiles", "save_adapters", "read_adapter", "check_adapter", "load_new", "load_adapter"]
+__all__ = ["AdapterFiles", "save_adapters", "save_adapter_tensors", "read_adapter", "check_adapter",
+           "load_new", "load_adapter"]
 
 BaseMismatch = Literal["warn", "error", "ignore"]
 _MISMATCH_CHOICES = ("warn", "error", "ignore")
@@ -163,6 +164,19 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
             out.mkdir(parents=True, exist_ok=True)
             files.write_safetensors(out / files.WEIGHTS_NAME, tensors, metadata)
             (out / files.CONFIG_NAME).write_text(text, encoding="utf-8")
+
+
+def save_adapter_tensors(directory: str | os.PathLike[str], config: LoraConfig,
+                         tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                         ) -> None:
+    """Write one adapter that exists only as data (resized, extracted): ``tensors`` keyed by module
+    path (``<m>.lora_A.weight``, no ``base_model.model.``), atomically, in PEFT's layout."""
+    header = {"format": "pt", "lorakit_version": __version__, **(metadata or {})}
+    text = config_json.dumps(config_json.config_to_peft_dict(config))
+    replaced = [files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME]
+    with files.atomic_directory(directory, replaced) as staging:
+        files.write_safetensors(staging / files.WEIGHTS_NAME, to_file_keys(dict(tensors)), header)
+        (staging / files.CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
 def save_config(config: LoraConfig, directory: str | os.PathLike[str]) -> None:

@@ -1,0 +1,75 @@
+"""The LoRA factors of each module in a PEFT-format adapter state dict (keys without adapter name,
+with or without the ``base_model.model.`` file prefix).
+
+Linear / Conv1D / conv: ``<m>.lora_A.weight`` (r, k[, kh, kw]) and ``<m>.lora_B.weight``
+(d, r[, 1, 1]), optional ``<m>.lora_B.bias``; embedding: ``<m>.lora_embedding_A`` (r, V) and
+``<m>.lora_embedding_B`` (D, r); DoRA adds ``<m>.lora_magnitude_vector``. Everything else
+(modules to save, biases) passes through untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import torch
+
+from lorakit.config import LoraConfig
+from lorakit.io.keys import FILE_PREFIX
+from lorakit.targeting import rank_and_alpha
+
+__all__ = ["ModuleFactors", "split_factors", "module_name"]
+_A_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
+
+
+@dataclasses.dataclass
+class ModuleFactors:
+    """One adapted module: its key prefix, factors, scaling, and the keys they came from."""
+
+    prefix: str
+    a_key: str
+    b_key: str
+    a: torch.Tensor
+    b: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+def module_name(prefix: str) -> str:
+    """The module path relative to the model (what target_modules and rank_pattern match)."""
+    return prefix[len(FILE_PREFIX):] if prefix.startswith(FILE_PREFIX) else prefix
+
+
+def split_factors(config: LoraConfig, state_dict: Mapping[str, torch.Tensor]
+                  ) -> tuple[list[ModuleFactors], dict[str, torch.Tensor]]:
+    """(the factors of every adapted module, every other tensor)."""
+    modules, used = [], set()
+    for key in sorted(state_dict):
+        for a_suffix, b_suffix in _A_SUFFIXES.items():
+            if not key.endswith(a_suffix):
+                continue
+            prefix = key[: -len(a_suffix)]
+            b_key = prefix + b_suffix
+            if b_key not in state_dict:
+                raise ValueError(f"{key} has no matching {b_key} in the adapter")
+            r, alpha = rank_and_alpha(config, module_name(prefix))
+            rank = int(state_dict[key].shape[0])
+            s = alpha / (rank**0.5) if config.use_rslora else alpha / rank
+            if rank != r:
+                raise ValueError(
+                    f"{key} has rank {rank} but the config gives this module r={r}; "
+                    "the adapter's config does not describe its weights"
+                )
+            modules.append(ModuleFactors(prefix, key, b_key, state_dict[key], state_dict[b_key], s))
+            used.update({key, b_key})
+    rest = {k: v for k, v in state_dict.items() if k not in used}
+    return modules, rest
+
+
+def pattern_key(name: str) -> str:
+    """A rank_pattern / alpha_pattern key that matches exactly the module ``name``."""
+    return re.escape(name)
