@@ -59,6 +59,9 @@ class TrainSettings:
     threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice; 1 is faster "
                                "on a machine busy with other work)")
     out: str | None = _opt(None, "output directory (default: runs/<preset or model name>)")
+    rank_sweep: list[str] | None = _opt(None, "comma-separated ranks, e.g. 1,2,4,8,16,32: train once per "
+                                        "rank (alpha scaled to keep alpha / r), plot the held-out metric "
+                                        "and the trainable parameters against the rank")
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
 
 

@@ -155,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     checkpoint = last_checkpoint(out) if s.resume else None
     if s.resume and checkpoint is None:
         raise CliError(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')}; run without --resume")
+    if s.rank_sweep:
+        from lorakit.cli.sweep import run_sweep
+
+        run_sweep(plan, out, fit)
+        return 0
     record = fit(plan, out, checkpoint, start)
     if record is not None:
         report.write_metrics(out, record)
@@ -164,8 +169,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fit(plan: Plan, out: str, checkpoint: str | None, start: float) -> dict[str, Any] | None:
-    """Split, load, evaluate, train, evaluate, save the adapter; the run's record (None off rank 0)."""
+def fit(plan: Plan, out: str, checkpoint: str | None, start: float,
+        before: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """Split, load, evaluate, train, evaluate, save the adapter; the run's record (None off rank 0).
+    ``before``: the metrics of the untrained model when already known (a rank sweep's later runs)."""
     import torch
     from transformers import set_seed
 
@@ -189,7 +196,7 @@ def fit(plan: Plan, out: str, checkpoint: str | None, start: float) -> dict[str,
         timings[f"eval_{name}_s"] = time.perf_counter() - began
         return result
 
-    before = measure("before")
+    before = measure("before") if before is None else before
     began = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     timings["train_s"] = time.perf_counter() - began
