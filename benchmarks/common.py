@@ -107,6 +107,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer | None, ids: t
         optimizer.zero_grad(set_to_none=True)
 
 
+def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of one training forward (distinct storages): the
+    activation memory a method costs, exactly and without allocator noise."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
 def reset_peak_rss() -> None:
     """Reset the kernel's high-water mark of this process's resident memory (Linux)."""
     with open("/proc/self/clear_refs", "w") as f:

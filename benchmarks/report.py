@@ -17,27 +17,28 @@ INFERENCE_ROWS = [
 
 
 def _train_table(results: dict, pairs: list) -> list[str]:
-    lines = ["| base dtype | configuration | step / floor (separate · one process) | "
-             "memory over floor (MiB) | lorakit / PEFT: time · memory over floor |",
-             "|---|---|---|---|---|"]
+    lines = ["| base dtype | configuration | step / floor (separate · one process) | saved for backward "
+             "over floor (MiB, exact) | peak RSS over floor (MiB) | "
+             "lorakit / PEFT: time · saved over floor |",
+             "|---|---|---|---|---|---|"]
     for dtype, rows in results["train"].items():
         inproc = results["train_inprocess"][dtype]["ratio_to_floor"]
-        floor_mem = rows["floor"]["peak_mib"]
+        floor = rows["floor"]
 
-        def cells(method: str, rows: dict = rows, inproc: dict = inproc, floor_mem: float = floor_mem
-                  ) -> str:
+        def cells(method: str, rows: dict = rows, inproc: dict = inproc, floor: dict = floor) -> str:
             row = rows[method]
+            saved = row["saved_mib"] - floor["saved_mib"]
             return (f"{row['time_vs_floor']:.2f} · {inproc[method]:.2f} | "
-                    f"{row['peak_mib'] - floor_mem:+.0f}")
+                    f"{saved:+.1f} | {row['peak_mib'] - floor['peak_mib']:+.0f}")
 
         lines.append(f"| {dtype} | floor (all frozen, gradients flowing) | 1.00 · 1.00 | "
-                     f"0 ({floor_mem:.0f} over the loaded model) | |")
+                     f"0 ({floor['saved_mib']:.0f} in all) | 0 | |")
         lines.append(f"| {dtype} | full fine-tuning | {cells('full')} | |")
         for label, ours, theirs in pairs:
-            t_ratio = rows[ours]["time_vs_floor"] / rows[theirs]["time_vs_floor"]
-            peft_over = rows[theirs]["peak_mib"] - floor_mem
-            ours_over = rows[ours]["peak_mib"] - floor_mem
-            m_ratio = f"{ours_over / peft_over:.2f}" if peft_over > 1 else "n/a"
+            t_ratio = inproc[ours] / inproc[theirs]
+            peft_over = rows[theirs]["saved_mib"] - floor["saved_mib"]
+            ours_over = rows[ours]["saved_mib"] - floor["saved_mib"]
+            m_ratio = f"{ours_over / peft_over:.2f}" if peft_over > 0.01 else "n/a"
             lines.append(f"| {dtype} | **lorakit**, {label} | {cells(ours)} | {t_ratio:.2f} · {m_ratio} |")
             lines.append(f"| {dtype} | PEFT, {label} | {cells(theirs)} | |")
     return lines
@@ -68,19 +69,23 @@ def plot(results: dict, pairs: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "time_vs_floor", "training step time / floor"),
-                           (axes[1], "peak_mib", "peak memory over the floor (MiB)")):
+    for ax, key, title in ((axes[0], "time", "training step time / floor (one process)"),
+                           (axes[1], "saved_mib", "saved for backward over the floor (MiB)")):
         labels, ours, theirs = [], [], []
         for dtype, rows in results["train"].items():
-            floor = 0.0 if key == "time_vs_floor" else rows["floor"]["peak_mib"]
+            inproc = results["train_inprocess"][dtype]["ratio_to_floor"]
             for label, a, b in pairs:
                 labels.append(f"{label}\n{dtype}")
-                ours.append(rows[a][key] - floor)
-                theirs.append(rows[b][key] - floor)
+                if key == "time":
+                    ours.append(inproc[a])
+                    theirs.append(inproc[b])
+                else:
+                    ours.append(rows[a][key] - rows["floor"][key])
+                    theirs.append(rows[b][key] - rows["floor"][key])
         xs = range(len(labels))
         ax.bar([x - 0.2 for x in xs], ours, 0.4, label="lorakit")
         ax.bar([x + 0.2 for x in xs], theirs, 0.4, label="PEFT")
-        if key == "time_vs_floor":
+        if key == "time":
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_ylim(bottom=0.8)
         ax.set_xticks(list(xs), labels, fontsize=7)

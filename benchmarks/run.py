@@ -55,8 +55,10 @@ def train_separate(dtype: str, rounds: int, steps: int, quick: bool) -> dict:
     for method in TRAIN_METHODS:
         ratios = [row[method]["median_s"] / row["floor"]["median_s"] for row in per_round]
         mems = [row[method]["peak_over_loaded_mib"] for row in per_round]
+        saved = per_round[0][method]["saved_mib"]  # deterministic: the same in every round
         result[method] = {"time_vs_floor": statistics.median(ratios),
-                          "time_spread": [min(ratios), max(ratios)], "peak_mib": statistics.median(mems)}
+                          "time_spread": [min(ratios), max(ratios)], "peak_mib": statistics.median(mems),
+                          "saved_mib": saved}
     return result
 
 

@@ -12,7 +12,17 @@ import time
 
 import torch
 
-from benchmarks.common import QUICK, Shape, batch, make, reset_peak_rss, rss_kib, set_threads, train_step
+from benchmarks.common import (
+    QUICK,
+    Shape,
+    batch,
+    make,
+    reset_peak_rss,
+    rss_kib,
+    saved_activation_bytes,
+    set_threads,
+    train_step,
+)
 
 
 def main() -> None:
@@ -26,9 +36,10 @@ def main() -> None:
     shape = QUICK if args.quick else Shape()
     model, optimizer = make(args.method, shape, getattr(torch, args.dtype))
     ids = batch(shape)
-    train_step(model, optimizer, ids)  # warm-up: allocator, optimizer state
+    saved = saved_activation_bytes(model, ids)
     loaded = rss_kib("VmRSS")
     reset_peak_rss()
+    train_step(model, optimizer, ids)  # warm-up (inside the peak: the first step allocates the most)
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -38,6 +49,7 @@ def main() -> None:
     print(json.dumps({
         "method": args.method, "dtype": args.dtype, "median_s": statistics.median(times),
         "times_s": times, "peak_over_loaded_mib": (peak - loaded) / 1024,
+        "saved_mib": saved / 2**20,
     }))
 
 

@@ -30,7 +30,8 @@ def test_every_method_takes_a_training_step(method):
 
 
 def test_report_renders_every_row(tmp_path):
-    train = {m: {"time_vs_floor": 1.0 + i / 10, "time_spread": [1.0, 1.1], "peak_mib": 10.0 * i}
+    train = {m: {"time_vs_floor": 1.0 + i / 10, "time_spread": [1.0, 1.1], "peak_mib": 10.0 * i,
+                 "saved_mib": 5.0 * i}
              for i, m in enumerate(TRAIN_METHODS)}
     inproc = {"ratio_to_floor": {m: 1.0 for m in TRAIN_METHODS}, "median_s": {}}
     infer = {"ratios": {k: 1.01 for _, k in report.INFERENCE_ROWS}}

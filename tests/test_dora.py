@@ -118,8 +118,7 @@ def test_dropout_uses_one_base_matmul_and_matches_reference_with_the_same_mask()
     base.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(3, 8, requires_grad=True)
     torch.manual_seed(7)
-    seed = LF.draw_seed()
-    mask = LF._keep_mask(x, 0.5, seed) / 0.5
+    mask = LF.dropout_keep_mask(x, 0.5) / 0.5  # the same draw the layer makes after reseeding
     torch.manual_seed(7)
     out = layer(x)
     assert len(calls) == 1  # PEFT runs the base weight a second time on dropout(x)

@@ -108,48 +108,65 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.is_floating_point() else torch.float32
 
 
-def seeded_dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted dropout whose mask is a pure function of ``seed``: the backward regenerates it
-    instead of saving a copy of the input (design §5)."""
-    return x * _keep_mask(x, p, seed) / (1.0 - p)
+def dropout_keep_mask(like: torch.Tensor, p: float) -> torch.Tensor:
+    """A boolean keep-mask, each element kept with probability ``1 − p`` (the global generator,
+    so ``torch.manual_seed`` reproduces runs)."""
+    return torch.empty(like.shape, dtype=torch.bool, device=like.device).bernoulli_(1.0 - p)
 
 
-def _keep_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    gen = torch.Generator(device=like.device)
-    gen.manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=gen)
+def apply_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: ``x ⊙ keep / (1 − p)``."""
+    return x * keep / (1.0 - p)
 
 
-def draw_seed() -> int:
-    """A dropout seed drawn from the global generator, so ``torch.manual_seed`` reproduces runs."""
-    return int(torch.randint(0, 2**62, (), device="cpu").item())
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as bits, 8 per byte: (n,) bool → (⌈n/8⌉,) uint8."""
+    flat = keep.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, (-flat.numel()) % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=keep.device)
+    return (flat.reshape(-1, 8) << shifts).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of :func:`pack_mask`."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    flat = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(-1).bool()
+    return flat[: shape.numel()].reshape(shape)
 
 
 class _LoraLinearAccumulate(torch.autograd.Function):
     """``result += s · B (A · dropout(x)) (+ s · b_B)`` in place, with a lean backward.
 
     Saved for backward: ``x`` (the same tensor the caller already holds; no copy), the rank-r
-    intermediate ``h = A·dropout(x)`` (…, r), and the dropout seed. Shapes: result (…, d),
-    x (…, k), A (r, k), B (d, r).
+    intermediate ``h = A·dropout(x)`` (…, r) and, with dropout, the keep-mask packed 8 elements a
+    byte (1/32 of ``x`` in float32, 1/16 in bfloat16) instead of PEFT's dropped-out copy of ``x``.
+    Regenerating the mask from a seed would save those bits but draw every random number twice, and
+    on a CPU the draw costs 20× the rank-r matmul. Shapes: result (…, d), x (…, k), A (r, k), B (d, r).
     """
 
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                b_bias: torch.Tensor | None, s: float, p: float, seed: int) -> torch.Tensor:
+                b_bias: torch.Tensor | None, s: float, p: float) -> torch.Tensor:
         dtype = compute_dtype(x)
         xc = x.to(dtype)
-        xd = seeded_dropout(xc, p, seed) if p > 0 else xc
+        if p > 0:
+            keep = dropout_keep_mask(xc, p)
+            xd, bits = apply_dropout(xc, keep, p), pack_mask(keep)
+            del keep
+        else:
+            xd, bits = xc, torch.empty(0, dtype=torch.uint8)
         h = F.linear(xd, a.to(dtype))  # (…, r)
+        del xd
         result.add_(F.linear(h, b.to(dtype), None if b_bias is None else b_bias.to(dtype)), alpha=s)
-        ctx.save_for_backward(x, a, b, h)
+        ctx.save_for_backward(x, a, b, h, bits)
         ctx.has_bias = b_bias is not None
-        ctx.s, ctx.p, ctx.seed = s, p, seed
+        ctx.s, ctx.p = s, p
         ctx.mark_dirty(result)
         return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, a, b, h = ctx.saved_tensors
+        x, a, b, h, bits = ctx.saved_tensors
         dtype, s = h.dtype, ctx.s
         g2 = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, d)
         h2 = h.reshape(-1, h.shape[-1])  # (N, r)
@@ -159,9 +176,9 @@ class _LoraLinearAccumulate(torch.autograd.Function):
         grad_x = grad_a = None
         need_x = ctx.needs_input_grad[1]
         xc = x.to(dtype)
-        keep = _keep_mask(xc, ctx.p, ctx.seed) if ctx.p > 0 else None
+        keep = unpack_mask(bits, x.shape) if ctx.p > 0 else None
         if ctx.needs_input_grad[2]:
-            xd = xc if keep is None else xc * keep / (1.0 - ctx.p)  # as in forward, bit for bit
+            xd = xc if keep is None else apply_dropout(xc, keep, ctx.p)  # as in forward, bit for bit
             grad_a = (gh.T @ xd.reshape(-1, xd.shape[-1])).to(a.dtype)  # (r, k)
             del xd
         if need_x:
@@ -169,7 +186,7 @@ class _LoraLinearAccumulate(torch.autograd.Function):
             if keep is not None:
                 gx = gx / (1.0 - ctx.p) * keep
             grad_x = gx.to(x.dtype)
-        return grad, grad_x, grad_a, grad_b, grad_bias, None, None, None
+        return grad, grad_x, grad_a, grad_b, grad_bias, None, None
 
 
 def lora_linear_accumulate_(
@@ -186,7 +203,7 @@ def lora_linear_accumulate_(
     ``result + lora_linear(x, A, B, s, ...)`` up to the dtype the sum is computed in.
 
     Without autograd (inference) this is two small GEMMs and one in-place add. With autograd it runs
-    :class:`_LoraLinearAccumulate`, which never copies ``x`` for dropout. Under ``torch.compile`` the
+    :class:`_LoraLinearAccumulate`, which never keeps a copy of ``x`` for dropout. Under ``torch.compile`` the
     plain differentiable ops are used, which the compiler fuses itself.
     """
     p = dropout_p if training else 0.0
@@ -202,8 +219,7 @@ def lora_linear_accumulate_(
         bias = None if lora_b_bias is None else lora_b_bias.to(dtype)
         xc = x.to(dtype)
         if p > 0:  # train mode without autograd still drops (as nn.Dropout does), with the same masks
-            xc = seeded_dropout(xc, p, draw_seed())
+            xc = apply_dropout(xc, dropout_keep_mask(xc, p), p)
         h = F.linear(xc, lora_a.to(dtype))
         return result.add_(F.linear(h, lora_b.to(dtype), bias), alpha=s)
-    seed = draw_seed() if p > 0 else 0
-    return _LoraLinearAccumulate.apply(result, x, lora_a, lora_b, lora_b_bias, s, p, seed)
+    return _LoraLinearAccumulate.apply(result, x, lora_a, lora_b, lora_b_bias, s, p)
