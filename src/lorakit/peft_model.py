@@ -12,7 +12,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
 from typing import Any
 
 from torch import nn
@@ -22,6 +21,7 @@ from lorakit.config import LoraConfig, TaskType
 from lorakit.distributed import group as distributed_group
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.io import adapter_dir
+from lorakit.layers.base import BASE_ROWS, row_adapters
 
 __all__ = ["PeftModel", "LoraModel", "get_peft_model", "inject_adapter_in_model", "register_task_model"]
 
@@ -289,24 +289,17 @@ class PeftModel(nn.Module):
     # -- running --------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _adapter_names_hooks(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        """Pass ``adapter_names`` to every LoRA layer's forward for the duration of one call."""
+        """Give row ``i`` of every batch adapter ``adapter_names[i]`` for the duration of one call."""
         if adapter_names is None:
             yield
             return
         names = list(adapter_names)
-        known = adapters.adapter_names(self.get_base_model()) + ["__base__"]
+        known = list(self.peft_config) + [BASE_ROWS]
         unknown = sorted({n for n in names if n not in known})
         if unknown:
             raise AdapterError(f"adapter_names has unknown adapter(s) {unknown}; existing: {known}")
-        handles = []
-        try:
-            for _, module in injection.lora_modules(self.get_base_model()):
-                hook = partial(_inject_adapter_names, names=names)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        with row_adapters(names):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._adapter_names_hooks(adapter_names):
@@ -322,15 +315,6 @@ class PeftModel(nn.Module):
 
 for _name in FORWARDED_ATTRIBUTES:
     setattr(PeftModel, _name, _forwarded(_name))
-
-
-def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, *, names: list[str]
-                          ) -> tuple[tuple, dict]:
-    rows = args[0].shape[0] if args and hasattr(args[0], "shape") else None
-    if rows is not None and rows != len(names) and rows % len(names) == 0:
-        # generate() with beams or several samples repeats each row; repeat its name alike.
-        names = [n for n in names for _ in range(rows // len(names))]
-    return args, {**kwargs, "adapter_names": names}
 
 
 _TASK_MODELS: dict[TaskType, Callable[..., PeftModel]] = {}

@@ -14,7 +14,9 @@ state.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +28,45 @@ from lorakit.errors import AdapterError
 from lorakit.layers.variants import DORA, LoraVariant
 
 BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+# The per-row adapter names of the model call in progress (PeftModel.forward / generate with
+# adapter_names=...). A context variable reaches every layer without walking the module tree.
+_ROW_ADAPTERS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
+    "lorakit_row_adapters", default=None)
+
+
+# How many row_adapters blocks are open (in any thread): while 0, forward reads no context variable,
+# which torch.compile could not trace (a plain int global it guards on).
+_OPEN_ROW_BLOCKS = 0
+
+
+@contextlib.contextmanager
+def row_adapters(names: Sequence[str]) -> Iterator[None]:
+    """Within the block, LoRA layers give row ``i`` of each batch adapter ``names[i]``."""
+    global _OPEN_ROW_BLOCKS
+    token = _ROW_ADAPTERS.set(tuple(names))
+    _OPEN_ROW_BLOCKS += 1
+    try:
+        yield
+    finally:
+        _OPEN_ROW_BLOCKS -= 1
+        _ROW_ADAPTERS.reset(token)
+
+
+def rows_for(x: torch.Tensor, explicit: Sequence[str] | None) -> list[str] | None:
+    """The adapter name of each row of ``x``: ``explicit``, else the model call's, where a batch
+    that is a multiple of the names (generate() with beams or several samples) repeats each name."""
+    if explicit is not None:
+        return list(explicit)
+    if not _OPEN_ROW_BLOCKS:
+        return None
+    names = _ROW_ADAPTERS.get()
+    if names is None:
+        return None
+    rows = x.shape[0] if x.dim() else 0
+    if names and rows != len(names) and rows % len(names) == 0:
+        return [n for n in names for _ in range(rows // len(names))]
+    return list(names)
 
 
 class LoraLayer(nn.Module, abc.ABC):
@@ -290,6 +331,7 @@ class LoraLayer(nn.Module, abc.ABC):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        adapter_names = rows_for(x, adapter_names)
         if adapter_names is not None:
             self._check_mixed(x, adapter_names)
             return self.add_mixed_(result, x, adapter_names)

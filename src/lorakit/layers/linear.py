@@ -38,6 +38,8 @@ class Linear(LoraLayer):
         super().__init__(base_layer)
         self.in_features, self.out_features = linear_shape(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
+        # the stacked factors of the last mixed batch (inference only); see _stacks
+        self._mixed_cache: dict[str, tuple] = {}
 
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
@@ -107,25 +109,48 @@ class Linear(LoraLayer):
             isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
         if not names or dropout_active:
             return super().add_mixed_(result, x, adapter_names)
-        dtype = LF.compute_dtype(x)
-        r_max = max(self.r[n] for n in names)
-        a_stack = torch.stack([x.new_zeros(r_max, self.in_features, dtype=dtype)] + [
-            F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, r_max - self.r[n])) for n in names])
-        b_stack = torch.stack([x.new_zeros(self.out_features, r_max, dtype=dtype)] + [
-            F.pad(self.lora_B[n].weight.to(dtype) * self.scaling[n], (0, r_max - self.r[n]))
-            for n in names])
+        a_stack, b_stack, bias_stack = self._stacks(names, LF.compute_dtype(x), x.device)
         slot = {n: i + 1 for i, n in enumerate(names)}
         rows = torch.tensor([slot.get(n, 0) for n in adapter_names], device=x.device)
-        x3 = x.to(dtype).reshape(x.shape[0], -1, self.in_features)  # (n, L, k)
+        x3 = x.to(a_stack.dtype).reshape(x.shape[0], -1, self.in_features)  # (n, L, k)
         h = torch.bmm(x3, a_stack.index_select(0, rows).transpose(1, 2))  # (n, L, r)
         out = torch.bmm(h, b_stack.index_select(0, rows).transpose(1, 2))  # (n, L, d)
-        biases = [self.lora_B[n].bias for n in names]
-        if any(b is not None for b in biases):
-            bias_stack = torch.stack([x.new_zeros(self.out_features, dtype=dtype)] + [
-                x.new_zeros(self.out_features, dtype=dtype) if b is None else b.to(dtype) * self.scaling[n]
-                for n, b in zip(names, biases, strict=True)])
+        if bias_stack is not None:
             out = out + bias_stack.index_select(0, rows).unsqueeze(1)
         return result.add_(out.reshape(result.shape))
+
+    def _stacks(self, names: list[str], dtype: torch.dtype, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A (m+1, r_max, k), s·B (m+1, d, r_max), s·b_B (m+1, d) or None) for adapters ``names``.
+
+        Without autograd the stacks are cached and rebuilt only when a factor changes (its tensor
+        version counts every in-place write: optimizer steps, loads, hot-swaps) or is replaced.
+        """
+        factors = [t for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight,
+                                              self.lora_B[n].bias) if t is not None]
+        cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in factors))
+        key = (tuple(names), dtype, device)
+        stamp = (key, tuple((id(t), t._version) for t in factors), tuple(self.scaling[n] for n in names))
+        cached = self._mixed_cache.get("stacks")
+        if cacheable and cached is not None and cached[0] == stamp:
+            return cached[1]
+        r_max = max(self.r[n] for n in names)
+        zeros = torch.zeros
+        a_stack = torch.stack([zeros(r_max, self.in_features, dtype=dtype, device=device)] + [
+            F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, r_max - self.r[n])) for n in names])
+        b_stack = torch.stack([zeros(self.out_features, r_max, dtype=dtype, device=device)] + [
+            F.pad(self.lora_B[n].weight.to(dtype) * self.scaling[n], (0, r_max - self.r[n]))
+            for n in names])
+        biases = [self.lora_B[n].bias for n in names]
+        bias_stack = None
+        if any(b is not None for b in biases):
+            bias_stack = torch.stack([zeros(self.out_features, dtype=dtype, device=device)] + [
+                zeros(self.out_features, dtype=dtype, device=device) if b is None
+                else b.to(dtype) * self.scaling[n] for n, b in zip(names, biases, strict=True)])
+        stacks = (a_stack, b_stack, bias_stack)
+        if cacheable:
+            self._mixed_cache["stacks"] = (stamp, stacks)
+        return stacks
 
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]

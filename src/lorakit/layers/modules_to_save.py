@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
+from lorakit.layers.base import rows_for
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -65,6 +66,7 @@ class ModulesToSaveWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
                 **kwargs: Any) -> Any:
+        adapter_names = rows_for(x, adapter_names)
         if adapter_names is None or self.disable_adapters:
             return self.active_module(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
