@@ -88,7 +88,7 @@ def plot(results: dict, pairs: list, path: Path) -> None:
         if key == "time":
             ax.axhline(1.0, color="gray", lw=0.8)
             ax.set_ylim(bottom=0.8)
-        ax.set_xticks(list(xs), labels, fontsize=7)
+        ax.set_xticks(list(xs), labels, fontsize=7, rotation=35, ha="right")
         ax.set_title(title)
         ax.legend()
     fig.tight_layout()
