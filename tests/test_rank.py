@@ -127,6 +127,8 @@ def test_extract_exact_rank_delta_reproduces_the_tuned_model_in_peft(tmp_path):
     tuned.save_pretrained(tmp_path / "tuned")
     result = extract_adapter(tmp_path / "base", tmp_path / "tuned", rank=k)
     assert set(result.ranks.values()) == {k} and len(result.ranks) == 4
+    by_energy = extract_adapter(tmp_path / "base", tmp_path / "tuned", energy=0.9999)
+    assert set(by_energy.ranks.values()) == {k}  # the energy mode finds the true rank per module
     assert max(result.errors.values()) < 1e-6
     assert result.modules_to_save == ["model.norm"]
     cfg = peft.LoraConfig(**{kk: v for kk, v in result.config.to_dict().items() if kk != "task_type"})

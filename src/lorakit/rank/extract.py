@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.layers import is_conv1d
 from lorakit.rank.factors import pattern_key
-from lorakit.rank.spectrum import rank_for_energy
+from lorakit.rank.spectrum import rank_keeping, relative_error, split_svd
 
 __all__ = ["ExtractResult", "extract_adapter", "Checkpoint"]
 
@@ -129,10 +128,10 @@ def _extract(base: str | Path, tuned: str | Path, *, rank: int | None, energy: f
         weight_pair = found.get("weight", (None, None))
         only_weight_bias = set(changed) <= {"weight", "bias"}
         if lowrank and "weight" in changed and weight_pair[0] is not None and only_weight_bias:
-            factors[name] = _delta(module, found)
+            factors[name] = _delta(module, found, rank, energy)
         else:
             to_save.append(name)
-    return _assemble(factors, to_save, tuned_ckpt, rank, energy, str(base))
+    return _assemble(factors, to_save, tuned_ckpt, rank, str(base))
 
 
 def _pair(base: Checkpoint, tuned: Checkpoint, key: str, prefix: str
@@ -144,55 +143,47 @@ def _pair(base: Checkpoint, tuned: Checkpoint, key: str, prefix: str
     return base_t, tuned_t
 
 
-def _delta(module: nn.Module, found: dict[str, Any]) -> _Delta:
+def _delta(module: nn.Module, found: dict[str, Any], rank: int | None, energy: float | None) -> _Delta:
+    """Factor one module's change right away and keep only the rank-k factors (for scaling 1), so
+    no d × k matrix outlives its module."""
     base_w, tuned_w = found["weight"]
     delta = tuned_w.double() - base_w.double()
     embedding = isinstance(module, nn.Embedding)
     if is_conv1d(module) or embedding:
         delta = delta.T  # Conv1D stores (k, d); an embedding's factors map one-hot (V,) → (D,)
+    u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = rank if rank is not None else rank_keeping(sigma, energy if energy is not None else 1.0)
+    a, b = split_svd(u, sigma, vh.T, k, 1.0)
     bias = None
     if "bias" in found and found["bias"][0] is not None and found["bias"][1] is not None:
         bias = found["bias"][1].double() - found["bias"][0].double()
-    return _Delta(delta, bias, tuned_w.dtype, embedding)
+    return _Delta(a, b, relative_error(sigma, k), bias, tuned_w.dtype, embedding)
 
 
 @dataclasses.dataclass
 class _Delta:
-    matrix: torch.Tensor  # (d, k) float64
+    """One module's change as rank-k factors with ``B A ≈ W_tuned − W_base`` (float64)."""
+
+    a: torch.Tensor  # (k, in)
+    b: torch.Tensor  # (out, k)
+    error: float  # relative Frobenius error of the rank-k approximation
     bias: torch.Tensor | None
     dtype: torch.dtype
     embedding: bool
 
-    def factors(self, k: int, s: float) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """A (k, in), B (out, k) with ``s · B A`` the best rank-k approximation, and its
-        relative Frobenius error (Eckart–Young)."""
-        u, sigma, vh = torch.linalg.svd(self.matrix, full_matrices=False)
-        keep = min(k, sigma.numel())
-        root = (sigma[:keep] / s).sqrt()
-        a = torch.zeros(k, self.matrix.shape[1], dtype=torch.float64)
-        b = torch.zeros(self.matrix.shape[0], k, dtype=torch.float64)
-        a[:keep] = root[:, None] * vh[:keep]
-        b[:, :keep] = u[:, :keep] * root[None, :]
-        return a.to(self.dtype), b.to(self.dtype), relative_error(sigma, k)
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
 
-    def rank_for(self, rank: int | None, energy: float | None) -> int:
-        if rank is not None:
-            return rank
-        sq = torch.linalg.svdvals(self.matrix) ** 2
-        total = float(sq.sum())
-        curve = (sq.cumsum(0) / total).tolist() if total > 0 else [0.0]
-        return max(1, rank_for_energy(curve, energy if energy is not None else 1.0))
-
-
-def relative_error(sigma: torch.Tensor, k: int) -> float:
-    """``sqrt(Σ_{i>k} σ_i² / Σ_i σ_i²)``: the relative error of the best rank-k approximation."""
-    total = float((sigma**2).sum())
-    return math.sqrt(float((sigma[k:] ** 2).sum()) / total) if total > 0 else 0.0
+    def factors(self, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors for scaling ``s`` (``s · B' A' = B A``), in the checkpoint's dtype."""
+        root = s**-0.5
+        return (self.a * root).to(self.dtype), (self.b * root).to(self.dtype)
 
 
 def _assemble(factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint, rank: int | None,
-              energy: float | None, base_path: str) -> ExtractResult:
-    ranks = {name: d.rank_for(rank, energy) for name, d in factors.items()}
+              base_path: str) -> ExtractResult:
+    ranks = {name: d.rank for name, d in factors.items()}
     counts = list(ranks.values())
     base_r = max(set(counts), key=counts.count) if counts else (rank or 8)
     alpha = float(base_r)
@@ -201,7 +192,8 @@ def _assemble(factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint,
     errors: dict[str, float] = {}
     for name, d in factors.items():
         s = alpha / ranks[name]
-        a, b, errors[name] = d.factors(ranks[name], s)
+        a, b = d.factors(s)
+        errors[name] = d.error
         key = name
         if d.embedding:
             state[f"{key}.lora_embedding_A"], state[f"{key}.lora_embedding_B"] = a, b

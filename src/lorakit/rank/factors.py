@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
+from lorakit import functional as LF
 from lorakit.config import LoraConfig
 from lorakit.io.keys import FILE_PREFIX
 from lorakit.targeting import rank_and_alpha
@@ -58,7 +59,7 @@ def split_factors(config: LoraConfig, state_dict: Mapping[str, torch.Tensor]
                 raise ValueError(f"{key} has no matching {b_key} in the adapter")
             r, alpha = rank_and_alpha(config, module_name(prefix))
             rank = int(state_dict[key].shape[0])
-            s = alpha / (rank**0.5) if config.use_rslora else alpha / rank
+            s = LF.scaling(alpha, rank, config.use_rslora)
             if rank != r:
                 raise ValueError(
                     f"{key} has rank {rank} but the config gives this module r={r}; "

@@ -10,15 +10,15 @@ above the current one pads with zero singular values (lossless).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from lorakit import functional as LF
 from lorakit.config import LoraConfig
 from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors
-from lorakit.rank.spectrum import lowrank_svd, rank_for_energy
+from lorakit.rank.spectrum import lowrank_svd, rank_keeping, relative_error, split_svd
 
 __all__ = ["ResizeResult", "resize_adapter", "resize_adapter_files", "truncate_factors"]
 
@@ -38,29 +38,18 @@ def truncate_factors(a: torch.Tensor, b: torch.Tensor, s: float, k: int, new_s: 
     """Rank-k factors (A' (k, …), B' (d, k, …)) with ``new_s · B' A' ≈ s · B A``, and the
     relative Frobenius error (exactly the discarded singular values' share)."""
     u, sigma, v = lowrank_svd(a, b, s)
-    r = sigma.numel()
-    total = float((sigma**2).sum())
-    error = math.sqrt(float((sigma[k:] ** 2).sum()) / total) if total > 0 and k < r else 0.0
-    keep = min(k, r)
-    root = (sigma[:keep] / new_s).sqrt()
-    a_new = torch.zeros((k, v.shape[0]), dtype=torch.float64)
-    b_new = torch.zeros((u.shape[0], k), dtype=torch.float64)
-    a_new[:keep] = root[:, None] * v[:, :keep].T
-    b_new[:, :keep] = u[:, :keep] * root[None, :]
+    a_new, b_new = split_svd(u, sigma, v, k, new_s)
     a_shape = (k, *a.shape[1:])
     b_shape = (b.shape[0], k, *b.shape[2:])
-    return a_new.reshape(a_shape).to(a.dtype), b_new.reshape(b_shape).to(b.dtype), error
+    return (a_new.reshape(a_shape).to(a.dtype), b_new.reshape(b_shape).to(b.dtype),
+            relative_error(sigma, k))
 
 
 def _target_rank(m: ModuleFactors, rank: int | None, energy: float | None) -> int:
     if rank is not None:
         return rank
     assert energy is not None  # resize_adapter checked that exactly one is given
-    _, sigma, _ = lowrank_svd(m.a, m.b, m.scaling)
-    sq = sigma**2
-    total = float(sq.sum())
-    curve = (sq.cumsum(0) / total).tolist() if total > 0 else [0.0]
-    return max(1, rank_for_energy(curve, energy))
+    return rank_keeping(lowrank_svd(m.a, m.b, m.scaling)[1], energy)
 
 
 def resize_adapter(config: LoraConfig, state_dict: Mapping[str, torch.Tensor], *,
@@ -84,7 +73,7 @@ def resize_adapter(config: LoraConfig, state_dict: Mapping[str, torch.Tensor], *
     for m in modules:
         name = module_name(m.prefix)
         k = ranks[name]
-        new_s = alpha / math.sqrt(k) if config.use_rslora else alpha / k
+        new_s = LF.scaling(alpha, k, config.use_rslora)
         out[m.a_key], out[m.b_key], errors[name] = truncate_factors(m.a, m.b, m.scaling, k, new_s)
         bias_key = m.prefix + ".lora_B.bias"
         if bias_key in out:  # the bias enters as s · b: keep s · b fixed under the new scaling

@@ -16,7 +16,8 @@ import math
 
 import torch
 
-__all__ = ["Spectrum", "lowrank_svd", "spectrum", "effective_rank", "stable_rank", "rank_for_energy"]
+__all__ = ["Spectrum", "lowrank_svd", "spectrum", "effective_rank", "stable_rank", "rank_for_energy",
+           "energy_curve", "rank_keeping", "relative_error", "split_svd"]
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
@@ -85,12 +86,43 @@ def rank_for_energy(energy: list[float], level: float) -> int:
     return len(energy)
 
 
+def energy_curve(sigma: torch.Tensor) -> list[float]:
+    """Share of ``Σ σ_i²`` kept by the best rank-1, rank-2, … approximation (zeros if σ = 0)."""
+    sq = sigma**2
+    total = float(sq.sum())
+    return (sq.cumsum(0) / total).tolist() if total > 0 else [0.0] * sigma.numel()
+
+
+def rank_keeping(sigma: torch.Tensor, energy: float) -> int:
+    """The smallest rank (at least 1) keeping ``energy`` of ``Σ σ_i²``."""
+    return max(1, rank_for_energy(energy_curve(sigma), energy))
+
+
+def relative_error(sigma: torch.Tensor, k: int) -> float:
+    """``sqrt(Σ_{i>k} σ_i² / Σ_i σ_i²)``: the relative Frobenius error of the best rank-k
+    approximation (Eckart & Young 1936); 0 for a zero matrix or k ≥ rank."""
+    total = float((sigma**2).sum())
+    return math.sqrt(float((sigma[k:] ** 2).sum()) / total) if total > 0 else 0.0
+
+
+def split_svd(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, k: int, s: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-k factors of ``U diag(σ) Vᵀ`` for scaling ``s``: A (k, n) and B (m, k) with
+    ``s · B A`` the best rank-k approximation; ``B = U_k Σ_k^{1/2} / √s``, ``A = Σ_k^{1/2} V_kᵀ / √s``.
+    Past the rank, rows of A and columns of B are zero (growing is lossless). float64."""
+    keep = min(k, sigma.numel())
+    root = (sigma[:keep].double() / s).sqrt()
+    a = torch.zeros(k, v.shape[0], dtype=torch.float64)
+    b = torch.zeros(u.shape[0], k, dtype=torch.float64)
+    a[:keep] = root[:, None] * v[:, :keep].double().T
+    b[:, :keep] = u[:, :keep].double() * root[None, :]
+    return a, b
+
+
 def spectrum(lora_a: torch.Tensor, lora_b: torch.Tensor, s: float) -> Spectrum:
     """Singular values, energy curve, effective and stable rank of ``s · B A``."""
     _, sigma, _ = lowrank_svd(lora_a, lora_b, s)
-    sq = sigma**2
-    total = float(sq.sum())
-    energy = (sq.cumsum(0) / total).tolist() if total > 0 else [0.0] * sigma.numel()
+    energy = energy_curve(sigma)
     return Spectrum(
         singular_values=sigma.tolist(),
         energy=energy,
