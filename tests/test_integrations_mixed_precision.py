@@ -56,8 +56,15 @@ def test_torch_autocast_trains_float32_adapters_and_matches_peft() -> None:
     inputs = {**text_inputs(), **labels_for("CAUSAL_LM")}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, ref = ours(**inputs), theirs(**inputs)
+    with torch.no_grad():
+        truth = ours(**inputs).logits  # float32, no autocast
     assert out.logits.dtype == torch.bfloat16
-    torch.testing.assert_close(out.logits, ref.logits)
+    # lorakit adds the low-rank product inside the GEMM (one bfloat16 rounding where PEFT makes two),
+    # so the logits agree with PEFT's to bfloat16 rounding; both errors from float32 are set by the
+    # bfloat16 base products and are of one size
+    torch.testing.assert_close(out.logits, ref.logits, atol=8e-3, rtol=1.6e-2)
+    ours_err, peft_err = ((t.logits.float() - truth).abs().mean().item() for t in (out, ref))
+    assert ours_err <= peft_err * 1.25
     out.loss.backward()
     grads = [p.grad for p in ours.parameters() if p.requires_grad]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)

@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit import functional as LF
+from lorakit import fused
 from lorakit import init as LI
-from lorakit.layers.base import BASE_ROWS, LoraLayer
+from lorakit.layers.base import BASE_ROWS, LoraLayer, rows_for
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -81,13 +83,49 @@ class Linear(LoraLayer):
         return LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight,
                                self.scaling[name], self.fan_in_fan_out)
 
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        name = None if args or kwargs else self._sole_plain_adapter(x, adapter_names)
+        if name is None:
+            return super().forward(x, *args, adapter_names=adapter_names, **kwargs)
+        base = self.base_layer
+        return fused.lora_linear_with_base(x, base.weight, base.bias, self.lora_A[name].weight,
+                                           self.lora_B[name].weight, self.scaling[name],
+                                           self._dropout_p(name), self.training)
+
+    def _sole_plain_adapter(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> str | None:
+        """The adapter whose update may share one autograd node with the base product, or ``None``.
+
+        That needs one plain LoRA adapter (no variant, no ``lora_bias``) on the whole batch, and a
+        base that is exactly a frozen ``nn.Linear`` nobody hooks (its forward is bypassed, so
+        offloading, ZeRO-3 gathering or user hooks on it rule this out) in x's dtype, no autocast.
+        """
+        if self.disable_adapters or rows_for(x, adapter_names) is not None:
+            return None
+        base = self.base_layer
+        if type(base) is not nn.Linear or _hooked(base):
+            return None
+        pending = [n for n in self.active_adapters if n not in self.merged_adapters and self.has_adapter(n)]
+        if len(pending) != 1 or pending[0] in self.lora_variant or self.lora_B[pending[0]].bias is not None:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        if type(weight) not in (nn.Parameter, torch.Tensor) or x.dtype != weight.dtype:
+            return None
+        if LF.compute_dtype(x) != x.dtype or x.device != weight.device:
+            return None
+        return pending[0]
+
+    def _dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
     def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """The fused path: accumulate in place, dropout without a copy of ``x``."""
         a, b = self.lora_A[name], self.lora_B[name]
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return LF.lora_linear_accumulate_(result, x, a.weight, b.weight, self.scaling[name], p,
-                                          self.training, b.bias)
+        return fused.lora_linear_accumulate_(result, x, a.weight, b.weight, self.scaling[name],
+                                             self._dropout_p(name), self.training, b.bias)
 
     def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
                    ) -> torch.Tensor:
@@ -156,3 +194,11 @@ class Linear(LoraLayer):
         a, b = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(a.weight.dtype))
         return b(a(x)) * self.scaling[name]
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's ``forward`` (hooks, a patched forward)."""
+    global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
+                    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or "forward" in module.__dict__ or any(global_hooks))
