@@ -15,6 +15,15 @@ INFERENCE_ROWS = [
     ("4 adapters mixed in a 4×16 batch vs one adapter", "mixed_4x16"),
 ]
 
+OPS_ROWS = [
+    ("load an adapter (`PeftModel.from_pretrained`), q/k/v/o", "load_qkvo"),
+    ("load an adapter, all-linear", "load_all_linear"),
+    ("load a second adapter (`load_adapter`), q/k/v/o", "load_second_qkvo"),
+    ("load a second adapter, all-linear", "load_second_all_linear"),
+    ("`merge_and_unload`, q/k/v/o", "merge_and_unload_qkvo"),
+    ("`merge_and_unload`, all-linear", "merge_and_unload_all_linear"),
+]
+
 
 def _train_table(results: dict, pairs: list) -> list[str]:
     lines = ["| base dtype | configuration | step / floor (separate · one process) | saved for backward "
@@ -52,6 +61,14 @@ def _inference_table(results: dict) -> list[str]:
     return lines
 
 
+def _ops_table(results: dict) -> list[str]:
+    ratios = results["ops"]["lorakit_over_peft"]
+    lines = ["| adapter operation (float32, one process, interleaved) | lorakit / PEFT time |", "|---|---|"]
+    for label, key in OPS_ROWS:
+        lines.append(f"| {label} | {ratios[key]:.2f} |")
+    return lines
+
+
 def markdown(results: dict, pairs: list) -> str:
     m = results["machine"]
     s = results["shape"]
@@ -59,7 +76,8 @@ def markdown(results: dict, pairs: list) -> str:
             f"Python {m['python']}. Llama (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, "
             f"intermediate {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} × {s['seq']}, "
             "LoRA r=16 α=32, AdamW; ratios are medians of interleaved runs.", ""]
-    return "\n".join(head + _train_table(results, pairs) + [""] + _inference_table(results)) + "\n"
+    body = _train_table(results, pairs) + [""] + _inference_table(results) + [""] + _ops_table(results)
+    return "\n".join(head + body) + "\n"
 
 
 def plot(results: dict, pairs: list, path: Path) -> None:
@@ -68,7 +86,7 @@ def plot(results: dict, pairs: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 3, 2]})
     for ax, key, title in ((axes[0], "time", "training step time / floor (one process)"),
                            (axes[1], "saved_mib", "saved for backward over the floor (MiB)")):
         labels, ours, theirs = [], [], []
@@ -91,9 +109,20 @@ def plot(results: dict, pairs: list, path: Path) -> None:
         ax.set_xticks(list(xs), labels, fontsize=7, rotation=35, ha="right")
         ax.set_title(title)
         ax.legend()
+    _plot_ops(axes[2], results)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_ops(ax, results: dict) -> None:  # type: ignore[no-untyped-def]
+    """lorakit / PEFT time of the adapter operations (below 1: lorakit is faster)."""
+    ratios = results["ops"]["lorakit_over_peft"]
+    labels = [key.replace("_all_linear", "\nall-linear").replace("_qkvo", "\nq/k/v/o") for _, key in OPS_ROWS]
+    ax.bar(range(len(OPS_ROWS)), [ratios[key] for _, key in OPS_ROWS], 0.6, color="tab:blue")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(list(range(len(OPS_ROWS))), labels, fontsize=7, rotation=35, ha="right")
+    ax.set_title("adapter operations: lorakit / PEFT time")
 
 
 def write_outputs(results: dict, out_dir: Path, pairs: list, update_readme: bool) -> None:

@@ -77,7 +77,7 @@ def main() -> None:
                                  "python": platform.python_version()},
                      "command": "make bench" if not quick else "python -m benchmarks.run --quick",
                      "quick": quick, "shape": dataclasses.asdict(QUICK if quick else Shape()),
-                     "train": {}, "train_inprocess": {}, "inference": {}}
+                     "train": {}, "train_inprocess": {}, "inference": {}, "ops": {}}
     for dtype in ("float32", "bfloat16"):
         results["train"][dtype] = train_separate(dtype, rounds, steps, quick)
         print(f"  [train {dtype}] one process, interleaved", flush=True)
@@ -88,6 +88,9 @@ def main() -> None:
         print(f"  [inference] {lib}", flush=True)
         results["inference"][lib] = _run(["benchmarks.infer_worker", "--lib", lib, "--rounds",
                                           "1" if quick else "7"] + (["--quick"] if quick else []))
+    print("  [adapter operations] lorakit and PEFT, interleaved", flush=True)
+    results["ops"] = _run(["benchmarks.ops_worker", "--rounds", "1" if quick else "7"]
+                          + (["--quick"] if quick else []))
     write_outputs(results, out_dir, PAIRS, update_readme=not quick)
     print(f"wrote {out_dir}/results.json, results.md, results.png")
 
