@@ -147,14 +147,23 @@ def _refuse_wrapped(model: nn.Module) -> None:
         )
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is a child (shared modules may have several parents)."""
-    for parent in list(model.modules()):
-        # ``_modules`` rather than ``named_children()``: the latter yields a module once even when
-        # the parent holds it under two names, and the second name would keep the unwrapped module.
-        for child_name, child in list(parent._modules.items()):
-            if child is old:
-                setattr(parent, child_name, new)
+def _parent_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(module) → every (parent, attribute name) holding it (shared modules have several).
+
+    ``_modules`` rather than ``named_children()``: the latter yields a module once even when the
+    parent holds it under two names, and the second name would keep the unwrapped module."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None:
+                slots.setdefault(id(child), []).append((parent, child_name))
+    return slots
+
+
+def _replace(slots: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child."""
+    for parent, child_name in slots.get(id(old), []):
+        setattr(parent, child_name, new)
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
@@ -165,6 +174,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     """
     p = plan(model, config, adapter_name)
     cfg = p.config
+    slots = _parent_slots(model)
     for name, module in p.targets:
         if isinstance(module, LoraLayer):
             layer = module
@@ -172,7 +182,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             layer_cls = lora_layer_for(module)
             assert layer_cls is not None  # guaranteed by plan()
             layer = layer_cls(module)
-            _replace(model, module, layer)
+            _replace(slots, module, layer)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
                           init=cfg.init_lora_weights, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
@@ -181,7 +191,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     for _name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
-            _replace(model, module, wrapper)
+            _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
     params = [p for _, m in lora_modules(model) if m.has_adapter(adapter_name)
@@ -198,14 +208,15 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     ``keep_merged=True`` (``merge_and_unload()``): base layers keep what was merged into them and
     each modules-to-save wrapper is replaced by its active copy.
     """
+    slots = _parent_slots(model)
     for _, module in list(lora_modules(model)):
         if isinstance(module, LoraLayer):
             if not keep_merged:
                 module.unmerge()
-            _replace(model, module, module.base_layer)
+            _replace(slots, module, module.base_layer)
         else:
             replacement = module.active_module if keep_merged else module.original_module
-            _replace(model, module, replacement)
+            _replace(slots, module, replacement)
     return model
 
 
@@ -213,11 +224,12 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
     """Undo :func:`inject`: remove ``adapter_name`` everywhere and unwrap every LoRA layer or
     wrapper left without any adapter, so the model's structure is as before the injection.
     (Used to roll back a load that failed after injecting; the adapter must not be merged.)"""
+    slots = _parent_slots(model)
     for _, module in list(lora_modules(model)):
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
         if not module.adapter_names:
             if isinstance(module, LoraLayer):
-                _replace(model, module, module.base_layer)
+                _replace(slots, module, module.base_layer)
             else:
-                _replace(model, module, module.original_module)
+                _replace(slots, module, module.original_module)

@@ -18,6 +18,7 @@ are recognised by class name, so neither torch.distributed nor deepspeed is impo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -62,8 +63,14 @@ def canonical_name(name: str, *, outer: bool = False) -> str:
     return ".".join(parts)
 
 
-def _class_names(obj: object) -> set[str]:
-    return {c.__name__ for c in type(obj).__mro__}
+def _class_names(obj: object) -> frozenset[str]:
+    return _type_names(type(obj))
+
+
+@functools.cache
+def _type_names(cls: type) -> frozenset[str]:
+    """The names of ``cls`` and its bases (cached: every module and parameter of a model is asked)."""
+    return frozenset(c.__name__ for c in cls.__mro__)
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -86,8 +93,9 @@ def wrapping_problems(model: nn.Module) -> list[str]:
     """Why ``model`` is already wrapped or sharded by an engine, one line per engine (empty: plain)."""
     found: dict[str, str] = {}
     for name, module in model.named_modules():
+        names = _class_names(module)
         for cls, engine in _ENGINE_CLASSES.items():
-            if cls in _class_names(module) and engine not in found:
+            if cls in names and engine not in found:
                 found[engine] = f"module {name or '<root>'!r} is a {type(module).__name__}"
     for name, param in model.named_parameters():
         if is_dtensor(param):

@@ -47,14 +47,21 @@ def model_type_of(model: nn.Module) -> str | None:
 
 
 def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` without the insides of LoRA layers and modules-to-save wrappers."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
+    """``named_modules`` (same order, each module once) without the insides of LoRA layers and
+    modules-to-save wrappers, which are not descended into."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
             continue
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
-            skip.append(name + ".")
+        seen.add(id(module))
         yield name, module
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+            continue
+        children = [(f"{name}.{child_name}" if name else child_name, child)
+                    for child_name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
 
 
 def _is_linear(module: nn.Module) -> bool:

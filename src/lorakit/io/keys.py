@@ -130,16 +130,20 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
     cfg = plan.config
     shapes: dict[str, tuple[int, ...]] = {}
     target_names = set()
+    by_kind: dict[tuple, dict[str, tuple[int, ...]]] = {}  # q/k/v of every block share one scratch
     for name, module in plan.targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         layer_cls = lora_layer_for(base)
         if layer_cls is None:  # plan() refuses these; kept for type narrowing
             continue
-        scratch = layer_cls(base)
         r, alpha = rank_and_alpha(cfg, name)
-        scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
-                            init=False, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
-        shapes.update({k: tuple(t.shape) for k, t in _layer_tensors(name, scratch, adapter_name).items()})
+        kind = (layer_cls, type(base), r, _shape_signature(base))
+        if kind not in by_kind:
+            scratch = layer_cls(base)
+            scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
+                                init=False, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
+            by_kind[kind] = {k: tuple(t.shape) for k, t in _layer_tensors("", scratch, adapter_name).items()}
+        shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
         target_names.add(name)
     for name, module in plan.to_save:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
@@ -157,6 +161,13 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
             elif cfg.bias == "all" and not any(pname.startswith(n + ".") for n, _ in plan.to_save):
                 shapes[pname] = tuple(param.shape)
     return shapes
+
+
+def _shape_signature(base: nn.Module) -> tuple:
+    """What an adapter's shapes can depend on: the base's own parameter shapes and conv geometry."""
+    params = tuple((n, tuple(p.shape)) for n, p in base.named_parameters(recurse=False))
+    conv = tuple(getattr(base, a, None) for a in ("in_channels", "out_channels", "kernel_size", "groups"))
+    return params, conv
 
 
 def _embedding_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
