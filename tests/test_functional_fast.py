@@ -32,7 +32,7 @@ def _leaves(dtype, bias, shape=(3, 5, 16), values=None):
     return x, w, a, b, bb
 
 
-def _run(kind, dtype, p, bias, shape, fast, values=None):
+def _run(kind, dtype, p, bias, shape, fast, values=None, s=2.0):
     """Outputs and gradients (x, A, B[, b_B]) of one path: ``fast`` is lorakit.fused's ``kind``."""
     x, w, a, b, bb = _leaves(dtype, bias and kind == "accumulate", shape, values)
     base_bias = None
@@ -40,12 +40,12 @@ def _run(kind, dtype, p, bias, shape, fast, values=None):
         base_bias = torch.randn(w.shape[0]).to(values or dtype).to(dtype)
     torch.manual_seed(123)
     if fast and kind == "accumulate":
-        out = fused.lora_linear_accumulate_(F.linear(x, w), x, a, b, 2.0, p, True, bb)
+        out = fused.lora_linear_accumulate_(F.linear(x, w), x, a, b, s, p, True, bb)
     elif fast:
-        out = fused.lora_linear_with_base(x, w, base_bias, a, b, 2.0, p, True)
+        out = fused.lora_linear_with_base(x, w, base_bias, a, b, s, p, True)
     else:
         keep = LF.dropout_keep_mask(x, p) if p > 0 else None  # the same draw as the fast path
-        out = _reference(F.linear(x, w, base_bias), x, a, b, 2.0, p, keep, bb)
+        out = _reference(F.linear(x, w, base_bias), x, a, b, s, p, keep, bb)
     g = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
     out.backward(g)
     return [out.detach(), x.grad, a.grad, b.grad] + ([bb.grad] if bb is not None else [])
@@ -266,3 +266,15 @@ def test_general_path_whenever_one_node_would_skip_something(case):
         torch.testing.assert_close(out, (layer.base_layer.weight @ x.detach()[..., None])[..., 0] * 2
                                    + layer.base_layer.bias * 2 + layer.lora_branch(x.detach(), "default"),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["accumulate", "with_base"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_fast_path_with_a_scaling_that_rounds_is_within_one_rounding(kind, p):
+    """With s = 0.7 the product ``s · (h Bᵀ)`` is rounded, and the fused add (as a GEMM with alpha or
+    ``add_(…, alpha=s)``) may use one multiply-add where the reference rounds twice."""
+    fast_ts = _run(kind, torch.float32, p, False, (3, 5, 16), True, s=0.7)
+    ref_ts = _run(kind, torch.float32, p, False, (3, 5, 16), False, s=0.7)
+    for fast_t, ref_t in zip(fast_ts, ref_ts, strict=True):
+        two_ulps = ref_t.abs().max().item() * 2.0**-22  # float32 ulp at the largest value, twice
+        torch.testing.assert_close(fast_t, ref_t, rtol=0, atol=two_ulps)

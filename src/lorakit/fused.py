@@ -52,8 +52,9 @@ def _add_low_rank_(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias:
                    s: float) -> torch.Tensor:
     """``result += s · (h Bᵀ + b_B)``; without a bias the product is accumulated by the GEMM itself.
 
-    In float32 ``addmm_`` gives the same bits as a separate product and add; in bfloat16/float16 it
-    rounds once instead of twice."""
+    In float32 this equals :func:`lorakit.functional.lora_linear` added to ``result`` bit for bit
+    when ``s`` is a power of two (``s · p`` is then exact) and to within one rounding otherwise (a
+    multiply-add); in bfloat16/float16 the GEMM accumulates in float32 and rounds once, not twice."""
     b = b.to(h.dtype)
     if bias is None and result.dtype == h.dtype and result.is_contiguous() and result.dim() >= 1:
         result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), b.T, alpha=s)
