@@ -18,7 +18,6 @@ are recognised by class name, so neither torch.distributed nor deepspeed is impo
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -63,14 +62,17 @@ def canonical_name(name: str, *, outer: bool = False) -> str:
     return ".".join(parts)
 
 
+_TYPE_NAMES: dict[type, frozenset[str]] = {}
+
+
 def _class_names(obj: object) -> frozenset[str]:
-    return _type_names(type(obj))
-
-
-@functools.cache
-def _type_names(cls: type) -> frozenset[str]:
-    """The names of ``cls`` and its bases (cached: every module and parameter of a model is asked)."""
-    return frozenset(c.__name__ for c in cls.__mro__)
+    """The names of ``obj``'s class and its bases (cached per class: every module and parameter of
+    a model is asked)."""
+    cls = type(obj)
+    names = _TYPE_NAMES.get(cls)
+    if names is None:
+        names = _TYPE_NAMES[cls] = frozenset(c.__name__ for c in cls.__mro__)
+    return names
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
