@@ -66,6 +66,13 @@ def _ops_table(results: dict) -> list[str]:
     lines = ["| adapter operation (float32, one process, interleaved) | lorakit / PEFT time |", "|---|---|"]
     for label, key in OPS_ROWS:
         lines.append(f"| {label} | {ratios[key]:.2f} |")
+    compiled = results["compile"]
+    lines += ["", "| torch.compile (inductor), q/k/v/o training step, float32 | lorakit | PEFT |",
+              "|---|---|---|",
+              "| compiled / eager step time | " + " | ".join(
+                  f"{compiled['compiled_over_eager'][lib]:.2f}" for lib in ("lorakit", "peft")) + " |",
+              "| graph breaks in a training forward | " + " | ".join(
+                  str(compiled["graph_breaks"][lib]) for lib in ("lorakit", "peft")) + " |"]
     return lines
 
 

@@ -77,7 +77,7 @@ def main() -> None:
                                  "python": platform.python_version()},
                      "command": "make bench" if not quick else "python -m benchmarks.run --quick",
                      "quick": quick, "shape": dataclasses.asdict(QUICK if quick else Shape()),
-                     "train": {}, "train_inprocess": {}, "inference": {}, "ops": {}}
+                     "train": {}, "train_inprocess": {}, "inference": {}, "ops": {}, "compile": {}}
     for dtype in ("float32", "bfloat16"):
         results["train"][dtype] = train_separate(dtype, rounds, steps, quick)
         print(f"  [train {dtype}] one process, interleaved", flush=True)
@@ -91,6 +91,9 @@ def main() -> None:
     print("  [adapter operations] lorakit and PEFT, interleaved", flush=True)
     results["ops"] = _run(["benchmarks.ops_worker", "--rounds", "1" if quick else "7"]
                           + (["--quick"] if quick else []))
+    print("  [torch.compile] lorakit and PEFT, compiled and eager, interleaved", flush=True)
+    results["compile"] = _run(["benchmarks.compile_worker", "--steps", "3" if quick else "15"]
+                              + (["--quick"] if quick else []))
     write_outputs(results, out_dir, PAIRS, update_readme=not quick)
     print(f"wrote {out_dir}/results.json, results.md, results.png")
 

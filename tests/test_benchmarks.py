@@ -39,11 +39,13 @@ def test_report_renders_every_row(tmp_path):
     results = {"machine": {"cores": 2, "cpu": "test", "python": "3"}, "command": "x",
                "shape": common.QUICK.__dict__, "train": {"float32": train},
                "train_inprocess": {"float32": inproc}, "inference": {"lorakit": infer, "peft": infer},
-               "ops": ops}
+               "ops": ops, "compile": {"compiled_over_eager": {"lorakit": 0.8, "peft": 0.85},
+                                       "graph_breaks": {"lorakit": 0, "peft": 0}}}
     report.write_outputs(results, tmp_path, PAIRS, update_readme=False)
     table = (tmp_path / "results.md").read_text()
     assert table.count("**lorakit**") == len(PAIRS)
     assert table.count("| 0.90 |") == len(report.OPS_ROWS)
+    assert "| compiled / eager step time | 0.80 | 0.85 |" in table
     assert json.loads((tmp_path / "results.json").read_text())["command"] == "x"
     assert (tmp_path / "results.png").stat().st_size > 1000
 
