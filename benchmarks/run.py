@@ -73,9 +73,10 @@ def main() -> None:
     steps = 2 if quick else 6
     out_dir = args.out or (HERE if not quick else Path(os.environ.get("TMPDIR", "/tmp")) / "lorakit-bench")
     out_dir.mkdir(parents=True, exist_ok=True)
+    command = "make bench" if rounds == 3 else f"python -m benchmarks.run --rounds {rounds}"
     results: dict = {"machine": {"cores": os.cpu_count(), "cpu": _cpu_name(),
                                  "python": platform.python_version()},
-                     "command": "make bench" if not quick else "python -m benchmarks.run --quick",
+                     "command": command if not quick else "python -m benchmarks.run --quick",
                      "quick": quick, "shape": dataclasses.asdict(QUICK if quick else Shape()),
                      "train": {}, "train_inprocess": {}, "inference": {}, "ops": {}, "compile": {}}
     for dtype in ("float32", "bfloat16"):
