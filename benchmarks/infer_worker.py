@@ -19,14 +19,10 @@ import torch
 from benchmarks.common import QKVO, QUICK, Shape, batch, build_base, set_threads
 
 
-def _timed(fn: Callable[[], object], repeat: int) -> float:
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time.perf_counter() - start
 
 
 def _lib(name: str):  # type: ignore[no-untyped-def]
@@ -43,7 +39,9 @@ def build_cases(lib_name: str, shape: Shape) -> dict[str, Callable[[], object]]:
     lib = _lib(lib_name)
     long_ids, short_ids = batch(shape), batch(Shape(**{**shape.__dict__, "seq": 16}))
     base = build_base(shape).eval()
-    cases: dict[str, Callable[[], object]] = {"base": lambda: base(input_ids=long_ids)}
+    twin = build_base(shape).eval()  # the noise control: an identical model timed like the others
+    cases: dict[str, Callable[[], object]] = {"base": lambda: base(input_ids=long_ids),
+                                              "base_twin": lambda: twin(input_ids=long_ids)}
     for label, targets in (("qkvo", QKVO), ("all_linear", "all-linear")):
         cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
         model = lib.get_peft_model(build_base(shape).eval(), cfg).eval()
@@ -69,7 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lib", choices=["lorakit", "peft"], required=True)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     set_threads()
@@ -77,9 +75,16 @@ def main() -> None:
     cases = build_cases(args.lib, shape)
     samples: dict[str, list[float]] = {k: [] for k in cases}
     with torch.no_grad():
+        for fn in cases.values():
+            fn()
         for _ in range(args.rounds):
-            for name, fn in cases.items():
-                samples[name].append(_timed(fn, args.repeat))
+            # one call of every case per repeat: a case and its reference run seconds apart at most
+            round_times: dict[str, list[float]] = {k: [] for k in cases}
+            for _ in range(args.repeat):
+                for name, fn in cases.items():
+                    round_times[name].append(_timed(fn))
+            for name, values in round_times.items():
+                samples[name].append(statistics.median(values))
     ratios = {}
     for name, values in samples.items():
         ref = samples["single_" + name.split("_", 1)[1]] if name.startswith("mixed_") else samples["base"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 INFERENCE_ROWS = [
+    ("noise control: an identical base model vs base", "base_twin"),
     ("merged q/k/v/o vs base", "merged_qkvo"),
     ("unmerged q/k/v/o vs base", "unmerged_qkvo"),
     ("unmerged all-linear vs base", "unmerged_all_linear"),

@@ -88,7 +88,7 @@ def main() -> None:
     for lib in ("lorakit", "peft"):
         print(f"  [inference] {lib}", flush=True)
         results["inference"][lib] = _run(["benchmarks.infer_worker", "--lib", lib, "--rounds",
-                                          "1" if quick else "7"] + (["--quick"] if quick else []))
+                                          "1" if quick else "11"] + (["--quick"] if quick else []))
     print("  [adapter operations] lorakit and PEFT, interleaved", flush=True)
     results["ops"] = _run(["benchmarks.ops_worker", "--rounds", "1" if quick else "7"]
                           + (["--quick"] if quick else []))
