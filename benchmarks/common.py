@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,13 +63,28 @@ def _full(model: nn.Module) -> nn.Module:
     return model
 
 
+def library(name: str):  # type: ignore[no-untyped-def]
+    """The ``lorakit`` or ``peft`` module: both expose LoraConfig, get_peft_model and PeftModel."""
+    if name == "peft":
+        import peft
+
+        return peft
+    import lorakit
+
+    return lorakit
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def _lora(lib: str, targets: list[str] | str, dropout: float = 0.0, dora: bool = False
           ) -> Callable[[nn.Module], nn.Module]:
     def apply(model: nn.Module) -> nn.Module:
-        if lib == "peft":
-            import peft as mod
-        else:
-            import lorakit as mod  # type: ignore[no-redef]
+        mod = library(lib)
         kwargs = {"use_dora": True} if dora else {}
         config = mod.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=dropout,
                                 **kwargs)

@@ -11,32 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-from benchmarks.common import QKVO, QUICK, Shape, batch, build_base, set_threads
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _lib(name: str):  # type: ignore[no-untyped-def]
-    if name == "peft":
-        import peft
-
-        return peft
-    import lorakit
-
-    return lorakit
+from benchmarks.common import QKVO, QUICK, Shape, batch, build_base, library, set_threads, timed
 
 
 def build_cases(lib_name: str, shape: Shape) -> dict[str, Callable[[], object]]:
-    lib = _lib(lib_name)
+    lib = library(lib_name)
     long_ids, short_ids = batch(shape), batch(Shape(**{**shape.__dict__, "seq": 16}))
     base = build_base(shape).eval()
     twin = build_base(shape).eval()  # the noise control: an identical model timed like the others
@@ -82,7 +65,7 @@ def main() -> None:
             round_times: dict[str, list[float]] = {k: [] for k in cases}
             for _ in range(args.repeat):
                 for name, fn in cases.items():
-                    round_times[name].append(_timed(fn))
+                    round_times[name].append(timed(fn))
             for name, values in round_times.items():
                 samples[name].append(statistics.median(values))
     ratios = {}

@@ -20,32 +20,16 @@ import copy
 import json
 import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.common import QKVO, QUICK, Shape, build_base, set_threads
+from benchmarks.common import QKVO, QUICK, Shape, build_base, library, set_threads, timed
 
 LIBS = ("lorakit", "peft")
 
 
-def _lib(name: str):  # type: ignore[no-untyped-def]
-    if name == "peft":
-        import peft
-
-        return peft
-    import lorakit
-
-    return lorakit
-
-
-def _timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def _save_adapter(template: nn.Module, targets: list[str] | str, path: Path) -> None:
@@ -57,13 +41,13 @@ def _save_adapter(template: nn.Module, targets: list[str] | str, path: Path) -> 
 
 
 def _one_round(lib_name: str, template: nn.Module, path: Path) -> dict[str, float]:
-    lib = _lib(lib_name)
+    lib = library(lib_name)
     base = copy.deepcopy(template)
-    out = {"load": _timed(lambda: lib.PeftModel.from_pretrained(base, path))}
+    out = {"load": timed(lambda: lib.PeftModel.from_pretrained(base, path))}
     model = lib.PeftModel.from_pretrained(copy.deepcopy(template), path)
-    out["load_second"] = _timed(lambda: model.load_adapter(path, "second"))
+    out["load_second"] = timed(lambda: model.load_adapter(path, "second"))
     model = lib.PeftModel.from_pretrained(copy.deepcopy(template), path)
-    out["merge_and_unload"] = _timed(model.merge_and_unload)
+    out["merge_and_unload"] = timed(model.merge_and_unload)
     return out
 
 

@@ -384,6 +384,22 @@ def toy_two_adapters(request):
     return peft_model, x, reference, original
 
 
+def _apply_state_op(peft_model, op: str) -> bool:
+    """Run one merge / unmerge / set_adapter step of the generated sequences on adapters
+    "default" and "b"; False for the ops each test handles itself."""
+    if op == "merge":
+        peft_model.merge_adapter()
+    elif op in ("merge_a", "merge_b"):
+        peft_model.merge_adapter(["default" if op == "merge_a" else "b"])
+    elif op == "unmerge":
+        peft_model.unmerge_adapter()
+    elif op.startswith("set_"):
+        peft_model.set_adapter({"set_a": "default", "set_b": "b", "set_ab": ["default", "b"]}[op])
+    else:
+        return False
+    return True
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS)
 def test_any_sequence_of_state_changes(toy_two_adapters, ops):
@@ -392,14 +408,8 @@ def test_any_sequence_of_state_changes(toy_two_adapters, ops):
     peft_model.unmerge_adapter()
     peft_model.set_adapter("default")
     for op in ops:
-        if op == "merge":
-            peft_model.merge_adapter()
-        elif op in ("merge_a", "merge_b"):
-            peft_model.merge_adapter(["default" if op == "merge_a" else "b"])
-        elif op == "unmerge":
-            peft_model.unmerge_adapter()
-        elif op.startswith("set_"):
-            peft_model.set_adapter({"set_a": "default", "set_b": "b", "set_ab": ["default", "b"]}[op])
+        if _apply_state_op(peft_model, op):
+            pass
         elif op == "disable":
             with peft_model.disable_adapter():
                 assert torch.equal(logits(peft_model, x), reference[frozenset()])
@@ -460,17 +470,9 @@ def test_any_sequence_then_unmerge_is_bit_exact_in_low_precision(ops, dtype):
     peft_model = lorakit.get_peft_model(model, config)
     add_second(peft_model, "toy", name="b")
     for op in ops:
-        if op == "merge":
-            peft_model.merge_adapter()
-        elif op in ("merge_a", "merge_b"):
-            peft_model.merge_adapter(["default" if op == "merge_a" else "b"])
-        elif op == "unmerge":
-            peft_model.unmerge_adapter()
-        elif op == "disable":
+        if not _apply_state_op(peft_model, op):  # "disable": entered and left, changing nothing
             with peft_model.disable_adapter():
                 pass
-        else:
-            peft_model.set_adapter("b" if op == "set_b" else ["default", "b"])
     assert_same_state(original, peft_model.unload())
 
 

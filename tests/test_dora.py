@@ -193,6 +193,17 @@ def test_magnitude_init_keys_and_shapes_match_peft(arch):
         torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-5, msg=key)
 
 
+def _adapter_grads(pm, lk, want, got):
+    """Backpropagate ``mean(out²)`` through PEFT's (``want``) and lorakit's (``got``) outputs; each
+    model's trainable gradients by name without the adapter name, checked to be the same set."""
+    want.square().mean().backward()
+    got.square().mean().backward()
+    pg = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    lg = {n.replace(".default", ""): p.grad for n, p in lk.named_parameters() if p.requires_grad}
+    assert sorted(pg) == sorted(lg)
+    return pg, lg
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_outputs_gradients_and_merge_match_peft(arch):
     base, pm, lk, inputs = _pair(arch)
@@ -203,11 +214,7 @@ def test_outputs_gradients_and_merge_match_peft(arch):
     assert effect > 1e-3
     want, got = main_output(pm(**inputs)), main_output(lk(**inputs))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
-    want.square().mean().backward()
-    got.square().mean().backward()
-    pg = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if p.requires_grad}
-    lg = {n.replace(".default", ""): p.grad for n, p in lk.named_parameters() if p.requires_grad}
-    assert sorted(pg) == sorted(lg)
+    pg, lg = _adapter_grads(pm, lk, want, got)
     for name, grad in pg.items():
         torch.testing.assert_close(lg[name], grad, atol=1e-6, rtol=1e-4, msg=name)
     pm.merge_adapter()
@@ -239,11 +246,7 @@ def test_bf16_base_outputs_and_gradients_match_peft():
     lorakit.set_peft_model_state_dict(lk, _peft_sd(pm))
     want, got = main_output(pm(**inputs)).float(), main_output(lk(**inputs)).float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
-    want.square().mean().backward()
-    got.square().mean().backward()
-    pg = {n.replace(".default", ""): p.grad for n, p in pm.named_parameters() if p.requires_grad}
-    lg = {n.replace(".default", ""): p.grad for n, p in lk.named_parameters() if p.requires_grad}
-    assert sorted(pg) == sorted(lg)
+    pg, lg = _adapter_grads(pm, lk, want, got)
     for name, grad in pg.items():
         assert lg[name].dtype == grad.dtype == torch.float32, name  # float32 adapters on a bf16 base
         assert (lg[name] - grad).abs().max() <= 0.1 * grad.abs().max() + 1e-6, name

@@ -157,7 +157,7 @@ def test_dropout_rate_is_p_within_sampling_error(p):
     n = 1 << 21
     dropped = 1.0 - LF.dropout_keep_mask(torch.empty(n), p).double().mean().item()
     assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5
-    # the words are uniform: each 1/16 of the range is hit 1/16 of the time
+    # the words are uniform: a quarter and three quarters of their range are hit in those shares
     hist = torch.stack([LF.dropout_keep_mask(torch.empty(n), q).double().mean() for q in (0.25, 0.75)])
     torch.testing.assert_close(hist, torch.tensor([0.75, 0.25], dtype=torch.float64), atol=2e-3, rtol=0)
 

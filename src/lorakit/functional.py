@@ -137,8 +137,10 @@ def mask_values(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def apply_dropout(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout with a given mask: ``x ⊙ keep / (1 − p)``."""
-    return (x * mask_values(keep, x.dtype)).div_(1.0 - p)
+    """Inverted dropout with a given mask: ``x ⊙ keep / (1 − p)``; ``keep`` is a bool mask or
+    already :func:`mask_values` in x's dtype."""
+    values = keep if keep.dtype == x.dtype else mask_values(keep, x.dtype)
+    return (x * values).div_(1.0 - p)
 
 
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:

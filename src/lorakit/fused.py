@@ -76,7 +76,7 @@ def _low_rank_grads(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Tens
     grad_a = None
     if ctx.needs_input_grad[a_index]:
         xc = x.to(dtype)
-        xd = xc if mask is None else (xc * mask).div_(1.0 - p)  # as in forward, bit for bit
+        xd = xc if mask is None else apply_dropout(xc, mask, p)  # as in forward, bit for bit
         grad_a = (gh.T @ xd.reshape(-1, xd.shape[-1])).to(a.dtype)  # (r, k)
     return grad_a, grad_b, grad_bias, gh, mask
 
