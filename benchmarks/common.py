@@ -39,9 +39,13 @@ def build_base(shape: Shape, dtype: torch.dtype = torch.float32, seed: int = 0) 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads, intermediate_size=shape.intermediate,
-        vocab_size=shape.vocab, max_position_embeddings=max(shape.seq, 64),
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        vocab_size=shape.vocab,
+        max_position_embeddings=max(shape.seq, 64),
     )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(dtype)
@@ -81,13 +85,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _lora(lib: str, targets: list[str] | str, dropout: float = 0.0, dora: bool = False
-          ) -> Callable[[nn.Module], nn.Module]:
+def _lora(
+    lib: str, targets: list[str] | str, dropout: float = 0.0, dora: bool = False
+) -> Callable[[nn.Module], nn.Module]:
     def apply(model: nn.Module) -> nn.Module:
         mod = library(lib)
         kwargs = {"use_dora": True} if dora else {}
-        config = mod.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=dropout,
-                                **kwargs)
+        config = mod.LoraConfig(r=16, lora_alpha=32, target_modules=targets, lora_dropout=dropout, **kwargs)
         return mod.get_peft_model(model, config)
 
     return apply

@@ -49,11 +49,19 @@ def main() -> None:
             start = time.perf_counter()
             train_step(model, optimizer, ids)
             times[key].append(time.perf_counter() - start)
-    print(json.dumps({
-        "compiled_over_eager": {lib: statistics.median(c / e for c, e in zip(
-            times[(lib, "compiled")], times[(lib, "eager")], strict=True)) for lib in LIBS},
-        "graph_breaks": breaks,
-    }))
+    print(
+        json.dumps(
+            {
+                "compiled_over_eager": {
+                    lib: statistics.median(
+                        c / e for c, e in zip(times[(lib, "compiled")], times[(lib, "eager")], strict=True)
+                    )
+                    for lib in LIBS
+                },
+                "graph_breaks": breaks,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,21 +23,28 @@ def build_cases(lib_name: str, shape: Shape) -> dict[str, Callable[[], object]]:
     long_ids, short_ids = batch(shape), batch(Shape(**{**shape.__dict__, "seq": 16}))
     base = build_base(shape).eval()
     twin = build_base(shape).eval()  # the noise control: an identical model timed like the others
-    cases: dict[str, Callable[[], object]] = {"base": lambda: base(input_ids=long_ids),
-                                              "base_twin": lambda: twin(input_ids=long_ids)}
+    cases: dict[str, Callable[[], object]] = {
+        "base": lambda: base(input_ids=long_ids),
+        "base_twin": lambda: twin(input_ids=long_ids),
+    }
     for label, targets in (("qkvo", QKVO), ("all_linear", "all-linear")):
         cfg = lib.LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
         model = lib.get_peft_model(build_base(shape).eval(), cfg).eval()
         cases[f"unmerged_{label}"] = (lambda m: lambda: m(input_ids=long_ids))(model)
-    merged = lib.get_peft_model(build_base(shape).eval(), lib.LoraConfig(
-        r=16, lora_alpha=32, target_modules=QKVO, init_lora_weights=False)).eval()
+    merged = lib.get_peft_model(
+        build_base(shape).eval(),
+        lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO, init_lora_weights=False),
+    ).eval()
     merged.merge_adapter()
     cases["merged_qkvo"] = lambda: merged(input_ids=long_ids)
-    multi = lib.get_peft_model(build_base(shape).eval(), lib.LoraConfig(
-        r=16, lora_alpha=32, target_modules=QKVO, init_lora_weights=False)).eval()
+    multi = lib.get_peft_model(
+        build_base(shape).eval(),
+        lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO, init_lora_weights=False),
+    ).eval()
     for i in range(1, 4):
-        multi.add_adapter(f"a{i}", lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO,
-                                                  init_lora_weights=False))
+        multi.add_adapter(
+            f"a{i}", lib.LoraConfig(r=16, lora_alpha=32, target_modules=QKVO, init_lora_weights=False)
+        )
     names = ["default", "a1", "a2", "a3"]
     for label, ids in (("4x256", long_ids), ("4x16", short_ids)):
         rows = [names[i % 4] for i in range(ids.shape[0])]
@@ -72,8 +79,15 @@ def main() -> None:
     for name, values in samples.items():
         ref = samples["single_" + name.split("_", 1)[1]] if name.startswith("mixed_") else samples["base"]
         ratios[name] = statistics.median(v / r for v, r in zip(values, ref, strict=True))
-    print(json.dumps({"lib": args.lib, "ratios": ratios,
-                      "median_s": {k: statistics.median(v) for k, v in samples.items()}}))
+    print(
+        json.dumps(
+            {
+                "lib": args.lib,
+                "ratios": ratios,
+                "median_s": {k: statistics.median(v) for k, v in samples.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

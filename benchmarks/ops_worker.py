@@ -30,8 +30,6 @@ from benchmarks.common import QKVO, QUICK, Shape, build_base, library, set_threa
 LIBS = ("lorakit", "peft")
 
 
-
-
 def _save_adapter(template: nn.Module, targets: list[str] | str, path: Path) -> None:
     import lorakit
 
@@ -67,15 +65,20 @@ def main() -> None:
             for lib in LIBS:  # warm-up: imports, first-call caches and the page cache
                 _one_round(lib, template, path)
             for r in range(args.rounds):
-                for lib in (LIBS if r % 2 == 0 else LIBS[::-1]):
+                for lib in LIBS if r % 2 == 0 else LIBS[::-1]:
                     for op, seconds in _one_round(lib, template, path).items():
                         samples[lib].setdefault(f"{op}_{label}", []).append(seconds)
     ours, theirs = samples["lorakit"], samples["peft"]
-    print(json.dumps({
-        "median_s": {lib: {k: statistics.median(v) for k, v in samples[lib].items()} for lib in LIBS},
-        "lorakit_over_peft": {k: statistics.median(a / b for a, b in zip(ours[k], theirs[k], strict=True))
-                              for k in ours},
-    }))
+    print(
+        json.dumps(
+            {
+                "median_s": {lib: {k: statistics.median(v) for k, v in samples[lib].items()} for lib in LIBS},
+                "lorakit_over_peft": {
+                    k: statistics.median(a / b for a, b in zip(ours[k], theirs[k], strict=True)) for k in ours
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ OPS_ROWS = [
 
 
 def _train_table(results: dict, pairs: list) -> list[str]:
-    lines = ["| base dtype | configuration | step / floor (separate · one process) | saved for backward "
-             "over floor (MiB, exact) | peak RSS over floor (MiB) | "
-             "lorakit / PEFT: time · saved over floor |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| base dtype | configuration | step / floor (separate · one process) | saved for backward "
+        "over floor (MiB, exact) | peak RSS over floor (MiB) | "
+        "lorakit / PEFT: time · saved over floor |",
+        "|---|---|---|---|---|---|",
+    ]
     for dtype, rows in results["train"].items():
         inproc = results["train_inprocess"][dtype]["ratio_to_floor"]
         floor = rows["floor"]
@@ -38,11 +40,15 @@ def _train_table(results: dict, pairs: list) -> list[str]:
         def cells(method: str, rows: dict = rows, inproc: dict = inproc, floor: dict = floor) -> str:
             row = rows[method]
             saved = row["saved_mib"] - floor["saved_mib"]
-            return (f"{row['time_vs_floor']:.2f} · {inproc[method]:.2f} | "
-                    f"{saved:+.1f} | {row['peak_mib'] - floor['peak_mib']:+.0f}")
+            return (
+                f"{row['time_vs_floor']:.2f} · {inproc[method]:.2f} | "
+                f"{saved:+.1f} | {row['peak_mib'] - floor['peak_mib']:+.0f}"
+            )
 
-        lines.append(f"| {dtype} | floor (all frozen, gradients flowing) | 1.00 · 1.00 | "
-                     f"0 ({floor['saved_mib']:.0f} in all) | 0 | |")
+        lines.append(
+            f"| {dtype} | floor (all frozen, gradients flowing) | 1.00 · 1.00 | "
+            f"0 ({floor['saved_mib']:.0f} in all) | 0 | |"
+        )
         lines.append(f"| {dtype} | full fine-tuning | {cells('full')} | |")
         for label, ours, theirs in pairs:
             t_ratio = inproc[ours] / inproc[theirs]
@@ -68,22 +74,30 @@ def _ops_table(results: dict) -> list[str]:
     for label, key in OPS_ROWS:
         lines.append(f"| {label} | {ratios[key]:.2f} |")
     compiled = results["compile"]
-    lines += ["", "| torch.compile (inductor), q/k/v/o training step, float32 | lorakit | PEFT |",
-              "|---|---|---|",
-              "| compiled / eager step time | " + " | ".join(
-                  f"{compiled['compiled_over_eager'][lib]:.2f}" for lib in ("lorakit", "peft")) + " |",
-              "| graph breaks in a training forward | " + " | ".join(
-                  str(compiled["graph_breaks"][lib]) for lib in ("lorakit", "peft")) + " |"]
+    lines += [
+        "",
+        "| torch.compile (inductor), q/k/v/o training step, float32 | lorakit | PEFT |",
+        "|---|---|---|",
+        "| compiled / eager step time | "
+        + " | ".join(f"{compiled['compiled_over_eager'][lib]:.2f}" for lib in ("lorakit", "peft"))
+        + " |",
+        "| graph breaks in a training forward | "
+        + " | ".join(str(compiled["graph_breaks"][lib]) for lib in ("lorakit", "peft"))
+        + " |",
+    ]
     return lines
 
 
 def markdown(results: dict, pairs: list) -> str:
     m = results["machine"]
     s = results["shape"]
-    head = [f"Measured with `{results['command']}` on {m['cores']} cores ({m['cpu']}), "
-            f"Python {m['python']}. Llama (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, "
-            f"intermediate {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} × {s['seq']}, "
-            "LoRA r=16 α=32, AdamW; ratios are medians of interleaved runs.", ""]
+    head = [
+        f"Measured with `{results['command']}` on {m['cores']} cores ({m['cpu']}), "
+        f"Python {m['python']}. Llama (hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, "
+        f"intermediate {s['intermediate']}, vocab {s['vocab']}), batch {s['batch']} × {s['seq']}, "
+        "LoRA r=16 α=32, AdamW; ratios are medians of interleaved runs.",
+        "",
+    ]
     body = _train_table(results, pairs) + [""] + _inference_table(results) + [""] + _ops_table(results)
     return "\n".join(head + body) + "\n"
 
@@ -95,8 +109,10 @@ def plot(results: dict, pairs: list, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 3, 2]})
-    for ax, key, title in ((axes[0], "time", "training step time / floor (one process)"),
-                           (axes[1], "saved_mib", "saved for backward over the floor (MiB)")):
+    for ax, key, title in (
+        (axes[0], "time", "training step time / floor (one process)"),
+        (axes[1], "saved_mib", "saved for backward over the floor (MiB)"),
+    ):
         labels, ours, theirs = [], [], []
         for dtype, rows in results["train"].items():
             inproc = results["train_inprocess"][dtype]["ratio_to_floor"]

@@ -37,12 +37,18 @@ def main() -> None:
             train_step(model, optimizer, ids)
             times[method].append(time.perf_counter() - start)
     floor = times["floor"]
-    print(json.dumps({
-        "dtype": args.dtype,
-        "median_s": {m: statistics.median(t) for m, t in times.items()},
-        "ratio_to_floor": {m: statistics.median(a / b for a, b in zip(t, floor, strict=True))
-                           for m, t in times.items()},
-    }))
+    print(
+        json.dumps(
+            {
+                "dtype": args.dtype,
+                "median_s": {m: statistics.median(t) for m, t in times.items()},
+                "ratio_to_floor": {
+                    m: statistics.median(a / b for a, b in zip(t, floor, strict=True))
+                    for m, t in times.items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One training configuration in a fresh process: step times and peak memory, as JSON on stdout.
 
-    python -m benchmarks.train_worker METHOD --dtype float32 --steps 8 [--quick]
+python -m benchmarks.train_worker METHOD --dtype float32 --steps 8 [--quick]
 """
 
 from __future__ import annotations
@@ -46,11 +46,18 @@ def main() -> None:
         train_step(model, optimizer, ids)
         times.append(time.perf_counter() - start)
     peak = rss_kib("VmHWM")
-    print(json.dumps({
-        "method": args.method, "dtype": args.dtype, "median_s": statistics.median(times),
-        "times_s": times, "peak_over_loaded_mib": (peak - loaded) / 1024,
-        "saved_mib": saved / 2**20,
-    }))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "dtype": args.dtype,
+                "median_s": statistics.median(times),
+                "times_s": times,
+                "peak_over_loaded_mib": (peak - loaded) / 1024,
+                "saved_mib": saved / 2**20,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ from lorakit.layers import LoraLayer
 BUILDS = {**MODELS, "toy": toy}
 # GPT-2 ties wte to lm_head: merging into wte would change the head too (as in PEFT), see the xfail below.
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
-TARGETS = {"llama": LLAMA_ALL,
-           "gpt2": ["c_attn", "c_proj", "c_fc"], "toy": TOY_TARGETS}
+TARGETS = {"llama": LLAMA_ALL, "gpt2": ["c_attn", "c_proj", "c_fc"], "toy": TOY_TARGETS}
 ATOL = 1e-5
 
 
@@ -38,8 +37,15 @@ def setup(model_name: str, seed: int = 0, **kwargs):
 
 def add_second(peft_model, model_name: str, name: str = "other", **kwargs):
     torch.manual_seed(123)
-    config = LoraConfig(**{"target_modules": TARGETS[model_name], "init_lora_weights": False, "r": 4,
-                           "lora_alpha": 3, **kwargs})
+    config = LoraConfig(
+        **{
+            "target_modules": TARGETS[model_name],
+            "init_lora_weights": False,
+            "r": 4,
+            "lora_alpha": 3,
+            **kwargs,
+        }
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model.add_adapter(name, config)
@@ -71,8 +77,9 @@ def test_unmerged_equals_merged_equals_merge_and_unload(model_name):
 def test_merge_into_tied_embedding_is_refused_and_changes_nothing():
     # PEFT 0.21 merges into GPT-2's wte and so silently changes the tied lm_head as well.
     model = BUILDS["gpt2"]()
-    peft_model = lorakit.get_peft_model(model, LoraConfig(target_modules=["wte", "c_attn"],
-                                                          init_lora_weights=False))
+    peft_model = lorakit.get_peft_model(
+        model, LoraConfig(target_modules=["wte", "c_attn"], init_lora_weights=False)
+    )
     x = ids()
     unmerged = logits(peft_model, x)
     before = snapshot(peft_model)
@@ -263,8 +270,11 @@ def _poison(peft_model, layer_name_part: str, value: float) -> None:
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 def test_safe_merge_refuses_non_finite_and_changes_nothing(model_name, value):
     peft_model, x, _ = setup(model_name)
-    _poison(peft_model, {"llama": "layers.1.mlp.down_proj", "gpt2": "h.1.attn.c_attn",
-                         "toy": "conv2"}[model_name], value)
+    _poison(
+        peft_model,
+        {"llama": "layers.1.mlp.down_proj", "gpt2": "h.1.attn.c_attn", "toy": "conv2"}[model_name],
+        value,
+    )
     state = snapshot(peft_model)
     with pytest.raises(AdapterError, match="non-finite"):
         peft_model.merge_adapter(safe_merge=True)
@@ -312,10 +322,12 @@ def test_lora_free_state_unchanged_by_set_and_add():
 
 
 def test_active_adapters_on_disjoint_modules():
-    model = lorakit.get_peft_model(BUILDS["llama"](), LoraConfig(target_modules=["q_proj"],
-                                                                 init_lora_weights=False))
-    model.add_adapter("other", LoraConfig(target_modules=["v_proj"], init_lora_weights=False,
-                                          modules_to_save=["lm_head"]))
+    model = lorakit.get_peft_model(
+        BUILDS["llama"](), LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
+    )
+    model.add_adapter(
+        "other", LoraConfig(target_modules=["v_proj"], init_lora_weights=False, modules_to_save=["lm_head"])
+    )
     x = ids()
     only_default = logits(model, x)
     for names in (["default", "other"], ["other", "default"], ["other"]):
@@ -362,8 +374,13 @@ def test_nested_disable_adapter():
 
 
 # -- random sequences of state changes ------------------------------------------------------------
-OPS = st.lists(st.sampled_from(["merge", "merge_a", "merge_b", "unmerge", "set_a", "set_b", "set_ab",
-                                "disable", "mixed"]), min_size=1, max_size=8)
+OPS = st.lists(
+    st.sampled_from(
+        ["merge", "merge_a", "merge_b", "unmerge", "set_a", "set_b", "set_ab", "disable", "mixed"]
+    ),
+    min_size=1,
+    max_size=8,
+)
 
 
 # variants of the two adapters: plain LoRA, DoRA + LoRA, DoRA + DoRA (state changes must not care)
@@ -460,9 +477,14 @@ def test_low_precision_base_keeps_float32_adapters(dtype):
 
 
 @settings(max_examples=10, deadline=None)
-@given(ops=st.lists(st.sampled_from(["merge", "merge_a", "merge_b", "unmerge", "set_b", "set_ab", "disable"]),
-                    min_size=1, max_size=6),
-       dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+@given(
+    ops=st.lists(
+        st.sampled_from(["merge", "merge_a", "merge_b", "unmerge", "set_b", "set_ab", "disable"]),
+        min_size=1,
+        max_size=6,
+    ),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+)
 def test_any_sequence_then_unmerge_is_bit_exact_in_low_precision(ops, dtype):
     model = toy().to(dtype)
     original = snapshot(model)
@@ -482,5 +504,6 @@ def test_trainable_parameters_with_biased_modules_to_save_match_peft(bias):
     ours = lorakit.get_peft_model(bert_cls(), LoraConfig(**kwargs))
     theirs = peft.get_peft_model(bert_cls(), peft.LoraConfig(**kwargs))
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n, p in theirs.named_parameters() if p.requires_grad}
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()

@@ -15,10 +15,24 @@ import lorakit
 from lorakit import combine as LC
 from lorakit.layers import LoraLayer
 
-TYPES = ["cat", "linear", "svd", "ties", "ties_svd", "magnitude_prune", "magnitude_prune_svd",
-         "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd"]
-ARCHS = {"llama": (llama, ["q_proj", "v_proj", "embed_tokens"]), "gpt2": (gpt2, ["c_attn", "c_fc"]),
-         "toy": (toy, ["lin", "c1d", "emb"])}
+TYPES = [
+    "cat",
+    "linear",
+    "svd",
+    "ties",
+    "ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+]
+ARCHS = {
+    "llama": (llama, ["q_proj", "v_proj", "embed_tokens"]),
+    "gpt2": (gpt2, ["c_attn", "c_fc"]),
+    "toy": (toy, ["lin", "c1d", "emb"]),
+}
 
 
 def _pair(arch: str, **extra):
@@ -50,8 +64,9 @@ def test_delta_weights_and_outputs_match_peft(arch):
             model.add_weighted_adapter(["a", "b"], [0.7, -0.4], ct, combination_type=ct, **kw)
         assert lk.peft_config[ct].r == pm.peft_config[ct].r
         for theirs, ours in zip(_layers(pm, peft.tuners.lora.LoraLayer), _layers(lk, LoraLayer), strict=True):
-            torch.testing.assert_close(ours.delta_weight(ct), theirs.get_delta_weight(ct),
-                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                ours.delta_weight(ct), theirs.get_delta_weight(ct), atol=1e-6, rtol=1e-5
+            )
         pm.set_adapter(ct)
         lk.set_adapter(ct)
         with torch.no_grad():
@@ -63,8 +78,9 @@ def test_delta_weights_and_outputs_match_peft(arch):
 def test_svd_clamp_and_rank_match_peft():
     pm, lk = _pair("llama")
     for model in (pm, lk):
-        model.add_weighted_adapter(["a", "b"], [1.0, 0.5], "s", combination_type="svd", svd_rank=3,
-                                   svd_clamp=0.9)
+        model.add_weighted_adapter(
+            ["a", "b"], [1.0, 0.5], "s", combination_type="svd", svd_rank=3, svd_clamp=0.9
+        )
     assert lk.peft_config["s"].r == 3
     for theirs, ours in zip(_layers(pm, peft.tuners.lora.LoraLayer), _layers(lk, LoraLayer), strict=True):
         torch.testing.assert_close(ours.delta_weight("s"), theirs.get_delta_weight("s"), atol=1e-6, rtol=1e-5)
@@ -76,16 +92,21 @@ def test_cat_and_full_rank_svd_are_exact_on_every_layer_kind():
     targets = ["lin", "c1d", "conv1", "conv2", "emb"]
     config = lorakit.LoraConfig(r=2, target_modules=targets, init_lora_weights=False)
     lk = lorakit.get_peft_model(toy(), config, "a")
-    lk.add_adapter("b", lorakit.LoraConfig(r=3, lora_alpha=6, target_modules=["lin", "conv1", "conv2"],
-                                           init_lora_weights=False))
+    lk.add_adapter(
+        "b",
+        lorakit.LoraConfig(
+            r=3, lora_alpha=6, target_modules=["lin", "conv1", "conv2"], init_lora_weights=False
+        ),
+    )
     lk.add_weighted_adapter(["a", "b"], [0.5, 2.0], "cat", combination_type="cat")
     lk.add_weighted_adapter(["a", "b"], [0.5, 2.0], "svd", combination_type="svd", svd_rank=5)
     for layer in _layers(lk, LoraLayer):
         want = sum(w * layer.delta_weight(n) for n, w in (("a", 0.5), ("b", 2.0)) if layer.has_adapter(n))
         torch.testing.assert_close(layer.delta_weight("cat"), want, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(layer.delta_weight("svd"), want, atol=1e-5, rtol=1e-4)
-    assert lk.active_adapters == ["a"] and not any(p.requires_grad for n, p in lk.named_parameters()
-                                                   if ".cat." in n or ".svd." in n)
+    assert lk.active_adapters == ["a"] and not any(
+        p.requires_grad for n, p in lk.named_parameters() if ".cat." in n or ".svd." in n
+    )
 
 
 def test_ties_by_hand():
@@ -116,17 +137,20 @@ def test_dare_is_unbiased_and_keeps_density():
     assert torch.equal(first, LC.combine(tensors, weights, "dare_ties", density))  # seeded
 
 
-@pytest.mark.parametrize(("kwargs", "parts"), [
-    ({"adapters": ["a", "zzz"]}, ["'zzz'", "existing adapters"]),
-    ({"weights": [1.0]}, ["1 entries for 2 adapters"]),
-    ({"combination_type": "avg"}, ["'avg'", "cat", "dare_ties_svd"]),
-    ({"combination_type": "ties"}, ["density=None", "(0, 1]"]),
-    ({"combination_type": "ties", "density": 1.5}, ["density=1.5"]),
-    ({"majority_sign_method": "vote"}, ["'vote'", "total"]),
-    ({"adapter_name": "a"}, ["'a' already exists"]),
-    ({"adapters": ["a", "r2"], "combination_type": "linear"}, ["one rank", "'r2': 2", "'cat'"]),
-    ({"adapters": ["a", "dora"]}, ["['dora']", "DoRA"]),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "parts"),
+    [
+        ({"adapters": ["a", "zzz"]}, ["'zzz'", "existing adapters"]),
+        ({"weights": [1.0]}, ["1 entries for 2 adapters"]),
+        ({"combination_type": "avg"}, ["'avg'", "cat", "dare_ties_svd"]),
+        ({"combination_type": "ties"}, ["density=None", "(0, 1]"]),
+        ({"combination_type": "ties", "density": 1.5}, ["density=1.5"]),
+        ({"majority_sign_method": "vote"}, ["'vote'", "total"]),
+        ({"adapter_name": "a"}, ["'a' already exists"]),
+        ({"adapters": ["a", "r2"], "combination_type": "linear"}, ["one rank", "'r2': 2", "'cat'"]),
+        ({"adapters": ["a", "dora"]}, ["['dora']", "DoRA"]),
+    ],
+)
 def test_errors_name_the_problem_and_change_nothing(kwargs, parts):
     lk = lorakit.get_peft_model(llama(), lorakit.LoraConfig(r=4, target_modules=["q_proj"]), "a")
     lk.add_adapter("r2", lorakit.LoraConfig(r=2, target_modules=["q_proj"]))

@@ -30,17 +30,31 @@ def test_every_method_takes_a_training_step(method):
 
 
 def test_report_renders_every_row(tmp_path):
-    train = {m: {"time_vs_floor": 1.0 + i / 10, "time_spread": [1.0, 1.1], "peak_mib": 10.0 * i,
-                 "saved_mib": 5.0 * i}
-             for i, m in enumerate(TRAIN_METHODS)}
+    train = {
+        m: {
+            "time_vs_floor": 1.0 + i / 10,
+            "time_spread": [1.0, 1.1],
+            "peak_mib": 10.0 * i,
+            "saved_mib": 5.0 * i,
+        }
+        for i, m in enumerate(TRAIN_METHODS)
+    }
     inproc = {"ratio_to_floor": {m: 1.0 for m in TRAIN_METHODS}, "median_s": {}}
     infer = {"ratios": {k: 1.01 for _, k in report.INFERENCE_ROWS}}
     ops = {"lorakit_over_peft": {k: 0.9 for _, k in report.OPS_ROWS}}
-    results = {"machine": {"cores": 2, "cpu": "test", "python": "3"}, "command": "x",
-               "shape": common.QUICK.__dict__, "train": {"float32": train},
-               "train_inprocess": {"float32": inproc}, "inference": {"lorakit": infer, "peft": infer},
-               "ops": ops, "compile": {"compiled_over_eager": {"lorakit": 0.8, "peft": 0.85},
-                                       "graph_breaks": {"lorakit": 0, "peft": 0}}}
+    results = {
+        "machine": {"cores": 2, "cpu": "test", "python": "3"},
+        "command": "x",
+        "shape": common.QUICK.__dict__,
+        "train": {"float32": train},
+        "train_inprocess": {"float32": inproc},
+        "inference": {"lorakit": infer, "peft": infer},
+        "ops": ops,
+        "compile": {
+            "compiled_over_eager": {"lorakit": 0.8, "peft": 0.85},
+            "graph_breaks": {"lorakit": 0, "peft": 0},
+        },
+    }
     report.write_outputs(results, tmp_path, PAIRS, update_readme=False)
     table = (tmp_path / "results.md").read_text()
     assert table.count("**lorakit**") == len(PAIRS)
@@ -63,10 +77,14 @@ def test_adapter_operations_run_for_both_libraries_and_merge_alike(tmp_path):
     for lib in ops_worker.LIBS:
         times = ops_worker._one_round(lib, template, tmp_path / "a")
         assert set(times) == {"load", "load_second", "merge_and_unload"} and min(times.values()) > 0
-    merged = [lib.PeftModel.from_pretrained(copy.deepcopy(template), tmp_path / "a").merge_and_unload()
-              for lib in (lorakit, peft)]
+    merged = [
+        lib.PeftModel.from_pretrained(copy.deepcopy(template), tmp_path / "a").merge_and_unload()
+        for lib in (lorakit, peft)
+    ]
     ours, theirs = (m.state_dict() for m in merged)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
-                           template.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        ours["model.layers.0.self_attn.q_proj.weight"],
+        template.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )

@@ -17,9 +17,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("commands")
     tiny_bert(root / "bert")
     write_rows(sentiment_rows(), root / "sentiment.csv")
-    assert main(["train", "--model", str(root / "bert"), "--data", str(root / "sentiment.csv"),
-                 "--text-column", "sentence", "--label-column", "sentiment", "--max-steps", "8",
-                 "--lr", "5e-2", "--threads", "1", "--out", str(root / "adapter")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(root / "bert"),
+                "--data",
+                str(root / "sentiment.csv"),
+                "--text-column",
+                "sentence",
+                "--label-column",
+                "sentiment",
+                "--max-steps",
+                "8",
+                "--lr",
+                "5e-2",
+                "--threads",
+                "1",
+                "--out",
+                str(root / "adapter"),
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -42,8 +63,9 @@ def test_info_reports_config_targets_sizes_fingerprint(trained: Path, capsys: py
     assert "8 steps; accuracy" in out
 
 
-def test_merge_gives_a_plain_model_with_the_same_outputs(trained: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_merge_gives_a_plain_model_with_the_same_outputs(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lorakit import PeftModel
@@ -53,8 +75,9 @@ def test_merge_gives_a_plain_model_with_the_same_outputs(trained: Path, tmp_path
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     base = AutoModelForSequenceClassification.from_pretrained(trained / "bert", num_labels=2)
     adapted = PeftModel.from_pretrained(base, str(trained / "adapter")).eval()
-    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["the film was good", "bad plot"],
-                                                               return_tensors="pt", padding=True)
+    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(
+        ["the film was good", "bad plot"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-5, atol=1e-6)
     assert merged.config.id2label == {0: "neg", 1: "pos"}
@@ -69,9 +92,24 @@ def test_eval_reproduces_the_recorded_held_out_metrics(trained: Path, capsys: py
 
 
 def test_eval_on_another_file(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = write_rows([{"s": r["sentence"], "y": r["sentiment"]} for r in sentiment_rows(30, seed=5)],
-                      tmp_path / "other.jsonl")
-    assert main(["eval", str(trained / "adapter"), "--data", str(data), "--text-column", "s",
-                 "--label-column", "y"]) == 0
+    data = write_rows(
+        [{"s": r["sentence"], "y": r["sentiment"]} for r in sentiment_rows(30, seed=5)],
+        tmp_path / "other.jsonl",
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(trained / "adapter"),
+                "--data",
+                str(data),
+                "--text-column",
+                "s",
+                "--label-column",
+                "y",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "on 30 examples" in out and "accuracy" in out

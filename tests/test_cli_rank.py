@@ -15,14 +15,23 @@ from lorakit.cli.main import main
 
 def _llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 @pytest.fixture
 def adapter(tmp_path):
-    model = get_peft_model(_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
+    model = get_peft_model(
+        _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path / "adapter")
     _llama().save_pretrained(tmp_path / "base")
     return tmp_path
@@ -59,19 +68,46 @@ def test_extract_writes_an_adapter_that_reproduces_the_tuned_model(adapter, caps
         tuned.model.layers[0].self_attn.q_proj.weight += 0.1 * torch.randn(32, 2) @ torch.randn(2, 32)
     tuned.save_pretrained(adapter / "tuned")
     out = adapter / "extracted"
-    assert main(["extract", "--base", str(adapter / "base"), "--tuned", str(adapter / "tuned"),
-                 "--rank", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--base",
+                str(adapter / "base"),
+                "--tuned",
+                str(adapter / "tuned"),
+                "--rank",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "1 low-rank modules" in capsys.readouterr().out
     loaded = peft.PeftModel.from_pretrained(_llama(), out)
     ids = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("argv", [
-    ["rank", "/nonexistent/adapter"],
-    ["resize", "/nonexistent/adapter", "--rank", "2", "--out", "/tmp/x"],
-    ["extract", "--base", "/nonexistent/a", "--tuned", "/nonexistent/b", "--rank", "2", "--out", "/tmp/x"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["rank", "/nonexistent/adapter"],
+        ["resize", "/nonexistent/adapter", "--rank", "2", "--out", "/tmp/x"],
+        [
+            "extract",
+            "--base",
+            "/nonexistent/a",
+            "--tuned",
+            "/nonexistent/b",
+            "--rank",
+            "2",
+            "--out",
+            "/tmp/x",
+        ],
+    ],
+)
 def test_bad_paths_are_one_line_errors(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -16,9 +16,25 @@ def test_rank_sweep_trains_each_rank_and_plots(tmp_path: Path, capsys: pytest.Ca
     tiny_bert(tmp_path / "bert")
     write_rows(sentiment_rows(), tmp_path / "sentiment.csv")
     out = tmp_path / "sweep"
-    argv = ["train", "--model", str(tmp_path / "bert"), "--data", str(tmp_path / "sentiment.csv"),
-            "--text-column", "sentence", "--label-column", "sentiment", "--max-steps", "4",
-            "--threads", "1", "--rank-sweep", "4,1,2", "--out", str(out)]
+    argv = [
+        "train",
+        "--model",
+        str(tmp_path / "bert"),
+        "--data",
+        str(tmp_path / "sentiment.csv"),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--max-steps",
+        "4",
+        "--threads",
+        "1",
+        "--rank-sweep",
+        "4,1,2",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     sweep = json.loads((out / "sweep.json").read_text())
     assert [r["r"] for r in sweep["runs"]] == [1, 2, 4]
@@ -35,8 +51,12 @@ def test_rank_sweep_trains_each_rank_and_plots(tmp_path: Path, capsys: pytest.Ca
 
 
 def test_suggestion_is_the_smallest_rank_near_the_best() -> None:
-    rows = [{"r": 1, "after": 0.70}, {"r": 2, "after": 0.795}, {"r": 4, "after": 0.80},
-            {"r": 8, "after": 0.79}]
+    rows = [
+        {"r": 1, "after": 0.70},
+        {"r": 2, "after": 0.795},
+        {"r": 4, "after": 0.80},
+        {"r": 8, "after": 0.79},
+    ]
     assert suggest(rows, "accuracy") == 2
     ppl = [{"r": 1, "after": 9.0}, {"r": 4, "after": 5.05}, {"r": 8, "after": 5.0}]
     assert suggest(ppl, "perplexity") == 4
@@ -45,7 +65,18 @@ def test_suggestion_is_the_smallest_rank_near_the_best() -> None:
 def test_bad_rank_list_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tiny_bert(tmp_path / "bert")
     write_rows(sentiment_rows(), tmp_path / "s.csv")
-    argv = ["train", "--model", str(tmp_path / "bert"), "--data", str(tmp_path / "s.csv"),
-            "--text-column", "sentence", "--label-column", "sentiment", "--rank-sweep", "2,x"]
+    argv = [
+        "train",
+        "--model",
+        str(tmp_path / "bert"),
+        "--data",
+        str(tmp_path / "s.csv"),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--rank-sweep",
+        "2,x",
+    ]
     assert main(argv) == 2
     assert "--rank-sweep" in capsys.readouterr().err

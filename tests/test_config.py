@@ -12,11 +12,26 @@ from hypothesis import strategies as st
 from lorakit import ConfigError, LoraConfig, TaskType
 
 DESIGN_DEFAULTS = {
-    "r": 8, "lora_alpha": 8, "target_modules": None, "exclude_modules": None, "lora_dropout": 0.0,
-    "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "modules_to_save": None,
-    "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-    "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False, "task_type": None,
-    "inference_mode": False, "base_model_name_or_path": None, "revision": None,
+    "r": 8,
+    "lora_alpha": 8,
+    "target_modules": None,
+    "exclude_modules": None,
+    "lora_dropout": 0.0,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "use_rslora": False,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "use_dora": False,
+    "lora_bias": False,
+    "task_type": None,
+    "inference_mode": False,
+    "base_model_name_or_path": None,
+    "revision": None,
 }
 
 
@@ -53,8 +68,12 @@ BAD = [
     ({"init_lora_weights": "pissa_bogus"}, "init_lora_weights", "'pissa_bogus'", "gaussian"),
     ({"init_lora_weights": 1.5}, "init_lora_weights", "1.5", "gaussian"),
     ({"layers_pattern": "layers"}, "layers_pattern", "'layers'", "layers_to_transform"),
-    ({"target_modules": r".*\.q_proj", "layers_to_transform": [0]}, "layers_to_transform",
-     r"'.*\\.q_proj'", "list of names"),
+    (
+        {"target_modules": r".*\.q_proj", "layers_to_transform": [0]},
+        "layers_to_transform",
+        r"'.*\\.q_proj'",
+        "list of names",
+    ),
     ({"rank_pattern": {"q_proj": 0}}, "rank_pattern", "0", "positive int"),
     ({"rank_pattern": {"q_proj": 2.0}}, "rank_pattern", "2.0", "positive int"),
     ({"alpha_pattern": {"q_proj": -1}}, "alpha_pattern", "-1", "positive float"),
@@ -128,9 +147,20 @@ def test_replace_validates():
 
 
 # -- TaskType --------------------------------------------------------------------------------------
-TASK_NAMES = ["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION",
-              "QUESTION_ANSWERING", "TRANSLATION", "SPEECH_SEQ_2_SEQ", "MULTIPLE_CHOICE",
-              "IMAGE_CLASSIFICATION", "OTHER"]
+TASK_NAMES = [
+    "CAUSAL_LM",
+    "SEQ_2_SEQ_LM",
+    "SEQ_CLS",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+    "QUESTION_ANSWERING",
+    "TRANSLATION",
+    "SPEECH_SEQ_2_SEQ",
+    "MULTIPLE_CHOICE",
+    "IMAGE_CLASSIFICATION",
+    "OTHER",
+]
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
@@ -155,8 +185,12 @@ def test_task_type_from_peft_member():
 
 
 # -- dict round trip -------------------------------------------------------------------------------
-names = st.lists(st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "c_attn"]),
-                 min_size=1, max_size=4, unique=True)
+names = st.lists(
+    st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "c_attn"]),
+    min_size=1,
+    max_size=4,
+    unique=True,
+)
 configs = st.builds(
     LoraConfig,
     r=st.integers(1, 256),

@@ -34,8 +34,18 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
 SRC = Path(__file__).resolve().parents[1] / "src"
-TRAINED = ("identical_on_ranks", "matches_reference", "adapter_moved", "base_unchanged", "load_broadcast",
-           "names_map_back", "saved_keys_and_shapes", "reload_weights", "reload_logits", "merge_logits")
+TRAINED = (
+    "identical_on_ranks",
+    "matches_reference",
+    "adapter_moved",
+    "base_unchanged",
+    "load_broadcast",
+    "names_map_back",
+    "saved_keys_and_shapes",
+    "reload_weights",
+    "reload_logits",
+    "merge_logits",
+)
 SCENARIOS = {
     "ddp": ["ddp", "ddp_accum", "ddp_reentrant_ckpt"],
     "fsdp2": ["fsdp2", "fsdp2_accum", "fsdp2_ckpt"],
@@ -43,10 +53,25 @@ SCENARIOS = {
     "zero": ["zero2", "zero3"],
 }
 CONTROLS = {
-    "ddp": ("controls", ["no_sync_detected", "rank_init_detected", "rank_init_fixed_by_broadcast",
-                         "inject_after_ddp_refused", "reentrant_find_unused_refused"]),
-    "fsdp2": ("controls", ["inject_after_shard_refused", "naive_save_refused", "naive_merge_refused",
-                           "distributed_merge_refused"]),
+    "ddp": (
+        "controls",
+        [
+            "no_sync_detected",
+            "rank_init_detected",
+            "rank_init_fixed_by_broadcast",
+            "inject_after_ddp_refused",
+            "reentrant_find_unused_refused",
+        ],
+    ),
+    "fsdp2": (
+        "controls",
+        [
+            "inject_after_shard_refused",
+            "naive_save_refused",
+            "naive_merge_refused",
+            "distributed_merge_refused",
+        ],
+    ),
     "fsdp1": ("controls", ["naive_save_refused", "inject_after_wrap_refused", "flat_params_refused"]),
     "zero": ("zero3", ["naive_save_refused", "naive_merge_refused", "inject_after_wrap_refused"]),
 }
@@ -65,13 +90,28 @@ def _launch(engine: str, out: Path) -> dict[str, Any]:
         return _cache[engine]
     if engine == "zero" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[dev]')")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "LORAKIT_TEST_HANG_LIMIT": "100",
-           "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(WORKER), engine, str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "LORAKIT_TEST_HANG_LIMIT": "100",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(WORKER),
+        engine,
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         _, stderr = proc.communicate(timeout=115)
     except subprocess.TimeoutExpired:
@@ -114,8 +154,10 @@ def _check(name: str, value: Any) -> None:
         assert value <= 1e-5, f"merged logits differ from unmerged by {value}"
 
 
-@pytest.mark.parametrize(("engine", "scenario", "check"),
-                         [(e, s, c) for e, names in SCENARIOS.items() for s in names for c in TRAINED])
+@pytest.mark.parametrize(
+    ("engine", "scenario", "check"),
+    [(e, s, c) for e, names in SCENARIOS.items() for s in names for c in TRAINED],
+)
 def test_trained_adapter(engine: str, scenario: str, check: str, out_dir: Path) -> None:
     results = _launch(engine, out_dir)[scenario]
     assert "error" not in results, results.get("error")

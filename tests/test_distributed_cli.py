@@ -32,11 +32,37 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                 "--master_addr=127.0.0.1", "--master_port={port}", "-m", "lorakit.cli"],
-    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_ip", "127.0.0.1", "--main_process_port", "{port}", "-m", "lorakit.cli"],
+    "torchrun": [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master_addr=127.0.0.1",
+        "--master_port={port}",
+        "-m",
+        "lorakit.cli",
+    ],
+    "accelerate": [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        "{port}",
+        "-m",
+        "lorakit.cli",
+    ],
 }
 
 
@@ -44,11 +70,27 @@ LAUNCHERS = {
 def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_path: Path) -> None:
     port = str(_port())
     command = [a.replace("{port}", port) for a in LAUNCHERS[launcher]] + [
-        "train", "--model", str(files / "bert"), "--data", str(files / "sentiment.csv"),
-        "--text-column", "sentence", "--label-column", "sentiment", "--max-steps", "4", "--threads", "1",
-        "--out", str(tmp_path / "run")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+        "train",
+        "--model",
+        str(files / "bert"),
+        "--data",
+        str(files / "sentiment.csv"),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--max-steps",
+        "4",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=220, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     bars = [line for line in done.stderr.replace("\r", "\n").splitlines() if " 0/4 [" in line]

@@ -60,6 +60,7 @@ def test_layer_matches_reference_outputs_and_gradients(dtype, fan_in_fan_out):
     base = nn.Linear(12, 10).to(dtype)
     if fan_in_fan_out:
         from transformers.pytorch_utils import Conv1D
+
         conv = Conv1D(10, 12).to(dtype)
         with torch.no_grad():
             conv.weight.copy_(base.weight.T)
@@ -123,13 +124,22 @@ def test_dropout_uses_one_base_matmul_and_matches_reference_with_the_same_mask()
     out = layer(x)
     assert len(calls) == 1  # PEFT runs the base weight a second time on dropout(x)
     m = layer.lora_magnitude_vector["a"].weight
-    ref = LD.dora_linear(x, base.weight, base.bias, layer.lora_A["a"].weight, layer.lora_B["a"].weight,
-                         m, 2.0, dropout_mask=mask)
+    ref = LD.dora_linear(
+        x,
+        base.weight,
+        base.bias,
+        layer.lora_A["a"].weight,
+        layer.lora_B["a"].weight,
+        m,
+        2.0,
+        dropout_mask=mask,
+    )
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(out)
     a = layer.lora_A["a"].weight
-    for u, v in zip(torch.autograd.grad(out, (x, a, m), g), torch.autograd.grad(ref, (x, a, m), g),
-                    strict=True):
+    for u, v in zip(
+        torch.autograd.grad(out, (x, a, m), g), torch.autograd.grad(ref, (x, a, m), g), strict=True
+    ):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 
 
@@ -264,12 +274,14 @@ def test_print_shows_magnitude():
 
 # -- mixed batches, several adapters, invariants -----------------------------------------------
 def _toy_two_adapters():
-    lk = lorakit.get_peft_model(toy(), lorakit.LoraConfig(r=2, target_modules=TOY_TARGETS,
-                                                          use_dora=True, init_lora_weights=False))
-    lk.add_adapter("plain", lorakit.LoraConfig(r=3, target_modules=TOY_TARGETS,
-                                               init_lora_weights=False))
-    lk.add_adapter("dora2", lorakit.LoraConfig(r=4, target_modules=["lin", "conv2"], use_dora=True,
-                                               init_lora_weights=False))
+    lk = lorakit.get_peft_model(
+        toy(), lorakit.LoraConfig(r=2, target_modules=TOY_TARGETS, use_dora=True, init_lora_weights=False)
+    )
+    lk.add_adapter("plain", lorakit.LoraConfig(r=3, target_modules=TOY_TARGETS, init_lora_weights=False))
+    lk.add_adapter(
+        "dora2",
+        lorakit.LoraConfig(r=4, target_modules=["lin", "conv2"], use_dora=True, init_lora_weights=False),
+    )
     _perturb(lk)
     return lk
 
@@ -302,8 +314,9 @@ def _layer_with_three(kind: str):
     }[kind]
     layer = lorakit.layers.lora_layer_for(base_module := base())(base_module)
     for name, r, dora in (("d1", 2, True), ("p", 3, False), ("d2", 4, True)):
-        layer.add_adapter(name, r, 2.0 * r, use_rslora=False, dropout=0.0, init=False, lora_bias=False,
-                          use_dora=dora)
+        layer.add_adapter(
+            name, r, 2.0 * r, use_rslora=False, dropout=0.0, init=False, lora_bias=False, use_dora=dora
+        )
     _perturb(layer)
     return layer, x()
 

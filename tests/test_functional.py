@@ -18,9 +18,16 @@ B = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
 BA = torch.tensor([[1.0, 2.0], [0.0, 1.0], [1.0, 3.0]])
 
 
-@pytest.mark.parametrize(("alpha", "r", "rslora", "expected"), [
-    (8, 8, False, 1.0), (16, 4, False, 4.0), (16, 4, True, 8.0), (3, 9, True, 1.0), (1, 2, False, 0.5),
-])
+@pytest.mark.parametrize(
+    ("alpha", "r", "rslora", "expected"),
+    [
+        (8, 8, False, 1.0),
+        (16, 4, False, 4.0),
+        (16, 4, True, 8.0),
+        (3, 9, True, 1.0),
+        (1, 2, False, 0.5),
+    ],
+)
 def test_scaling(alpha, r, rslora, expected):
     assert LF.scaling(alpha, r, rslora) == pytest.approx(expected)
 
@@ -64,8 +71,14 @@ def test_conv_delta_hand_computed():
 
 
 @settings(max_examples=25, deadline=None)
-@given(c_in=st.integers(1, 3), c_out=st.integers(1, 3), r=st.integers(1, 3), k=st.integers(1, 3),
-       dim=st.sampled_from([1, 2]), s=st.floats(0.1, 4.0))
+@given(
+    c_in=st.integers(1, 3),
+    c_out=st.integers(1, 3),
+    r=st.integers(1, 3),
+    k=st.integers(1, 3),
+    dim=st.sampled_from([1, 2]),
+    s=st.floats(0.1, 4.0),
+)
 def test_conv_delta_equals_composed_convolutions(c_in, c_out, r, k, dim, s):
     torch.manual_seed(0)
     conv = F.conv1d if dim == 1 else F.conv2d

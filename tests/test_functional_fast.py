@@ -124,8 +124,10 @@ def test_dropout_keeps_one_bit_per_element_not_a_copy(dtype):
     sizes = {}
     for p in (0.0, 0.1):
         torch.manual_seed(0)
-        model = get_peft_model(nn.Sequential(*[nn.Linear(64, 64) for _ in range(2)]).to(dtype),
-                               LoraConfig(r=4, target_modules=["0", "1"], lora_dropout=p))
+        model = get_peft_model(
+            nn.Sequential(*[nn.Linear(64, 64) for _ in range(2)]).to(dtype),
+            LoraConfig(r=4, target_modules=["0", "1"], lora_dropout=p),
+        )
         model.train()
         sizes[p] = _saved_bytes(lambda m=model: m(x))
     # two LoRA layers, each keeping its mask packed 8 elements a byte (PEFT keeps x ⊙ mask and the mask)
@@ -172,8 +174,9 @@ def test_dropout_mask_extremes():
 
 def test_layer_forward_uses_fast_path_and_matches_lora_branch():
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)),
-                           LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 8)), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)
+    )
     layer = model.get_base_model()[0]
     x = torch.randn(5, 16)
     fused = layer(x)
@@ -185,10 +188,12 @@ def test_stacked_mixed_batch_equals_per_adapter_groups():
     from lorakit.layers import LoraLayer
 
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)),
-                           LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
-    model.add_adapter("wide", LoraConfig(r=6, lora_alpha=3, target_modules=["0"], init_lora_weights=False,
-                                         lora_bias=True))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 8)), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False)
+    )
+    model.add_adapter(
+        "wide", LoraConfig(r=6, lora_alpha=3, target_modules=["0"], init_lora_weights=False, lora_bias=True)
+    )
     layer = model.get_base_model()[0]
     with torch.no_grad():
         layer.lora_B["wide"].bias.normal_()
@@ -199,8 +204,12 @@ def test_stacked_mixed_batch_equals_per_adapter_groups():
         base = layer.base_layer(x)
         stacked = layer.add_mixed_(base.clone(), x, names)
         grouped = LoraLayer.add_mixed_(layer, base.clone(), x, names)
-        alone = torch.stack([base[i] if n == "__base__" else
-                             base[i] + layer.lora_branch(x[i:i + 1], n)[0] for i, n in enumerate(names)])
+        alone = torch.stack(
+            [
+                base[i] if n == "__base__" else base[i] + layer.lora_branch(x[i : i + 1], n)[0]
+                for i, n in enumerate(names)
+            ]
+        )
     torch.testing.assert_close(stacked, grouped, rtol=0, atol=1e-6)
     torch.testing.assert_close(stacked, alone, rtol=0, atol=1e-6)
     assert not torch.allclose(stacked[1], stacked[0])
@@ -208,8 +217,9 @@ def test_stacked_mixed_batch_equals_per_adapter_groups():
 
 def _one_linear(**cfg):
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(16, 8)),
-                           LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, **cfg))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(16, 8)), LoraConfig(r=4, target_modules=["0"], init_lora_weights=False, **cfg)
+    )
     model.train()
     return model, model.get_base_model()[0]
 
@@ -239,8 +249,9 @@ def test_plain_frozen_linear_runs_base_and_adapter_as_one_node_equal_to_the_gene
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["two_adapters", "dora", "lora_bias", "trainable_base", "autocast",
-                                  "hooked", "mixed_rows"])
+@pytest.mark.parametrize(
+    "case", ["two_adapters", "dora", "lora_bias", "trainable_base", "autocast", "hooked", "mixed_rows"]
+)
 def test_general_path_whenever_one_node_would_skip_something(case):
     model, layer = _one_linear(use_dora=case == "dora", lora_bias=case == "lora_bias")
     x = torch.randn(2, 5, 16, requires_grad=True)
@@ -263,9 +274,14 @@ def test_general_path_whenever_one_node_would_skip_something(case):
     if case == "trainable_base":
         assert layer.base_layer.weight.grad is not None
     if case == "hooked":
-        torch.testing.assert_close(out, (layer.base_layer.weight @ x.detach()[..., None])[..., 0] * 2
-                                   + layer.base_layer.bias * 2 + layer.lora_branch(x.detach(), "default"),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            out,
+            (layer.base_layer.weight @ x.detach()[..., None])[..., 0] * 2
+            + layer.base_layer.bias * 2
+            + layer.lora_branch(x.detach(), "default"),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("kind", ["accumulate", "with_base"])

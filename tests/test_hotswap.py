@@ -33,14 +33,19 @@ def _logits(model, x):
 
 
 def _swap(target, source):
-    hotswap_adapter_from_state_dict(target, lorakit.get_peft_model_state_dict(source), "default",
-                                    source.peft_config["default"])
+    hotswap_adapter_from_state_dict(
+        target, lorakit.get_peft_model_state_dict(source), "default", source.peft_config["default"]
+    )
 
 
 def test_three_hot_swaps_do_not_recompile():
     base = llama()
-    sources = [_adapter(base, 1), _adapter(base, 2, r=2, lora_alpha=3), _adapter(base, 3, r=6, lora_alpha=12),
-               _adapter(base, 4, rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 2})]
+    sources = [
+        _adapter(base, 1),
+        _adapter(base, 2, r=2, lora_alpha=3),
+        _adapter(base, 3, r=6, lora_alpha=12),
+        _adapter(base, 4, rank_pattern={"v_proj": 8}, alpha_pattern={"q_proj": 2}),
+    ]
     x = ids()
     wanted = [_logits(m, x) for m in sources]
     model = _adapter(base, 1)
@@ -94,12 +99,17 @@ def test_from_lorakit_and_peft_directories_like_peft(tmp_path):
     torch.testing.assert_close(_logits(model, ids()), _logits(ours_source, ids()), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("source_kw", "parts"), [
-    ({"target_modules": ["q_proj", "k_proj"]},
-     ["k_proj.lora_A.weight", "cannot add targets", "load_adapter"]),
-    ({"r": 6}, ["(4, 16)", "(6, 16)", "prepare_model_for_compiled_hotswap"]),
-    ({"use_dora": True}, ["lora_magnitude_vector", "uses DoRA"]),
-])
+@pytest.mark.parametrize(
+    ("source_kw", "parts"),
+    [
+        (
+            {"target_modules": ["q_proj", "k_proj"]},
+            ["k_proj.lora_A.weight", "cannot add targets", "load_adapter"],
+        ),
+        ({"r": 6}, ["(4, 16)", "(6, 16)", "prepare_model_for_compiled_hotswap"]),
+        ({"use_dora": True}, ["lora_magnitude_vector", "uses DoRA"]),
+    ],
+)
 def test_impossible_swaps_explain_and_change_nothing(source_kw, parts):
     base = llama()
     model = _adapter(base, 1, target_modules=["q_proj", "v_proj"])

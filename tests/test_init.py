@@ -41,8 +41,7 @@ def _both(build, targets, init, seed=0, **extra):
     return base, pm, lk
 
 
-@pytest.mark.parametrize(("arch", "build", "targets", "init"), CASES,
-                         ids=[f"{c[0]}-{c[3]}" for c in CASES])
+@pytest.mark.parametrize(("arch", "build", "targets", "init"), CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
 def test_state_dict_and_outputs_match_peft(arch, build, targets, init):
     base, pm, lk = _both(build, targets, init)
     theirs, ours = pm.state_dict(), lk.state_dict()
@@ -91,8 +90,10 @@ def test_olora_on_conv1d_uses_the_transposed_weight():
     """PEFT's OLoRA factors a Conv1D's stored (k × d) weight and breaks on non-square ones; lorakit
     factors W (d × k) as for nn.Linear, so the adapter starts as the identity."""
     base = gpt2()
-    lk = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(
-        r=4, target_modules=["c_attn", "c_fc"], init_lora_weights="olora"))
+    lk = lorakit.get_peft_model(
+        copy.deepcopy(base),
+        lorakit.LoraConfig(r=4, target_modules=["c_attn", "c_fc"], init_lora_weights="olora"),
+    )
     x = ids()
     torch.testing.assert_close(lk(x).logits, base(x).logits, atol=1e-5, rtol=1e-4)
 
@@ -101,8 +102,10 @@ def test_olora_on_conv1d_uses_the_transposed_weight():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_unmerge_exact_relative_to_the_residual_and_unload_returns_it(init, dtype):
     base = llama().to(dtype)
-    lk = lorakit.get_peft_model(base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
-                                                         init_lora_weights=init, use_dora=True))
+    lk = lorakit.get_peft_model(
+        base,
+        lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init, use_dora=True),
+    )
     with torch.no_grad():
         for p in lk.parameters():
             if p.requires_grad:
@@ -122,12 +125,15 @@ def test_merge_unmerge_exact_relative_to_the_residual_and_unload_returns_it(init
     assert torch.equal(plain.model.layers[0].self_attn.q_proj.weight, q)  # the residual, as PEFT
 
 
-@pytest.mark.parametrize(("kwargs", "parts"), [
-    ({"init_lora_weights": "eva"}, ["'eva'", "'pissa'", "'olora'", "'orthogonal'", "pissa_niter_<N>"]),
-    ({"init_lora_weights": "pissa_niter_x"}, ["'pissa_niter_x'"]),
-    ({"init_lora_weights": "orthogonal", "r": 3, "rank_pattern": {"v": 5}}, ["even", "'r': 3", "5"]),
-    ({"init_lora_weights": "pissa", "lora_bias": True}, ["lora_bias", "'pissa'"]),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "parts"),
+    [
+        ({"init_lora_weights": "eva"}, ["'eva'", "'pissa'", "'olora'", "'orthogonal'", "pissa_niter_<N>"]),
+        ({"init_lora_weights": "pissa_niter_x"}, ["'pissa_niter_x'"]),
+        ({"init_lora_weights": "orthogonal", "r": 3, "rank_pattern": {"v": 5}}, ["even", "'r': 3", "5"]),
+        ({"init_lora_weights": "pissa", "lora_bias": True}, ["lora_bias", "'pissa'"]),
+    ],
+)
 def test_config_errors_name_the_value_and_the_choices(kwargs, parts):
     with pytest.raises(lorakit.ConfigError) as err:
         lorakit.LoraConfig(**kwargs)
@@ -139,8 +145,9 @@ def test_weight_inits_on_a_convolution_are_refused_before_any_change():
     model = toy()
     before = snapshot(model)
     with pytest.raises(lorakit.TargetingError, match=r"conv2 .*'pissa'.* True, False or 'gaussian'"):
-        lorakit.get_peft_model(model, lorakit.LoraConfig(target_modules=["lin", "conv2"],
-                                                         init_lora_weights="pissa"))
+        lorakit.get_peft_model(
+            model, lorakit.LoraConfig(target_modules=["lin", "conv2"], init_lora_weights="pissa")
+        )
     assert_same_state(before, model)
     assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in model.modules())
 

@@ -18,13 +18,25 @@ from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 FAILING = [
     ({"target_modules": ["qproj"]}, "default", TargetingError, ["qproj", "q_proj", "k_proj", "down_proj"]),
     ({"target_modules": r".*\.nothing"}, "default", TargetingError, ["nothing", "q_proj"]),
-    ({"target_modules": ["input_layernorm"]}, "default", TargetingError,
-     ["input_layernorm", "LlamaRMSNorm", "torch.nn.Linear", "q_proj"]),
+    (
+        {"target_modules": ["input_layernorm"]},
+        "default",
+        TargetingError,
+        ["input_layernorm", "LlamaRMSNorm", "torch.nn.Linear", "q_proj"],
+    ),
     ({"target_modules": ["q_proj", "mlp"]}, "default", TargetingError, ["model.layers.0.mlp", "LlamaMLP"]),
-    ({"target_modules": ["embed_tokens"], "lora_bias": True}, "default", TargetingError,
-     ["embed_tokens", "lora_bias"]),
-    ({"target_modules": ["q_proj"], "modules_to_save": ["scorer"]}, "default", TargetingError,
-     ["scorer", "lm_head"]),
+    (
+        {"target_modules": ["embed_tokens"], "lora_bias": True},
+        "default",
+        TargetingError,
+        ["embed_tokens", "lora_bias"],
+    ),
+    (
+        {"target_modules": ["q_proj"], "modules_to_save": ["scorer"]},
+        "default",
+        TargetingError,
+        ["scorer", "lm_head"],
+    ),
     ({"target_modules": ["q_proj"]}, "a.b", AdapterError, ["'a.b'", "'.'"]),
     ({"target_modules": ["q_proj"]}, "", AdapterError, ["''", "non-empty"]),
     ({"target_modules": ["q_proj"]}, "__base__", AdapterError, ["'__base__'"]),
@@ -32,8 +44,9 @@ FAILING = [
 ]
 
 
-@pytest.mark.parametrize(("kwargs", "name", "error", "parts"), FAILING,
-                         ids=[f"{k}-{n!r}" for k, n, _, _ in FAILING])
+@pytest.mark.parametrize(
+    ("kwargs", "name", "error", "parts"), FAILING, ids=[f"{k}-{n!r}" for k, n, _, _ in FAILING]
+)
 def test_failed_get_peft_model_changes_nothing(kwargs, name, error, parts):
     model = llama()
     state, shape = snapshot(model), structure(model)
@@ -52,9 +65,11 @@ def test_failed_add_adapter_changes_nothing():
     state, shape = snapshot(peft_model), structure(peft_model)
     grads = [p.requires_grad for p in peft_model.parameters()]
     configs = dict(peft_model.peft_config)
-    for name, cfg in [("default", LoraConfig(target_modules=["v_proj"])),
-                      ("other", LoraConfig(target_modules=["v_proj", "post_attention_layernorm"])),
-                      ("other", LoraConfig(target_modules=["vproj"]))]:
+    for name, cfg in [
+        ("default", LoraConfig(target_modules=["v_proj"])),
+        ("other", LoraConfig(target_modules=["v_proj", "post_attention_layernorm"])),
+        ("other", LoraConfig(target_modules=["vproj"])),
+    ]:
         with pytest.raises(ValueError) as info:
             peft_model.add_adapter(name, cfg)
         if name == "default":
@@ -136,8 +151,13 @@ def test_unload_restores_original_model_bit_for_bit(model_name, merged):
     expected = logits(model, x)
     targets = TOY_TARGETS if model_name == "toy" else "all-linear"
     peft_model = lorakit.get_peft_model(
-        model, LoraConfig(target_modules=targets, init_lora_weights=False, modules_to_save=["lm_head"]
-                          if model_name == "llama" else None))
+        model,
+        LoraConfig(
+            target_modules=targets,
+            init_lora_weights=False,
+            modules_to_save=["lm_head"] if model_name == "llama" else None,
+        ),
+    )
     if merged:
         peft_model.merge_adapter()
     base = peft_model.unload()

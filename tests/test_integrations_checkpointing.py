@@ -49,8 +49,9 @@ def test_checkpointed_gradients_equal_plain_gradients(case: str, reentrant: bool
 
 def test_activation_checkpointing_name_works_too() -> None:
     torch.manual_seed(0)
-    model = get_peft_model(build("llama", "ForCausalLM"),
-                           LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False))
+    model = get_peft_model(
+        build("llama", "ForCausalLM"), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False)
+    )
     model.train()
     expected = _grads(model, text_inputs(), "CAUSAL_LM")
     model.activation_checkpointing_enable({"use_reentrant": True})

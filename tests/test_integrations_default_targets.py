@@ -37,16 +37,21 @@ def test_default_targets_pick_the_attention_projections(arch: str, head: str) ->
     assert {"0", "1"} <= {part for name in wrapped for part in name.split(".")}  # both layers
     report = lorakit.inspect(build(arch, head))
     assert {row["name"] for row in report.modules if row["default"]} == {
-        n.removeprefix("base_model.model.") for n in wrapped}
+        n.removeprefix("base_model.model.") for n in wrapped
+    }
 
 
 # PEFT 0.21 has no default for Whisper and still names ViT's projections `query` / `value`.
-@pytest.mark.parametrize("arch,head", [k for k in DEFAULTS if k[0] not in ("vit", "whisper")],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "arch,head", [k for k in DEFAULTS if k[0] not in ("vit", "whisper")], ids=lambda v: str(v)
+)
 def test_default_targets_equal_peft(arch: str, head: str) -> None:
     ours = _wrapped(lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig()))
-    theirs = {name for name, m in peft.get_peft_model(build(arch, head), peft.LoraConfig()).named_modules()
-              if isinstance(m, peft.tuners.lora.LoraLayer)}
+    theirs = {
+        name
+        for name, m in peft.get_peft_model(build(arch, head), peft.LoraConfig()).named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     assert ours == theirs
 
 

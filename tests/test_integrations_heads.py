@@ -11,19 +11,23 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.integrations import find_heads
 
 
-@pytest.mark.parametrize("arch,head,expected", [
-    ("bert", "ForSequenceClassification", ["classifier"]),
-    ("roberta", "ForSequenceClassification", ["classifier"]),  # a two-layer head: dense + out_proj
-    ("llama", "ForSequenceClassification", ["score"]),
-    ("gpt2", "ForSequenceClassification", ["score"]),
-    ("bart", "ForSequenceClassification", ["classification_head"]),
-    ("t5", "ForSequenceClassification", ["classification_head"]),
-    ("bart", "ForQuestionAnswering", ["qa_outputs"]),
-    ("bert", "ForMultipleChoice", ["classifier"]),
-    ("vit", "ForImageClassification", ["classifier"]),
-    ("gpt2", "LMHeadModel", []),  # lm_head is tied to the input embeddings: not a new head
-    ("bert", "Model", []),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "arch,head,expected",
+    [
+        ("bert", "ForSequenceClassification", ["classifier"]),
+        ("roberta", "ForSequenceClassification", ["classifier"]),  # a two-layer head: dense + out_proj
+        ("llama", "ForSequenceClassification", ["score"]),
+        ("gpt2", "ForSequenceClassification", ["score"]),
+        ("bart", "ForSequenceClassification", ["classification_head"]),
+        ("t5", "ForSequenceClassification", ["classification_head"]),
+        ("bart", "ForQuestionAnswering", ["qa_outputs"]),
+        ("bert", "ForMultipleChoice", ["classifier"]),
+        ("vit", "ForImageClassification", ["classifier"]),
+        ("gpt2", "LMHeadModel", []),  # lm_head is tied to the input embeddings: not a new head
+        ("bert", "Model", []),
+    ],
+    ids=lambda v: str(v),
+)
 def test_heads_of_transformers_task_models(arch: str, head: str, expected: list[str]) -> None:
     assert find_heads(build(arch, head)) == expected
 
@@ -45,6 +49,8 @@ def test_plain_module_head_by_peft_names() -> None:
     model = get_peft_model(Custom(), LoraConfig(task_type="SEQ_CLS", target_modules=["encoder"]))
     assert model.peft_config["default"].modules_to_save == ["classifier"]
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        "base_model.model.encoder.lora_A.default.weight", "base_model.model.encoder.lora_B.default.weight",
+        "base_model.model.encoder.lora_A.default.weight",
+        "base_model.model.encoder.lora_B.default.weight",
         "base_model.model.classifier.modules_to_save.default.weight",
-        "base_model.model.classifier.modules_to_save.default.bias"}
+        "base_model.model.classifier.modules_to_save.default.bias",
+    }

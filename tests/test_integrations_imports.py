@@ -16,6 +16,10 @@ assert not missing, missing
 
 
 def test_import_registers_tasks_without_transformers() -> None:
-    result = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
-                            env={"PYTHONPATH": ":".join(p for p in sys.path if p)})
+    result = subprocess.run(
+        [sys.executable, "-c", CODE],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": ":".join(p for p in sys.path if p)},
+    )
     assert result.returncode == 0, result.stderr

@@ -19,22 +19,33 @@ def _llama(dtype: torch.dtype, **kwargs) -> lorakit.PeftModel:
 
 
 def _adapter_dtypes(model) -> set[torch.dtype]:
-    return {p.dtype for m in model.modules() if isinstance(m, LoraLayer)
-            for name in m.adapter_names for p in m.adapter_parameters(name)}
+    return {
+        p.dtype
+        for m in model.modules()
+        if isinstance(m, LoraLayer)
+        for name in m.adapter_names
+        for p in m.adapter_parameters(name)
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("autocast", [True, False])
 def test_adapter_dtype_follows_autocast_adapter_dtype_like_peft(dtype: torch.dtype, autocast: bool) -> None:
     ours = _llama(dtype, autocast_adapter_dtype=autocast)
-    theirs = peft.get_peft_model(build("llama", "ForCausalLM").to(dtype),
-                                 peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear"),
-                                 autocast_adapter_dtype=autocast)
+    theirs = peft.get_peft_model(
+        build("llama", "ForCausalLM").to(dtype),
+        peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear"),
+        autocast_adapter_dtype=autocast,
+    )
     expected = {p.dtype for n, p in theirs.named_parameters() if "lora_" in n}
     assert _adapter_dtypes(ours) == expected == {torch.float32 if autocast else dtype}
     assert ours.get_input_embeddings().weight.dtype == dtype
-    assert all(p.requires_grad for m in ours.modules() if isinstance(m, LoraLayer)
-               for p in m.adapter_parameters("default"))
+    assert all(
+        p.requires_grad
+        for m in ours.modules()
+        if isinstance(m, LoraLayer)
+        for p in m.adapter_parameters("default")
+    )
 
 
 @pytest.mark.parametrize("autocast", [True, False])
@@ -50,8 +61,10 @@ def test_half_precision_base_trains(autocast: bool) -> None:
 
 def test_torch_autocast_trains_float32_adapters_and_matches_peft() -> None:
     ours = _llama(torch.float32)
-    theirs = peft.get_peft_model(build("llama", "ForCausalLM"), peft.LoraConfig(
-        task_type="CAUSAL_LM", target_modules="all-linear", init_lora_weights=False))
+    theirs = peft.get_peft_model(
+        build("llama", "ForCausalLM"),
+        peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", init_lora_weights=False),
+    )
     lorakit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
     inputs = {**text_inputs(), **labels_for("CAUSAL_LM")}
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -42,12 +42,22 @@ def test_print_and_trainable_parameters_match_peft(arch: str, head: str, task: s
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
-@pytest.mark.parametrize("arch,head,task", [("bert", "ForMultipleChoice", "MULTIPLE_CHOICE"),
-                                            ("vit", "ForImageClassification", "IMAGE_CLASSIFICATION")])
-def test_tasks_peft_lacks_equal_peft_with_the_head_in_modules_to_save(arch: str, head: str, task: str
-                                                                      ) -> None:
+@pytest.mark.parametrize(
+    "arch,head,task",
+    [
+        ("bert", "ForMultipleChoice", "MULTIPLE_CHOICE"),
+        ("vit", "ForImageClassification", "IMAGE_CLASSIFICATION"),
+    ],
+)
+def test_tasks_peft_lacks_equal_peft_with_the_head_in_modules_to_save(
+    arch: str, head: str, task: str
+) -> None:
     ours = lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig(task_type=task))
-    theirs = peft.get_peft_model(build(arch, head), peft.LoraConfig(
-        target_modules=ours.peft_config["default"].target_modules, modules_to_save=["classifier"]))
+    theirs = peft.get_peft_model(
+        build(arch, head),
+        peft.LoraConfig(
+            target_modules=ours.peft_config["default"].target_modules, modules_to_save=["classifier"]
+        ),
+    )
     assert repr(ours.base_model) == repr(theirs.base_model)
     assert _printed(ours) == _printed(theirs)

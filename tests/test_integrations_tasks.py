@@ -41,28 +41,86 @@ class Case:
 
 
 HEAD_CASES = [
-    Case("bert", "ForSequenceClassification", "SEQ_CLS", "PeftModelForSequenceClassification",
-         saved_head=("classifier",)),
-    Case("roberta", "ForSequenceClassification", "SEQ_CLS", "PeftModelForSequenceClassification",
-         saved_head=("classifier",)),
-    Case("llama", "ForSequenceClassification", "SEQ_CLS", "PeftModelForSequenceClassification",
-         saved_head=("score",)),
-    Case("gpt2", "ForSequenceClassification", "SEQ_CLS", "PeftModelForSequenceClassification",
-         saved_head=("score",)),
-    Case("bert", "ForTokenClassification", "TOKEN_CLS", "PeftModelForTokenClassification",
-         saved_head=("classifier",)),
-    Case("roberta", "ForTokenClassification", "TOKEN_CLS", "PeftModelForTokenClassification",
-         saved_head=("classifier",)),
-    Case("bert", "ForQuestionAnswering", "QUESTION_ANS", "PeftModelForQuestionAnswering",
-         saved_head=("qa_outputs",)),
-    Case("roberta", "ForQuestionAnswering", "QUESTION_ANS", "PeftModelForQuestionAnswering",
-         saved_head=("qa_outputs",)),
-    Case("bert", "ForMultipleChoice", "MULTIPLE_CHOICE", "PeftModelForMultipleChoice", choice_inputs,
-         saved_head=("classifier",)),
-    Case("roberta", "ForMultipleChoice", "MULTIPLE_CHOICE", "PeftModelForMultipleChoice", choice_inputs,
-         saved_head=("classifier",)),
-    Case("vit", "ForImageClassification", "IMAGE_CLASSIFICATION", "PeftModelForImageClassification",
-         image_inputs, saved_head=("classifier",)),
+    Case(
+        "bert",
+        "ForSequenceClassification",
+        "SEQ_CLS",
+        "PeftModelForSequenceClassification",
+        saved_head=("classifier",),
+    ),
+    Case(
+        "roberta",
+        "ForSequenceClassification",
+        "SEQ_CLS",
+        "PeftModelForSequenceClassification",
+        saved_head=("classifier",),
+    ),
+    Case(
+        "llama",
+        "ForSequenceClassification",
+        "SEQ_CLS",
+        "PeftModelForSequenceClassification",
+        saved_head=("score",),
+    ),
+    Case(
+        "gpt2",
+        "ForSequenceClassification",
+        "SEQ_CLS",
+        "PeftModelForSequenceClassification",
+        saved_head=("score",),
+    ),
+    Case(
+        "bert",
+        "ForTokenClassification",
+        "TOKEN_CLS",
+        "PeftModelForTokenClassification",
+        saved_head=("classifier",),
+    ),
+    Case(
+        "roberta",
+        "ForTokenClassification",
+        "TOKEN_CLS",
+        "PeftModelForTokenClassification",
+        saved_head=("classifier",),
+    ),
+    Case(
+        "bert",
+        "ForQuestionAnswering",
+        "QUESTION_ANS",
+        "PeftModelForQuestionAnswering",
+        saved_head=("qa_outputs",),
+    ),
+    Case(
+        "roberta",
+        "ForQuestionAnswering",
+        "QUESTION_ANS",
+        "PeftModelForQuestionAnswering",
+        saved_head=("qa_outputs",),
+    ),
+    Case(
+        "bert",
+        "ForMultipleChoice",
+        "MULTIPLE_CHOICE",
+        "PeftModelForMultipleChoice",
+        choice_inputs,
+        saved_head=("classifier",),
+    ),
+    Case(
+        "roberta",
+        "ForMultipleChoice",
+        "MULTIPLE_CHOICE",
+        "PeftModelForMultipleChoice",
+        choice_inputs,
+        saved_head=("classifier",),
+    ),
+    Case(
+        "vit",
+        "ForImageClassification",
+        "IMAGE_CLASSIFICATION",
+        "PeftModelForImageClassification",
+        image_inputs,
+        saved_head=("classifier",),
+    ),
 ]
 GEN_CASES = [
     Case("gpt2", "LMHeadModel", "CAUSAL_LM", "PeftModelForCausalLM"),
@@ -72,8 +130,9 @@ GEN_CASES = [
     Case("bart", "ForConditionalGeneration", "SEQ_2_SEQ_LM", "PeftModelForSeq2SeqLM"),
     Case("t5", "ForConditionalGeneration", "TRANSLATION", "PeftModelForTranslation"),
     Case("bart", "ForConditionalGeneration", "TRANSLATION", "PeftModelForTranslation"),
-    Case("whisper", "ForConditionalGeneration", "SPEECH_SEQ_2_SEQ", "PeftModelForSpeechSeq2Seq",
-         speech_inputs),
+    Case(
+        "whisper", "ForConditionalGeneration", "SPEECH_SEQ_2_SEQ", "PeftModelForSpeechSeq2Seq", speech_inputs
+    ),
 ]
 OTHER_CASES = [
     Case("bert", "Model", "FEATURE_EXTRACTION", "PeftModelForFeatureExtraction"),
@@ -206,8 +265,9 @@ def test_forward_signature_names_inputs_and_labels(case: Case) -> None:
 
 
 def test_question_answering_alias_builds_the_same_wrapper() -> None:
-    model = get_peft_model(build("bert", "ForQuestionAnswering"),
-                           LoraConfig(task_type=TaskType.QUESTION_ANSWERING))
+    model = get_peft_model(
+        build("bert", "ForQuestionAnswering"), LoraConfig(task_type=TaskType.QUESTION_ANSWERING)
+    )
     assert type(model).__name__ == "PeftModelForQuestionAnswering"
     assert model.peft_config["default"].task_type is TaskType.QUESTION_ANS
 
@@ -218,8 +278,10 @@ def test_head_task_without_head_names_the_modules() -> None:
 
 
 def test_user_modules_to_save_are_kept_beside_the_head() -> None:
-    model = get_peft_model(build("bert", "ForSequenceClassification"),
-                           LoraConfig(task_type="SEQ_CLS", modules_to_save=["pooler"]))
+    model = get_peft_model(
+        build("bert", "ForSequenceClassification"),
+        LoraConfig(task_type="SEQ_CLS", modules_to_save=["pooler"]),
+    )
     assert model.peft_config["default"].modules_to_save == ["pooler", "classifier"]
 
 
@@ -241,8 +303,9 @@ def test_mixed_batch_forward_uses_each_rows_adapter_and_head(case: Case) -> None
 @pytest.mark.parametrize("case", HEAD_CASES, ids=lambda c: c.id)
 def test_all_linear_leaves_the_head_to_modules_to_save(case: Case) -> None:
     """(PEFT 0.21 puts LoRA into ``qa_outputs`` / a token classifier here, then fails to wrap it.)"""
-    model = get_peft_model(build(case.arch, case.head),
-                           LoraConfig(task_type=case.task, target_modules="all-linear"))
+    model = get_peft_model(
+        build(case.arch, case.head), LoraConfig(task_type=case.task, target_modules="all-linear")
+    )
     for name in case.saved_head:
         head = getattr(model.get_base_model(), name)
         assert isinstance(head, ModulesToSaveWrapper)

@@ -22,8 +22,9 @@ STEPS = 4
 
 
 def _model(task: str) -> lorakit.PeftModel:
-    arch, head = {"SEQ_CLS": ("bert", "ForSequenceClassification"),
-                  "CAUSAL_LM": ("gpt2", "LMHeadModel")}[task]
+    arch, head = {"SEQ_CLS": ("bert", "ForSequenceClassification"), "CAUSAL_LM": ("gpt2", "LMHeadModel")}[
+        task
+    ]
     torch.manual_seed(100)
     return get_peft_model(build(arch, head), LoraConfig(task_type=task, r=4, lora_alpha=8))
 
@@ -38,13 +39,27 @@ def _dataset(task: str) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
-def _trainer(model: lorakit.PeftModel, task: str, out: Path, evaluate: bool = False, **kwargs
-             ) -> LorakitTrainer:
+def _trainer(
+    model: lorakit.PeftModel, task: str, out: Path, evaluate: bool = False, **kwargs
+) -> LorakitTrainer:
     args = transformers.TrainingArguments(
-        str(out), max_steps=STEPS, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
-        report_to=[], use_cpu=True, logging_steps=1, seed=0, **kwargs)
-    return LorakitTrainer(model=model, args=args, train_dataset=_dataset(task),
-                          eval_dataset=_dataset(task) if evaluate else None)
+        str(out),
+        max_steps=STEPS,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        seed=0,
+        **kwargs,
+    )
+    return LorakitTrainer(
+        model=model,
+        args=args,
+        train_dataset=_dataset(task),
+        eval_dataset=_dataset(task) if evaluate else None,
+    )
 
 
 def _adapter_state(model: lorakit.PeftModel) -> dict[str, torch.Tensor]:
@@ -80,8 +95,9 @@ def test_real_peft_loads_a_trainer_checkpoint(tmp_path: Path) -> None:
     model.eval()
     inputs = text_inputs(seed=9)
     expected = model(**inputs).logits
-    reference = peft.PeftModel.from_pretrained(build("bert", "ForSequenceClassification"),
-                                               str(tmp_path / f"checkpoint-{STEPS}")).eval()
+    reference = peft.PeftModel.from_pretrained(
+        build("bert", "ForSequenceClassification"), str(tmp_path / f"checkpoint-{STEPS}")
+    ).eval()
     torch.testing.assert_close(reference(**inputs).logits, expected)
 
 
@@ -116,8 +132,13 @@ def test_trainer_asks_the_base_model_about_loss_kwargs() -> None:
 def test_trainer_with_activation_checkpointing_trains_the_adapter(tmp_path: Path) -> None:
     model = _model("CAUSAL_LM")
     before = _adapter_state(model)
-    trainer = _trainer(model, "CAUSAL_LM", tmp_path, activation_checkpointing=True,
-                       activation_checkpointing_kwargs={"use_reentrant": True})
+    trainer = _trainer(
+        model,
+        "CAUSAL_LM",
+        tmp_path,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
     trainer.train()
     assert model.is_activation_checkpointing
     after = _adapter_state(model)
@@ -126,8 +147,16 @@ def test_trainer_with_activation_checkpointing_trains_the_adapter(tmp_path: Path
 
 def test_load_best_model_at_end_restores_the_best_adapter(tmp_path: Path) -> None:
     model = _model("SEQ_CLS")
-    trainer = _trainer(model, "SEQ_CLS", tmp_path, evaluate=True, eval_strategy="steps", eval_steps=2,
-                       load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer = _trainer(
+        model,
+        "SEQ_CLS",
+        tmp_path,
+        evaluate=True,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
     trainer.train()
     best = Path(trainer.state.best_model_checkpoint)
     with torch.no_grad():  # move away from the best weights; loading them must come back exactly

@@ -28,24 +28,43 @@ CASES = {
     "bert-default": ("bert", {}),
     "bert-all-linear-lora_only": ("bert", {"target_modules": "all-linear", "bias": "lora_only"}),
     "bert_cls-seq_cls-head": ("bert_cls", {"task_type": "SEQ_CLS", "modules_to_save": ["classifier"]}),
-    "roberta-layers_to_transform": ("roberta", {"target_modules": ["query", "value", "dense"],
-                                                "layers_to_transform": [1]}),
+    "roberta-layers_to_transform": (
+        "roberta",
+        {"target_modules": ["query", "value", "dense"], "layers_to_transform": [1]},
+    ),
     "gpt2-default": ("gpt2", {"fan_in_fan_out": True}),
-    "gpt2-rslora-dropout": ("gpt2", {"target_modules": ["c_attn", "c_proj", "c_fc"], "use_rslora": True,
-                                     "lora_dropout": 0.1, "fan_in_fan_out": True}),
+    "gpt2-rslora-dropout": (
+        "gpt2",
+        {
+            "target_modules": ["c_attn", "c_proj", "c_fc"],
+            "use_rslora": True,
+            "lora_dropout": 0.1,
+            "fan_in_fan_out": True,
+        },
+    ),
     "llama-all-linear": ("llama", {"target_modules": "all-linear"}),
-    "llama-embed-patterns-save": ("llama", {"target_modules": ["embed_tokens", "q_proj", "v_proj"],
-                                            "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"v_proj": 3},
-                                            "modules_to_save": ["lm_head"]}),
+    "llama-embed-patterns-save": (
+        "llama",
+        {
+            "target_modules": ["embed_tokens", "q_proj", "v_proj"],
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"v_proj": 3},
+            "modules_to_save": ["lm_head"],
+        },
+    ),
     "mistral-default": ("mistral", {}),
     "mistral-regex-lora_bias": ("mistral", {"target_modules": r".*\.(q_proj|o_proj)", "lora_bias": True}),
     "t5-default": ("t5", {}),
-    "t5-exclude": ("t5", {"target_modules": ["q", "k", "v", "o", "wi", "wo"],
-                          "exclude_modules": r".*decoder.*"}),
+    "t5-exclude": (
+        "t5",
+        {"target_modules": ["q", "k", "v", "o", "wi", "wo"], "exclude_modules": r".*decoder.*"},
+    ),
     "bart-default": ("bart", {}),
     "bart-all-linear-bias_all": ("bart", {"target_modules": "all-linear", "bias": "all"}),
-    "mlp-conv-embedding-save-bias_all": ("mlp", {"target_modules": ["emb", "conv", "lin0"],
-                                                 "modules_to_save": ["lin1"], "bias": "all"}),
+    "mlp-conv-embedding-save-bias_all": (
+        "mlp",
+        {"target_modules": ["emb", "conv", "lin0"], "modules_to_save": ["lin1"], "bias": "all"},
+    ),
     "mlp-lora_only": ("mlp", {"target_modules": ["conv", "lin0", "lin1"], "bias": "lora_only", "r": 2}),
 }
 
@@ -116,8 +135,9 @@ def _two_adapters(lib, path):
     return model
 
 
-@pytest.mark.parametrize("writer, reader", [(peft, lorakit), (lorakit, peft)], ids=["peft->lorakit",
-                                                                                    "lorakit->peft"])
+@pytest.mark.parametrize(
+    "writer, reader", [(peft, lorakit), (lorakit, peft)], ids=["peft->lorakit", "lorakit->peft"]
+)
 def test_multi_adapter_roundtrip(writer, reader, tmp_path):
     source = _two_adapters(writer, tmp_path)
     assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
@@ -142,6 +162,7 @@ def test_peft_legacy_bin_loads(tmp_path):
     model.eval()
     model.save_pretrained(tmp_path, safe_serialization=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("adapter_model")) == [
-        "adapter_model.bin"]
+        "adapter_model.bin"
+    ]
     loaded = lorakit.PeftModel.from_pretrained(ZOO["gpt2"].build(), tmp_path)
     torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=1e-5, atol=1e-6)

@@ -17,8 +17,9 @@ import lorakit
 
 def _trained(lib, base, init, **kw):
     torch.manual_seed(0)
-    config = lib.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
-                               "init_lora_weights": init, **kw})
+    config = lib.LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": init, **kw}
+    )
     model = lib.get_peft_model(copy.deepcopy(base), config)
     return model
 
@@ -31,9 +32,14 @@ def _train(model):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
-@pytest.mark.parametrize(("build", "init", "targets"), [
-    (llama, "pissa", ["q_proj", "v_proj"]), (llama, "olora", ["q_proj", "down_proj"]),
-    (gpt2, "pissa", ["c_attn", "c_proj"])])
+@pytest.mark.parametrize(
+    ("build", "init", "targets"),
+    [
+        (llama, "pissa", ["q_proj", "v_proj"]),
+        (llama, "olora", ["q_proj", "down_proj"]),
+        (gpt2, "pissa", ["c_attn", "c_proj"]),
+    ],
+)
 def test_converted_adapter_matches_peft_and_applies_to_the_original_base(tmp_path, build, init, targets):
     base, x = build(), ids()
     outputs = {}
@@ -43,8 +49,10 @@ def test_converted_adapter_matches_peft_and_applies_to_the_original_base(tmp_pat
         _train(model)
         with torch.no_grad():
             outputs[lib.__name__] = model(x).logits
-        model.save_pretrained(tmp_path / lib.__name__ / "plain",
-                              path_initial_model_for_weight_conversion=str(tmp_path / lib.__name__ / "init"))
+        model.save_pretrained(
+            tmp_path / lib.__name__ / "plain",
+            path_initial_model_for_weight_conversion=str(tmp_path / lib.__name__ / "init"),
+        )
     ours = load_file(tmp_path / "lorakit" / "plain" / "adapter_model.safetensors")
     theirs = load_file(tmp_path / "peft" / "plain" / "adapter_model.safetensors")
     assert sorted(ours) == sorted(theirs)

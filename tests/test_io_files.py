@@ -69,15 +69,18 @@ def test_atomic_directory_fallback_without_exchange(tmp_path, monkeypatch):
 def test_refuses_existing_file(tmp_path):
     target = tmp_path / "adapter"
     target.write_text("not a directory")
-    with pytest.raises(AdapterFileError, match="existing file, not a directory"), \
-            files.atomic_directory(target, []):
+    with (
+        pytest.raises(AdapterFileError, match="existing file, not a directory"),
+        files.atomic_directory(target, []),
+    ):
         pass
     assert target.read_text() == "not a directory"
 
 
 def test_recover_cleans_dead_staging_and_restores_moved_aside(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     pid = int(dead.stdout)
     target = tmp_path / "out"
     (tmp_path / f".out{files._STAGING_TAG}{pid}-abcd1234").mkdir()  # a killed save's staging
@@ -130,7 +133,7 @@ def test_safetensors_damage_is_a_clear_error(tmp_path, damage):
         "truncate_header": raw[: 8 + n // 2],
         "empty": b"",
         "garbage": os.urandom(200),
-        "bad_json": raw[:8] + b"{" * n + raw[8 + n:],
+        "bad_json": raw[:8] + b"{" * n + raw[8 + n :],
     }[damage]
     path.write_bytes(damaged)
     with pytest.raises(AdapterFileError, match="adapter_model.safetensors.*(truncated|corrupt)"):

@@ -32,8 +32,10 @@ def test_different_weights_and_shapes_differ():
     assert len(diffs) == 3 and all("sampled weight" in d for d in diffs)
     small = tiny(0)
     small.fc1 = torch.nn.Linear(8, 12)
-    assert any("weight shape (16, 8) when trained, (12, 8) now" in d
-               for d in fp.differences(fingerprint(_targets(small))))
+    assert any(
+        "weight shape (16, 8) when trained, (12, 8) now" in d
+        for d in fp.differences(fingerprint(_targets(small)))
+    )
 
 
 def test_one_changed_element_in_a_sample_position_is_detected():

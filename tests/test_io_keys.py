@@ -18,8 +18,10 @@ CASES = {
     "bias_lora_only": ("tiny", {"target_modules": ["fc1", "emb"], "bias": "lora_only"}),
     "rank_pattern": ("tiny", {"target_modules": ["fc1", "fc2"], "rank_pattern": {"fc2": 2}}),
     "conv+embedding": ("mlp", {"target_modules": ["emb", "conv", "lin0"], "bias": "all"}),
-    "gpt2_conv1d": ("gpt2", {"target_modules": ["c_attn", "c_fc"], "bias": "lora_only",
-                             "fan_in_fan_out": True}),
+    "gpt2_conv1d": (
+        "gpt2",
+        {"target_modules": ["c_attn", "c_fc"], "bias": "lora_only", "fan_in_fan_out": True},
+    ),
     "shared_and_tied": ("shared", {"target_modules": ["proj", "out"], "modules_to_save": ["block"]}),
 }
 
@@ -59,11 +61,19 @@ def test_planned_shapes_for_a_second_adapter_on_wrapped_layers():
 
 def test_peft_key_layout():
     model = tiny()
-    injection.inject(model, LoraConfig(target_modules=["emb", "fc1"], modules_to_save=["fc2"],
-                                       bias="lora_only", r=2), "x")
+    injection.inject(
+        model, LoraConfig(target_modules=["emb", "fc1"], modules_to_save=["fc2"], bias="lora_only", r=2), "x"
+    )
     keys = set(adapter_keys(model, "x", "lora_only").tensors)
-    assert keys == {"emb.lora_embedding_A", "emb.lora_embedding_B", "fc1.lora_A.weight",
-                    "fc1.lora_B.weight", "fc1.base_layer.bias", "fc2.weight", "fc2.bias"}
+    assert keys == {
+        "emb.lora_embedding_A",
+        "emb.lora_embedding_B",
+        "fc1.lora_A.weight",
+        "fc1.lora_B.weight",
+        "fc1.base_layer.bias",
+        "fc2.weight",
+        "fc2.bias",
+    }
 
 
 def test_file_prefix_roundtrip():

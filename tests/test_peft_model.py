@@ -59,11 +59,20 @@ def test_trainable_count_is_lora_size():
 
 
 def test_print_shows_lora_parts():
-    model = lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"],
-                                                       lora_dropout=0.1))
+    model = lorakit.get_peft_model(
+        llama(), LoraConfig(target_modules=["q_proj", "embed_tokens"], lora_dropout=0.1)
+    )
     text = str(model)
-    for part in ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B",
-                 "base_layer", "Dropout(p=0.1", "(default): Linear(in_features=16, out_features=8"):
+    for part in (
+        "lora_A",
+        "lora_B",
+        "lora_dropout",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "base_layer",
+        "Dropout(p=0.1",
+        "(default): Linear(in_features=16, out_features=8",
+    ):
         assert part in text, part
 
 
@@ -78,8 +87,9 @@ def test_pickle_and_deepcopy_round_trip(model_name, merged):
     targets = TARGETS[model_name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lorakit.get_peft_model(BUILDS[model_name](), LoraConfig(target_modules=targets,
-                                                                        init_lora_weights=False))
+        model = lorakit.get_peft_model(
+            BUILDS[model_name](), LoraConfig(target_modules=targets, init_lora_weights=False)
+        )
     if merged:
         model.merge_adapter()
     x = ids(seq=4) if model_name == "toy" else ids()
@@ -104,7 +114,8 @@ def test_mixed_batch_equals_each_adapter_alone(model_name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lorakit.get_peft_model(
-            BUILDS[model_name](), LoraConfig(target_modules=targets, init_lora_weights=False, **kwargs))
+            BUILDS[model_name](), LoraConfig(target_modules=targets, init_lora_weights=False, **kwargs)
+        )
         torch.manual_seed(5)
         model.add_adapter("other", LoraConfig(target_modules=targets, init_lora_weights=False, r=3, **kwargs))
     if model_name == "llama":
@@ -136,8 +147,9 @@ def test_mixed_batch_unknown_name_lists_adapters():
 def test_mixed_batch_generate(beams):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lorakit.get_peft_model(MODELS["gpt2"](), LoraConfig(target_modules=["c_attn"],
-                                                                    init_lora_weights=False))
+        model = lorakit.get_peft_model(
+            MODELS["gpt2"](), LoraConfig(target_modules=["c_attn"], init_lora_weights=False)
+        )
     x = ids(batch=2, seq=3)
     kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0, "num_beams": beams}
     mixed = model.generate(input_ids=x, adapter_names=["default", "__base__"], **kwargs)
@@ -149,8 +161,9 @@ def test_mixed_batch_generate(beams):
 
 
 def test_backward_reaches_only_trainable_lora_weights():
-    model = lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj", "v_proj"],
-                                                       init_lora_weights=False))
+    model = lorakit.get_peft_model(
+        llama(), LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.train()
     x = ids()
     out = model(input_ids=x, labels=x)
@@ -222,19 +235,29 @@ def test_get_peft_model_task_types(task):
     assert out.logits.shape == (3, 5, VOCAB)
 
 
-@pytest.mark.parametrize(("model_name", "kwargs"), [
-    ("llama", {"target_modules": ["q_proj", "embed_tokens"], "lora_dropout": 0.1,
-               "modules_to_save": ["lm_head"]}),
-    ("gpt2", {"target_modules": ["c_attn", "wte"], "fan_in_fan_out": True}),
-])
+@pytest.mark.parametrize(
+    ("model_name", "kwargs"),
+    [
+        (
+            "llama",
+            {
+                "target_modules": ["q_proj", "embed_tokens"],
+                "lora_dropout": 0.1,
+                "modules_to_save": ["lm_head"],
+            },
+        ),
+        ("gpt2", {"target_modules": ["c_attn", "wte"], "fan_in_fan_out": True}),
+    ],
+)
 def test_print_is_peft_print(model_name, kwargs):
     ours, theirs = build_pair(model_name, **kwargs)
     assert str(ours) == str(theirs)
 
 
 def test_train_mode_dropout_only_on_lora_branch():
-    model = lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
-                                                       init_lora_weights=False))
+    model = lorakit.get_peft_model(
+        llama(), LoraConfig(target_modules=["q_proj", "v_proj"], lora_dropout=0.5, init_lora_weights=False)
+    )
     x = ids()
     exact = logits(model, x)
     with model.disable_adapter():
@@ -262,6 +285,7 @@ def test_add_adapter_trainability_matches_peft():
     ours.add_adapter("other", LoraConfig(**second))
     theirs.add_adapter("other", peft.LoraConfig(**second))
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n, p in theirs.named_parameters() if p.requires_grad}
+        n for n, p in theirs.named_parameters() if p.requires_grad
+    }
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert set(ours.state_dict()) == set(theirs.state_dict())

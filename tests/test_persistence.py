@@ -28,8 +28,13 @@ from lorakit import (
 )
 from lorakit.io import adapter_dir
 
-CONFIG = {"target_modules": ["emb", "fc1"], "modules_to_save": ["fc2"], "r": 4, "lora_alpha": 8,
-          "init_lora_weights": False}
+CONFIG = {
+    "target_modules": ["emb", "fc1"],
+    "modules_to_save": ["fc2"],
+    "r": 4,
+    "lora_alpha": 8,
+    "init_lora_weights": False,
+}
 
 
 def _trained(tmp_path, name="saved", **overrides):
@@ -53,9 +58,14 @@ def test_layout_metadata_and_roundtrip(tmp_path):
         keys = set(fh.keys())
     assert metadata["format"] == "pt" and metadata["lorakit_version"] == lorakit.__version__
     assert "lorakit_base_fingerprint" in metadata
-    assert keys == {"base_model.model.emb.lora_embedding_A", "base_model.model.emb.lora_embedding_B",
-                    "base_model.model.fc1.lora_A.weight", "base_model.model.fc1.lora_B.weight",
-                    "base_model.model.fc2.weight", "base_model.model.fc2.bias"}
+    assert keys == {
+        "base_model.model.emb.lora_embedding_A",
+        "base_model.model.emb.lora_embedding_B",
+        "base_model.model.fc1.lora_A.weight",
+        "base_model.model.fc1.lora_B.weight",
+        "base_model.model.fc2.weight",
+        "base_model.model.fc2.bias",
+    }
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["inference_mode"] is True
     loaded = PeftModel.from_pretrained(tiny(), path)
@@ -67,8 +77,9 @@ def test_is_trainable_resumes_training(tmp_path):
     _, path = _trained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny(), path, is_trainable=True)
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, p in get_peft_model(tiny(), LoraConfig(**CONFIG)).named_parameters()
-                         if p.requires_grad}
+    assert trainable == {
+        n for n, p in get_peft_model(tiny(), LoraConfig(**CONFIG)).named_parameters() if p.requires_grad
+    }
     assert loaded.peft_config["default"].inference_mode is False
 
 
@@ -78,8 +89,13 @@ def test_multi_adapter_subfolders_and_selected(tmp_path):
     perturb_trainable(model)
     path = tmp_path / "multi"
     model.save_pretrained(path)
-    assert _files(path) == ["adapter_config.json", "adapter_model.safetensors", "other",
-                            "other/adapter_config.json", "other/adapter_model.safetensors"]
+    assert _files(path) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "other",
+        "other/adapter_config.json",
+        "other/adapter_model.safetensors",
+    ]
     loaded = PeftModel.from_pretrained(tiny(), path)
     loaded.load_adapter(path / "other", "other")
     for name in ("default", "other"):
@@ -111,8 +127,10 @@ def test_resave_overwrites_and_keeps_foreign_files(tmp_path):
 
 def test_shared_modules_tied_and_noncontiguous_weights(tmp_path):
     torch.manual_seed(0)
-    model = get_peft_model(Shared(), LoraConfig(target_modules=["proj", "out"], modules_to_save=["block"],
-                                                init_lora_weights=False))
+    model = get_peft_model(
+        Shared(),
+        LoraConfig(target_modules=["proj", "out"], modules_to_save=["block"], init_lora_weights=False),
+    )
     layer = model.base_model.model.proj
     layer.lora_A["default"].weight = torch.nn.Parameter(torch.randn(8, 8).T[:8])  # (8, 8) transposed view
     assert not layer.lora_A["default"].weight.is_contiguous()
@@ -123,8 +141,10 @@ def test_shared_modules_tied_and_noncontiguous_weights(tmp_path):
     x = torch.randn(2, 8)
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters(), strict=True))
     torch.testing.assert_close(loaded(x), model(x))  # strided vs contiguous matmul: last-bit noise
-    assert type(loaded.base_model.model.again).__name__ == "Linear" and loaded.base_model.model.again is \
-        loaded.base_model.model.proj  # the shared module is wrapped at both paths
+    assert (
+        type(loaded.base_model.model.again).__name__ == "Linear"
+        and loaded.base_model.model.again is loaded.base_model.model.proj
+    )  # the shared module is wrapped at both paths
     block = loaded.base_model.model.block.modules_to_save["default"]
     assert block[0].weight.data_ptr() != 0 and torch.equal(block[0].weight, block[1].weight)
 
@@ -151,8 +171,11 @@ def test_different_base_warns_or_errors(tmp_path):
         PeftModel.from_pretrained(tiny(seed=1), path)
     other = tiny(seed=1)
     before = snapshot(other)
-    with pytest.raises(BaseModelMismatchError, match=r"different base model: .*adapter_model.safetensors: "
-                                                      r"2 of 2 targeted modules differ \(emb: sampled"):
+    with pytest.raises(
+        BaseModelMismatchError,
+        match=r"different base model: .*adapter_model.safetensors: "
+        r"2 of 2 targeted modules differ \(emb: sampled",
+    ):
         PeftModel.from_pretrained(other, path, on_base_mismatch="error")
     assert_unchanged(other, before)
     with warnings.catch_warnings():
@@ -198,12 +221,17 @@ def test_key_and_shape_problems_reported_together(tmp_path):
         t["base_model.model.emb.lora_embedding_A"] = torch.ones(3, 20)  # wrong rank
 
     _rewrite(path, edit)
-    message = _fails(tiny(), path, AdapterError, "3 problem(s)", "the model was not changed",
-                     "adapter_model.safetensors",
-                     "act.lora_A.weight: in the file, but no module of the model has this adapter tensor",
-                     "fc1: targeted by the config, but the file has no 'lora_B.weight' "
-                     "(expected shape (16, 4))",
-                     "emb: lora_embedding_A has shape (3, 20) in the file, the model expects (4, 20)")
+    message = _fails(
+        tiny(),
+        path,
+        AdapterError,
+        "3 problem(s)",
+        "the model was not changed",
+        "adapter_model.safetensors",
+        "act.lora_A.weight: in the file, but no module of the model has this adapter tensor",
+        "fc1: targeted by the config, but the file has no 'lora_B.weight' (expected shape (16, 4))",
+        "emb: lora_embedding_A has shape (3, 20) in the file, the model expects (4, 20)",
+    )
     assert message.count("\n  - ") == 3
 
 
@@ -212,21 +240,29 @@ def test_config_that_targets_nothing(tmp_path):
     config = json.loads((path / "adapter_config.json").read_text())
     config["target_modules"] = ["nope"]
     (path / "adapter_config.json").write_text(json.dumps(config))
-    _fails(tiny(), path, lorakit.TargetingError, "target_modules=['nope'] matches no module",
-           "Modules that could be targeted: emb, fc1, fc2")
+    _fails(
+        tiny(),
+        path,
+        lorakit.TargetingError,
+        "target_modules=['nope'] matches no module",
+        "Modules that could be targeted: emb, fc1, fc2",
+    )
 
 
-@pytest.mark.parametrize("damage, error, shown", [
-    ("truncate", AdapterFileError, "is truncated"),
-    ("garbage", AdapterFileError, "adapter_model.safetensors"),
-    ("bad_json", AdapterFileError, "adapter_config.json' is not valid JSON"),
-    ("no_config", AdapterFileError, "adapter_config.json' does not exist"),
-    ("no_weights", AdapterFileError, "neither adapter_model.safetensors nor adapter_model.bin"),
-    ("unsupported", ConfigError, "use_qalora=true enables QA-LoRA"),
-    ("other_peft_type", ConfigError, 'peft_type="IA3"'),
-    ("missing_dir", AdapterFileError, "the path does not exist"),
-    ("is_file", AdapterFileError, "the path is a file"),
-])
+@pytest.mark.parametrize(
+    "damage, error, shown",
+    [
+        ("truncate", AdapterFileError, "is truncated"),
+        ("garbage", AdapterFileError, "adapter_model.safetensors"),
+        ("bad_json", AdapterFileError, "adapter_config.json' is not valid JSON"),
+        ("no_config", AdapterFileError, "adapter_config.json' does not exist"),
+        ("no_weights", AdapterFileError, "neither adapter_model.safetensors nor adapter_model.bin"),
+        ("unsupported", ConfigError, "use_qalora=true enables QA-LoRA"),
+        ("other_peft_type", ConfigError, 'peft_type="IA3"'),
+        ("missing_dir", AdapterFileError, "the path does not exist"),
+        ("is_file", AdapterFileError, "the path is a file"),
+    ],
+)
 def test_file_problems_are_clear_and_change_nothing(tmp_path, damage, error, shown):
     _, path = _trained(tmp_path)
     weights, config = path / "adapter_model.safetensors", path / "adapter_config.json"
@@ -368,8 +404,12 @@ def test_resized_vocabulary_is_named(tmp_path):
     before = snapshot(resized)
     with pytest.raises(AdapterError) as info:
         PeftModel.from_pretrained(resized, tmp_path / "e")
-    assert ("model.embed_tokens: base_layer.weight has shape (100, 16) in the file, the model expects "
-            "(120, 16) (was the vocabulary resized?") in str(info.value)
-    assert "model.embed_tokens: lora_embedding_A has shape (8, 100) in the file, the model expects (8, 120)" \
+    assert (
+        "model.embed_tokens: base_layer.weight has shape (100, 16) in the file, the model expects "
+        "(120, 16) (was the vocabulary resized?"
+    ) in str(info.value)
+    assert (
+        "model.embed_tokens: lora_embedding_A has shape (8, 100) in the file, the model expects (8, 120)"
         in str(info.value)
+    )
     assert_unchanged(resized, before)

@@ -78,8 +78,12 @@ def _adapter_values(path, adapter):
     """Load one adapter; every saved tensor must hold one value, and r must match its parity."""
     where = path / adapter if adapter != "default" else path
     model = PeftModel.from_pretrained(tiny(), where, on_base_mismatch="error")
-    values = {float(v) for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n
-              for v in p.detach().unique()}
+    values = {
+        float(v)
+        for n, p in model.named_parameters()
+        if "lora_" in n or "modules_to_save" in n
+        for v in p.detach().unique()
+    }
     assert len(values) == 1, f"{adapter}: mixed iterations {sorted(values)}"
     (value,) = values
     r = json.loads((where / "adapter_config.json").read_text())["r"]
@@ -90,10 +94,12 @@ def _adapter_values(path, adapter):
 def test_kill_minus_9_while_saving_leaves_a_complete_adapter(tmp_path):
     out = tmp_path / "adapter"
     src = os.path.join(os.path.dirname(__file__), "..", "src")
-    script = WORKER.format(src=os.path.abspath(src), tests=os.path.dirname(os.path.abspath(__file__)),
-                           out=str(out))
-    worker = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    script = WORKER.format(
+        src=os.path.abspath(src), tests=os.path.dirname(os.path.abspath(__file__)), out=str(out)
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     rng = random.Random(0)
     seen, interrupted, previous = [], 0, 0.0
     try:
@@ -115,8 +121,10 @@ def test_kill_minus_9_while_saving_leaves_a_complete_adapter(tmp_path):
     finally:
         worker.kill()
         worker.wait()
-    print(f"\nkill test: {KILLS} SIGKILLs, {interrupted} landed mid-save (staging dir left behind), "
-          f"adapter intact after all {len(seen)}; iterations seen: {[int(v) for v in seen]}")
+    print(
+        f"\nkill test: {KILLS} SIGKILLs, {interrupted} landed mid-save (staging dir left behind), "
+        f"adapter intact after all {len(seen)}; iterations seen: {[int(v) for v in seen]}"
+    )
     assert len(seen) == KILLS
     completed = sum(1 for a, b in zip([0.0] + seen, seen, strict=False) if b != a)
     print(f"kills after which a newer save was found: {completed}")

@@ -53,8 +53,10 @@ def test_energy_levels_and_degenerate_updates():
 def _adapter(sigma: list[float], r: int, s: float):
     a, b = _known(16, 12, sigma + [0.0] * (r - len(sigma)), s)
     config = LoraConfig(r=r, lora_alpha=s * r, target_modules=["proj"])
-    return config, {"base_model.model.proj.lora_A.weight": a.float(),
-                    "base_model.model.proj.lora_B.weight": b.float()}
+    return config, {
+        "base_model.model.proj.lora_A.weight": a.float(),
+        "base_model.model.proj.lora_B.weight": b.float(),
+    }
 
 
 @pytest.mark.parametrize("new_rank", [1, 2, 3, 6])
@@ -93,13 +95,22 @@ def test_resize_rejects_bad_arguments():
 
 def _llama(seed=0):
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=100,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
 
 
 def test_resized_adapter_loads_in_peft_and_lorakit_with_per_module_ranks():
-    model = get_peft_model(_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
+    model = get_peft_model(
+        _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     sd = get_peft_model_state_dict(model)
     result = resize_adapter(model.peft_config["default"], sd, energy=0.9)
     assert len(set(result.ranks.values())) >= 1 and all(1 <= k <= 8 for k in result.ranks.values())
@@ -153,8 +164,9 @@ def test_extract_at_lower_rank_reports_the_error(tmp_path):
 def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
     from lorakit.io.adapter_dir import read_adapter, save_adapter_tensors
 
-    model = get_peft_model(_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
+    model = get_peft_model(
+        _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model.save_pretrained(tmp_path / "full")
     files = read_adapter(tmp_path / "full")
     result = resize_adapter(files.config, files.tensors, rank=8)

@@ -19,17 +19,26 @@ def _peft(seed: int = 0) -> lorakit.PeftModel:
     return lorakit.get_peft_model(llama(seed), lorakit.LoraConfig(target_modules=["q_proj", "v_proj"]))
 
 
-@pytest.mark.parametrize(("name", "outer", "expected"), [
-    ("module.base_model.model.x.lora_A.default.weight", True, "base_model.model.x.lora_A.default.weight"),
-    ("module.module.a.b", True, "a.b"),
-    ("module.a", False, "module.a"),
-    ("layers.0._fsdp_wrapped_module.self_attn.q_proj.weight", False, "layers.0.self_attn.q_proj.weight"),
-    ("_fsdp_wrapped_module.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.q.weight", False,
-     "layers.0.q.weight"),
-    ("_orig_mod.model.layers.0.q_proj.lora_B.default.weight", False,
-     "model.layers.0.q_proj.lora_B.default.weight"),
-    ("module", True, "module"),
-])
+@pytest.mark.parametrize(
+    ("name", "outer", "expected"),
+    [
+        ("module.base_model.model.x.lora_A.default.weight", True, "base_model.model.x.lora_A.default.weight"),
+        ("module.module.a.b", True, "a.b"),
+        ("module.a", False, "module.a"),
+        ("layers.0._fsdp_wrapped_module.self_attn.q_proj.weight", False, "layers.0.self_attn.q_proj.weight"),
+        (
+            "_fsdp_wrapped_module.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.q.weight",
+            False,
+            "layers.0.q.weight",
+        ),
+        (
+            "_orig_mod.model.layers.0.q_proj.lora_B.default.weight",
+            False,
+            "model.layers.0.q_proj.lora_B.default.weight",
+        ),
+        ("module", True, "module"),
+    ],
+)
 def test_canonical_name(name: str, outer: bool, expected: str) -> None:
     assert sharding.canonical_name(name, outer=outer) == expected
 
@@ -47,6 +56,7 @@ def test_injection_records_adapter_names_and_shapes() -> None:
 
 def _fake_engine(class_name: str) -> type[nn.Module]:
     """A module class whose name is an engine's (engines are recognised by class name)."""
+
     def forward(self: nn.Module, *args: object, **kwargs: object) -> object:
         return self.module(*args, **kwargs)
 
@@ -57,8 +67,9 @@ def _fake_engine(class_name: str) -> type[nn.Module]:
     return type(class_name, (nn.Module,), {"__init__": init, "forward": forward})
 
 
-@pytest.mark.parametrize("engine", ["DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule",
-                                    "DeepSpeedEngine"])
+@pytest.mark.parametrize(
+    "engine", ["DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"]
+)
 def test_injection_refuses_wrapped_models_and_changes_nothing(engine: str) -> None:
     wrapped = _fake_engine(engine)(llama())
     before = [(n, type(m).__name__) for n, m in wrapped.named_modules()]

@@ -65,8 +65,10 @@ def test_default_targets_match_peft(model):
 def test_all_linear_excludes_lm_head(model):
     selected = ours(MODELS[model], target_modules="all-linear")
     assert "lm_head" not in selected
-    assert all(isinstance(m.base_layer, nn.Linear) or type(m.base_layer).__name__ == "Conv1D"
-               for m in selected.values())
+    assert all(
+        isinstance(m.base_layer, nn.Linear) or type(m.base_layer).__name__ == "Conv1D"
+        for m in selected.values()
+    )
 
 
 def test_all_linear_excludes_classifier_for_seq_cls():
@@ -97,13 +99,20 @@ def test_all_linear_with_layers_to_transform():
     assert len(selected) == 7  # q, k, v, o, gate, up, down
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 5}},
-    {"target_modules": ["q_proj", "v_proj"], "r": 4, "lora_alpha": 3,
-     "rank_pattern": {"layers.1.self_attn.v_proj": 6, "^model.layers.0.self_attn.q_proj": 5},
-     "alpha_pattern": {r"layers\.0\..*": 11}},
-    {"target_modules": "all-linear", "rank_pattern": {"mlp.*": 3}, "alpha_pattern": {"o_proj": 2.5}},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_modules": ["q_proj"], "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 5}},
+        {
+            "target_modules": ["q_proj", "v_proj"],
+            "r": 4,
+            "lora_alpha": 3,
+            "rank_pattern": {"layers.1.self_attn.v_proj": 6, "^model.layers.0.self_attn.q_proj": 5},
+            "alpha_pattern": {r"layers\.0\..*": 11},
+        },
+        {"target_modules": "all-linear", "rank_pattern": {"mlp.*": 3}, "alpha_pattern": {"o_proj": 2.5}},
+    ],
+)
 def test_rank_and_alpha_patterns_match_peft(kwargs):
     mine, reference = ours(llama, **kwargs), theirs(llama, **kwargs)
     assert sorted(mine) == sorted(reference)
@@ -177,9 +186,22 @@ def test_inspect_gpt2_conv1d_and_after_injection():
     assert after == rows  # the wrapped modules are still listed as their base layers
 
 
-SUFFIXES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "self_attn.q_proj",
-            "layers.0.mlp.up_proj", "embed_tokens", "lm_head", "mlp", "proj",
-            "model.layers.1.self_attn.v_proj"]
+SUFFIXES = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "self_attn.q_proj",
+    "layers.0.mlp.up_proj",
+    "embed_tokens",
+    "lm_head",
+    "mlp",
+    "proj",
+    "model.layers.1.self_attn.v_proj",
+]
 
 
 def _selection(fn, build, kwargs):
@@ -192,12 +214,18 @@ def _selection(fn, build, kwargs):
 
 
 @settings(max_examples=20, deadline=None)
-@given(targets=st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=4, unique=True),
-       exclude=st.one_of(st.none(), st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=2, unique=True)),
-       layers=st.one_of(st.none(), st.sampled_from([0, 1, [0], [1], [0, 1]])),
-       pattern=st.sampled_from([None, "layers"]))
+@given(
+    targets=st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=4, unique=True),
+    exclude=st.one_of(st.none(), st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=2, unique=True)),
+    layers=st.one_of(st.none(), st.sampled_from([0, 1, [0], [1], [0, 1]])),
+    pattern=st.sampled_from([None, "layers"]),
+)
 def test_random_selections_match_peft(targets, exclude, layers, pattern):
-    kwargs = {"target_modules": targets, "exclude_modules": exclude, "layers_to_transform": layers,
-              "layers_pattern": pattern if layers is not None else None}
+    kwargs = {
+        "target_modules": targets,
+        "exclude_modules": exclude,
+        "layers_to_transform": layers,
+        "layers_pattern": pattern if layers is not None else None,
+    }
     # PEFT refuses non-Linear "mlp" modules with a different message; both must refuse
     assert _selection(ours, llama, kwargs) == _selection(theirs, llama, kwargs)

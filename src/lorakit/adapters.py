@@ -87,11 +87,18 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
                 base_bias.requires_grad_(True)
     if bias == "all":
         # The frozen originals behind modules-to-save copies never train (as in PEFT).
-        originals = {id(p) for _, m in lora_modules(model) if isinstance(m, ModulesToSaveWrapper)
-                     for p in m.original_module.parameters()}
+        originals = {
+            id(p)
+            for _, m in lora_modules(model)
+            if isinstance(m, ModulesToSaveWrapper)
+            for p in m.original_module.parameters()
+        }
         for pname, param in model.named_parameters():
-            if ("bias" in pname.rsplit(".", 1)[-1] and not _is_adapter_param(model, pname)
-                    and id(param) not in originals):
+            if (
+                "bias" in pname.rsplit(".", 1)[-1]
+                and not _is_adapter_param(model, pname)
+                and id(param) not in originals
+            ):
                 param.requires_grad_(True)
 
 
@@ -138,8 +145,13 @@ def merged_adapters(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: bool = False,
-          keep_original: bool = True) -> None:
+def merge(
+    model: nn.Module,
+    names: Sequence[str] | None = None,
+    *,
+    safe_merge: bool = False,
+    keep_original: bool = True,
+) -> None:
     """Merge ``names`` (default: the active adapters) into the base weights of every LoRA layer.
 
     With ``safe_merge`` every layer's result is checked first: if any is non-finite, nothing is
@@ -167,8 +179,9 @@ def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe_merge: b
         layer.merge(names, keep_original=keep_original)
 
 
-def _tied_weight_problems(model: nn.Module, named: list[tuple[str, LoraLayer]],
-                          names: Sequence[str] | None) -> list[str]:
+def _tied_weight_problems(
+    model: nn.Module, named: list[tuple[str, LoraLayer]], names: Sequence[str] | None
+) -> list[str]:
     """Merging writes into the base weight; a weight tied to another module (GPT-2's ``wte`` and
     ``lm_head``, say) would change that module too, so such a merge is refused."""
     owners: dict[int, list[str]] = {}
@@ -182,7 +195,8 @@ def _tied_weight_problems(model: nn.Module, named: list[tuple[str, LoraLayer]],
             problems.append(
                 f"{lname}: its weight is tied to {', '.join(others)}; merging would change those too. "
                 "Use the adapter unmerged, or untie the weights first (e.g. give the output head its own "
-                "copy and set config.tie_word_embeddings=False)")
+                "copy and set config.tie_word_embeddings=False)"
+            )
     return problems
 
 

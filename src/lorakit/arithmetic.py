@@ -47,9 +47,17 @@ def _max_rank(config: LoraConfig) -> int:
     return max([config.r, *config.rank_pattern.values()])
 
 
-def _check(model: nn.Module, configs: Mapping[str, LoraConfig], adapters: Sequence[str],
-           weights: Sequence[float], adapter_name: str, combination_type: str, svd_rank: int | None,
-           density: float | None, majority_sign_method: str) -> list[str]:
+def _check(
+    model: nn.Module,
+    configs: Mapping[str, LoraConfig],
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str,
+    svd_rank: int | None,
+    density: float | None,
+    majority_sign_method: str,
+) -> list[str]:
     problems: list[str] = []
     unknown = [a for a in adapters if a not in configs]
     if unknown or not adapters:
@@ -59,14 +67,17 @@ def _check(model: nn.Module, configs: Mapping[str, LoraConfig], adapters: Sequen
     if adapter_name in configs:
         problems.append(f"adapter_name={adapter_name!r} already exists; choose a new name")
     if combination_type not in COMBINATION_TYPES:
-        problems.append(f"combination_type={combination_type!r}: must be one of "
-                        f"{', '.join(COMBINATION_TYPES)}")
+        problems.append(
+            f"combination_type={combination_type!r}: must be one of {', '.join(COMBINATION_TYPES)}"
+        )
     if majority_sign_method not in LC.SIGN_METHODS:
         problems.append(f"majority_sign_method={majority_sign_method!r}: must be one of {LC.SIGN_METHODS}")
     if combination_type.removesuffix("_svd") in _NEEDS_DENSITY and not (
-            isinstance(density, (int, float)) and 0 < density <= 1):
-        problems.append(f"density={density!r}: combination_type={combination_type!r} needs a "
-                        "density in (0, 1]")
+        isinstance(density, (int, float)) and 0 < density <= 1
+    ):
+        problems.append(
+            f"density={density!r}: combination_type={combination_type!r} needs a density in (0, 1]"
+        )
     if svd_rank is not None and not (isinstance(svd_rank, int) and svd_rank > 0):
         problems.append(f"svd_rank={svd_rank!r}: must be a positive integer or None")
     if unknown:
@@ -76,8 +87,10 @@ def _check(model: nn.Module, configs: Mapping[str, LoraConfig], adapters: Sequen
         problems.append(f"adapters {dora} use DoRA; their magnitudes have no defined combination")
     ranks = {a: _max_rank(configs[a]) for a in adapters}
     if combination_type in FACTOR_TYPES and len(adapters) > 1 and len(set(ranks.values())) > 1:
-        problems.append(f"combination_type={combination_type!r} needs adapters of one rank, got {ranks}; "
-                        "use 'cat' or an '_svd' type")
+        problems.append(
+            f"combination_type={combination_type!r} needs adapters of one rank, got {ranks}; "
+            "use 'cat' or an '_svd' type"
+        )
     if len({type(configs[a].target_modules) for a in adapters}) > 1:
         problems.append("the adapters' target_modules mix lists and regular expressions; give them one kind")
     for name, module in injection.lora_modules(model):
@@ -97,8 +110,16 @@ def _new_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], rank
     alpha = math.sqrt(rank) if first.use_rslora else rank
     # the factors are overwritten; an init that rewrites the base weight (PiSSA, OLoRA) must not run
     init = True if moves_base_weight(first.init_lora_weights) else first.init_lora_weights
-    return dataclasses.replace(first, r=rank, lora_alpha=alpha, target_modules=new_targets, rank_pattern={},
-                               alpha_pattern={}, init_lora_weights=init, use_dora=False)
+    return dataclasses.replace(
+        first,
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=new_targets,
+        rank_pattern={},
+        alpha_pattern={},
+        init_lora_weights=init,
+        use_dora=False,
+    )
 
 
 def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,8 +131,14 @@ def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return a, b
 
 
-def _svd_factors(layer: LoraLayer, delta: torch.Tensor, rank: int, clamp: float | None,
-                 full_matrices: bool, driver: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd_factors(
+    layer: LoraLayer,
+    delta: torch.Tensor,
+    rank: int,
+    clamp: float | None,
+    full_matrices: bool,
+    driver: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` (A, B) with ``B A ≈ delta`` (given in the weight's layout)."""
     if isinstance(layer, Conv):
         matrix = delta.flatten(1)  # (C_out, C_in·kernel)
@@ -131,8 +158,14 @@ def _svd_factors(layer: LoraLayer, delta: torch.Tensor, rank: int, clamp: float 
 
 
 @torch.no_grad()
-def _fill_layer(layer: LoraLayer, new: str, adapters: Sequence[str], weights: Sequence[float],
-                combination_type: str, options: dict) -> None:
+def _fill_layer(
+    layer: LoraLayer,
+    new: str,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    combination_type: str,
+    options: dict,
+) -> None:
     present = [(a, w) for a, w in zip(adapters, weights, strict=True) if layer.has_adapter(a)]
     target_a, target_b = _factors(layer, new)
     target_a.zero_()
@@ -148,46 +181,94 @@ def _fill_layer(layer: LoraLayer, new: str, adapters: Sequence[str], weights: Se
     method = combination_type.removesuffix("_svd")
     if combination_type in SVD_TYPES:
         method = "linear" if method == "svd" else method
-        delta = LC.combine([layer.delta_weight(n) for n, _ in present], [w for _, w in present], method,
-                           options["density"], options["majority_sign_method"])
-        a, b = _svd_factors(layer, delta, layer.r[new], options["svd_clamp"], options["svd_full_matrices"],
-                            options["svd_driver"])
+        delta = LC.combine(
+            [layer.delta_weight(n) for n, _ in present],
+            [w for _, w in present],
+            method,
+            options["density"],
+            options["majority_sign_method"],
+        )
+        a, b = _svd_factors(
+            layer,
+            delta,
+            layer.r[new],
+            options["svd_clamp"],
+            options["svd_full_matrices"],
+            options["svd_driver"],
+        )
         target_a.copy_(a.reshape(target_a.shape))
         target_b.copy_(b.reshape(target_b.shape))
         return
     c = [w * layer.scaling[n] for n, w in present]
     weights_a = [math.copysign(math.sqrt(abs(x)), x) for x in c]
     weights_b = [math.sqrt(abs(x)) for x in c]
-    a = LC.combine([_factors(layer, n)[0] for n, _ in present], weights_a, method, options["density"],
-                   options["majority_sign_method"])
-    b = LC.combine([_factors(layer, n)[1] for n, _ in present], weights_b, method, options["density"],
-                   options["majority_sign_method"])
+    a = LC.combine(
+        [_factors(layer, n)[0] for n, _ in present],
+        weights_a,
+        method,
+        options["density"],
+        options["majority_sign_method"],
+    )
+    b = LC.combine(
+        [_factors(layer, n)[1] for n, _ in present],
+        weights_b,
+        method,
+        options["density"],
+        options["majority_sign_method"],
+    )
     target_a.copy_(a)
     target_b.copy_(b)
 
 
-def add_weighted_adapter(model: nn.Module, configs: Mapping[str, LoraConfig], adapters: Sequence[str],
-                         weights: Sequence[float], adapter_name: str, combination_type: str = "svd",
-                         svd_rank: int | None = None, svd_clamp: float | None = None,
-                         svd_full_matrices: bool = True, svd_driver: str | None = None,
-                         density: float | None = None, majority_sign_method: str = "total") -> LoraConfig:
+def add_weighted_adapter(
+    model: nn.Module,
+    configs: Mapping[str, LoraConfig],
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    adapter_name: str,
+    combination_type: str = "svd",
+    svd_rank: int | None = None,
+    svd_clamp: float | None = None,
+    svd_full_matrices: bool = True,
+    svd_driver: str | None = None,
+    density: float | None = None,
+    majority_sign_method: str = "total",
+) -> LoraConfig:
     """Add adapter ``adapter_name`` to ``model`` combining ``adapters`` (see the module docstring);
     returns its config. The new adapter is neither active nor changed by later edits of the others.
     With a single adapter every type acts as ``linear`` (as in PEFT)."""
     adapters, weights = list(adapters), [float(w) for w in weights]
-    problems = _check(model, configs, adapters, weights, adapter_name, combination_type, svd_rank, density,
-                      majority_sign_method)
+    problems = _check(
+        model,
+        configs,
+        adapters,
+        weights,
+        adapter_name,
+        combination_type,
+        svd_rank,
+        density,
+        majority_sign_method,
+    )
     if problems:
-        raise AdapterError("cannot add the weighted adapter, nothing was changed:\n  - "
-                           + "\n  - ".join(problems))
+        raise AdapterError(
+            "cannot add the weighted adapter, nothing was changed:\n  - " + "\n  - ".join(problems)
+        )
     if len(adapters) == 1:
         combination_type = "linear"
     ranks = [_max_rank(configs[a]) for a in adapters]
-    rank = sum(ranks) if combination_type == "cat" else (
-        svd_rank or max(ranks) if combination_type in SVD_TYPES else ranks[0])
+    rank = (
+        sum(ranks)
+        if combination_type == "cat"
+        else (svd_rank or max(ranks) if combination_type in SVD_TYPES else ranks[0])
+    )
     config = injection.inject(model, _new_config(configs, adapters, rank), adapter_name)
-    options = {"density": 1.0 if density is None else density, "majority_sign_method": majority_sign_method,
-               "svd_clamp": svd_clamp, "svd_full_matrices": svd_full_matrices, "svd_driver": svd_driver}
+    options = {
+        "density": 1.0 if density is None else density,
+        "majority_sign_method": majority_sign_method,
+        "svd_clamp": svd_clamp,
+        "svd_full_matrices": svd_full_matrices,
+        "svd_driver": svd_driver,
+    }
     for _, module in injection.lora_modules(model):
         if isinstance(module, LoraLayer) and module.has_adapter(adapter_name):
             _fill_layer(module, adapter_name, adapters, weights, combination_type, options)

@@ -58,8 +58,13 @@ def _sparsify(t: torch.Tensor, method: str, density: float) -> torch.Tensor:
     return t * random_mask(t, density) / density  # DARE: drop and rescale
 
 
-def combine(tensors: Sequence[torch.Tensor], weights: Sequence[float], method: str,
-            density: float = 1.0, majority_sign_method: str = "total") -> torch.Tensor:
+def combine(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    method: str,
+    density: float = 1.0,
+    majority_sign_method: str = "total",
+) -> torch.Tensor:
     """Combine ``tensors`` with ``weights`` by ``method`` (one of :data:`METHODS`); see the module
     docstring for the math. ``density`` ∈ (0, 1] is the fraction kept by the pruning methods."""
     if method not in METHODS:

@@ -24,7 +24,14 @@ ALL_LINEAR = "all-linear"
 
 
 INIT_NAMES: tuple[bool | str, ...] = (
-    True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal")
+    True,
+    False,
+    "gaussian",
+    "pissa",
+    "pissa_niter_<N>",
+    "olora",
+    "orthogonal",
+)
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -192,19 +199,27 @@ def _validate(cfg: LoraConfig, problems: list[str]) -> dict[str, Any]:
     elif parsed[0] == "orthogonal":
         odd = {"r": cfg.r} if isinstance(cfg.r, int) and cfg.r % 2 else {}
         if isinstance(cfg.rank_pattern, Mapping):
-            odd.update({f"rank_pattern[{k!r}]": v for k, v in cfg.rank_pattern.items()
-                        if isinstance(v, int) and v % 2})
+            odd.update(
+                {
+                    f"rank_pattern[{k!r}]": v
+                    for k, v in cfg.rank_pattern.items()
+                    if isinstance(v, int) and v % 2
+                }
+            )
         if odd:
             problems.append(f"init_lora_weights='orthogonal' needs even ranks; odd: {odd}")
     if cfg.lora_bias is True and init not in (True, False):
-        problems.append(f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), "
-                        f"got {init!r}")
+        problems.append(
+            f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
+        )
     for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
         if not isinstance(getattr(cfg, name), bool):
             problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
     if cfg.use_dora is True and cfg.lora_bias is True:
-        problems.append("lora_bias=True cannot be combined with use_dora=True (as in PEFT): DoRA "
-                        "rescales the whole output, so a separate LoRA bias has no exact merge")
+        problems.append(
+            "lora_bias=True cannot be combined with use_dora=True (as in PEFT): DoRA "
+            "rescales the whole output, so a separate LoRA bias has no exact merge"
+        )
 
     _check_modules(cfg, "target_modules", problems, out, allow_regex=True)
     _check_modules(cfg, "exclude_modules", problems, out, allow_regex=True)
@@ -260,9 +275,7 @@ def _check_layers(cfg: LoraConfig, problems: list[str], out: dict[str, Any]) -> 
             isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
         )
         if not (ok_int or ok_list):
-            problems.append(
-                f"layers_to_transform={layers!r}: must be a non-negative int or a list of them"
-            )
+            problems.append(f"layers_to_transform={layers!r}: must be a non-negative int or a list of them")
         elif ok_list:
             out["layers_to_transform"] = list(layers)  # type: ignore[arg-type]
         if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() != ALL_LINEAR:
@@ -280,9 +293,7 @@ def _check_layers(cfg: LoraConfig, problems: list[str], out: dict[str, Any]) -> 
             problems.append(f"layers_pattern={pattern!r}: must be a string, a list of strings or None")
 
 
-def _check_pattern(
-    field: str, value: Any, kind: str, problems: list[str], out: dict[str, Any]
-) -> None:
+def _check_pattern(field: str, value: Any, kind: str, problems: list[str], out: dict[str, Any]) -> None:
     if value is None:
         out[field] = {}
         return

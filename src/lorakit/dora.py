@@ -44,8 +44,9 @@ def magnitude_init(weight: torch.Tensor, delta: torch.Tensor, out_axis: int = 0)
     return channel_norm(weight.float() + delta.float(), out_axis)
 
 
-def dora_factor(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, out_axis: int = 0
-                ) -> torch.Tensor:
+def dora_factor(
+    magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor, out_axis: int = 0
+) -> torch.Tensor:
     """``f = m / ‖W + ΔW‖_c`` → (C_out,), differentiable in ``m`` only (the norm is detached, §4.3).
 
     ``magnitude`` may have any shape with C_out elements (a convolution stores (1, C_out, 1, …)).
@@ -63,8 +64,9 @@ def _along(v: torch.Tensor, like: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dora_delta(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, out_axis: int = 0
-               ) -> torch.Tensor:
+def dora_delta(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, out_axis: int = 0
+) -> torch.Tensor:
     """The change DoRA makes to ``W``, in float32: ``f ⊙ (W + ΔW) − W`` (shaped like ``weight``).
 
     Merging writes ``W + dora_delta`` into the weight; summing the changes of several adapters (all

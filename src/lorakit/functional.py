@@ -28,8 +28,9 @@ def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-def linear_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, fan_in_fan_out: bool = False
-                 ) -> torch.Tensor:
+def linear_delta(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, fan_in_fan_out: bool = False
+) -> torch.Tensor:
     """``ΔW = s · B A`` in float32: (d × r) @ (r × k) → (d × k), transposed to (k × d) for
     weights stored fan-in first (transformers' ``Conv1D``)."""
     delta = (lora_b.float() @ lora_a.float()) * s

@@ -48,8 +48,9 @@ def _low_rank_in(x: torch.Tensor, a: torch.Tensor, p: float) -> tuple[torch.Tens
     return F.linear(apply_dropout(xc, keep, p), a.to(xc.dtype)), pack_mask(keep)
 
 
-def _add_low_rank_(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-                   s: float) -> torch.Tensor:
+def _add_low_rank_(
+    result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, s: float
+) -> torch.Tensor:
     """``result += s · (h Bᵀ + b_B)``; without a bias the product is accumulated by the GEMM itself.
 
     In float32 this equals :func:`lorakit.functional.lora_linear` added to ``result`` bit for bit
@@ -62,10 +63,17 @@ def _add_low_rank_(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, bias:
     return result.add_(F.linear(h, b, None if bias is None else bias.to(h.dtype)), alpha=s)
 
 
-def _low_rank_grads(ctx: Any, grad: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                    h: torch.Tensor, bits: torch.Tensor, a_index: int, has_bias: bool
-                    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor,
-                               torch.Tensor | None]:
+def _low_rank_grads(
+    ctx: Any,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h: torch.Tensor,
+    bits: torch.Tensor,
+    a_index: int,
+    has_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(∂A, ∂B, ∂b_B, ``gh = s · g B`` (N, r), the keep-mask as numbers or ``None``)."""
     dtype, s, p = h.dtype, ctx.s, ctx.p
     g2 = grad.to(dtype).reshape(-1, grad.shape[-1])  # (N, d)
@@ -91,8 +99,16 @@ class _LoraLinearAccumulate(torch.autograd.Function):
     Shapes: result (…, d), x (…, k), A (r, k), B (d, r)."""
 
     @staticmethod
-    def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                b_bias: torch.Tensor | None, s: float, p: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        result: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        b_bias: torch.Tensor | None,
+        s: float,
+        p: float,
+    ) -> torch.Tensor:
         h, bits = _low_rank_in(x, a, p)
         _add_low_rank_(result, h, b, b_bias, s)
         ctx.save_for_backward(x, a, b, h, bits)
@@ -117,8 +133,16 @@ class _LoraLinearWithBase(torch.autograd.Function):
     docstring). W (d, k) and b are constants here: the caller checks they need no gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                a: torch.Tensor, b: torch.Tensor, s: float, p: float) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        s: float,
+        p: float,
+    ) -> torch.Tensor:
         out = F.linear(x, weight, bias)
         h, bits = _low_rank_in(x, a, p)
         _add_low_rank_(out, h, b, None, s)

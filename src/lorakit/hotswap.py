@@ -73,8 +73,9 @@ def _pad_layer(layer: LoraLayer, name: str, rank: int) -> None:
     layer.r[name] = rank  # the scaling keeps the adapter's own rank
 
 
-def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | None = None,
-                                       config: object = None, check_compiled: str = "error") -> None:
+def prepare_model_for_compiled_hotswap(
+    model: nn.Module, *, target_rank: int | None = None, config: object = None, check_compiled: str = "error"
+) -> None:
     """Pad every adapter of ``model`` to rank ``target_rank`` (default: the largest rank present)
     so that adapters up to that rank can be hot-swapped in without recompiling. Call it before
     ``torch.compile``; outputs are unchanged (the padding is zeros).
@@ -96,24 +97,35 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
     largest = max(r for layer in layers for r in layer.r.values())
     rank = largest if target_rank is None else target_rank
     if not isinstance(rank, int) or rank < largest:
-        raise AdapterError(f"target_rank={target_rank!r}: must be an integer ≥ the largest rank present "
-                           f"({largest})")
+        raise AdapterError(
+            f"target_rank={target_rank!r}: must be an integer ≥ the largest rank present ({largest})"
+        )
     for layer in layers:
         for name in layer.adapter_names:
             if layer.r[name] < rank:
                 _pad_layer(layer, name, rank)
 
 
-def _problems(live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], adapter_name: str
-              ) -> list[str]:
+def _problems(
+    live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], adapter_name: str
+) -> list[str]:
     extra = sorted(set(new) - set(live))
-    lines = [f"{k}: the new adapter uses DoRA, the loaded adapter {adapter_name!r} does not"
-             for k in extra if k.endswith("lora_magnitude_vector")]
-    lines += [f"{k}: the new adapter has this tensor but the loaded adapter {adapter_name!r} has no such "
-              "module (hot-swapping cannot add targets; load it with load_adapter instead)"
-              for k in extra if not k.endswith("lora_magnitude_vector")]
-    lines += [f"{k}: the new adapter lacks the DoRA magnitude the loaded one has"
-              for k in sorted(set(live) - set(new)) if k.endswith("lora_magnitude_vector")]
+    lines = [
+        f"{k}: the new adapter uses DoRA, the loaded adapter {adapter_name!r} does not"
+        for k in extra
+        if k.endswith("lora_magnitude_vector")
+    ]
+    lines += [
+        f"{k}: the new adapter has this tensor but the loaded adapter {adapter_name!r} has no such "
+        "module (hot-swapping cannot add targets; load it with load_adapter instead)"
+        for k in extra
+        if not k.endswith("lora_magnitude_vector")
+    ]
+    lines += [
+        f"{k}: the new adapter lacks the DoRA magnitude the loaded one has"
+        for k in sorted(set(live) - set(new))
+        if k.endswith("lora_magnitude_vector")
+    ]
     for key in sorted(set(new) & set(live)):
         old_shape, new_shape = tuple(live[key].shape), tuple(new[key].shape)
         if old_shape == new_shape:
@@ -122,11 +134,20 @@ def _problems(live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor],
         container = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
         axis = _RANK_AXIS.get(container)
         pairs = enumerate(zip(old_shape, new_shape, strict=False))
-        fits = axis is not None and len(old_shape) == len(new_shape) and all(
-            o == n or (i == axis and n < o) for i, (o, n) in pairs)
+        fits = (
+            axis is not None
+            and len(old_shape) == len(new_shape)
+            and all(o == n or (i == axis and n < o) for i, (o, n) in pairs)
+        )
         if not fits:
-            hint = (" (a larger rank: call prepare_model_for_compiled_hotswap(model, target_rank=...) "
-                    "before compiling)") if axis is not None else ""
+            hint = (
+                (
+                    " (a larger rank: call prepare_model_for_compiled_hotswap(model, target_rank=...) "
+                    "before compiling)"
+                )
+                if axis is not None
+                else ""
+            )
             lines.append(f"{key}: shape {new_shape} does not fit the loaded {old_shape}{hint}")
     return lines
 
@@ -145,8 +166,12 @@ def _scale_ratios(user: nn.Module, adapter_name: str, config: LoraConfig | None)
 
 
 @torch.no_grad()
-def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                                    adapter_name: str = "default", config: LoraConfig | None = None) -> None:
+def hotswap_adapter_from_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    adapter_name: str = "default",
+    config: LoraConfig | None = None,
+) -> None:
     """Write ``state_dict`` (PEFT's file keys, with or without ``base_model.model.``) into the loaded
     adapter ``adapter_name`` of ``model`` (a ``PeftModel``, a model with injected adapters, or a
     ``torch.compile`` wrapper of either), in place.
@@ -159,16 +184,23 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: Mapping[str, t
     live = adapter_keys(user, adapter_name, "none").tensors
     if not live:
         raise AdapterError(f"the model holds no adapter named {adapter_name!r} to hot-swap")
-    merged = [p for p, m in injection.lora_modules(user)
-              if isinstance(m, LoraLayer) and adapter_name in m.merged_adapters]
+    merged = [
+        p
+        for p, m in injection.lora_modules(user)
+        if isinstance(m, LoraLayer) and adapter_name in m.merged_adapters
+    ]
     if merged:
-        raise AdapterError(f"adapter {adapter_name!r} is merged into {len(merged)} layer(s) "
-                           f"(e.g. {merged[0]}); unmerge before hot-swapping")
+        raise AdapterError(
+            f"adapter {adapter_name!r} is merged into {len(merged)} layer(s) "
+            f"(e.g. {merged[0]}); unmerge before hot-swapping"
+        )
     new = {k: v for k, v in from_file_keys(state_dict).items() if ".base_layer." not in k}
     lines = _problems(live, new, adapter_name)
     if lines:
-        raise AdapterError(f"cannot hot-swap into adapter {adapter_name!r}; nothing was changed:\n  - "
-                           + "\n  - ".join(lines))
+        raise AdapterError(
+            f"cannot hot-swap into adapter {adapter_name!r}; nothing was changed:\n  - "
+            + "\n  - ".join(lines)
+        )
     ratios = _scale_ratios(user, adapter_name, config)
     for key, target in live.items():
         value = new.get(key)
@@ -182,9 +214,13 @@ def hotswap_adapter_from_state_dict(model: nn.Module, state_dict: Mapping[str, t
         region.copy_(value.to(device=target.device, dtype=target.dtype))
 
 
-def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str],
-                    adapter_name: str = "default", torch_device: str | None = None,
-                    subfolder: str | None = None) -> None:
+def hotswap_adapter(
+    model: nn.Module,
+    model_name_or_path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    torch_device: str | None = None,
+    subfolder: str | None = None,
+) -> None:
     """Hot-swap the adapter saved in directory ``model_name_or_path`` (lorakit's or PEFT's format)
     into the loaded adapter ``adapter_name`` of ``model``; see :func:`hotswap_adapter_from_state_dict`.
     Settings that change what the layers compute (DoRA, LoRA bias, Conv1D layout, bias mode) must
@@ -193,10 +229,14 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     files_ = read_adapter(model_name_or_path, subfolder=subfolder)
     loaded = _configs(model).get(adapter_name)
     if loaded is not None:
-        diffs = [f"{k}: loaded {getattr(loaded, k)!r}, new {getattr(files_.config, k)!r}"
-                 for k in ("use_dora", "lora_bias", "fan_in_fan_out", "bias")
-                 if getattr(loaded, k) != getattr(files_.config, k)]
+        diffs = [
+            f"{k}: loaded {getattr(loaded, k)!r}, new {getattr(files_.config, k)!r}"
+            for k in ("use_dora", "lora_bias", "fan_in_fan_out", "bias")
+            if getattr(loaded, k) != getattr(files_.config, k)
+        ]
         if diffs:
-            raise AdapterError(f"cannot hot-swap {str(model_name_or_path)!r} into adapter {adapter_name!r}; "
-                               "the configs differ in what the layers compute: " + "; ".join(diffs))
+            raise AdapterError(
+                f"cannot hot-swap {str(model_name_or_path)!r} into adapter {adapter_name!r}; "
+                "the configs differ in what the layers compute: " + "; ".join(diffs)
+            )
     hotswap_adapter_from_state_dict(model, files_.tensors, adapter_name, files_.config)

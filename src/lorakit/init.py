@@ -30,6 +30,7 @@ from lorakit.config import INIT_NAMES, parse_init
 
 __all__ = ["INIT_NAMES", "parse_init", "moves_base_weight", "pissa", "olora", "orthogonal"]
 
+
 def moves_base_weight(init: bool | str) -> bool:
     """Whether the init replaces the base weight by a residual (PiSSA, OLoRA)."""
     parsed = parse_init(init)
@@ -41,8 +42,9 @@ def _residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) 
 
 
 @torch.no_grad()
-def pissa(weight: torch.Tensor, r: int, s: float, niter: int | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pissa(
+    weight: torch.Tensor, r: int, s: float, niter: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PiSSA: the principal rank-r part of ``W`` (d × k) becomes ``s · B A``.
 
     ``W = U S Vᵀ``; ``A = diag(√(S_r/s)) V_rᵀ`` (r × k), ``B = U_r diag(√(S_r/s))`` (d × r), so

@@ -108,8 +108,11 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
     if not targets:
-        filtered = (" (after exclude_modules / layers_to_transform)"
-                    if config.exclude_modules or config.layers_to_transform is not None else "")
+        filtered = (
+            " (after exclude_modules / layers_to_transform)"
+            if config.exclude_modules or config.layers_to_transform is not None
+            else ""
+        )
         raise TargetingError(
             f"target_modules={resolved.target_modules!r} matches no module of the model{filtered}. "
             f"{suffix_summary(model)}"
@@ -123,11 +126,14 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
         elif resolved.lora_bias and lora_layer_for(base) is Embedding:
             problems.append(f"{name} (lora_bias=True is not supported on embeddings)")
         elif init_kind in FROM_WEIGHT_INITS and lora_layer_for(base) is Conv:
-            problems.append(f"{name} (init_lora_weights={resolved.init_lora_weights!r} is for linear "
-                            "layers; convolutions take True, False or 'gaussian')")
+            problems.append(
+                f"{name} (init_lora_weights={resolved.init_lora_weights!r} is for linear "
+                "layers; convolutions take True, False or 'gaussian')"
+            )
     if problems:
         raise TargetingError(
-            "cannot add LoRA to: " + "; ".join(problems)
+            "cannot add LoRA to: "
+            + "; ".join(problems)
             + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
         )
     resolved = _fan_in_fan_out(resolved, targets)
@@ -184,8 +190,16 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             layer = layer_cls(module)
             _replace(slots, module, layer)
         r, alpha = rank_and_alpha(cfg, name)
-        layer.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=cfg.lora_dropout,
-                          init=cfg.init_lora_weights, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
+        layer.add_adapter(
+            adapter_name,
+            r,
+            alpha,
+            use_rslora=cfg.use_rslora,
+            dropout=cfg.lora_dropout,
+            init=cfg.init_lora_weights,
+            lora_bias=cfg.lora_bias,
+            use_dora=cfg.use_dora,
+        )
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
     for _name, module in p.to_save:
@@ -194,8 +208,12 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
-    params = [p for _, m in lora_modules(model) if m.has_adapter(adapter_name)
-              for p in m.adapter_parameters(adapter_name)]
+    params = [
+        p
+        for _, m in lora_modules(model)
+        if m.has_adapter(adapter_name)
+        for p in m.adapter_parameters(adapter_name)
+    ]
     sharding.record(model, adapter_name, params)
     return cfg
 

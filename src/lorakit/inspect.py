@@ -13,8 +13,9 @@ from lorakit.targeting import matches_target, model_type_of, suffix_summary, tar
 
 __all__ = ["inspect", "ModelReport"]
 
-_NO_DEFAULT = ("(no default for this model type: pass target_modules, e.g. names from the list "
-               "below or 'all-linear')")
+_NO_DEFAULT = (
+    "(no default for this model type: pass target_modules, e.g. names from the list below or 'all-linear')"
+)
 
 
 @dataclasses.dataclass
@@ -26,13 +27,17 @@ class ModelReport:
     modules: list[dict[str, Any]]
 
     def __str__(self) -> str:
-        lines = [f"model_type: {self.model_type or '(none)'}",
-                 f"default target_modules: {self.default_targets or _NO_DEFAULT}"]
+        lines = [
+            f"model_type: {self.model_type or '(none)'}",
+            f"default target_modules: {self.default_targets or _NO_DEFAULT}",
+        ]
         width = max((len(m["name"]) for m in self.modules), default=4)
         lines.append(f"{'module':<{width}}  {'type':<10} {'shape':<16} {'params':>10}  default")
         for m in self.modules:
-            lines.append(f"{m['name']:<{width}}  {m['type']:<10} {str(m['shape']):<16} "
-                         f"{m['params']:>10,}  {'yes' if m['default'] else ''}")
+            lines.append(
+                f"{m['name']:<{width}}  {m['type']:<10} {str(m['shape']):<16} "
+                f"{m['params']:>10,}  {'yes' if m['default'] else ''}"
+            )
         return "\n".join(lines)
 
 

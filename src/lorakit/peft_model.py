@@ -78,11 +78,18 @@ class LoraModel(nn.Module):
         ``model.base_model.set_adapter([...])``; trainability is left unchanged."""
         adapters.set_active(self.model, adapter_name)
 
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", **kwargs: Any) -> None:
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        **kwargs: Any,
+    ) -> None:
         """See :meth:`PeftModel.add_weighted_adapter` (the new adapter is frozen)."""
         self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
-            self.model, self.peft_config, adapters, weights, adapter_name, combination_type, **kwargs)
+            self.model, self.peft_config, adapters, weights, adapter_name, combination_type, **kwargs
+        )
         for _, module in injection.lora_modules(self.model):
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)
@@ -133,11 +140,19 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = injection.inject(self.get_base_model(), peft_config, adapter_name)
         self._apply_trainability(trainable)
 
-    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None,
-                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
-                             svd_driver: str | None = None, density: float | None = None,
-                             majority_sign_method: str = "total") -> None:
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
         """Add ``adapter_name``, a weighted combination of ``adapters`` (inactive and frozen).
 
         ``combination_type``: ``"cat"``, ``"linear"``, ``"ties"``, ``"dare_linear"``,
@@ -148,9 +163,19 @@ class PeftModel(nn.Module):
         """
         trainable = self._trainable_names()
         self.peft_config[adapter_name] = arithmetic.add_weighted_adapter(
-            self.get_base_model(), self.peft_config, adapters, weights, adapter_name, combination_type,
-            svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
-            svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+            self.get_base_model(),
+            self.peft_config,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+        )
         self._apply_trainability(trainable)
 
     def set_adapter(self, adapter_name: str | Sequence[str], *, trainable: bool = False) -> None:
@@ -180,8 +205,9 @@ class PeftModel(nn.Module):
         del self.peft_config[adapter_name]
         if not active:
             active = [adapters.adapter_names(model)[0]]
-            warnings.warn(f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active",
-                          stacklevel=2)
+            warnings.warn(
+                f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active", stacklevel=2
+            )
         adapters.set_active(model, active)
         self._apply_trainability(trainable)
 
@@ -219,8 +245,9 @@ class PeftModel(nn.Module):
         """Restore every merged base weight bit for bit."""
         adapters.unmerge(self.get_base_model())
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: Sequence[str] | None = None) -> nn.Module:
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
         """Merge, then return the base model without any LoRA layer (for deployment)."""
         model = self.get_base_model()
         adapters.merge(model, adapter_names, safe_merge=safe_merge, keep_original=False)
@@ -235,8 +262,12 @@ class PeftModel(nn.Module):
         return injection.unload(self.get_base_model(), keep_merged=False)
 
     # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike[str],
-                        selected_adapters: Sequence[str] | None = None, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Save adapters in PEFT's layout: "default" in ``save_directory``, others in subfolders
         named after them; validated first, written atomically (a crash leaves the previous save).
         Keywords: ``is_main_process`` (False: write nothing), ``safe_serialization`` (must be True),
@@ -248,30 +279,45 @@ class PeftModel(nn.Module):
         if distributed_group.is_active():
             from lorakit.distributed import persist
 
-            persist.save_pretrained(self.get_base_model(), self.peft_config, save_directory,
-                                    selected_adapters, **kwargs)
+            persist.save_pretrained(
+                self.get_base_model(), self.peft_config, save_directory, selected_adapters, **kwargs
+            )
             return
-        adapter_dir.save_adapters(self.get_base_model(), self.peft_config, save_directory, selected_adapters,
-                                  **kwargs)
+        adapter_dir.save_adapters(
+            self.get_base_model(), self.peft_config, save_directory, selected_adapters, **kwargs
+        )
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str],
-                        adapter_name: str = "default", is_trainable: bool = False,
-                        **kwargs: Any) -> PeftModel:
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
         """Load the adapter in directory ``model_id`` onto ``model``. Config, keys, shapes and the base
         fingerprint are checked before ``model`` changes. ``is_trainable=False``: inference (frozen,
         eval mode). Keywords: ``on_base_mismatch`` ("warn" | "error" | "ignore"), ``subfolder``."""
         build = get_peft_model if cls is PeftModel else cls
-        return adapter_dir.load_new(model, model_id, adapter_name, is_trainable=is_trainable, build=build,
-                                    **kwargs)
+        return adapter_dir.load_new(
+            model, model_id, adapter_name, is_trainable=is_trainable, build=build, **kwargs
+        )
 
-    def load_adapter(self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False,
-                     **kwargs: Any) -> None:
+    def load_adapter(
+        self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any
+    ) -> None:
         """Add the adapter in directory ``model_id`` as ``adapter_name`` (inactive; trainable only with
         ``is_trainable``). Same checks and keywords as :meth:`from_pretrained`."""
         trainable = self._trainable_names()
-        adapter_dir.load_adapter(self.get_base_model(), self.peft_config, model_id, adapter_name,
-                                 is_trainable=is_trainable, **kwargs)
+        adapter_dir.load_adapter(
+            self.get_base_model(),
+            self.peft_config,
+            model_id,
+            adapter_name,
+            is_trainable=is_trainable,
+            **kwargs,
+        )
         self._apply_trainability(trainable + [adapter_name] if is_trainable else trainable)
         if not is_trainable:
             self.eval()
@@ -283,8 +329,10 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
 
     # -- running --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -325,8 +373,12 @@ def register_task_model(task: TaskType, cls: Callable[..., PeftModel]) -> None:
     _TASK_MODELS[task] = cls
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True) -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: LoraConfig,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+) -> PeftModel:
     """Add a LoRA adapter to ``model`` and return the task's ``PeftModel``.
 
     ``autocast_adapter_dtype`` (PEFT's name): on a float16/bfloat16 base the adapter weights are
@@ -343,8 +395,9 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     return peft_model
 
 
-def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default"
-                            ) -> nn.Module:
+def inject_adapter_in_model(
+    peft_config: LoraConfig, model: nn.Module, adapter_name: str = "default"
+) -> nn.Module:
     """Add LoRA layers to any ``nn.Module`` in place (no wrapper); the adapter is active and
     trainable. ``model.peft_config`` records the resolved config, as PEFT does."""
     resolved = injection.inject(model, peft_config, adapter_name)

@@ -115,8 +115,10 @@ def record(model: nn.Module, adapter_name: str, adapter_params: Iterable[nn.Para
     ids = {id(p) for p in adapter_params}
     shapes: dict[str, tuple[int, ...]] = {}
     names: list[str] = []
-    for name, tensor in [*model.named_parameters(remove_duplicate=False),
-                         *model.named_buffers(remove_duplicate=False)]:
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
         shapes[canonical_name(name)] = tuple(int(s) for s in tensor.shape)
         if id(tensor) in ids:
             names.append(canonical_name(name))
@@ -136,8 +138,7 @@ def recorded_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return dict(rec["shapes"]) if rec else {}
 
 
-def shard_problems(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
-                   ) -> list[str]:
+def shard_problems(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
     """Tensors that are not whole: DTensor shards, ZeRO-3 partitions, empty tensors, or a shape
     other than the one recorded at injection (an FSDP1 flat-buffer view). One line each."""
     lines = []

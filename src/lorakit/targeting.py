@@ -59,8 +59,11 @@ def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
             continue
-        children = [(f"{name}.{child_name}" if name else child_name, child)
-                    for child_name, child in module._modules.items() if child is not None]
+        children = [
+            (f"{name}.{child_name}" if name else child_name, child)
+            for child_name, child in module._modules.items()
+            if child is not None
+        ]
         stack.extend(reversed(children))
 
 
@@ -152,8 +155,12 @@ def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
         linear = [n for n, m in iter_plain_modules(model) if n and _is_linear(m) and n not in heads]
         # A list of full names (not a regex) so that layers_to_transform stays valid and applies.
         provisional = dataclasses.replace(config, target_modules=linear)
-        return dataclasses.replace(config, target_modules=sorted(
-            n for n in linear if matches_target(provisional, n) and _in_layers(config, n)))
+        return dataclasses.replace(
+            config,
+            target_modules=sorted(
+                n for n in linear if matches_target(provisional, n) and _in_layers(config, n)
+            ),
+        )
     return config
 
 
@@ -184,12 +191,14 @@ def targetable_modules(model: nn.Module) -> list[dict[str, Any]]:
         if not name or lora_layer_for(base) is None:
             continue
         weight = cast(torch.Tensor, base.weight)
-        rows.append({
-            "name": name,
-            "type": type(base).__name__,
-            "shape": tuple(weight.shape),
-            "params": sum(p.numel() for p in base.parameters(recurse=False)),
-        })
+        rows.append(
+            {
+                "name": name,
+                "type": type(base).__name__,
+                "shape": tuple(weight.shape),
+                "params": sum(p.numel() for p in base.parameters(recurse=False)),
+            }
+        )
     return rows
 
 

@@ -36,8 +36,9 @@ def _clone(pairs: list[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in pairs}
 
 
-def _train(step: Callable[[torch.Tensor, bool], None], optimizer_step: Callable[[], None], accum: int
-           ) -> None:
+def _train(
+    step: Callable[[torch.Tensor, bool], None], optimizer_step: Callable[[], None], accum: int
+) -> None:
     """5 steps; each rank's batch split into ``accum`` micro-batches (the last one syncs)."""
     rank, world = _rank_world()
     micro = S.local_batch(rank, world).chunk(accum)
@@ -99,17 +100,20 @@ def ddp_controls(ref: tuple, work: Path) -> dict[str, Any]:
     local = lorakit.get_peft_model_state_dict(peft)
     out["no_sync_off_reference"] = S.all_ranks(S.max_diff(local, ref[1]))
     skewed = S.peft_model(adapter_seed=rank)  # rank-dependent init
-    out["rank_init_detected"] = S.raises(lambda: ld.check_adapters_in_sync(skewed), DistributedError,
-                                         "differs")
+    out["rank_init_detected"] = S.raises(
+        lambda: ld.check_adapters_in_sync(skewed), DistributedError, "differs"
+    )
     ld.broadcast_adapters(skewed)
     out["rank_init_fixed_by_broadcast"] = S.passes(lambda: ld.check_adapters_in_sync(skewed))
     wrapped = torch.nn.parallel.DistributedDataParallel(S.base_model())
-    out["inject_after_ddp_refused"] = S.raises(lambda: lorakit.get_peft_model(wrapped, S.lora_config()),
-                                               TargetingError, "Inject first")
+    out["inject_after_ddp_refused"] = S.raises(
+        lambda: lorakit.get_peft_model(wrapped, S.lora_config()), TargetingError, "Inject first"
+    )
     ckpt = S.peft_model()
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     out["reentrant_find_unused_refused"] = S.raises(
-        lambda: ld.wrap_ddp(ckpt, find_unused_parameters=True), DistributedError, "reentrant")
+        lambda: ld.wrap_ddp(ckpt, find_unused_parameters=True), DistributedError, "reentrant"
+    )
     return out
 
 
@@ -125,8 +129,9 @@ def _fully_shard(peft: lorakit.PeftModel) -> None:
 
 
 def _whole_frozen(peft: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-            for n, p in _frozen(peft)}
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in _frozen(peft)
+    }
 
 
 def fsdp2(accum: int = 1, checkpointing: bool = False) -> Callable[[tuple, Path], dict[str, Any]]:
@@ -153,8 +158,9 @@ def _uneven_roundtrip(shard: Callable[[lorakit.PeftModel], nn.Module]) -> str:
     """r=3 splits unevenly across 2 ranks: gather gives back the unsharded adapter exactly, and a
     broadcast load of new values arrives whole (collective)."""
     torch.manual_seed(1)
-    peft = lorakit.get_peft_model(S.base_model(), lorakit.LoraConfig(r=3, target_modules=["q_proj", "v_proj"],
-                                                                     init_lora_weights=False))
+    peft = lorakit.get_peft_model(
+        S.base_model(), lorakit.LoraConfig(r=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     before = {k: v.clone() for k, v in lorakit.get_peft_model_state_dict(peft).items()}
     model = shard(peft)
     gathered = ld.gather_adapter_state_dict(model, rank0_only=False)
@@ -177,13 +183,16 @@ def fsdp2_controls(ref: tuple, work: Path) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(plain)
-    out["inject_after_shard_refused"] = S.raises(lambda: lorakit.get_peft_model(plain, S.lora_config()),
-                                                 TargetingError, "Inject first")
+    out["inject_after_shard_refused"] = S.raises(
+        lambda: lorakit.get_peft_model(plain, S.lora_config()), TargetingError, "Inject first"
+    )
     peft = S.peft_model()
     _fully_shard(peft)
     out["naive_save_refused"] = S.raises(
         lambda: adapter_dir.save_adapters(peft.get_base_model(), peft.peft_config, work / "naive"),
-        AdapterFileError, "not whole")
+        AdapterFileError,
+        "not whole",
+    )
     out["naive_merge_refused"] = S.raises(peft.merge_adapter, AdapterError, "sharded")
     out["distributed_merge_refused"] = S.raises(lambda: ld.merge_adapter(peft), DistributedError, "FSDP")
     return out
@@ -212,8 +221,12 @@ def _fsdp1(peft: nn.Module, use_orig_params: bool = True) -> nn.Module:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    return FSDP(peft, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), use_orig_params=use_orig_params,
-                device_id=torch.device("cpu"))
+    return FSDP(
+        peft,
+        auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}),
+        use_orig_params=use_orig_params,
+        device_id=torch.device("cpu"),
+    )
 
 
 def fsdp1(ref: tuple, work: Path) -> dict[str, Any]:
@@ -240,14 +253,18 @@ def fsdp1_controls(ref: tuple, work: Path) -> dict[str, Any]:
     model = _fsdp1(peft)
     out["naive_save_refused"] = S.raises(
         lambda: adapter_dir.save_adapters(peft.get_base_model(), peft.peft_config, work / "naive"),
-        AdapterFileError, "not whole")
-    out["inject_after_wrap_refused"] = S.raises(lambda: lorakit.get_peft_model(model, S.lora_config()),
-                                                TargetingError, "Inject first")
+        AdapterFileError,
+        "not whole",
+    )
+    out["inject_after_wrap_refused"] = S.raises(
+        lambda: lorakit.get_peft_model(model, S.lora_config()), TargetingError, "Inject first"
+    )
     frozen = S.peft_model()
     frozen.requires_grad_(False)  # FSDP1 without use_orig_params refuses units mixing frozen and trainable
     hidden = _fsdp1(frozen, use_orig_params=False)
-    out["flat_params_refused"] = S.raises(lambda: ld.gather_adapter_state_dict(hidden), DistributedError,
-                                          "use_orig_params=True")
+    out["flat_params_refused"] = S.raises(
+        lambda: ld.gather_adapter_state_dict(hidden), DistributedError, "use_orig_params=True"
+    )
     return out
 
 
@@ -266,9 +283,15 @@ def _deepspeed(peft: nn.Module, stage: int) -> Any:
 
     # persistence threshold 0: partition even the tiny test parameters (ZeRO-3 keeps small ones whole)
     zero_cfg = {"stage": stage, "stage3_param_persistence_threshold": 0}
-    config = {"train_batch_size": S.GLOBAL_BATCH, "train_micro_batch_size_per_gpu": S.GLOBAL_BATCH // 2,
-              "gradient_accumulation_steps": 1, "zero_optimization": zero_cfg,
-              "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    config = {
+        "train_batch_size": S.GLOBAL_BATCH,
+        "train_micro_batch_size_per_gpu": S.GLOBAL_BATCH // 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero_cfg,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
     engine, *_ = deepspeed.initialize(model=peft, optimizer=_sgd(peft), config=config)
     return engine
 
@@ -307,7 +330,9 @@ def _zero3_naive(peft: lorakit.PeftModel, work: Path) -> dict[str, Any]:
     return {
         "naive_save_refused": S.raises(
             lambda: adapter_dir.save_adapters(peft.get_base_model(), peft.peft_config, work / "naive"),
-            AdapterFileError, "not whole"),
+            AdapterFileError,
+            "not whole",
+        ),
         "naive_merge_refused": S.raises(peft.merge_adapter, AdapterError, "sharded"),
     }
 
@@ -316,8 +341,9 @@ def _zero3_merge(peft: lorakit.PeftModel, engine: Any) -> dict[str, Any]:
     forward = _logits(engine)
     unmerged = forward(S.eval_batch())
     out: dict[str, Any] = {
-        "inject_after_wrap_refused": S.raises(lambda: lorakit.get_peft_model(engine, S.lora_config()),
-                                              TargetingError, "Inject first"),
+        "inject_after_wrap_refused": S.raises(
+            lambda: lorakit.get_peft_model(engine, S.lora_config()), TargetingError, "Inject first"
+        ),
     }
     ld.merge_adapter(engine)
     merged_layers = sum(bool(m.merged_adapters) for m in peft.modules() if hasattr(m, "merged_adapters"))
@@ -332,10 +358,18 @@ def _zero3_merge(peft: lorakit.PeftModel, engine: Any) -> dict[str, Any]:
 
 
 SCENARIOS: dict[str, list[tuple[str, Callable[[tuple, Path], dict[str, Any]]]]] = {
-    "ddp": [("ddp", ddp()), ("ddp_accum", ddp(accum=2)), ("ddp_reentrant_ckpt", ddp(reentrant=True)),
-            ("controls", ddp_controls)],
-    "fsdp2": [("fsdp2", fsdp2()), ("fsdp2_accum", fsdp2(accum=2)), ("fsdp2_ckpt", fsdp2(checkpointing=True)),
-              ("controls", fsdp2_controls)],
+    "ddp": [
+        ("ddp", ddp()),
+        ("ddp_accum", ddp(accum=2)),
+        ("ddp_reentrant_ckpt", ddp(reentrant=True)),
+        ("controls", ddp_controls),
+    ],
+    "fsdp2": [
+        ("fsdp2", fsdp2()),
+        ("fsdp2_accum", fsdp2(accum=2)),
+        ("fsdp2_ckpt", fsdp2(checkpointing=True)),
+        ("controls", fsdp2_controls),
+    ],
     "fsdp1": [("fsdp1", fsdp1), ("controls", fsdp1_controls)],
     "zero": [("zero2", zero(2)), ("zero3", zero(3))],
 }

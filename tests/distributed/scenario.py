@@ -27,8 +27,15 @@ def base_model(seed: int = SEED) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     return LlamaForCausalLM._from_config(config, attn_implementation="eager")
 
 
@@ -110,9 +117,14 @@ def passes(fn: Callable[[], Any]) -> str:
     return "ok"
 
 
-def trained_checks(model: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                   base_before: dict[str, torch.Tensor], base_after: dict[str, torch.Tensor],
-                   save_dir: Path, ref: tuple[dict, dict]) -> dict[str, Any]:
+def trained_checks(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    base_before: dict[str, torch.Tensor],
+    base_after: dict[str, torch.Tensor],
+    save_dir: Path,
+    ref: tuple[dict, dict],
+) -> dict[str, Any]:
     """Checks 1-3 on a trained model in every rank (collective); results are filled on rank 0.
 
     ``model``: what holds the PeftModel (wrapped or not); ``forward``: logits of the engine's model

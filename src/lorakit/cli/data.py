@@ -66,8 +66,9 @@ def split(rows: Rows, test_size: float, seed: int) -> tuple[Rows, Rows]:
     random.Random(seed).shuffle(order)
     n_test = int(test_size) if test_size >= 1 else round(len(rows) * test_size)
     if not 0 < n_test < len(rows):
-        raise CliError(f"--test-size {test_size} leaves no training or no held-out example "
-                       f"out of {len(rows)}")
+        raise CliError(
+            f"--test-size {test_size} leaves no training or no held-out example out of {len(rows)}"
+        )
     held_out = [rows[i] for i in order[:n_test]]
     train = [rows[i] for i in order[n_test:]]
     return train, held_out

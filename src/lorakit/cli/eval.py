@@ -40,8 +40,9 @@ def _settings(args: argparse.Namespace, record: dict[str, Any] | None) -> TrainS
     known = TrainSettings.__annotations__
     recorded = {k: v for k, v in (record or {}).get("config", {}).items() if k in known}
     if args.data is None and not recorded:
-        raise CliError(f"adapter {args.adapter!r} has no metrics.json to take the held-out split from; "
-                       "pass --data FILE")
+        raise CliError(
+            f"adapter {args.adapter!r} has no metrics.json to take the held-out split from; pass --data FILE"
+        )
     for name in ("data", "text_column", "label_column", "max_eval_samples"):
         if getattr(args, name) is not None:
             recorded[name] = getattr(args, name)

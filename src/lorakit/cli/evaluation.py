@@ -11,8 +11,15 @@ from lorakit.cli.tasks import Task, perplexity, prompt_text
 __all__ = ["evaluate", "exact_match"]
 
 
-def evaluate(trainer: Any, task: Task, features: list, rows: Rows, tokenizer: Any, settings: TrainSettings,
-             label_column: str | None) -> dict[str, float]:
+def evaluate(
+    trainer: Any,
+    task: Task,
+    features: list,
+    rows: Rows,
+    tokenizer: Any,
+    settings: TrainSettings,
+    label_column: str | None,
+) -> dict[str, float]:
     """``{"accuracy": ...}`` for classifiers; ``{"perplexity": ..., "exact_match": ...}`` for LMs."""
     result = trainer.evaluate(eval_dataset=features)
     metrics = {"loss": float(result["eval_loss"])}
@@ -25,8 +32,15 @@ def evaluate(trainer: Any, task: Task, features: list, rows: Rows, tokenizer: An
     return metrics
 
 
-def generate_answers(model: Any, task: Task, prompts: list[str], tokenizer: Any, max_new_tokens: int,
-                     batch_size: int, desc: str = "generating") -> list[str]:
+def generate_answers(
+    model: Any,
+    task: Task,
+    prompts: list[str],
+    tokenizer: Any,
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generating",
+) -> list[str]:
     """Greedy continuations of each prompt (decoder-only: left-padded; the prompt is cut off)."""
     import torch
     from tqdm.auto import tqdm
@@ -38,14 +52,22 @@ def generate_answers(model: Any, task: Task, prompts: list[str], tokenizer: Any,
     model.eval()
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=task.name == "seq2seq")
+            batch = tokenizer(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=task.name == "seq2seq",
+            )
             batch = {k: v.to(model.device) for k, v in batch.items()}
             with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             if task.name == "causal-lm":
-                out = out[:, batch["input_ids"].shape[1]:]  # (batch, new tokens)
+                out = out[:, batch["input_ids"].shape[1] :]  # (batch, new tokens)
             answers.extend(tokenizer.batch_decode(out, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
@@ -53,13 +75,15 @@ def generate_answers(model: Any, task: Task, prompts: list[str], tokenizer: Any,
     return answers
 
 
-def exact_match(model: Any, task: Task, rows: Rows, tokenizer: Any, settings: TrainSettings,
-                label_column: str) -> float:
+def exact_match(
+    model: Any, task: Task, rows: Rows, tokenizer: Any, settings: TrainSettings, label_column: str
+) -> float:
     """The fraction of rows whose generated answer equals the target (surrounding spaces ignored)."""
     texts = [str(row[settings.text_column]) for row in rows]
     if task.name == "causal-lm":
         texts = [prompt_text(tokenizer, t, settings.chat_template) for t in texts]
-    answers = generate_answers(model, task, texts, tokenizer, settings.max_new_tokens,
-                               settings.eval_batch_size)
+    answers = generate_answers(
+        model, task, texts, tokenizer, settings.max_new_tokens, settings.eval_batch_size
+    )
     hits = sum(a.strip() == str(row[label_column]).strip() for a, row in zip(answers, rows, strict=True))
     return hits / len(rows)

@@ -19,11 +19,16 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("extract", help="turn a full fine-tune into a LoRA adapter",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "extract",
+        help="turn a full fine-tune into a LoRA adapter",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--base", required=True, help="the base model folder (safetensors)")
-    parser.add_argument("--tuned", required=True,
-                        help="the fully fine-tuned model folder (same architecture)")
+    parser.add_argument(
+        "--tuned", required=True, help="the fully fine-tuned model folder (same architecture)"
+    )
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the rank of every extracted module")
     size.add_argument("--energy", type=float, help="keep this share of each update's energy, e.g. 0.95")
@@ -34,8 +39,14 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = lorakit.extract_adapter(args.base, args.tuned, rank=args.rank, energy=args.energy,
-                                         include_embeddings=args.embeddings, out=args.out)
+        result = lorakit.extract_adapter(
+            args.base,
+            args.tuned,
+            rank=args.rank,
+            energy=args.energy,
+            include_embeddings=args.embeddings,
+            out=args.out,
+        )
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
     if result.ranks:

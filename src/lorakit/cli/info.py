@@ -55,12 +55,18 @@ def describe(path: str) -> dict[str, Any]:
         raise CliError(f"{adapter.weights} is not a readable safetensors file: {exc}") from exc
     cfg = adapter.config
     return {
-        "path": str(adapter.path), "task_type": cfg.get("task_type"),
+        "path": str(adapter.path),
+        "task_type": cfg.get("task_type"),
         "base model": cfg.get("base_model_name_or_path"),
-        "r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"), "lora_dropout": cfg.get("lora_dropout"),
-        "target_modules": cfg.get("target_modules"), "adapted modules": len(targets),
-        "modules saved in full": sorted(saved), "parameters": params,
-        "file bytes": adapter.weights.stat().st_size, "sha256": _sha256(adapter.weights),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "lora_dropout": cfg.get("lora_dropout"),
+        "target_modules": cfg.get("target_modules"),
+        "adapted modules": len(targets),
+        "modules saved in full": sorted(saved),
+        "parameters": params,
+        "file bytes": adapter.weights.stat().st_size,
+        "sha256": _sha256(adapter.weights),
         "base fingerprint": _fingerprint(metadata),
         "metadata": {k: v for k, v in metadata.items() if not k.endswith("fingerprint")},
         "trained": _trained(adapter.record),

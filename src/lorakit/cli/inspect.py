@@ -19,11 +19,16 @@ __all__ = ["add_parser", "run", "build_empty"]
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("inspect", help="list the modules LoRA can target, and the defaults",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "inspect", help="list the modules LoRA can target, and the defaults", description=__doc__
+    )
     parser.add_argument("model", help="a transformers model folder, or a preset name")
-    parser.add_argument("--task", choices=list(TASKS), default=None,
-                        help="the head to build (default: the architecture in config.json)")
+    parser.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=None,
+        help="the head to build (default: the architecture in config.json)",
+    )
     parser.set_defaults(func=run, command="inspect")
 
 
@@ -55,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{type(model).__name__} from {path}")
     print(lorakit.inspect(model))
     defaults = TrainSettings()
-    print(f"\nlorakit train defaults: r={defaults.r}, alpha={defaults.alpha}, dropout={defaults.dropout}, "
-          "target_modules=the default above (override with --target-modules a,b)")
+    print(
+        f"\nlorakit train defaults: r={defaults.r}, alpha={defaults.alpha}, dropout={defaults.dropout}, "
+        "target_modules=the default above (override with --target-modules a,b)"
+    )
     return 0

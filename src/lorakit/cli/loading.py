@@ -47,19 +47,24 @@ def open_adapter(path: str) -> Adapter:
     """Read an adapter folder's config (and ``metrics.json`` if present), checking the files exist."""
     folder = Path(path)
     if not folder.is_dir():
-        raise CliError(f"adapter {path!r} is not a folder; give the --out folder of `lorakit train` "
-                       "or any PEFT adapter folder")
+        raise CliError(
+            f"adapter {path!r} is not a folder; give the --out folder of `lorakit train` "
+            "or any PEFT adapter folder"
+        )
     missing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / n).is_file()]
     if missing:
-        raise CliError(f"adapter folder {path!r} has no {' or '.join(missing)}; "
-                       "model.save_pretrained(folder) writes both")
+        raise CliError(
+            f"adapter folder {path!r} has no {' or '.join(missing)}; "
+            "model.save_pretrained(folder) writes both"
+        )
     config = _read_json(folder / ADAPTER_CONFIG)
     record = _read_json(folder / METRICS) if (folder / METRICS).is_file() else None
     by_type = {t.task_type.value: t for t in TASKS.values()}
     task_type = config.get("task_type")
     if task_type not in by_type:
-        raise CliError(f"adapter {path!r} has task_type {task_type!r}; the command handles "
-                       f"{', '.join(by_type)}")
+        raise CliError(
+            f"adapter {path!r} has task_type {task_type!r}; the command handles {', '.join(by_type)}"
+        )
     return Adapter(folder, config, record, by_type[task_type])
 
 
@@ -75,8 +80,10 @@ def _labels(adapter: Adapter) -> list[str]:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             if key.endswith(HEAD_SUFFIXES):
                 return [f"LABEL_{i}" for i in range(f.get_slice(key).get_shape()[0])]
-    raise CliError(f"adapter {str(adapter.path)!r}: cannot tell the number of classes (no metrics.json "
-                   "and no classifier weights in the adapter)")
+    raise CliError(
+        f"adapter {str(adapter.path)!r}: cannot tell the number of classes (no metrics.json "
+        "and no classifier weights in the adapter)"
+    )
 
 
 def base_path(adapter: Adapter, base: str | None) -> str:

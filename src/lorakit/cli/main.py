@@ -23,8 +23,10 @@ SUBCOMMANDS = (train, eval_cmd, inspect, merge, info, rank, resize, extract)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lorakit", description="LoRA fine-tuning with PEFT's file format. "
-        "`lorakit train` with no arguments runs the embedded default.")
+        prog="lorakit",
+        description="LoRA fine-tuning with PEFT's file format. "
+        "`lorakit train` with no arguments runs the embedded default.",
+    )
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     for module in SUBCOMMANDS:
@@ -38,8 +40,12 @@ def _quiet_libraries() -> None:
     settings win."""
     import warnings
 
-    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
-                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    for name, value in (
+        ("TRANSFORMERS_VERBOSITY", "error"),
+        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"),
+        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+        ("TOKENIZERS_PARALLELISM", "false"),
+    ):
         os.environ.setdefault(name, value)
     warnings.filterwarnings("ignore", module="transformers")
 

@@ -20,11 +20,13 @@ SAMPLE_TEXT = "LoRA adds a low-rank update to frozen weights; merging folds it i
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("merge", help="merge an adapter into its base model and save it",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "merge", help="merge an adapter into its base model and save it", description=__doc__
+    )
     parser.add_argument("--adapter", required=True, help="the adapter folder")
-    parser.add_argument("--base", default=None,
-                        help="the base model folder (default: the adapter's base_model_name_or_path)")
+    parser.add_argument(
+        "--base", default=None, help="the base model folder (default: the adapter's base_model_name_or_path)"
+    )
     parser.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
     parser.set_defaults(func=run, command="merge")
 

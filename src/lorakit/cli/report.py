@@ -37,8 +37,12 @@ def versions() -> dict[str, str]:
 
     import lorakit
 
-    return {"lorakit": lorakit.__version__, "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
+    return {
+        "lorakit": lorakit.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def folder_bytes(folder: str, names: tuple[str, ...] = ("adapter_model.safetensors",)) -> int:
@@ -64,11 +68,20 @@ def plot(out: str, record: dict[str, Any]) -> None:
     left.set(title="training loss", xlabel="step", ylabel="loss")
     evals = record["eval_curve"]
     if evals:
-        right.plot([p["step"] for p in evals], [p[metric] for p in evals], "o-", color="tab:orange",
-                   label=f"held-out sample ({record['examples']['eval_sample']})")
+        right.plot(
+            [p["step"] for p in evals],
+            [p[metric] for p in evals],
+            "o-",
+            color="tab:orange",
+            label=f"held-out sample ({record['examples']['eval_sample']})",
+        )
     ends = [(0, record["before"][metric]), (record["steps"], record["after"][metric])]
-    right.plot(*zip(*ends, strict=True), "s", color="black",
-               label=f"whole held-out split ({record['examples']['held_out']})")
+    right.plot(
+        *zip(*ends, strict=True),
+        "s",
+        color="black",
+        label=f"whole held-out split ({record['examples']['held_out']})",
+    )
     right.set(title=f"held-out {metric}", xlabel="step", ylabel=metric)
     if metric == "perplexity":
         right.set_yscale("log")
@@ -86,13 +99,19 @@ def _fmt(value: Any) -> str:
 
 
 def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
-    rows = [(name, _fmt(record["before"][name]), _fmt(record["after"].get(name)))
-            for name in record["before"] if name != "loss"]
+    rows = [
+        (name, _fmt(record["before"][name]), _fmt(record["after"].get(name)))
+        for name in record["before"]
+        if name != "loss"
+    ]
     trainable, total = record["parameters"]["trainable"], record["parameters"]["total"]
     rows += [
         ("trainable parameters", f"{trainable:,}", f"{100 * trainable / total:.2f}% of {total:,}"),
-        ("wall time", f"{record['timings']['total_s']:.0f} s",
-         f"training {record['timings']['train_s']:.0f} s"),
+        (
+            "wall time",
+            f"{record['timings']['total_s']:.0f} s",
+            f"training {record['timings']['train_s']:.0f} s",
+        ),
         ("adapter size", f"{record['adapter_bytes'] / 1e6:.2f} MB", record["out"]),
     ]
     return rows
@@ -112,7 +131,8 @@ def model_card(out: str, record: dict[str, Any]) -> None:
     cfg = record["config"]
     auto = record["auto_class"]
     lines = [
-        f"# LoRA adapter: {record['title']}", "",
+        f"# LoRA adapter: {record['title']}",
+        "",
         f"- base model: `{record['model']}`",
         f"- task: `{cfg['task']}`; LoRA r={cfg['r']}, alpha={cfg['alpha']}, dropout={cfg['dropout']}, "
         f"targets: {', '.join(record['target_modules'])}",
@@ -125,11 +145,21 @@ def model_card(out: str, record: dict[str, Any]) -> None:
         lines.append(f"- dataset citation: {record['citation']}")
     lines += ["", "| metric | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {b} | {a} |" for name, b, a in summary_rows(record)[: len(record["before"]) - 1]]
-    lines += ["", "Load it (lorakit or PEFT):", "", "```python",
-              f"from transformers import {auto}", "from lorakit import PeftModel", "",
-              f"base = {auto}.from_pretrained({record['model']!r}"
-              + (f", num_labels={len(record['labels'])})" if record.get("labels") else ")"),
-              f"model = PeftModel.from_pretrained(base, {record['out']!r})", "```", "",
-              "Files: `adapter_config.json`, `adapter_model.safetensors` (PEFT format), "
-              "`metrics.json`, `training.png`.", ""]
+    lines += [
+        "",
+        "Load it (lorakit or PEFT):",
+        "",
+        "```python",
+        f"from transformers import {auto}",
+        "from lorakit import PeftModel",
+        "",
+        f"base = {auto}.from_pretrained({record['model']!r}"
+        + (f", num_labels={len(record['labels'])})" if record.get("labels") else ")"),
+        f"model = PeftModel.from_pretrained(base, {record['out']!r})",
+        "```",
+        "",
+        "Files: `adapter_config.json`, `adapter_model.safetensors` (PEFT format), "
+        "`metrics.json`, `training.png`.",
+        "",
+    ]
     (Path(out) / CARD_FILE).write_text("\n".join(lines), encoding="utf-8")

@@ -18,8 +18,12 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("resize", help="truncate or pad an adapter to another rank",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "resize",
+        help="truncate or pad an adapter to another rank",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("adapter", help="an adapter folder (PEFT format)")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the new rank of every module")

@@ -38,8 +38,9 @@ class TrainSettings:
     r: int = _opt(8, "LoRA rank")
     alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
     dropout: float = _opt(0.0, "dropout on the LoRA branch's input")
-    target_modules: list[str] | None = _opt(None, "comma-separated module names (default: the "
-                                            "architecture's table; see `lorakit inspect`)")
+    target_modules: list[str] | None = _opt(
+        None, "comma-separated module names (default: the architecture's table; see `lorakit inspect`)"
+    )
     lr: float = _opt(5e-4, "peak learning rate (linear decay after warm-up)")
     warmup_ratio: float = _opt(0.05, "fraction of the steps spent warming the learning rate up")
     epochs: float = _opt(1.0, "passes over the training split (ignored when --max-steps is set)")
@@ -52,16 +53,23 @@ class TrainSettings:
     eval_steps: int | None = _opt(None, "evaluate on a held-out sample every N steps (for the plot)")
     logging_steps: int = _opt(10, "record the training loss every N steps")
     save_steps: int = _opt(100, "write a resumable checkpoint every N steps")
-    chat_template: bool = _opt(True, "causal-lm with a label column: wrap each prompt in the tokenizer's "
-                               "chat template, if it has one (else the prompt is the text and a newline)")
+    chat_template: bool = _opt(
+        True,
+        "causal-lm with a label column: wrap each prompt in the tokenizer's "
+        "chat template, if it has one (else the prompt is the text and a newline)",
+    )
     max_new_tokens: int = _opt(8, "tokens generated per example for exact-match (language models)")
     seed: int = _opt(0, "seed for the split, the initialisation and the data order")
-    threads: int | None = _opt(None, "CPU threads for torch (default: torch's choice; 1 is faster "
-                               "on a machine busy with other work)")
+    threads: int | None = _opt(
+        None, "CPU threads for torch (default: torch's choice; 1 is faster on a machine busy with other work)"
+    )
     out: str | None = _opt(None, "output directory (default: runs/<preset or model name>)")
-    rank_sweep: list[str] | None = _opt(None, "comma-separated ranks, e.g. 1,2,4,8,16,32: train once per "
-                                        "rank (alpha scaled to keep alpha / r), plot the held-out metric "
-                                        "and the trainable parameters against the rank")
+    rank_sweep: list[str] | None = _opt(
+        None,
+        "comma-separated ranks, e.g. 1,2,4,8,16,32: train once per "
+        "rank (alpha scaled to keep alpha / r), plot the held-out metric "
+        "and the trainable parameters against the rank",
+    )
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
 
 
@@ -87,11 +95,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         kind, is_list = _field_type(field)
         help_text = f"{field.metadata['help']} (default: {field.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
-            parser.add_argument(flag, type=_comma_list if is_list else kind, default=argparse.SUPPRESS,
-                                metavar=field.name.upper(), help=help_text)
+            parser.add_argument(
+                flag,
+                type=_comma_list if is_list else kind,
+                default=argparse.SUPPRESS,
+                metavar=field.name.upper(),
+                help=help_text,
+            )
 
 
 def _parse(text: str, suffix: str) -> Any:

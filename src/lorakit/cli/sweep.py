@@ -62,9 +62,17 @@ def run_sweep(plan: Any, out: str, fit: Callable[..., dict[str, Any] | None]) ->
             continue
         before = record["before"]
         report.write_metrics(sub_out, record)
-        rows.append({"r": r, "alpha": settings.alpha, "before": before[metric],
-                     "after": record["after"][metric], "trainable": record["parameters"]["trainable"],
-                     "adapter_bytes": record["adapter_bytes"], "train_s": record["timings"].get("train_s")})
+        rows.append(
+            {
+                "r": r,
+                "alpha": settings.alpha,
+                "before": before[metric],
+                "after": record["after"][metric],
+                "trainable": record["parameters"]["trainable"],
+                "adapter_bytes": record["adapter_bytes"],
+                "train_s": record["timings"].get("train_s"),
+            }
+        )
     if not rows:
         return None
     sweep = {"metric": metric, "runs": rows, "suggested_rank": suggest(rows, metric)}
@@ -79,8 +87,10 @@ def table(sweep: dict[str, Any]) -> str:
     lines = [f"{'rank':>4}  {metric:>12}  {'trainable':>10}  {'train s':>7}", "-" * 40]
     for row in sweep["runs"]:
         mark = "  <- suggested" if row["r"] == sweep["suggested_rank"] else ""
-        lines.append(f"{row['r']:>4}  {row['after']:>12.4f}  {row['trainable']:>10,}  "
-                     f"{row['train_s'] or 0:>7.0f}{mark}")
+        lines.append(
+            f"{row['r']:>4}  {row['after']:>12.4f}  {row['trainable']:>10,}  "
+            f"{row['train_s'] or 0:>7.0f}{mark}"
+        )
     lines.append(f"before training: {metric} {sweep['runs'][0]['before']:.4f}")
     return "\n".join(lines)
 
@@ -96,8 +106,13 @@ def plot_sweep(sweep: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.plot(ranks, [r["after"] for r in rows], marker="o", color="C0", label=f"held-out {sweep['metric']}")
     ax.axhline(rows[0]["before"], color="C0", ls=":", lw=1, label="before training")
-    ax.axvline(sweep["suggested_rank"], color="gray", ls="--", lw=1,
-               label=f"suggested rank {sweep['suggested_rank']}")
+    ax.axvline(
+        sweep["suggested_rank"],
+        color="gray",
+        ls="--",
+        lw=1,
+        label=f"suggested rank {sweep['suggested_rank']}",
+    )
     ax.set_xscale("log", base=2)
     ax.set_xticks(ranks, [str(r) for r in ranks])
     ax.set_xlabel("LoRA rank r")

@@ -42,14 +42,34 @@ class Task:
 TASKS = {
     t.name: t
     for t in (
-        Task("seq-cls", TaskType.SEQ_CLS, "AutoModelForSequenceClassification",
-             "one label per text (text column, label column)", True),
-        Task("token-cls", TaskType.TOKEN_CLS, "AutoModelForTokenClassification",
-             "one tag per word (words and tags: lists, or space-separated strings)", True),
-        Task("causal-lm", TaskType.CAUSAL_LM, "AutoModelForCausalLM",
-             "next-token prediction on the text; with a label column, prompt -> answer", False),
-        Task("seq2seq", TaskType.SEQ_2_SEQ_LM, "AutoModelForSeq2SeqLM",
-             "encoder-decoder: text -> target text (label column)", False),
+        Task(
+            "seq-cls",
+            TaskType.SEQ_CLS,
+            "AutoModelForSequenceClassification",
+            "one label per text (text column, label column)",
+            True,
+        ),
+        Task(
+            "token-cls",
+            TaskType.TOKEN_CLS,
+            "AutoModelForTokenClassification",
+            "one tag per word (words and tags: lists, or space-separated strings)",
+            True,
+        ),
+        Task(
+            "causal-lm",
+            TaskType.CAUSAL_LM,
+            "AutoModelForCausalLM",
+            "next-token prediction on the text; with a label column, prompt -> answer",
+            False,
+        ),
+        Task(
+            "seq2seq",
+            TaskType.SEQ_2_SEQ_LM,
+            "AutoModelForSeq2SeqLM",
+            "encoder-decoder: text -> target text (label column)",
+            False,
+        ),
     )
 }
 
@@ -88,43 +108,67 @@ def load_model(task: Task, path: str, labels: list[str]) -> Any:
     cls = getattr(transformers, task.auto_class)
     kwargs: dict[str, Any] = {}
     if task.classifies:
-        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                  "label2id": {n: i for i, n in enumerate(labels)}, "ignore_mismatched_sizes": True}
+        kwargs = {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {n: i for i, n in enumerate(labels)},
+            "ignore_mismatched_sizes": True,
+        }
     try:
         return cls.from_pretrained(path, **kwargs)
     except ValueError as exc:  # e.g. "Unrecognized configuration class ... for this kind of AutoModel"
-        raise CliError(f"model {path!r} cannot be loaded for --task {task.name}: "
-                       f"{str(exc).splitlines()[0]}") from exc
+        raise CliError(
+            f"model {path!r} cannot be loaded for --task {task.name}: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
-def encode(task: Task, rows: Rows, tokenizer: Any, settings: TrainSettings, label_column: str | None,
-           labels: list[str]) -> list[dict[str, Any]]:
+def encode(
+    task: Task,
+    rows: Rows,
+    tokenizer: Any,
+    settings: TrainSettings,
+    label_column: str | None,
+    labels: list[str],
+) -> list[dict[str, Any]]:
     """Token ids (and label ids) for each row, unpadded; the collator pads each batch."""
     text_column, max_length = settings.text_column, settings.max_length
     if task.name == "seq-cls":
         ids = {n: i for i, n in enumerate(labels)}
         texts = [str(row[text_column]) for row in rows]
         enc = tokenizer(texts, truncation=True, max_length=max_length)
-        return [{**{k: enc[k][i] for k in enc}, "labels": ids[str(row[str(label_column)])]}
-                for i, row in enumerate(rows)]
+        return [
+            {**{k: enc[k][i] for k in enc}, "labels": ids[str(row[str(label_column)])]}
+            for i, row in enumerate(rows)
+        ]
     if task.name == "token-cls":
-        return [_encode_tags(row, tokenizer, text_column, str(label_column), labels, max_length)
-                for row in rows]
+        return [
+            _encode_tags(row, tokenizer, text_column, str(label_column), labels, max_length) for row in rows
+        ]
     if task.name == "seq2seq":
         texts = [str(row[text_column]) for row in rows]
         targets = [str(row[str(label_column)]) for row in rows]
         enc = tokenizer(texts, text_target=targets, truncation=True, max_length=max_length)
         return [{k: enc[k][i] for k in enc} for i in range(len(rows))]
-    return [_encode_causal(row, tokenizer, text_column, label_column, max_length, settings.chat_template)
-            for row in rows]
+    return [
+        _encode_causal(row, tokenizer, text_column, label_column, max_length, settings.chat_template)
+        for row in rows
+    ]
 
 
-def _encode_tags(row: dict[str, Any], tokenizer: Any, text_column: str, label_column: str,
-                 labels: list[str], max_length: int) -> dict[str, Any]:
+def _encode_tags(
+    row: dict[str, Any],
+    tokenizer: Any,
+    text_column: str,
+    label_column: str,
+    labels: list[str],
+    max_length: int,
+) -> dict[str, Any]:
     words, tags = _words(row[text_column], text_column), _words(row[label_column], label_column)
     if len(words) != len(tags):
-        raise CliError(f"a row has {len(words)} words in {text_column!r} but {len(tags)} tags "
-                       f"in {label_column!r}: {' '.join(words)[:60]!r}")
+        raise CliError(
+            f"a row has {len(words)} words in {text_column!r} but {len(tags)} tags "
+            f"in {label_column!r}: {' '.join(words)[:60]!r}"
+        )
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     ids = {n: i for i, n in enumerate(labels)}
     label_ids, previous = [], None
@@ -138,13 +182,22 @@ def prompt_text(tokenizer: Any, text: str, chat: bool) -> str:
     """The prompt a causal LM answers: with ``chat``, the chat template's user turn (if the tokenizer
     has a template); else the text and a newline."""
     if chat and getattr(tokenizer, "chat_template", None):
-        return str(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False))
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+        )
     return text + "\n"
 
 
-def _encode_causal(row: dict[str, Any], tokenizer: Any, text_column: str, label_column: str | None,
-                   max_length: int, chat: bool) -> dict[str, Any]:
+def _encode_causal(
+    row: dict[str, Any],
+    tokenizer: Any,
+    text_column: str,
+    label_column: str | None,
+    max_length: int,
+    chat: bool,
+) -> dict[str, Any]:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if label_column is None:  # plain language modelling: every token is a target
         ids = tokenizer(str(row[text_column]), truncation=True, max_length=max_length - len(eos)).input_ids
@@ -153,10 +206,13 @@ def _encode_causal(row: dict[str, Any], tokenizer: Any, text_column: str, label_
     prompt_str = prompt_text(tokenizer, str(row[text_column]), chat)
     prompt = tokenizer(prompt_str, add_special_tokens=False).input_ids
     answer = tokenizer(str(row[label_column]), add_special_tokens=False).input_ids + eos
-    prompt = prompt[-max(1, max_length - len(answer)):]  # keep the end of a long prompt
+    prompt = prompt[-max(1, max_length - len(answer)) :]  # keep the end of a long prompt
     ids = (prompt + answer)[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids),
-            "labels": ([IGNORE] * len(prompt) + answer)[:max_length]}
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": ([IGNORE] * len(prompt) + answer)[:max_length],
+    }
 
 
 def collator(task: Task, tokenizer: Any) -> Any:

@@ -31,8 +31,11 @@ EVAL_SAMPLE = 256  # held-out examples evaluated every --eval-steps (the whole s
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
-        "train", help="fine-tune with LoRA (no arguments: the embedded default)", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "train",
+        help="fine-tune with LoRA (no arguments: the embedded default)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", metavar="FILE", help="settings from a .toml or .yaml file; flags win")
     parser.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     add_arguments(parser)
@@ -86,8 +89,10 @@ def plan_run(args: argparse.Namespace) -> Plan:
 
 def _check_model_path(path: str) -> None:
     if not os.path.isdir(path):
-        raise CliError(f"model {path!r} is not a folder; give a transformers model folder (config.json, "
-                       "weights, tokenizer) or pick a --preset")
+        raise CliError(
+            f"model {path!r} is not a folder; give a transformers model folder (config.json, "
+            "weights, tokenizer) or pick a --preset"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise CliError(f"model folder {path!r} has no config.json; it needs what save_pretrained() writes")
 
@@ -110,8 +115,14 @@ def build_model(plan: Plan, labels: list[str]) -> Any:
     trainable (and saved with the adapter) by itself."""
     s = plan.settings
     base = load_model(plan.task, plan.model_path, labels)
-    config = LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=s.target_modules,
-                        task_type=plan.task.task_type, base_model_name_or_path=plan.model_path)
+    config = LoraConfig(
+        r=s.r,
+        lora_alpha=s.alpha,
+        lora_dropout=s.dropout,
+        target_modules=s.target_modules,
+        task_type=plan.task.task_type,
+        base_model_name_or_path=plan.model_path,
+    )
     return get_peft_model(base, config)
 
 
@@ -122,21 +133,43 @@ def by_length(features: list[dict], rows: data_mod.Rows) -> tuple[list[dict], da
     return [features[i] for i in order], [rows[i] for i in order]
 
 
-def _record(plan: Plan, model: Any, trainer: Any, results: dict[str, Any], timings: dict[str, float],
-            out: str, counts: dict[str, int], labels: list[str]) -> dict[str, Any]:
+def _record(
+    plan: Plan,
+    model: Any,
+    trainer: Any,
+    results: dict[str, Any],
+    timings: dict[str, float],
+    out: str,
+    counts: dict[str, int],
+    labels: list[str],
+) -> dict[str, Any]:
     s = plan.settings
     trainable, total = model.get_nb_trainable_parameters()
-    title = plan.preset.description if plan.preset and not s.model and not s.data else (
-        f"{Path(plan.model_path).name} on {Path(plan.data_name).name} ({plan.task.name})")
+    title = (
+        plan.preset.description
+        if plan.preset and not s.model and not s.data
+        else (f"{Path(plan.model_path).name} on {Path(plan.data_name).name} ({plan.task.name})")
+    )
     return {
-        "title": title, "preset": s.preset, "model": plan.model_path, "data": plan.data_name,
-        "task": plan.task.name, "auto_class": plan.task.auto_class, "metric": plan.task.metric,
-        "labels": labels, "label_column": plan.label_column, "config": dataclasses.asdict(s),
+        "title": title,
+        "preset": s.preset,
+        "model": plan.model_path,
+        "data": plan.data_name,
+        "task": plan.task.name,
+        "auto_class": plan.task.auto_class,
+        "metric": plan.task.metric,
+        "labels": labels,
+        "label_column": plan.label_column,
+        "config": dataclasses.asdict(s),
         "target_modules": sorted(model.peft_config["default"].target_modules or []),
-        **results, "steps": trainer.state.global_step, "examples": counts,
+        **results,
+        "steps": trainer.state.global_step,
+        "examples": counts,
         "parameters": {"trainable": trainable, "total": total},
         "adapter_bytes": report.folder_bytes(out),
-        "timings": timings, "versions": report.versions(), "out": out,
+        "timings": timings,
+        "versions": report.versions(),
+        "out": out,
         "citation": plan.preset.citation if plan.preset and not s.data else None,
     }
 
@@ -169,8 +202,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fit(plan: Plan, out: str, checkpoint: str | None, start: float,
-        before: dict[str, float] | None = None) -> dict[str, Any] | None:
+def fit(
+    plan: Plan, out: str, checkpoint: str | None, start: float, before: dict[str, float] | None = None
+) -> dict[str, Any] | None:
     """Split, load, evaluate, train, evaluate, save the adapter; the run's record (None off rank 0).
     ``before``: the metrics of the untrained model when already known (a rank sweep's later runs)."""
     import torch
@@ -206,7 +240,10 @@ def fit(plan: Plan, out: str, checkpoint: str | None, start: float,
         return None
     model.save_pretrained(out)
     timings["total_s"] = time.perf_counter() - start
-    counts = {"train": len(train_rows), "held_out": len(held_rows),
-              "eval_sample": min(EVAL_SAMPLE, len(held_rows))}
+    counts = {
+        "train": len(train_rows),
+        "held_out": len(held_rows),
+        "eval_sample": min(EVAL_SAMPLE, len(held_rows)),
+    }
     results = {"before": before, "after": after, "loss_curve": curves[0], "eval_curve": curves[1]}
     return _record(plan, model, trainer, results, timings, out, counts, labels)

@@ -28,8 +28,11 @@ def _bar_callback() -> Any:
         def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
             if not (state.is_world_process_zero and self.training_bar is not None and logs):
                 return
-            shown = {k.removeprefix("eval_"): f"{v:.4g}" for k, v in logs.items()
-                     if k in ("loss", "eval_loss", "eval_accuracy") and isinstance(v, (int, float))}
+            shown = {
+                k.removeprefix("eval_"): f"{v:.4g}"
+                for k, v in logs.items()
+                if k in ("loss", "eval_loss", "eval_accuracy") and isinstance(v, (int, float))
+            }
             if shown:
                 self.training_bar.set_postfix(shown, refresh=True)
 
@@ -43,8 +46,9 @@ def _has_accelerator() -> bool:
     return bool(accelerator.is_available() if accelerator else torch.cuda.is_available())
 
 
-def build_trainer(model: Any, tokenizer: Any, task: Task, train_set: list, eval_set: list,
-                  settings: TrainSettings, out: str) -> Any:
+def build_trainer(
+    model: Any, tokenizer: Any, task: Task, train_set: list, eval_set: list, settings: TrainSettings, out: str
+) -> Any:
     """A ``Trainer`` for ``model`` (a lorakit ``PeftModel``) writing checkpoints under ``out``."""
     from transformers import TrainingArguments
     from transformers.trainer_callback import ProgressCallback

@@ -54,9 +54,16 @@ def _share_outcome(error: BaseException | None) -> None:
         raise DistributedError(f"rank 0 failed, so no rank succeeded: {verdict[0]}")
 
 
-def save_pretrained(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
-                    selected_adapters: Sequence[str] | None = None, *, is_main_process: bool | None = None,
-                    safe_serialization: bool = True, timeout: float | None = None) -> None:
+def save_pretrained(
+    model: nn.Module,
+    configs: Mapping[str, LoraConfig],
+    directory: str | os.PathLike[str],
+    selected_adapters: Sequence[str] | None = None,
+    *,
+    is_main_process: bool | None = None,
+    safe_serialization: bool = True,
+    timeout: float | None = None,
+) -> None:
     """Save adapters of ``model`` (the module holding the LoRA layers, possibly inside wrappers)
     from a process group: validated, written by rank 0 only. **Collective** when the adapter is
     sharded (see the module docstring). ``is_main_process`` defaults to ``rank == 0``; for a
@@ -66,22 +73,36 @@ def save_pretrained(model: nn.Module, configs: Mapping[str, LoraConfig], directo
     writer = group.is_main_process() if is_main_process is None else is_main_process
     sharded = any(adapter_is_sharded(model, n) for n in names if n in configs)
     if not sharded:
-        adapter_dir.save_adapters(model, configs, directory, names, is_main_process=writer,
-                                  safe_serialization=safe_serialization)
+        adapter_dir.save_adapters(
+            model, configs, directory, names, is_main_process=writer, safe_serialization=safe_serialization
+        )
         return
     whole = {n: gather_adapter_state_dict(model, n, timeout=timeout) for n in names}
     error: BaseException | None = None
     if group.is_main_process():  # the gathered tensors are on rank 0 only
         try:
-            adapter_dir.save_adapters(model, configs, directory, names, safe_serialization=safe_serialization,
-                                      whole=whole, is_main_process=is_main_process is not False)
+            adapter_dir.save_adapters(
+                model,
+                configs,
+                directory,
+                names,
+                safe_serialization=safe_serialization,
+                whole=whole,
+                is_main_process=is_main_process is not False,
+            )
         except (OSError, ValueError) as exc:
             error = exc
     _share_outcome(error)
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default", *,
-                    subfolder: str | None = None, timeout: float | None = None) -> None:
+def load_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    subfolder: str | None = None,
+    timeout: float | None = None,
+) -> None:
     """**Collective.** Load the weights saved in ``path`` into the existing adapter ``adapter_name``
     of a wrapped or sharded model: rank 0 reads the files, checks them and broadcasts the tensors;
     every rank stores its part. (Inject the adapter with the same config before wrapping.)"""
@@ -118,8 +139,13 @@ def _refuse_fsdp(model: nn.Module, what: str) -> list[tuple[str, LoraLayer]]:
     return layers
 
 
-def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False,
-                  timeout: float | None = None) -> None:
+def merge_adapter(
+    model: nn.Module,
+    adapter_names: Sequence[str] | None = None,
+    *,
+    safe_merge: bool = False,
+    timeout: float | None = None,
+) -> None:
     """**Collective.** Merge adapters into the base weights of a model in a process group. Under
     ZeRO-3 the targeted layers' weights are gathered (together: the merge is validated as a whole
     before any weight changes), merged on every rank and re-partitioned from rank 0;

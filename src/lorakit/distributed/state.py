@@ -32,8 +32,15 @@ from lorakit.distributed import group
 from lorakit.errors import AdapterError, DistributedError
 from lorakit.io.keys import adapter_keys
 
-__all__ = ["adapter_root", "adapter_parameter_names", "live_adapter_tensors", "gather_adapter_state_dict",
-           "broadcast_adapters", "check_adapters_in_sync", "load_adapter_state_dict"]
+__all__ = [
+    "adapter_root",
+    "adapter_parameter_names",
+    "live_adapter_tensors",
+    "gather_adapter_state_dict",
+    "broadcast_adapters",
+    "check_adapters_in_sync",
+    "load_adapter_state_dict",
+]
 
 
 def adapter_root(model: nn.Module) -> nn.Module:
@@ -47,8 +54,10 @@ def _root_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
     for name, module in model.named_modules():
         if sharding.recorded(module) is not None:
             return module, sharding.canonical_name(name, outer=True) if name != "module" else ""
-    raise AdapterError(f"{type(model).__name__} holds no LoRA adapter injected by lorakit "
-                       "(get_peft_model / inject_adapter_in_model)")
+    raise AdapterError(
+        f"{type(model).__name__} holds no LoRA adapter injected by lorakit "
+        "(get_peft_model / inject_adapter_in_model)"
+    )
 
 
 def adapter_parameter_names(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
@@ -62,13 +71,15 @@ def adapter_parameter_names(model: nn.Module, adapter_name: str = "default") -> 
     out: dict[str, str] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
         canon = sharding.canonical_name(name, outer=True)
-        relative = canon[len(prefix) + 1:] if prefix and canon.startswith(prefix + ".") else canon
+        relative = canon[len(prefix) + 1 :] if prefix and canon.startswith(prefix + ".") else canon
         if relative in recorded:
             out[name] = relative
     missing = sorted(recorded - set(out.values()))
     if missing or not recorded:
-        raise DistributedError(f"adapter {adapter_name!r}: {len(missing)} of {len(recorded)} recorded "
-                               f"parameters are not visible through the wrappers (e.g. {missing[:3]})")
+        raise DistributedError(
+            f"adapter {adapter_name!r}: {len(missing)} of {len(recorded)} recorded "
+            f"parameters are not visible through the wrappers (e.g. {missing[:3]})"
+        )
     return out
 
 
@@ -80,8 +91,9 @@ def _bias_mode(model: nn.Module, adapter_name: str) -> str:
     return "none"
 
 
-def live_adapter_tensors(model: nn.Module, adapter_name: str = "default"
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+def live_adapter_tensors(
+    model: nn.Module, adapter_name: str = "default"
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
     """(PEFT key → live tensor, PEFT key → whole shape) of ``adapter_name``: keys as
     :func:`get_peft_model_state_dict` gives them for the unwrapped model (``base_model.model.…`` for
     a PeftModel), free of wrapper segments. Raises if the engine hides adapter parameters (FSDP1
@@ -98,6 +110,7 @@ def live_adapter_tensors(model: nn.Module, adapter_name: str = "default"
     if not tensors:
         raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
     shapes = sharding.expected_shapes(root, tensors)
+
     def key(k: str) -> str:
         return ".".join(p for p in (prefix, sharding.canonical_name(k)) if p)
 
@@ -135,8 +148,10 @@ def _whole_from_pieces(key: str, t: torch.Tensor, sizes: list[int], shape: tuple
     if all(s == numel for s in sizes):  # replicated (DDP, ZeRO-1/2, FSDP1 NO_SHARD)
         return t.detach().reshape(shape).clone()
     if sum(sizes) != numel:
-        raise DistributedError(f"{key}: ranks hold {sizes} elements, which neither replicate nor split "
-                               f"the recorded shape {shape} ({numel} elements)")
+        raise DistributedError(
+            f"{key}: ranks hold {sizes} elements, which neither replicate nor split "
+            f"the recorded shape {shape} ({numel} elements)"
+        )
     padded = t.new_zeros(max(sizes))
     padded[: t.numel()] = t.detach().reshape(-1)
     pieces = [torch.empty_like(padded) for _ in sizes]
@@ -148,8 +163,9 @@ def _agreement(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[i
     return [(k, shapes[k], str(t.dtype)) for k, t in tensors.items()]
 
 
-def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default", *, rank0_only: bool = True,
-                              timeout: float | None = None) -> dict[str, torch.Tensor]:
+def gather_adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", *, rank0_only: bool = True, timeout: float | None = None
+) -> dict[str, torch.Tensor]:
     """**Collective.** The whole tensors of adapter ``adapter_name`` under PEFT's keys, gathered
     from whatever the engine made of them (see the module table); only adapter tensors travel.
 
@@ -158,8 +174,9 @@ def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default", *
     result is validated: the expected number of tensors, each with its recorded shape, none empty.
     """
     tensors, shapes = live_adapter_tensors(model, adapter_name)
-    group.meet(f"gather_adapter_state_dict(adapter_name={adapter_name!r})", _agreement(tensors, shapes),
-               timeout)
+    group.meet(
+        f"gather_adapter_state_dict(adapter_name={adapter_name!r})", _agreement(tensors, shapes), timeout
+    )
     keys = list(tensors)
     plain = [k for k in keys if not sharding.is_dtensor(tensors[k]) and not sharding.is_zero3(tensors[k])]
     sizes = _piece_sizes([tensors[k] for k in plain]) if group.is_active() else None
@@ -176,15 +193,21 @@ def gather_adapter_state_dict(model: nn.Module, adapter_name: str = "default", *
                 out[key] = t.detach().clone()
     problems = sharding.shard_problems(out, shapes)
     if problems:
-        raise DistributedError(f"gathering adapter {adapter_name!r} gave incomplete tensors:\n  - "
-                               + "\n  - ".join(problems[:20]))
+        raise DistributedError(
+            f"gathering adapter {adapter_name!r} gave incomplete tensors:\n  - "
+            + "\n  - ".join(problems[:20])
+        )
     return out if (group.is_main_process() or not rank0_only) else {}
 
 
-def _broadcast(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-               ) -> torch.Tensor:
-    buf = t.detach().to(device=device, dtype=dtype).contiguous() if t is not None else \
-        torch.empty(shape, dtype=dtype, device=device)
+def _broadcast(
+    t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    buf = (
+        t.detach().to(device=device, dtype=dtype).contiguous()
+        if t is not None
+        else torch.empty(shape, dtype=dtype, device=device)
+    )
     if group.is_active():
         dist.broadcast(buf, src=0)
     return buf
@@ -203,35 +226,50 @@ def _write_whole(t: torch.Tensor, whole: torch.Tensor, sizes: list[int] | None) 
             t.copy_(whole.reshape(t.shape))
         else:
             start = sum(sizes[: group.rank()])
-            t.copy_(whole.reshape(-1)[start: start + t.numel()])
+            t.copy_(whole.reshape(-1)[start : start + t.numel()])
 
 
-def _load_problems(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
-                   ) -> list[str]:
+def _load_problems(
+    state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]
+) -> list[str]:
     lines = [f"{k}: matches no adapter tensor of the model" for k in sorted(set(state_dict) - set(shapes))]
     lines += [f"{k}: missing (expected shape {shapes[k]})" for k in sorted(set(shapes) - set(state_dict))]
-    lines += [f"{k}: shape {tuple(v.shape)}, the model expects {shapes[k]}"
-              for k, v in state_dict.items() if k in shapes and tuple(v.shape) != tuple(shapes[k])]
+    lines += [
+        f"{k}: shape {tuple(v.shape)}, the model expects {shapes[k]}"
+        for k, v in state_dict.items()
+        if k in shapes and tuple(v.shape) != tuple(shapes[k])
+    ]
     return lines
 
 
-def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None,
-                            adapter_name: str = "default", *, timeout: float | None = None) -> None:
+def load_adapter_state_dict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor] | None,
+    adapter_name: str = "default",
+    *,
+    timeout: float | None = None,
+) -> None:
     """**Collective.** Load PEFT-keyed ``state_dict`` (read on rank 0; other ranks may pass ``None``)
     into adapter ``adapter_name`` of a model that may be wrapped or sharded: rank 0 checks every key
     and shape, then broadcasts each tensor and every rank stores its own part. Nothing is changed
     on any rank if rank 0 finds a problem."""
     tensors, shapes = live_adapter_tensors(model, adapter_name)
-    group.meet(f"load_adapter_state_dict(adapter_name={adapter_name!r})", _agreement(tensors, shapes),
-               timeout)
-    problems = [] if not group.is_main_process() else (
-        ["rank 0 passed no state dict"] if state_dict is None else _load_problems(state_dict, shapes))
+    group.meet(
+        f"load_adapter_state_dict(adapter_name={adapter_name!r})", _agreement(tensors, shapes), timeout
+    )
+    problems = (
+        []
+        if not group.is_main_process()
+        else (["rank 0 passed no state dict"] if state_dict is None else _load_problems(state_dict, shapes))
+    )
     verdict: list = [problems]
     if group.is_active():
         dist.broadcast_object_list(verdict, src=0)
     if verdict[0]:
-        raise AdapterError(f"cannot load adapter {adapter_name!r}; nothing was changed:\n  - "
-                           + "\n  - ".join(verdict[0][:20]))
+        raise AdapterError(
+            f"cannot load adapter {adapter_name!r}; nothing was changed:\n  - "
+            + "\n  - ".join(verdict[0][:20])
+        )
     keys = list(tensors)
     plain = [k for k in keys if not sharding.is_dtensor(tensors[k]) and not sharding.is_zero3(tensors[k])]
     sizes = _piece_sizes([tensors[k] for k in plain]) if group.is_active() else None
@@ -245,8 +283,9 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
             _write_whole(t, whole.to(t.device), column)
 
 
-def broadcast_adapters(model: nn.Module, adapter_names: list[str] | None = None, *, src: int = 0,
-                       timeout: float | None = None) -> None:
+def broadcast_adapters(
+    model: nn.Module, adapter_names: list[str] | None = None, *, src: int = 0, timeout: float | None = None
+) -> None:
     """**Collective.** Copy rank ``src``'s adapter tensors to every rank, so all ranks start from the
     same initial adapter. Call it after injection and **before** wrapping (DDP also broadcasts at
     construction, FSDP and DeepSpeed do not). Default: every adapter of the model."""
@@ -257,8 +296,10 @@ def broadcast_adapters(model: nn.Module, adapter_names: list[str] | None = None,
         tensors, shapes = live_adapter_tensors(model, name)
         sharded = sharding.shard_problems(tensors, shapes)
         if sharded:
-            raise DistributedError("broadcast_adapters runs after injection and before wrapping, but the "
-                                   "model is already sharded:\n  - " + "\n  - ".join(sharded[:5]))
+            raise DistributedError(
+                "broadcast_adapters runs after injection and before wrapping, but the "
+                "model is already sharded:\n  - " + "\n  - ".join(sharded[:5])
+            )
         group.meet(f"broadcast_adapters({name!r})", _agreement(tensors, shapes), timeout)
         if not group.is_active():
             continue
@@ -276,8 +317,9 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16]
 
 
-def check_adapters_in_sync(model: nn.Module, adapter_name: str = "default", *,
-                           timeout: float | None = None) -> None:
+def check_adapters_in_sync(
+    model: nn.Module, adapter_name: str = "default", *, timeout: float | None = None
+) -> None:
     """**Collective.** Raise :class:`DistributedError`, naming the tensors and ranks, unless every
     rank holds bit-identical whole tensors of ``adapter_name`` (each rank's own copy where the
     engine replicates them, as DDP and ZeRO-1/2 do and as a fresh injection should)."""

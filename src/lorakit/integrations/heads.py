@@ -49,8 +49,7 @@ def find_heads(model: nn.Module) -> list[str]:
     """
     backbone = _backbone(model)
     if backbone is None:
-        return [name for name in FALLBACK_HEAD_NAMES
-                if isinstance(getattr(model, name, None), nn.Module)]
+        return [name for name in FALLBACK_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
     backbone_params = {id(p) for p in backbone.parameters()}
     heads = []
     for name, child in model.named_children():

@@ -75,8 +75,7 @@ class TaskPeftModel(PeftModel):
         """Add another adapter, with its own copy of the head (as PEFT)."""
         super().add_adapter(adapter_name, self._with_head(self.get_base_model(), peft_config))
 
-    def _run(self, adapter_names: Sequence[str] | None, named: dict[str, Any], kwargs: dict[str, Any]
-             ) -> Any:
+    def _run(self, adapter_names: Sequence[str] | None, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
         """Call the base model with the named arguments that are set, plus ``kwargs``."""
         inputs = {k: v for k, v in named.items() if v is not None}
         return super().forward(adapter_names=adapter_names, **inputs, **kwargs)
@@ -93,14 +92,16 @@ class TaskPeftModel(PeftModel):
         return bool(flag)
 
     # -- gradient checkpointing (see lorakit.integrations.checkpointing) --------------------------
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
-                                        **kwargs: Any) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         """Recompute activations in the backward pass; LoRA weights still get their gradients when
         the embeddings are frozen, in both reentrant and non-reentrant modes."""
         checkpointing.enable(self.get_base_model(), activation_checkpointing_kwargs, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None,
-                                      **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         """transformers' older name of :meth:`activation_checkpointing_enable`."""
         checkpointing.enable(self.get_base_model(), gradient_checkpointing_kwargs, **kwargs)
 
@@ -123,17 +124,32 @@ class _EncoderClassifier(TaskPeftModel):
     """Text classification over tokens or sequences; ``labels`` as the base model defines them."""
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, input_ids: Any = None, attention_mask: Any = None, token_type_ids: Any = None,
-            position_ids: Any = None, inputs_embeds: Any = None, labels: Any = None,
-            output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-            return_dict: bool | None = None, adapter_names: Sequence[str] | None = None,
-            **kwargs: Any) -> Any:
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+        position_ids: Any = None,
+        inputs_embeds: Any = None,
+        labels: Any = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``input_ids`` (B, S) — (B, C, S) for multiple choice — and ``labels`` as the base model
         expects them: (B,) for sequence classification / multiple choice, (B, S) for tokens."""
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
-                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                     return_dict=return_dict)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
 
@@ -161,17 +177,33 @@ class PeftModelForQuestionAnswering(TaskPeftModel):
     task_type = TaskType.QUESTION_ANS
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, input_ids: Any = None, attention_mask: Any = None, token_type_ids: Any = None,
-            position_ids: Any = None, inputs_embeds: Any = None, start_positions: Any = None,
-            end_positions: Any = None, output_attentions: bool | None = None,
-            output_hidden_states: bool | None = None, return_dict: bool | None = None,
-            adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+        position_ids: Any = None,
+        inputs_embeds: Any = None,
+        start_positions: Any = None,
+        end_positions: Any = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``start_positions`` / ``end_positions`` (B,) are the labels."""
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     position_ids=position_ids, inputs_embeds=inputs_embeds,
-                     start_positions=start_positions, end_positions=end_positions,
-                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                     return_dict=return_dict)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            start_positions=start_positions,
+            end_positions=end_positions,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
 
@@ -181,13 +213,24 @@ class PeftModelForImageClassification(TaskPeftModel):
     task_type = TaskType.IMAGE_CLASSIFICATION
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, pixel_values: Any = None, labels: Any = None, output_attentions: bool | None = None,
-            output_hidden_states: bool | None = None, interpolate_pos_encoding: bool | None = None,
-            return_dict: bool | None = None, adapter_names: Sequence[str] | None = None,
-            **kwargs: Any) -> Any:
-        named = dict(pixel_values=pixel_values, labels=labels, output_attentions=output_attentions,
-                     output_hidden_states=output_hidden_states,
-                     interpolate_pos_encoding=interpolate_pos_encoding, return_dict=return_dict)
+        self,
+        pixel_values: Any = None,
+        labels: Any = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        named = dict(
+            pixel_values=pixel_values,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
 
@@ -197,14 +240,28 @@ class PeftModelForFeatureExtraction(TaskPeftModel):
     task_type = TaskType.FEATURE_EXTRACTION
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, input_ids: Any = None, attention_mask: Any = None, token_type_ids: Any = None,
-            position_ids: Any = None, inputs_embeds: Any = None, output_attentions: bool | None = None,
-            output_hidden_states: bool | None = None, return_dict: bool | None = None,
-            adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     position_ids=position_ids, inputs_embeds=inputs_embeds,
-                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                     return_dict=return_dict)
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        token_type_ids: Any = None,
+        position_ids: Any = None,
+        inputs_embeds: Any = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
 
@@ -215,16 +272,33 @@ class PeftModelForCausalLM(TaskPeftModel):
     task_type = TaskType.CAUSAL_LM
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-            past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
-            use_cache: bool | None = None, output_attentions: bool | None = None,
-            output_hidden_states: bool | None = None, return_dict: bool | None = None,
-            adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Any = None,
+        inputs_embeds: Any = None,
+        labels: Any = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``labels`` (B, S) are shifted inside the base model, as in transformers."""
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                     use_cache=use_cache, output_attentions=output_attentions,
-                     output_hidden_states=output_hidden_states, return_dict=return_dict)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
 
@@ -235,20 +309,39 @@ class PeftModelForSeq2SeqLM(TaskPeftModel):
     task_type = TaskType.SEQ_2_SEQ_LM
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, input_ids: Any = None, attention_mask: Any = None, decoder_input_ids: Any = None,
-            decoder_attention_mask: Any = None, encoder_outputs: Any = None,
-            past_key_values: Any = None, inputs_embeds: Any = None,
-            decoder_inputs_embeds: Any = None, labels: Any = None, use_cache: bool | None = None,
-            output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-            return_dict: bool | None = None, adapter_names: Sequence[str] | None = None,
-            **kwargs: Any) -> Any:
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        decoder_input_ids: Any = None,
+        decoder_attention_mask: Any = None,
+        encoder_outputs: Any = None,
+        past_key_values: Any = None,
+        inputs_embeds: Any = None,
+        decoder_inputs_embeds: Any = None,
+        labels: Any = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """``labels`` (B, T); the base model derives ``decoder_input_ids`` from them when absent."""
-        named = dict(input_ids=input_ids, attention_mask=attention_mask,
-                     decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                     encoder_outputs=encoder_outputs, past_key_values=past_key_values,
-                     inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds,
-                     labels=labels, use_cache=use_cache, output_attentions=output_attentions,
-                     output_hidden_states=output_hidden_states, return_dict=return_dict)
+        named = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
 
@@ -264,20 +357,37 @@ class PeftModelForSpeechSeq2Seq(TaskPeftModel):
     task_type = TaskType.SPEECH_SEQ_2_SEQ
 
     def forward(  # type: ignore[override]  # a real signature for transformers.Trainer
-            self, input_features: Any = None, attention_mask: Any = None,
-            decoder_input_ids: Any = None, decoder_attention_mask: Any = None,
-            encoder_outputs: Any = None, past_key_values: Any = None,
-            decoder_inputs_embeds: Any = None, labels: Any = None, use_cache: bool | None = None,
-            output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-            return_dict: bool | None = None, adapter_names: Sequence[str] | None = None,
-            **kwargs: Any) -> Any:
+        self,
+        input_features: Any = None,
+        attention_mask: Any = None,
+        decoder_input_ids: Any = None,
+        decoder_attention_mask: Any = None,
+        encoder_outputs: Any = None,
+        past_key_values: Any = None,
+        decoder_inputs_embeds: Any = None,
+        labels: Any = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         _check_speech_inputs(self, kwargs)
-        named = dict(input_features=input_features, attention_mask=attention_mask,
-                     decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask,
-                     encoder_outputs=encoder_outputs, past_key_values=past_key_values,
-                     decoder_inputs_embeds=decoder_inputs_embeds, labels=labels, use_cache=use_cache,
-                     output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                     return_dict=return_dict)
+        named = dict(
+            input_features=input_features,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+        )
         return self._run(adapter_names, named, kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:

@@ -43,8 +43,15 @@ from lorakit.io.keys import (
 )
 from lorakit.layers import LoraLayer
 
-__all__ = ["AdapterFiles", "save_adapters", "save_adapter_tensors", "read_adapter", "check_adapter",
-           "load_new", "load_adapter"]
+__all__ = [
+    "AdapterFiles",
+    "save_adapters",
+    "save_adapter_tensors",
+    "read_adapter",
+    "check_adapter",
+    "load_new",
+    "load_adapter",
+]
 
 BaseMismatch = Literal["warn", "error", "ignore"]
 _MISMATCH_CHOICES = ("warn", "error", "ignore")
@@ -68,9 +75,13 @@ def _subfolder(name: str) -> str:
     return "" if name == "default" else name
 
 
-def _adapter_payload(model: nn.Module, name: str, config: LoraConfig, initial: AdapterFiles | None = None,
-                     whole: Mapping[str, torch.Tensor] | None = None
-                     ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+def _adapter_payload(
+    model: nn.Module,
+    name: str,
+    config: LoraConfig,
+    initial: AdapterFiles | None = None,
+    whole: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
     """(config JSON text, file tensors, header metadata) of adapter ``name``. ``initial``: the
     adapter as saved right after a PiSSA/OLoRA init (the result is converted to a plain LoRA for the
     original base); ``whole``: the adapter's tensors gathered from a sharded model (by
@@ -103,14 +114,17 @@ def _adapter_payload(model: nn.Module, name: str, config: LoraConfig, initial: A
     return config_json.dumps(data), to_file_keys(tensors), metadata
 
 
-def _refuse_shards(model: nn.Module, name: str, live: Mapping[str, torch.Tensor],
-                   tensors: Mapping[str, torch.Tensor]) -> None:
+def _refuse_shards(
+    model: nn.Module, name: str, live: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+) -> None:
     """Never write a shard as if it were the adapter (PEFT writes empty tensors under ZeRO-3/FSDP1)."""
     canon = sharding.canonical_name
     shapes = {canon(k): v for k, v in sharding.expected_shapes(model, live).items()}
     tensors = {canon(k): v for k, v in tensors.items()}
-    problems = [f"{n}: recorded at injection, but the wrapped model hides it (FSDP1 without "
-                "use_orig_params=True?)" for n in sharding.hidden_adapter_params(model, name)]
+    problems = [
+        f"{n}: recorded at injection, but the wrapped model hides it (FSDP1 without use_orig_params=True?)"
+        for n in sharding.hidden_adapter_params(model, name)
+    ]
     problems += [f"{k}: the model has no such adapter tensor" for k in tensors if k not in shapes]
     problems += [f"{k}: missing" for k in shapes if k not in tensors]
     problems += sharding.shard_problems({k: v for k, v in tensors.items() if k in shapes}, shapes)
@@ -123,11 +137,17 @@ def _refuse_shards(model: nn.Module, name: str, live: Mapping[str, torch.Tensor]
         )
 
 
-def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory: str | os.PathLike[str],
-                  selected_adapters: Sequence[str] | None = None, *, is_main_process: bool = True,
-                  safe_serialization: bool = True,
-                  path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
-                  whole: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
+def save_adapters(
+    model: nn.Module,
+    configs: Mapping[str, LoraConfig],
+    directory: str | os.PathLike[str],
+    selected_adapters: Sequence[str] | None = None,
+    *,
+    is_main_process: bool = True,
+    safe_serialization: bool = True,
+    path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
+    whole: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> None:
     """Save adapters of ``model`` (the user's model, holding the LoRA layers) into ``directory``.
 
     "default" goes to the directory itself, every other adapter to ``directory/<name>``. All
@@ -141,23 +161,36 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
     if unknown or not names:
-        raise AdapterError(f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
-                           f"existing adapters: {list(configs)}")
+        raise AdapterError(
+            f"selected_adapters={names!r}: nothing to save or unknown adapter(s) {unknown}; "
+            f"existing adapters: {list(configs)}"
+        )
     unsafe = [n for n in names if not n or n != os.path.basename(n) or "\\" in n or n in (".", "..")]
     if unsafe:
-        raise AdapterError(f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
-                           "to a subfolder named after it, so a name must be a single path component")
+        raise AdapterError(
+            f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
+            "to a subfolder named after it, so a name must be a single path component"
+        )
     if not safe_serialization:
-        raise AdapterError("safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
-                           "adapter_model.bin files can carry code); it still reads legacy .bin files safely")
-    initial = (None if path_initial_model_for_weight_conversion is None
-               else read_adapter(path_initial_model_for_weight_conversion))
-    payloads = {n: _adapter_payload(model, n, configs[n], initial, None if whole is None else whole[n])
-                for n in names}
+        raise AdapterError(
+            "safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
+            "adapter_model.bin files can carry code); it still reads legacy .bin files safely"
+        )
+    initial = (
+        None
+        if path_initial_model_for_weight_conversion is None
+        else read_adapter(path_initial_model_for_weight_conversion)
+    )
+    payloads = {
+        n: _adapter_payload(model, n, configs[n], initial, None if whole is None else whole[n]) for n in names
+    }
     if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
         return
-    replaced = [os.path.join(_subfolder(n), f)
-                for n in names for f in (files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME)]
+    replaced = [
+        os.path.join(_subfolder(n), f)
+        for n in names
+        for f in (files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME)
+    ]
     with files.atomic_directory(directory, replaced) as staging:
         for name, (text, tensors, metadata) in payloads.items():
             out = staging / _subfolder(name)
@@ -166,9 +199,12 @@ def save_adapters(model: nn.Module, configs: Mapping[str, LoraConfig], directory
             (out / files.CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
-def save_adapter_tensors(directory: str | os.PathLike[str], config: LoraConfig,
-                         tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
-                         ) -> None:
+def save_adapter_tensors(
+    directory: str | os.PathLike[str],
+    config: LoraConfig,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Write one adapter that exists only as data (resized, extracted): ``tensors`` keyed by module
     path (``<m>.lora_A.weight``, no ``base_model.model.``), atomically, in PEFT's layout."""
     header = {"format": "pt", "lorakit_version": __version__, **(metadata or {})}
@@ -184,7 +220,8 @@ def save_config(config: LoraConfig, directory: str | os.PathLike[str]) -> None:
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise AdapterFileError(
-            f"cannot save a config to {str(path)!r}: it is an existing file, not a directory")
+            f"cannot save a config to {str(path)!r}: it is an existing file, not a directory"
+        )
     path.mkdir(parents=True, exist_ok=True)
     text = config_json.dumps(config_json.config_to_peft_dict(config))
     files.atomic_write_text(path / files.CONFIG_NAME, text)
@@ -212,13 +249,16 @@ def load_config(path: str | os.PathLike[str], subfolder: str | None = None) -> L
         return config_json.config_from_peft_dict(files.read_json(candidate), str(candidate))
     config_path = _adapter_dir(path, subfolder) / files.CONFIG_NAME
     if not config_path.is_file():
-        raise AdapterFileError(f"{str(config_path)!r} does not exist; an adapter directory written by "
-                               "save_pretrained (lorakit or PEFT) holds it")
+        raise AdapterFileError(
+            f"{str(config_path)!r} does not exist; an adapter directory written by "
+            "save_pretrained (lorakit or PEFT) holds it"
+        )
     return config_json.config_from_peft_dict(files.read_json(config_path), str(config_path))
 
 
-def read_adapter(path: str | os.PathLike[str], *, is_trainable: bool = False,
-                 subfolder: str | None = None) -> AdapterFiles:
+def read_adapter(
+    path: str | os.PathLike[str], *, is_trainable: bool = False, subfolder: str | None = None
+) -> AdapterFiles:
     """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
     ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
     directory = _adapter_dir(path, subfolder)
@@ -231,36 +271,48 @@ def read_adapter(path: str | os.PathLike[str], *, is_trainable: bool = False,
         tensors, metadata, weights = files.read_legacy_bin(legacy), {}, legacy
     else:
         present = sorted(p.name for p in directory.iterdir())
-        raise AdapterFileError(f"no adapter weights in {str(directory)!r}: neither {files.WEIGHTS_NAME} "
-                               f"nor {files.LEGACY_WEIGHTS_NAME} exists (found: {present})")
+        raise AdapterFileError(
+            f"no adapter weights in {str(directory)!r}: neither {files.WEIGHTS_NAME} "
+            f"nor {files.LEGACY_WEIGHTS_NAME} exists (found: {present})"
+        )
     task = metadata.get(_TASK_KEY)
     if task in {t.value for t in TaskType} and config_json.peft_task_type(task) == (
-            None if config.task_type is None else str(config.task_type)):
+        None if config.task_type is None else str(config.task_type)
+    ):
         config = dataclasses.replace(config, task_type=TaskType(task))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
     return AdapterFiles(config, from_file_keys(tensors), metadata, weights)
 
 
 # -- checking -------------------------------------------------------------------------------------
-def _key_problems(expected: Mapping[str, tuple[int, ...]], optional: Mapping[str, tuple[int, ...]],
-                  found: Mapping[str, torch.Tensor]) -> list[str]:
+def _key_problems(
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Mapping[str, tuple[int, ...]],
+    found: Mapping[str, torch.Tensor],
+) -> list[str]:
     """Unknown keys, missing keys and shape mismatches, one line each (optional keys may be absent)."""
     lines = []
     for key in sorted(set(found) - set(expected) - set(optional)):
         lines.append(f"{key}: in the file, but no module of the model has this adapter tensor")
     for key in sorted(set(expected) - set(found)):
         module, tensor = _split(key)
-        lines.append(f"{module}: targeted by the config, but the file has no {tensor!r} "
-                     f"(expected shape {expected[key]})")
+        lines.append(
+            f"{module}: targeted by the config, but the file has no {tensor!r} "
+            f"(expected shape {expected[key]})"
+        )
     known = {**optional, **expected}
     for key in sorted(set(known) & set(found)):
         shape = tuple(found[key].shape)
         if shape != tuple(known[key]):
             module, tensor = _split(key)
-            hint = " (was the vocabulary resized? resize the model's embeddings first)" \
-                if key in optional else ""
-            lines.append(f"{module}: {tensor} has shape {shape} in the file, "
-                         f"the model expects {known[key]}{hint}")
+            hint = (
+                " (was the vocabulary resized? resize the model's embeddings first)"
+                if key in optional
+                else ""
+            )
+            lines.append(
+                f"{module}: {tensor} has shape {shape} in the file, the model expects {known[key]}{hint}"
+            )
     return lines
 
 
@@ -285,31 +337,37 @@ def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None
     if not diffs:
         return
     shown = "; ".join(diffs[:5]) + (f"; ... ({len(diffs) - 5} more)" if len(diffs) > 5 else "")
-    message = (f"this adapter was trained on a different base model: {files_.weights_path}: "
-               f"{len(diffs)} of {len(trained.shapes)} targeted modules differ ({shown}). Its outputs on "
-               "this model will not be what they were in training. Pass on_base_mismatch='error' to "
-               "refuse such loads, or 'ignore' to silence this warning")
+    message = (
+        f"this adapter was trained on a different base model: {files_.weights_path}: "
+        f"{len(diffs)} of {len(trained.shapes)} targeted modules differ ({shown}). Its outputs on "
+        "this model will not be what they were in training. Pass on_base_mismatch='error' to "
+        "refuse such loads, or 'ignore' to silence this warning"
+    )
     if on_base_mismatch == "error":
         raise BaseModelMismatchError(message)
     warnings.warn(message, BaseModelMismatchWarning, stacklevel=5)  # the caller of from_pretrained
 
 
-def check_adapter(model: nn.Module, files_: AdapterFiles, adapter_name: str,
-                  on_base_mismatch: BaseMismatch = "warn") -> Plan:
+def check_adapter(
+    model: nn.Module, files_: AdapterFiles, adapter_name: str, on_base_mismatch: BaseMismatch = "warn"
+) -> Plan:
     """Everything that can go wrong with loading ``files_`` into ``model``, checked read-only:
     the config against the model, then every key and shape, then the base fingerprint."""
     if on_base_mismatch not in _MISMATCH_CHOICES:
         raise AdapterError(
-            f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}")
+            f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}"
+        )
     plan = injection.plan(model, files_.config, adapter_name)
-    lines = _key_problems(planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan),
-                          files_.tensors)
+    lines = _key_problems(
+        planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan), files_.tensors
+    )
     if lines:
         more = f"\n  ... and {len(lines) - _MAX_LINES} more" if len(lines) > _MAX_LINES else ""
         raise AdapterError(
             f"cannot load {str(files_.weights_path)!r} as adapter {adapter_name!r} "
             f"({len(lines)} problem(s)); the model was not changed:\n  - "
-            + "\n  - ".join(lines[:_MAX_LINES]) + more
+            + "\n  - ".join(lines[:_MAX_LINES])
+            + more
         )
     _check_base(plan, files_, on_base_mismatch)
     return plan
@@ -325,17 +383,28 @@ def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
         raise
 
 
-def load_weights(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default",
-                 subfolder: str | None = None) -> list[str]:
+def load_weights(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str = "default",
+    subfolder: str | None = None,
+) -> list[str]:
     """Copy an adapter directory's tensors into the *existing* adapter ``adapter_name`` (resuming a
     checkpoint). Every key and shape is checked before anything is copied."""
     files_ = read_adapter(path, subfolder=subfolder)
     return set_peft_model_state_dict(model, files_.tensors, adapter_name)
 
 
-def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, *, is_trainable: bool,
-             build: Callable[[nn.Module, LoraConfig, str], Any], on_base_mismatch: BaseMismatch = "warn",
-             subfolder: str | None = None) -> Any:
+def load_new(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    is_trainable: bool,
+    build: Callable[[nn.Module, LoraConfig, str], Any],
+    on_base_mismatch: BaseMismatch = "warn",
+    subfolder: str | None = None,
+) -> Any:
     """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
     (which injects the adapter and wraps the model), then copy the weights in."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
@@ -353,9 +422,16 @@ def load_new(model: nn.Module, path: str | os.PathLike[str], adapter_name: str, 
     return wrapped
 
 
-def load_adapter(model: nn.Module, configs: dict[str, LoraConfig], path: str | os.PathLike[str],
-                 adapter_name: str, *, is_trainable: bool, on_base_mismatch: BaseMismatch = "warn",
-                 subfolder: str | None = None) -> None:
+def load_adapter(
+    model: nn.Module,
+    configs: dict[str, LoraConfig],
+    path: str | os.PathLike[str],
+    adapter_name: str,
+    *,
+    is_trainable: bool,
+    on_base_mismatch: BaseMismatch = "warn",
+    subfolder: str | None = None,
+) -> None:
     """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
     trainability is the caller's) and record its config in ``configs``."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)

@@ -33,17 +33,47 @@ PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose file format lorakit wri
 
 # peft.LoraConfig().to_dict() of PEFT 0.21.2, as JSON values (taken at development time; data only).
 PEFT_LORA_KEYS: dict[str, Any] = {
-    "task_type": None, "peft_type": "LORA", "auto_mapping": None, "peft_version": PEFT_FORMAT_VERSION,
-    "base_model_name_or_path": None, "revision": None, "inference_mode": False, "r": 8,
-    "target_modules": None, "exclude_modules": None, "lora_alpha": 8, "lora_dropout": 0.0,
-    "fan_in_fan_out": False, "bias": "none", "use_rslora": False, "modules_to_save": None,
-    "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
-    "rank_pattern": {}, "alpha_pattern": {}, "megatron_config": None, "megatron_core": "megatron.core",
-    "trainable_token_indices": None, "loftq_config": {}, "eva_config": None, "corda_config": None,
-    "lora_ga_config": None, "use_dora": False, "velora_config": None, "alora_invocation_tokens": None,
-    "use_qalora": False, "qalora_group_size": 16, "monteclora_config": None, "layer_replication": None,
-    "lora_bias": False, "target_parameters": None, "use_bdlora": None, "arrow_config": None,
-    "kasa_config": None, "ensure_weight_tying": False,
+    "task_type": None,
+    "peft_type": "LORA",
+    "auto_mapping": None,
+    "peft_version": PEFT_FORMAT_VERSION,
+    "base_model_name_or_path": None,
+    "revision": None,
+    "inference_mode": False,
+    "r": 8,
+    "target_modules": None,
+    "exclude_modules": None,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "use_rslora": False,
+    "modules_to_save": None,
+    "init_lora_weights": True,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "trainable_token_indices": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "use_dora": False,
+    "velora_config": None,
+    "alora_invocation_tokens": None,
+    "use_qalora": False,
+    "qalora_group_size": 16,
+    "monteclora_config": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "target_parameters": None,
+    "use_bdlora": None,
+    "arrow_config": None,
+    "kasa_config": None,
+    "ensure_weight_tying": False,
 }
 
 # Keys that only describe the file; any value is accepted and none changes the adapter.
@@ -92,8 +122,12 @@ def peft_task_type(task: TaskType | str | None) -> str | None:
     return _PEFT_TASK.get(task, task.value)
 
 
-def config_to_peft_dict(config: LoraConfig, *, auto_mapping: Mapping[str, str] | None = None,
-                        base_model_name_or_path: str | None = None) -> dict[str, Any]:
+def config_to_peft_dict(
+    config: LoraConfig,
+    *,
+    auto_mapping: Mapping[str, str] | None = None,
+    base_model_name_or_path: str | None = None,
+) -> dict[str, Any]:
     """``adapter_config.json`` content for ``config``: every PEFT 0.21 key, PEFT's value types."""
     out = dict(PEFT_LORA_KEYS)
     out.update(config.to_dict())
@@ -116,8 +150,10 @@ def dumps(data: Mapping[str, Any]) -> str:
 def _init_problem(value: Any) -> str | None:
     if isinstance(value, (bool, str)) and parse_init(value) is not None:
         return None
-    return (f"init_lora_weights={value!r}: lorakit implements {_INIT_CHOICES}; {value!r} initialisations "
-            "(LoftQ, EVA, CorDA, ...) are not implemented, and some of them change the base weights")
+    return (
+        f"init_lora_weights={value!r}: lorakit implements {_INIT_CHOICES}; {value!r} initialisations "
+        "(LoftQ, EVA, CorDA, ...) are not implemented, and some of them change the base weights"
+    )
 
 
 def _key_problem(key: str, value: Any) -> str | None:
@@ -125,12 +161,16 @@ def _key_problem(key: str, value: Any) -> str | None:
         neutral, feature = _UNSUPPORTED[key]
         if any(value == n and type(value) is type(n) for n in neutral):
             return None
-        return (f"{key}={json.dumps(value)} enables {feature}, which lorakit does not implement "
-                f"(lorakit reads this key only as {' or '.join(json.dumps(n) for n in neutral)})")
+        return (
+            f"{key}={json.dumps(value)} enables {feature}, which lorakit does not implement "
+            f"(lorakit reads this key only as {' or '.join(json.dumps(n) for n in neutral)})"
+        )
     if value in (None, False, {}, []):
         return None
-    return (f"{key}={json.dumps(value)}: unknown key (not in PEFT 0.21's LoraConfig); "
-            "lorakit cannot tell what it changes")
+    return (
+        f"{key}={json.dumps(value)}: unknown key (not in PEFT 0.21's LoraConfig); "
+        "lorakit cannot tell what it changes"
+    )
 
 
 def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
@@ -143,8 +183,10 @@ def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> Lor
         raise ConfigError(f"{source}: expected a JSON object of config keys, got {type(data).__name__}")
     peft_type = data.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise ConfigError(f"{source}: peft_type={json.dumps(peft_type)}; lorakit reads only LoRA "
-                          "adapters (peft_type \"LORA\")")
+        raise ConfigError(
+            f"{source}: peft_type={json.dumps(peft_type)}; lorakit reads only LoRA "
+            'adapters (peft_type "LORA")'
+        )
     fields = set(_field_names())
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
@@ -160,8 +202,9 @@ def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> Lor
     if "init_lora_weights" in kwargs and (problem := _init_problem(kwargs["init_lora_weights"])):
         problems.append(problem)
     if problems:
-        raise ConfigError(f"{source}: this adapter uses features lorakit cannot load:\n  - "
-                          + "\n  - ".join(problems))
+        raise ConfigError(
+            f"{source}: this adapter uses features lorakit cannot load:\n  - " + "\n  - ".join(problems)
+        )
     try:
         return LoraConfig(**kwargs)
     except ConfigError as exc:

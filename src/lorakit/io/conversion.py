@@ -30,30 +30,42 @@ def _convertible(config: LoraConfig) -> list[str]:
     if config.use_dora:
         problems.append("DoRA adapters cannot be converted (their magnitude is tied to the residual base)")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
-        problems.append("use_rslora=True with rank_pattern/alpha_pattern cannot keep its scalings when the "
-                        "ranks double (PEFT refuses this too)")
+        problems.append(
+            "use_rslora=True with rank_pattern/alpha_pattern cannot keep its scalings when the "
+            "ranks double (PEFT refuses this too)"
+        )
     return problems
 
 
-def to_plain_lora(config: LoraConfig, tensors: Mapping[str, torch.Tensor],
-                  initial: Mapping[str, torch.Tensor], source: str
-                  ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def to_plain_lora(
+    config: LoraConfig, tensors: Mapping[str, torch.Tensor], initial: Mapping[str, torch.Tensor], source: str
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The rank-2r plain LoRA (config, tensors) equal to the trained ``tensors`` on the residual base,
     given the ``initial`` tensors saved right after the PiSSA/OLoRA init (``source`` names where
     they came from, for errors). Keys are file keys; other tensors pass through unchanged."""
     problems = _convertible(config)
-    factor_keys = [k for k in tensors if ".lora_A." in k or ".lora_B." in k
-                   or k.endswith(".lora_embedding_A") or k.endswith(".lora_embedding_B")]
+    factor_keys = [
+        k
+        for k in tensors
+        if ".lora_A." in k
+        or ".lora_B." in k
+        or k.endswith(".lora_embedding_A")
+        or k.endswith(".lora_embedding_B")
+    ]
     missing = [k for k in factor_keys if k not in initial]
     if missing:
         problems.append(f"{source} lacks {len(missing)} tensor(s) of this adapter, e.g. {missing[:3]}")
-    mismatched = [f"{k}: {tuple(initial[k].shape)} vs {tuple(tensors[k].shape)}"
-                  for k in factor_keys if k in initial and initial[k].shape != tensors[k].shape]
+    mismatched = [
+        f"{k}: {tuple(initial[k].shape)} vs {tuple(tensors[k].shape)}"
+        for k in factor_keys
+        if k in initial and initial[k].shape != tensors[k].shape
+    ]
     if mismatched:
         problems.append(f"{source} holds tensors of other shapes: " + "; ".join(mismatched[:3]))
     if problems:
-        raise AdapterError("cannot convert the adapter for the initial model:\n  - "
-                           + "\n  - ".join(problems))
+        raise AdapterError(
+            "cannot convert the adapter for the initial model:\n  - " + "\n  - ".join(problems)
+        )
     out = dict(tensors)
     for key in factor_keys:
         now, start = tensors[key], initial[key].to(device=tensors[key].device, dtype=tensors[key].dtype)
@@ -63,7 +75,11 @@ def to_plain_lora(config: LoraConfig, tensors: Mapping[str, torch.Tensor],
             out[key] = torch.cat([now, -start], dim=1)  # (d, 2r…)
     alpha_factor = math.sqrt(2) if config.use_rslora else 2
     plain = dataclasses.replace(
-        config, r=2 * config.r, lora_alpha=config.lora_alpha * alpha_factor, init_lora_weights=True,
+        config,
+        r=2 * config.r,
+        lora_alpha=config.lora_alpha * alpha_factor,
+        init_lora_weights=True,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+    )
     return plain, out

@@ -128,7 +128,7 @@ def _staging_dirs(target: Path) -> Iterator[tuple[Path, int]]:
             continue
         for entry in folder.iterdir():
             if entry.name.startswith(prefix):
-                pid = entry.name[len(prefix):].split("-", 1)[0]
+                pid = entry.name[len(prefix) :].split("-", 1)[0]
                 yield entry, int(pid) if pid.isdigit() else -1
 
 
@@ -151,8 +151,12 @@ def _in_place(target: Path) -> bool:
     if not target.is_dir():
         return False
     cwd = Path.cwd().resolve()
-    return os.path.ismount(target) or cwd == target or target in cwd.parents or \
-        not os.access(target.parent, os.W_OK)
+    return (
+        os.path.ismount(target)
+        or cwd == target
+        or target in cwd.parents
+        or not os.access(target.parent, os.W_OK)
+    )
 
 
 @contextlib.contextmanager
@@ -264,8 +268,9 @@ def _unshared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str]) -> None:
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
     """Write ``tensors`` to ``path`` with string ``metadata`` in the header (not atomic by itself:
     call it inside :func:`atomic_directory`)."""
     from safetensors.torch import save_file
@@ -285,12 +290,15 @@ def _header(path: Path) -> dict[str, Any]:
         with open(path, "rb") as handle:
             head = handle.read(8)
             if len(head) < 8:
-                raise AdapterFileError(f"{str(path)!r} is truncated or not a safetensors file "
-                                       f"({size} bytes, no header)")
+                raise AdapterFileError(
+                    f"{str(path)!r} is truncated or not a safetensors file ({size} bytes, no header)"
+                )
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
-                raise AdapterFileError(f"{str(path)!r} is truncated or corrupt: its header claims "
-                                       f"{n} bytes but the file has {size}")
+                raise AdapterFileError(
+                    f"{str(path)!r} is truncated or corrupt: its header claims "
+                    f"{n} bytes but the file has {size}"
+                )
             header = json.loads(handle.read(n).decode("utf-8"))
     except FileNotFoundError:
         raise AdapterFileError(f"{str(path)!r} does not exist") from None
@@ -300,11 +308,15 @@ def _header(path: Path) -> dict[str, Any]:
         raise AdapterFileError(f"cannot read {str(path)!r}: {exc}") from None
     if not isinstance(header, dict):
         raise AdapterFileError(f"{str(path)!r} is corrupt: its header is not a JSON object")
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items()
-            if k != "__metadata__" and isinstance(v, dict)]
+    ends = [
+        v.get("data_offsets", [0, 0])[1]
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict)
+    ]
     if ends and 8 + n + max(ends) > size:
-        raise AdapterFileError(f"{str(path)!r} is truncated: the tensors need {8 + n + max(ends)} bytes, "
-                               f"the file has {size}")
+        raise AdapterFileError(
+            f"{str(path)!r} is truncated: the tensors need {8 + n + max(ends)} bytes, the file has {size}"
+        )
     return header
 
 

@@ -42,13 +42,16 @@ class Fingerprint:
     def to_json(self) -> str:
         names = sorted(self.shapes)
         flat = torch.tensor([v for n in names for v in self.values[n]], dtype=torch.float32)
-        return json.dumps({
-            "version": 1,
-            "samples": SAMPLES,
-            "modules": {n: list(self.shapes[n]) for n in names},
-            "values_f32_b64": base64.b64encode(flat.numpy().tobytes()).decode("ascii"),
-            "sha256": self.digest(),
-        }, separators=(",", ":"))
+        return json.dumps(
+            {
+                "version": 1,
+                "samples": SAMPLES,
+                "modules": {n: list(self.shapes[n]) for n in names},
+                "values_f32_b64": base64.b64encode(flat.numpy().tobytes()).decode("ascii"),
+                "sha256": self.digest(),
+            },
+            separators=(",", ":"),
+        )
 
     def digest(self) -> str:
         """An exact hash (shapes and values): equal digests mean the same sampled weights."""
@@ -68,8 +71,10 @@ class Fingerprint:
             n = int(data["samples"])
             if data.get("version") != 1 or len(flat) != n * len(names):
                 return None
-            return cls({k: tuple(data["modules"][k]) for k in names},
-                       {k: flat[i * n:(i + 1) * n] for i, k in enumerate(names)})
+            return cls(
+                {k: tuple(data["modules"][k]) for k in names},
+                {k: flat[i * n : (i + 1) * n] for i, k in enumerate(names)},
+            )
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -80,15 +85,15 @@ class Fingerprint:
             if name not in other.shapes:
                 continue  # the module could not be fingerprinted on this model (e.g. quantized)
             if self.shapes[name] != other.shapes[name]:
-                out.append(f"{name}: weight shape {self.shapes[name]} when trained, "
-                           f"{other.shapes[name]} now")
+                out.append(f"{name}: weight shape {self.shapes[name]} when trained, {other.shapes[name]} now")
                 continue
             a = torch.tensor(self.values[name])
             b = torch.tensor(other.values[name])
             if not torch.allclose(a, b, rtol=_RTOL, atol=_ATOL):
                 worst = int((a - b).abs().argmax())
-                out.append(f"{name}: sampled weight {a[worst].item():.6g} when trained, "
-                           f"{b[worst].item():.6g} now")
+                out.append(
+                    f"{name}: sampled weight {a[worst].item():.6g} when trained, {b[worst].item():.6g} now"
+                )
         return out
 
 

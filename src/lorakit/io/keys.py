@@ -94,10 +94,18 @@ def _saved_module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Ten
 def _wrapper_biases(prefix: str, original: nn.Module, copy: nn.Module) -> dict[str, torch.Tensor]:
     """With ``bias="all"`` PEFT also writes a modules-to-save wrapper's biases under its internal
     paths: ``<m>.original_module.<p>`` and ``<m>.modules_to_save.<p>`` (the adapter's copy)."""
-    out = {_join(prefix, "original_module", k): t
-           for k, t in original.state_dict(keep_vars=True).items() if "bias" in k}
-    out.update({_join(prefix, "modules_to_save", k): t
-                for k, t in copy.state_dict(keep_vars=True).items() if "bias" in k})
+    out = {
+        _join(prefix, "original_module", k): t
+        for k, t in original.state_dict(keep_vars=True).items()
+        if "bias" in k
+    }
+    out.update(
+        {
+            _join(prefix, "modules_to_save", k): t
+            for k, t in copy.state_dict(keep_vars=True).items()
+            if "bias" in k
+        }
+    )
     return out
 
 
@@ -140,8 +148,16 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
         kind = (layer_cls, type(base), r, _shape_signature(base))
         if kind not in by_kind:
             scratch = layer_cls(base)
-            scratch.add_adapter(adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0,
-                                init=False, lora_bias=cfg.lora_bias, use_dora=cfg.use_dora)
+            scratch.add_adapter(
+                adapter_name,
+                r,
+                alpha,
+                use_rslora=cfg.use_rslora,
+                dropout=0.0,
+                init=False,
+                lora_bias=cfg.lora_bias,
+                use_dora=cfg.use_dora,
+            )
             by_kind[kind] = {k: tuple(t.shape) for k, t in _layer_tensors("", scratch, adapter_name).items()}
         shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
         target_names.add(name)
@@ -185,8 +201,11 @@ def saves_embedding_base(model: nn.Module, target_modules: list[str] | str | Non
     """PEFT's rule for writing targeted embeddings' base weights: a target list naming
     ``embed_tokens`` / ``lm_head``, or a regex matching a module so named."""
     if isinstance(target_modules, str):
-        return any(re.fullmatch(target_modules, n) for n, _ in model.named_modules()
-                   if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+        return any(
+            re.fullmatch(target_modules, n)
+            for n, _ in model.named_modules()
+            if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+        )
     names = target_modules or []
     return any(e in names for e in EMBEDDING_LAYER_NAMES)
 
@@ -224,7 +243,7 @@ def to_file_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def from_file_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Strip ``base_model.model.`` (keys without it are kept as they are and checked as such)."""
-    return {k[len(FILE_PREFIX):] if k.startswith(FILE_PREFIX) else k: v for k, v in state.items()}
+    return {k[len(FILE_PREFIX) :] if k.startswith(FILE_PREFIX) else k: v for k, v in state.items()}
 
 
 def _inside_adapter(pname: str) -> bool:
@@ -246,13 +265,15 @@ def _refuse_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Non
     if problems:
         raise AdapterError(
             f"{len(problems)} adapter tensor(s) are shards of a distributed engine, not whole tensors:\n  - "
-            + "\n  - ".join(problems[:10]) + "\nCall lorakit.distributed.gather_adapter_state_dict(model) "
+            + "\n  - ".join(problems[:10])
+            + "\nCall lorakit.distributed.gather_adapter_state_dict(model) "
             "on every rank, or pass a gathered full state_dict"
         )
 
 
-def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None,
-                              adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def get_peft_model_state_dict(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's keys (adapter name removed), detached, on their device.
 
     If ``state_dict`` is given (e.g. a gathered full state dict), values are read from it by their
@@ -260,8 +281,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     """
     configs = getattr(model, "peft_config", None)
     config = configs.get(adapter_name) if isinstance(configs, Mapping) else None
-    tensors = saved_tensors(model, adapter_name, _bias_mode(model, adapter_name),
-                            getattr(config, "target_modules", None))
+    tensors = saved_tensors(
+        model, adapter_name, _bias_mode(model, adapter_name), getattr(config, "target_modules", None)
+    )
     if state_dict is None:
         _refuse_shards(model, tensors)
         return {k: t.detach() for k, t in tensors.items()}
@@ -269,8 +291,9 @@ def get_peft_model_state_dict(model: nn.Module, state_dict: Mapping[str, torch.T
     return {k: state_dict[live[id(t)]] for k, t in tensors.items()}
 
 
-def saved_tensors(model: nn.Module, adapter_name: str, bias: str, target_modules: list[str] | str | None
-                  ) -> dict[str, torch.Tensor]:
+def saved_tensors(
+    model: nn.Module, adapter_name: str, bias: str, target_modules: list[str] | str | None
+) -> dict[str, torch.Tensor]:
     """Every tensor an adapter file holds for ``adapter_name``, by file key (without
     ``base_model.model.``): the adapter's tensors plus, by PEFT's rule, targeted embeddings' base
     weights. Raises if the model holds no such adapter."""
@@ -284,8 +307,9 @@ def saved_tensors(model: nn.Module, adapter_name: str, bias: str, target_modules
     return tensors
 
 
-def set_peft_model_state_dict(model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor],
-                              adapter_name: str = "default") -> list[str]:
+def set_peft_model_state_dict(
+    model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"
+) -> list[str]:
     """Load PEFT-format tensors into adapter ``adapter_name``; every key must fit.
 
     All problems (keys that match nothing, expected keys that are missing, shape mismatches) are

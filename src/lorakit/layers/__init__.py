@@ -34,8 +34,11 @@ _DISPATCH: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
     (lambda m: isinstance(m, nn.Linear), Linear, "torch.nn.Linear"),
     (is_conv1d, Linear, "transformers Conv1D"),
     (lambda m: isinstance(m, nn.Embedding), Embedding, "torch.nn.Embedding"),
-    (lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == 1, Conv,
-     "torch.nn.Conv1d/2d/3d (groups=1)"),
+    (
+        lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and m.groups == 1,
+        Conv,
+        "torch.nn.Conv1d/2d/3d (groups=1)",
+    ),
 ]
 
 

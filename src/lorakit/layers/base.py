@@ -32,7 +32,8 @@ BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed ba
 # The per-row adapter names of the model call in progress (PeftModel.forward / generate with
 # adapter_names=...). A context variable reaches every layer without walking the module tree.
 _ROW_ADAPTERS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
-    "lorakit_row_adapters", default=None)
+    "lorakit_row_adapters", default=None
+)
 
 
 # How many row_adapters blocks are open (in any thread): while 0, forward reads no context variable,
@@ -81,8 +82,13 @@ class LoraLayer(nn.Module, abc.ABC):
     of its weight until it is unmerged; ``merge_and_unload`` does not keep it.
     """
 
-    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
-                           "lora_magnitude_vector")
+    adapter_param_names = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -176,8 +182,18 @@ class LoraLayer(nn.Module, abc.ABC):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
-    def add_adapter(self, name: str, r: int, alpha: float, *, use_rslora: bool, dropout: float,
-                    init: bool | str, lora_bias: bool, use_dora: bool = False) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        *,
+        use_rslora: bool,
+        dropout: float,
+        init: bool | str,
+        lora_bias: bool,
+        use_dora: bool = False,
+    ) -> None:
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = LF.scaling(alpha, r, use_rslora)
@@ -234,26 +250,34 @@ class LoraLayer(nn.Module, abc.ABC):
     # -- merging ---------------------------------------------------------------------------------
     def merge_result_names(self, names: Sequence[str] | None) -> list[str]:
         """The adapters a merge of ``names`` (default: the active ones) would add to this layer."""
-        return [n for n in (self.active_adapters if names is None else names)
-                if self.has_adapter(n) and n not in self.merged_adapters]
+        return [
+            n
+            for n in (self.active_adapters if names is None else names)
+            if self.has_adapter(n) and n not in self.merged_adapters
+        ]
 
     def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
         weight = self.base_layer.weight
         if sharding.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
             what = "a DTensor shard" if sharding.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
-            return (f"the base weight is sharded by a distributed engine ({what}, unsharded "
-                    f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
-                    "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
-                    "saved adapter into an unsharded model and merge there")
+            return (
+                f"the base weight is sharded by a distributed engine ({what}, unsharded "
+                f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
+                "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
+                "saved adapter into an unsharded model and merge there"
+            )
         with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
         if with_bias and getattr(self.base_layer, "bias", None) is None:
-            return (f"adapter(s) {with_bias} have lora_bias=True but the base "
-                    f"{type(self.base_layer).__name__} has no bias to merge it into")
+            return (
+                f"adapter(s) {with_bias} have lora_bias=True but the base "
+                f"{type(self.base_layer).__name__} has no bias to merge it into"
+            )
         return None
 
-    def merge_result(self, names: Sequence[str] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def merge_result(
+        self, names: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The (weight, bias) the layer would hold after merging ``names``; ``None`` if nothing to do.
 
         ``W + Σ s·B·A`` is summed in float32 from the *original* weight over every adapter that
@@ -270,8 +294,9 @@ class LoraLayer(nn.Module, abc.ABC):
             total = total + self.adapter_delta(name, original)
         return LF.merged_weight(original, total), self._merged_bias(all_merged)
 
-    def merge(self, names: Sequence[str] | None = None, *, safe_merge: bool = False,
-              keep_original: bool = True) -> None:
+    def merge(
+        self, names: Sequence[str] | None = None, *, safe_merge: bool = False, keep_original: bool = True
+    ) -> None:
         """Merge ``names`` (default: the active adapters) into the base weight.
 
         With ``safe_merge`` a non-finite result raises and changes nothing. With ``keep_original``
@@ -326,8 +351,9 @@ class LoraLayer(nn.Module, abc.ABC):
         self.merged_adapters = []
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
@@ -340,8 +366,9 @@ class LoraLayer(nn.Module, abc.ABC):
         variants = [n for n in pending if n in self.lora_variant]
         base = result
         for name in variants:  # first, while ``result`` is still the pure base output
-            result = self.lora_variant[name].add_update(self, result, base, x, name,
-                                                        consume_base=len(variants) == 1)
+            result = self.lora_variant[name].add_update(
+                self, result, base, x, name, consume_base=len(variants) == 1
+            )
         for name in pending:
             if name not in self.lora_variant:
                 result = self.add_branch(result, x, name)
@@ -355,16 +382,14 @@ class LoraLayer(nn.Module, abc.ABC):
         if self.merged_adapters:
             raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
 
-    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
-                   ) -> torch.Tensor:
+    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none): each
         adapter's update runs once on its rows, added into ``result`` in place. Variants (DoRA)
         go first, while ``result`` still holds the pure base output of their rows."""
         names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and self.has_adapter(n)]
         names.sort(key=lambda n: n not in self.lora_variant)
         for name in names:
-            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name],
-                                device=x.device)
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
             x_rows = x.index_select(0, rows)
             variant = self.lora_variant.get(name)
             if variant is None:

@@ -24,11 +24,22 @@ class Conv(LoraLayer):
 
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         base = self.base_layer
-        conv_type = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else {
-            3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[base.weight.dim()]
+        conv_type = (
+            type(base)
+            if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            else {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[base.weight.dim()]
+        )
         ones = (1,) * (base.weight.dim() - 2)
-        self.lora_A[name] = conv_type(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                      base.dilation, bias=False, padding_mode=base.padding_mode)
+        self.lora_A[name] = conv_type(
+            self.in_features,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+        )
         self.lora_B[name] = conv_type(r, self.out_features, ones, ones, bias=lora_bias)
         LF.init_lora_linear_(self.lora_A[name].weight, self.lora_B[name].weight, init, r)
         if lora_bias and init is not False:

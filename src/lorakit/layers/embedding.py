@@ -35,8 +35,9 @@ class Embedding(LoraLayer):
 
     def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        out = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
-                          base.scale_grad_by_freq, base.sparse)
+        out = F.embedding(
+            x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
         return self._scaled(out)
 
     def _scaled(self, out: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,13 @@ class Embedding(LoraLayer):
 
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
-        rows = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=base.padding_idx,
-                           max_norm=base.max_norm, norm_type=base.norm_type,
-                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)  # (…, r)
+        rows = F.embedding(
+            x,
+            self.lora_embedding_A[name].T,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )  # (…, r)
         return self._scaled((rows @ self.lora_embedding_B[name].T) * self.scaling[name])  # (…, D)

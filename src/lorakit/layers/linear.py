@@ -80,18 +80,27 @@ class Linear(LoraLayer):
         return F.linear(x.to(weight.dtype), weight.T if self.fan_in_fan_out else weight)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        return LF.linear_delta(self.lora_A[name].weight, self.lora_B[name].weight,
-                               self.scaling[name], self.fan_in_fan_out)
+        return LF.linear_delta(
+            self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], self.fan_in_fan_out
+        )
 
-    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
-                **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         name = None if args or kwargs else self._sole_plain_adapter(x, adapter_names)
         if name is None:
             return super().forward(x, *args, adapter_names=adapter_names, **kwargs)
         base = self.base_layer
-        return fused.lora_linear_with_base(x, base.weight, base.bias, self.lora_A[name].weight,
-                                           self.lora_B[name].weight, self.scaling[name],
-                                           self._dropout_p(name), self.training)
+        return fused.lora_linear_with_base(
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            self._dropout_p(name),
+            self.training,
+        )
 
     def _sole_plain_adapter(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> str | None:
         """The adapter whose update may share one autograd node with the base product, or ``None``.
@@ -124,11 +133,11 @@ class Linear(LoraLayer):
     def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """The fused path: accumulate in place, dropout without a copy of ``x``."""
         a, b = self.lora_A[name], self.lora_B[name]
-        return fused.lora_linear_accumulate_(result, x, a.weight, b.weight, self.scaling[name],
-                                             self._dropout_p(name), self.training, b.bias)
+        return fused.lora_linear_accumulate_(
+            result, x, a.weight, b.weight, self.scaling[name], self._dropout_p(name), self.training, b.bias
+        )
 
-    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
-                   ) -> torch.Tensor:
+    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """One batched product for a batch that mixes adapters.
 
         The adapters' factors are stacked (zero-padded to the largest rank, which adds exactly 0;
@@ -143,8 +152,7 @@ class Linear(LoraLayer):
             result = super().add_mixed_(result, x, only_variants)
             adapter_names = [BASE_ROWS if n in self.lora_variant else n for n in adapter_names]
             names = [n for n in names if n not in self.lora_variant]
-        dropout_active = self.training and any(
-            isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
+        dropout_active = self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
         if not names or dropout_active:
             return super().add_mixed_(result, x, adapter_names)
         a_stack, b_stack, bias_stack = self._stacks(names, LF.compute_dtype(x), x.device)
@@ -157,15 +165,20 @@ class Linear(LoraLayer):
             out = out + bias_stack.index_select(0, rows).unsqueeze(1)
         return result.add_(out.reshape(result.shape))
 
-    def _stacks(self, names: list[str], dtype: torch.dtype, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _stacks(
+        self, names: list[str], dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(A (m+1, r_max, k), s·B (m+1, d, r_max), s·b_B (m+1, d) or None) for adapters ``names``.
 
         Without autograd the stacks are cached and rebuilt only when a factor changes (its tensor
         version counts every in-place write: optimizer steps, loads, hot-swaps) or is replaced.
         """
-        factors = [t for n in names for t in (self.lora_A[n].weight, self.lora_B[n].weight,
-                                              self.lora_B[n].bias) if t is not None]
+        factors = [
+            t
+            for n in names
+            for t in (self.lora_A[n].weight, self.lora_B[n].weight, self.lora_B[n].bias)
+            if t is not None
+        ]
         cacheable = not (torch.is_grad_enabled() and any(t.requires_grad for t in factors))
         key = (tuple(names), dtype, device)
         stamp = (key, tuple((id(t), t._version) for t in factors), tuple(self.scaling[n] for n in names))
@@ -174,17 +187,29 @@ class Linear(LoraLayer):
             return cached[1]
         r_max = max(self.r[n] for n in names)
         zeros = torch.zeros
-        a_stack = torch.stack([zeros(r_max, self.in_features, dtype=dtype, device=device)] + [
-            F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, r_max - self.r[n])) for n in names])
-        b_stack = torch.stack([zeros(self.out_features, r_max, dtype=dtype, device=device)] + [
-            F.pad(self.lora_B[n].weight.to(dtype) * self.scaling[n], (0, r_max - self.r[n]))
-            for n in names])
+        a_stack = torch.stack(
+            [zeros(r_max, self.in_features, dtype=dtype, device=device)]
+            + [F.pad(self.lora_A[n].weight.to(dtype), (0, 0, 0, r_max - self.r[n])) for n in names]
+        )
+        b_stack = torch.stack(
+            [zeros(self.out_features, r_max, dtype=dtype, device=device)]
+            + [
+                F.pad(self.lora_B[n].weight.to(dtype) * self.scaling[n], (0, r_max - self.r[n]))
+                for n in names
+            ]
+        )
         biases = [self.lora_B[n].bias for n in names]
         bias_stack = None
         if any(b is not None for b in biases):
-            bias_stack = torch.stack([zeros(self.out_features, dtype=dtype, device=device)] + [
-                zeros(self.out_features, dtype=dtype, device=device) if b is None
-                else b.to(dtype) * self.scaling[n] for n, b in zip(names, biases, strict=True)])
+            bias_stack = torch.stack(
+                [zeros(self.out_features, dtype=dtype, device=device)]
+                + [
+                    zeros(self.out_features, dtype=dtype, device=device)
+                    if b is None
+                    else b.to(dtype) * self.scaling[n]
+                    for n, b in zip(names, biases, strict=True)
+                ]
+            )
         stacks = (a_stack, b_stack, bias_stack)
         if cacheable:
             self._mixed_cache["stacks"] = (stamp, stacks)
@@ -198,7 +223,17 @@ class Linear(LoraLayer):
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling ``module`` runs more than its class's ``forward`` (hooks, a patched forward)."""
-    global_hooks = (nn.modules.module._global_forward_hooks, nn.modules.module._global_forward_pre_hooks,
-                    nn.modules.module._global_backward_hooks, nn.modules.module._global_backward_pre_hooks)
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or "forward" in module.__dict__ or any(global_hooks))
+    global_hooks = (
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
+        nn.modules.module._global_backward_hooks,
+        nn.modules.module._global_backward_pre_hooks,
+    )
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+        or any(global_hooks)
+    )

@@ -64,8 +64,9 @@ class ModulesToSaveWrapper(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.active_module.weight
 
-    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None,
-                **kwargs: Any) -> Any:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
         adapter_names = rows_for(x, adapter_names)
         if adapter_names is None or self.disable_adapters:
             return self.active_module(x, *args, **kwargs)

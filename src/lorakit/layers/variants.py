@@ -31,11 +31,20 @@ class LoraVariant(Protocol):
 
     def delta(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor: ...
 
-    def add_update(self, layer: LoraLayer, result: torch.Tensor, base: torch.Tensor,
-                   x: torch.Tensor, adapter: str, *, consume_base: bool) -> torch.Tensor: ...
+    def add_update(
+        self,
+        layer: LoraLayer,
+        result: torch.Tensor,
+        base: torch.Tensor,
+        x: torch.Tensor,
+        adapter: str,
+        *,
+        consume_base: bool,
+    ) -> torch.Tensor: ...
 
-    def rows_update(self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
-                    ) -> torch.Tensor: ...
+    def rows_update(
+        self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
+    ) -> torch.Tensor: ...
 
 
 class DoraMagnitude(nn.Module):
@@ -69,7 +78,8 @@ class Dora:
         m = LD.magnitude_init(weight, layer.delta_weight(adapter), layer.out_axis)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         layer.lora_magnitude_vector[adapter] = DoraMagnitude(
-            m.reshape(layer.magnitude_shape()).to(device=weight.device, dtype=dtype))
+            m.reshape(layer.magnitude_shape()).to(device=weight.device, dtype=dtype)
+        )
 
     def delta(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
         magnitude = layer.lora_magnitude_vector[adapter].weight
@@ -88,8 +98,16 @@ class Dora:
         bias = layer.original_bias()
         return base if bias is None else base - layer.channel_view(bias.to(base.dtype), base)
 
-    def add_update(self, layer: LoraLayer, result: torch.Tensor, base: torch.Tensor,
-                   x: torch.Tensor, adapter: str, *, consume_base: bool) -> torch.Tensor:
+    def add_update(
+        self,
+        layer: LoraLayer,
+        result: torch.Tensor,
+        base: torch.Tensor,
+        x: torch.Tensor,
+        adapter: str,
+        *,
+        consume_base: bool,
+    ) -> torch.Tensor:
         """``result`` plus this adapter's change to the output.
 
         With ``consume_base`` (``result`` is ``base`` and nothing else needs ``base``), the
@@ -107,14 +125,16 @@ class Dora:
             return out if bias is None else out + layer.channel_view(bias.to(out.dtype), out)
         return result + self._change(layer, base_nb, x, adapter, f)
 
-    def _change(self, layer: LoraLayer, base_nb: torch.Tensor, x: torch.Tensor, adapter: str,
-                f: torch.Tensor) -> torch.Tensor:
+    def _change(
+        self, layer: LoraLayer, base_nb: torch.Tensor, x: torch.Tensor, adapter: str, f: torch.Tensor
+    ) -> torch.Tensor:
         branch = layer.lora_branch(x, adapter)
         fv = layer.channel_view(f.to(branch.dtype), branch)
         return base_nb * (fv - 1) + branch * fv
 
-    def rows_update(self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
-                    ) -> torch.Tensor:
+    def rows_update(
+        self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
+    ) -> torch.Tensor:
         """The change for the rows ``x`` of a mixed batch, given their base output ``base``."""
         f = self.factor(layer, adapter)
         return self._change(layer, self._base_no_bias(layer, base, x), x, adapter, f)

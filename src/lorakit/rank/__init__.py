@@ -5,5 +5,14 @@ from lorakit.rank.report import RankReport, rank_report
 from lorakit.rank.resize import ResizeResult, resize_adapter, resize_adapter_files
 from lorakit.rank.spectrum import Spectrum, spectrum
 
-__all__ = ["Spectrum", "spectrum", "RankReport", "rank_report", "ResizeResult", "resize_adapter",
-           "resize_adapter_files", "ExtractResult", "extract_adapter"]
+__all__ = [
+    "Spectrum",
+    "spectrum",
+    "RankReport",
+    "rank_report",
+    "ResizeResult",
+    "resize_adapter",
+    "resize_adapter_files",
+    "ExtractResult",
+    "extract_adapter",
+]

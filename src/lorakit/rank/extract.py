@@ -90,9 +90,15 @@ def _heads(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
-def extract_adapter(base: str | Path, tuned: str | Path, *, rank: int | None = None,
-                    energy: float | None = None, include_embeddings: bool = False,
-                    out: str | Path | None = None) -> ExtractResult:
+def extract_adapter(
+    base: str | Path,
+    tuned: str | Path,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    include_embeddings: bool = False,
+    out: str | Path | None = None,
+) -> ExtractResult:
     """A PEFT-format LoRA adapter that turns ``base`` into (approximately) ``tuned``; written to the
     folder ``out`` when given."""
     result = _extract(base, tuned, rank=rank, energy=energy, include_embeddings=include_embeddings)
@@ -103,8 +109,9 @@ def extract_adapter(base: str | Path, tuned: str | Path, *, rank: int | None = N
     return result
 
 
-def _extract(base: str | Path, tuned: str | Path, *, rank: int | None, energy: float | None,
-             include_embeddings: bool) -> ExtractResult:
+def _extract(
+    base: str | Path, tuned: str | Path, *, rank: int | None, energy: float | None, include_embeddings: bool
+) -> ExtractResult:
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank (a positive int) or energy (a number in (0, 1])")
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
@@ -123,8 +130,11 @@ def _extract(base: str | Path, tuned: str | Path, *, rank: int | None, energy: f
         changed = [p for p, (b, t) in found.items() if t is not None and (b is None or not torch.equal(b, t))]
         if not changed:
             continue
-        lowrank = (isinstance(module, nn.Linear) or is_conv1d(module)) and name not in heads or (
-            include_embeddings and isinstance(module, nn.Embedding))
+        lowrank = (
+            (isinstance(module, nn.Linear) or is_conv1d(module))
+            and name not in heads
+            or (include_embeddings and isinstance(module, nn.Embedding))
+        )
         weight_pair = found.get("weight", (None, None))
         only_weight_bias = set(changed) <= {"weight", "bias"}
         if lowrank and "weight" in changed and weight_pair[0] is not None and only_weight_bias:
@@ -134,12 +144,13 @@ def _extract(base: str | Path, tuned: str | Path, *, rank: int | None, energy: f
     return _assemble(factors, to_save, tuned_ckpt, rank, str(base))
 
 
-def _pair(base: Checkpoint, tuned: Checkpoint, key: str, prefix: str
-          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _pair(
+    base: Checkpoint, tuned: Checkpoint, key: str, prefix: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     tuned_t = tuned.get(key)
     base_t = base.get(key)
     if base_t is None and prefix and key.startswith(prefix + "."):
-        base_t = base.get(key[len(prefix) + 1:])
+        base_t = base.get(key[len(prefix) + 1 :])
     return base_t, tuned_t
 
 
@@ -181,8 +192,9 @@ class _Delta:
         return (self.a * root).to(self.dtype), (self.b * root).to(self.dtype)
 
 
-def _assemble(factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint, rank: int | None,
-              base_path: str) -> ExtractResult:
+def _assemble(
+    factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint, rank: int | None, base_path: str
+) -> ExtractResult:
     ranks = {name: d.rank for name, d in factors.items()}
     counts = list(ranks.values())
     base_r = max(set(counts), key=counts.count) if counts else (rank or 8)
@@ -204,13 +216,17 @@ def _assemble(factors: dict[str, _Delta], to_save: list[str], tuned: Checkpoint,
             state[f"{key}.lora_B.bias"] = (delta_b / s).to(d.dtype)
     for name in to_save:
         for key in sorted(tuned.keys()):
-            if key.startswith(name + ".") and "." not in key[len(name) + 1:]:
+            if key.startswith(name + ".") and "." not in key[len(name) + 1 :]:
                 tensor = tuned.get(key)
                 if tensor is not None:
                     state[key] = tensor
     config = LoraConfig(
-        r=base_r, lora_alpha=alpha, target_modules=sorted(factors) or None, lora_bias=lora_bias,
+        r=base_r,
+        lora_alpha=alpha,
+        target_modules=sorted(factors) or None,
+        lora_bias=lora_bias,
         rank_pattern={pattern_key(n): k for n, k in ranks.items() if k != base_r},
-        modules_to_save=sorted(to_save) or None, base_model_name_or_path=base_path,
+        modules_to_save=sorted(to_save) or None,
+        base_model_name_or_path=base_path,
     )
     return ExtractResult(config, state, ranks, errors, sorted(to_save))

@@ -42,11 +42,12 @@ class ModuleFactors:
 
 def module_name(prefix: str) -> str:
     """The module path relative to the model (what target_modules and rank_pattern match)."""
-    return prefix[len(FILE_PREFIX):] if prefix.startswith(FILE_PREFIX) else prefix
+    return prefix[len(FILE_PREFIX) :] if prefix.startswith(FILE_PREFIX) else prefix
 
 
-def split_factors(config: LoraConfig, state_dict: Mapping[str, torch.Tensor]
-                  ) -> tuple[list[ModuleFactors], dict[str, torch.Tensor]]:
+def split_factors(
+    config: LoraConfig, state_dict: Mapping[str, torch.Tensor]
+) -> tuple[list[ModuleFactors], dict[str, torch.Tensor]]:
     """(the factors of every adapted module, every other tensor)."""
     modules, used = [], set()
     for key in sorted(state_dict):

@@ -37,8 +37,13 @@ def plot_report(report: RankReport, path: Path) -> None:
     for m, style in ((ranked[-1], "-"), (ranked[0], "--")):
         sigma = np.array(m.spectrum.singular_values)
         if sigma.size and sigma[0] > 0:
-            ax_spec.plot(range(1, sigma.size + 1), sigma / sigma[0], style, marker="o",
-                         label=f"{m.name} (eff. rank {m.spectrum.effective_rank:.1f}/{m.rank})")
+            ax_spec.plot(
+                range(1, sigma.size + 1),
+                sigma / sigma[0],
+                style,
+                marker="o",
+                label=f"{m.name} (eff. rank {m.spectrum.effective_rank:.1f}/{m.rank})",
+            )
     ax_spec.set_xlabel("index")
     ax_spec.set_ylabel("σ_i / σ_1")
     ax_spec.set_title("spectra: most and least used modules")

@@ -61,10 +61,14 @@ class RankReport:
     def to_dict(self) -> dict[str, Any]:
         overall, kinds = self.suggested()
         return {
-            "adapter": self.path, "dora": self.dora,
-            "suggested_rank": overall, "suggested_rank_per_kind": kinds,
-            "modules": [{"name": m.name, "rank": m.rank, "relative_update": m.relative_update,
-                         **m.spectrum.to_dict()} for m in self.modules],
+            "adapter": self.path,
+            "dora": self.dora,
+            "suggested_rank": overall,
+            "suggested_rank_per_kind": kinds,
+            "modules": [
+                {"name": m.name, "rank": m.rank, "relative_update": m.relative_update, **m.spectrum.to_dict()}
+                for m in self.modules
+            ],
         }
 
     def table(self) -> str:
@@ -73,18 +77,28 @@ class RankReport:
         by_cell = {layer_and_kind(m.name): m for m in self.modules}
         layers = sorted({layer for layer, _ in by_cell}, key=lambda x: (x is None, x))
         head = ["layer"] + kinds
-        rows = [[("-" if layer is None else str(layer))] + [
-            _cell(by_cell.get((layer, kind))) for kind in kinds] for layer in layers]
+        rows = [
+            [("-" if layer is None else str(layer))] + [_cell(by_cell.get((layer, kind))) for kind in kinds]
+            for layer in layers
+        ]
         widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         overall, per_kind = self.suggested()
-        lines = [f"adapter: {self.path}" + (" (DoRA: spectra of the directional update s·B·A)"
-                                             if self.dora else ""),
-                 "cells: effective rank / allotted r (rank keeping 95% of the update's energy)", "",
-                 fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines = [
+            f"adapter: {self.path}"
+            + (" (DoRA: spectra of the directional update s·B·A)" if self.dora else ""),
+            "cells: effective rank / allotted r (rank keeping 95% of the update's energy)",
+            "",
+            fmt.format(*head),
+            fmt.format(*("-" * w for w in widths)),
+        ]
         lines += [fmt.format(*r) for r in rows]
-        lines += ["", f"suggested rank: {overall} (per kind: "
-                  + ", ".join(f"{k}={v}" for k, v in per_kind.items()) + ")"]
+        lines += [
+            "",
+            f"suggested rank: {overall} (per kind: "
+            + ", ".join(f"{k}={v}" for k, v in per_kind.items())
+            + ")",
+        ]
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> None:
@@ -125,8 +139,14 @@ def _base_norms(base: str | Path, names: list[str]) -> dict[str, float]:
     for name in names:
         weight = ckpt.get(f"{name}.weight")
         if weight is None:  # checkpoints of a bare backbone drop the head's prefix (bert.)
-            weight = next((ckpt.get(k) for k in sorted(ckpt.keys()) if f".{k}".endswith(f".{name}.weight")
-                           or f"{name}.weight".endswith(f".{k}")), None)
+            weight = next(
+                (
+                    ckpt.get(k)
+                    for k in sorted(ckpt.keys())
+                    if f".{k}".endswith(f".{name}.weight") or f"{name}.weight".endswith(f".{k}")
+                ),
+                None,
+            )
         if weight is not None:
             norms[name] = float(weight.double().norm())
     return norms

@@ -33,16 +33,16 @@ class ResizeResult:
     errors: dict[str, float]
 
 
-def truncate_factors(a: torch.Tensor, b: torch.Tensor, s: float, k: int, new_s: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+def truncate_factors(
+    a: torch.Tensor, b: torch.Tensor, s: float, k: int, new_s: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Rank-k factors (A' (k, …), B' (d, k, …)) with ``new_s · B' A' ≈ s · B A``, and the
     relative Frobenius error (exactly the discarded singular values' share)."""
     u, sigma, v = lowrank_svd(a, b, s)
     a_new, b_new = split_svd(u, sigma, v, k, new_s)
     a_shape = (k, *a.shape[1:])
     b_shape = (b.shape[0], k, *b.shape[2:])
-    return (a_new.reshape(a_shape).to(a.dtype), b_new.reshape(b_shape).to(b.dtype),
-            relative_error(sigma, k))
+    return (a_new.reshape(a_shape).to(a.dtype), b_new.reshape(b_shape).to(b.dtype), relative_error(sigma, k))
 
 
 def _target_rank(m: ModuleFactors, rank: int | None, energy: float | None) -> int:
@@ -52,8 +52,13 @@ def _target_rank(m: ModuleFactors, rank: int | None, energy: float | None) -> in
     return rank_keeping(lowrank_svd(m.a, m.b, m.scaling)[1], energy)
 
 
-def resize_adapter(config: LoraConfig, state_dict: Mapping[str, torch.Tensor], *,
-                   rank: int | None = None, energy: float | None = None) -> ResizeResult:
+def resize_adapter(
+    config: LoraConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+) -> ResizeResult:
     """Resize every module to ``rank``, or each to the smallest rank keeping ``energy`` of its
     ‖ΔW‖_F². Other tensors (modules to save, biases, DoRA magnitudes) are kept as they are."""
     if (rank is None) == (energy is None):
@@ -79,13 +84,15 @@ def resize_adapter(config: LoraConfig, state_dict: Mapping[str, torch.Tensor], *
         if bias_key in out:  # the bias enters as s · b: keep s · b fixed under the new scaling
             out[bias_key] = (state_dict[bias_key].double() * m.scaling / new_s).to(state_dict[bias_key].dtype)
     rank_pattern = {pattern_key(n): k for n, k in ranks.items() if k != base_r}
-    new_config = dataclasses.replace(config, r=base_r, lora_alpha=alpha, rank_pattern=rank_pattern,
-                                     alpha_pattern={})
+    new_config = dataclasses.replace(
+        config, r=base_r, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern={}
+    )
     return ResizeResult(new_config, out, ranks, errors)
 
 
-def resize_adapter_files(source: str | Path, out: str | Path, *, rank: int | None = None,
-                         energy: float | None = None) -> ResizeResult:
+def resize_adapter_files(
+    source: str | Path, out: str | Path, *, rank: int | None = None, energy: float | None = None
+) -> ResizeResult:
     """:func:`resize_adapter` from the adapter folder ``source`` into a new PEFT-format folder
     ``out`` (written atomically; the base-model fingerprint is carried over)."""
     from lorakit.io.adapter_dir import read_adapter, save_adapter_tensors

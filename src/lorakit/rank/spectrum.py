@@ -16,8 +16,18 @@ import math
 
 import torch
 
-__all__ = ["Spectrum", "lowrank_svd", "spectrum", "effective_rank", "stable_rank", "rank_for_energy",
-           "energy_curve", "rank_keeping", "relative_error", "split_svd"]
+__all__ = [
+    "Spectrum",
+    "lowrank_svd",
+    "spectrum",
+    "effective_rank",
+    "stable_rank",
+    "rank_for_energy",
+    "energy_curve",
+    "rank_keeping",
+    "relative_error",
+    "split_svd",
+]
 
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
@@ -46,8 +56,9 @@ class Spectrum:
         return out
 
 
-def lowrank_svd(lora_a: torch.Tensor, lora_b: torch.Tensor, s: float
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lowrank_svd(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, s: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ΔW = s · B A = U diag(σ) Vᵀ`` from the factors, in float64.
 
     A: (r, k), B: (d, r) → U (d, r), σ (r,) descending, V (k, r). Conv factors are flattened to
@@ -105,8 +116,9 @@ def relative_error(sigma: torch.Tensor, k: int) -> float:
     return math.sqrt(float((sigma[k:] ** 2).sum()) / total) if total > 0 else 0.0
 
 
-def split_svd(u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, k: int, s: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def split_svd(
+    u: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, k: int, s: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-k factors of ``U diag(σ) Vᵀ`` for scaling ``s``: A (k, n) and B (m, k) with
     ``s · B A`` the best rank-k approximation; ``B = U_k Σ_k^{1/2} / √s``, ``A = Σ_k^{1/2} V_kᵀ / √s``.
     Past the rank, rows of A and columns of B are zero (growing is lossless). float64."""
