@@ -69,7 +69,7 @@ def test_unmerged_equals_merged_equals_merge_and_unload(model_name):
     peft_model, x, _ = setup(model_name)
     unmerged = logits(peft_model, x)
     peft_model.merge_adapter()
-    assert lorakit.adapters.merged_adapters(peft_model) == ["default"]
+    assert lorakit.model.state.merged_adapters(peft_model) == ["default"]
     assert torch.allclose(logits(peft_model, x), unmerged, atol=ATOL)
     assert torch.allclose(logits(peft_model.merge_and_unload(), x), unmerged, atol=ATOL)
 
@@ -115,7 +115,7 @@ def test_unmerge_restores_every_weight_bit_for_bit(model_name, dtype):
     layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     assert all(not torch.equal(m.base_layer.weight, m._original_weight) for m in layers)  # merged
     peft_model.unmerge_adapter()
-    assert lorakit.adapters.merged_adapters(peft_model) == []
+    assert lorakit.model.state.merged_adapters(peft_model) == []
     base = peft_model.unload()
     assert_same_state(original, base)
     assert all(v.dtype == original[k].dtype for k, v in base.state_dict().items())
@@ -132,7 +132,7 @@ def test_disable_adapter_is_base_exactly_and_restores(model_name, merged):
         assert torch.equal(logits(peft_model, x), base_out)
     assert torch.equal(logits(peft_model, x), before_out)
     assert_same_state(before_state, peft_model)
-    assert lorakit.adapters.merged_adapters(peft_model) == (["default"] if merged else [])
+    assert lorakit.model.state.merged_adapters(peft_model) == (["default"] if merged else [])
     with pytest.raises(RuntimeError, match="boom"), peft_model.disable_adapter():
         raise RuntimeError("boom")
     assert torch.equal(logits(peft_model, x), before_out)
@@ -279,7 +279,7 @@ def test_safe_merge_refuses_non_finite_and_changes_nothing(model_name, value):
     with pytest.raises(AdapterError, match="non-finite"):
         peft_model.merge_adapter(safe_merge=True)
     assert_same_state(state, peft_model)
-    assert lorakit.adapters.merged_adapters(peft_model) == []
+    assert lorakit.model.state.merged_adapters(peft_model) == []
     shape = structure(peft_model)
     with pytest.raises(AdapterError, match="non-finite"):
         peft_model.merge_and_unload(safe_merge=True)
@@ -357,7 +357,7 @@ def test_lora_bias_without_base_bias_refuses_to_merge_and_changes_nothing(call):
     assert "model.layers.0.self_attn.q_proj" in str(info.value) and "no bias" in str(info.value)
     assert_same_state(state, peft_model)
     assert structure(peft_model) == shape
-    assert lorakit.adapters.merged_adapters(peft_model) == []
+    assert lorakit.model.state.merged_adapters(peft_model) == []
     assert torch.equal(logits(peft_model, x), before)
 
 
@@ -370,7 +370,7 @@ def test_nested_disable_adapter():
             assert torch.equal(logits(peft_model, x), base_out)
         assert torch.equal(logits(peft_model, x), base_out)
     assert torch.equal(logits(peft_model, x), adapted)
-    assert lorakit.adapters.merged_adapters(peft_model) == ["default"]
+    assert lorakit.model.state.merged_adapters(peft_model) == ["default"]
 
 
 # -- random sequences of state changes ------------------------------------------------------------
@@ -430,11 +430,11 @@ def test_any_sequence_of_state_changes(toy_two_adapters, ops):
         elif op == "disable":
             with peft_model.disable_adapter():
                 assert torch.equal(logits(peft_model, x), reference[frozenset()])
-        elif op == "mixed" and not lorakit.adapters.merged_adapters(peft_model):
+        elif op == "mixed" and not lorakit.model.state.merged_adapters(peft_model):
             out = logits(peft_model, x, adapter_names=["b", "__base__", "default"])
             for row, key in enumerate([["b"], [], ["default"]]):
                 assert torch.allclose(out[row], reference[frozenset(key)][row], atol=ATOL)
-        merged = lorakit.adapters.merged_adapters(peft_model)
+        merged = lorakit.model.state.merged_adapters(peft_model)
         in_effect = frozenset(peft_model.active_adapters) | frozenset(merged)
         assert torch.allclose(logits(peft_model, x), reference[in_effect], atol=ATOL), (op, in_effect)
     peft_model.unmerge_adapter()

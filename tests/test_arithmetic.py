@@ -12,7 +12,7 @@ import torch
 from tiny import assert_same_state, gpt2, ids, llama, snapshot, toy
 
 import lorakit
-from lorakit import combine as LC
+from lorakit.functional import combine as LC
 from lorakit.layers import LoraLayer
 
 TYPES = [

@@ -14,10 +14,10 @@ from torch import nn
 from zoo import ZOO, main_output
 
 import lorakit
-from lorakit import dora as LD
-from lorakit import functional as LF
-from lorakit.io.keys import adapter_keys
+from lorakit.functional import dora as LD
+from lorakit.functional import dropout
 from lorakit.layers import Linear
+from lorakit.persistence.keys import adapter_keys
 
 # (zoo architecture, targets): Linear, transformers Conv1D, Embedding, Conv2d, encoder-decoder
 ARCHS = {
@@ -119,7 +119,7 @@ def test_dropout_uses_one_base_matmul_and_matches_reference_with_the_same_mask()
     base.register_forward_hook(lambda *_: calls.append(1))
     x = torch.randn(3, 8, requires_grad=True)
     torch.manual_seed(7)
-    mask = LF.dropout_keep_mask(x, 0.5) / 0.5  # the same draw the layer makes after reseeding
+    mask = dropout.dropout_keep_mask(x, 0.5) / 0.5  # the same draw the layer makes after reseeding
     torch.manual_seed(7)
     out = layer(x)
     assert len(calls) == 1  # PEFT runs the base weight a second time on dropout(x)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lorakit import functional as LF
+from lorakit.functional import lora as LF
 
 # W (d=3, k=2), A (r=2, k=2), B (d=3, r=2); with alpha=4, r=2: s=2, ΔW = s·B·A.
 A = torch.tensor([[1.0, 2.0], [0.0, 1.0]])

@@ -7,15 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import LoraConfig, fused, get_peft_model
-from lorakit import functional as LF
+from lorakit import LoraConfig, get_peft_model
+from lorakit.functional import dropout as LD
+from lorakit.functional import fused
 
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def _reference(result, x, a, b, s, p, keep, bias):
-    xc = x.to(LF.compute_dtype(x))
-    xd = LF.apply_dropout(xc, keep, p) if p > 0 else xc
+    xc = x.to(fused.compute_dtype(x))
+    xd = LD.apply_dropout(xc, keep, p) if p > 0 else xc
     dtype = xc.dtype
     out = F.linear(F.linear(xd, a.to(dtype)), b.to(dtype), None if bias is None else bias.to(dtype))
     return result + out * s
@@ -44,7 +45,7 @@ def _run(kind, dtype, p, bias, shape, fast, values=None, s=2.0):
     elif fast:
         out = fused.lora_linear_with_base(x, w, base_bias, a, b, s, p, True)
     else:
-        keep = LF.dropout_keep_mask(x, p) if p > 0 else None  # the same draw as the fast path
+        keep = LD.dropout_keep_mask(x, p) if p > 0 else None  # the same draw as the fast path
         out = _reference(F.linear(x, w, base_bias), x, a, b, s, p, keep, bb)
     g = torch.randn_like(out, generator=torch.Generator().manual_seed(7))
     out.backward(g)
@@ -79,8 +80,8 @@ def test_dropout_really_drops_and_is_reproducible():
     masks = []
     for _ in range(2):
         torch.manual_seed(0)
-        masks.append(LF.dropout_keep_mask(x, 0.5))
-    y1, y2 = (LF.apply_dropout(x, m, 0.5) for m in masks)
+        masks.append(LD.dropout_keep_mask(x, 0.5))
+    y1, y2 = (LD.apply_dropout(x, m, 0.5) for m in masks)
     assert torch.equal(y1, y2)
     zero_fraction = (y1 == 0).float().mean().item()
     assert 0.4 < zero_fraction < 0.6
@@ -138,38 +139,38 @@ def test_dropout_keeps_one_bit_per_element_not_a_copy(dtype):
 @pytest.mark.parametrize("shape", [(3, 5, 16), (7,), (9, 3)])
 def test_mask_packing_round_trips(shape):
     keep = torch.rand(shape) > 0.5
-    bits = LF.pack_mask(keep)
+    bits = LD.pack_mask(keep)
     assert bits.dtype == torch.uint8 and bits.numel() == -(-keep.numel() // 8)
-    assert torch.equal(LF.unpack_mask(bits, keep.shape), keep)
+    assert torch.equal(LD.unpack_mask(bits, keep.shape), keep)
 
 
 def test_mask_packing_is_exact_for_every_byte_and_bit_order():
     every_byte = torch.arange(256).to(torch.uint8)
-    keep = LF.unpack_mask(every_byte, torch.Size([256 * 8]))
+    keep = LD.unpack_mask(every_byte, torch.Size([256 * 8]))
     expected = torch.tensor([[(byte >> (7 - j)) & 1 for j in range(8)] for byte in range(256)]).bool()
     assert torch.equal(keep, expected.reshape(-1))  # element j of a group is bit 7 − j
-    assert torch.equal(LF.pack_mask(keep), every_byte)
+    assert torch.equal(LD.pack_mask(keep), every_byte)
     offset = torch.rand(37) > 0.5
-    assert torch.equal(LF.unpack_mask(LF.pack_mask(offset[3:]), torch.Size([34])), offset[3:])
+    assert torch.equal(LD.unpack_mask(LD.pack_mask(offset[3:]), torch.Size([34])), offset[3:])
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 def test_dropout_rate_is_p_within_sampling_error(p):
     torch.manual_seed(1)
     n = 1 << 21
-    dropped = 1.0 - LF.dropout_keep_mask(torch.empty(n), p).double().mean().item()
+    dropped = 1.0 - LD.dropout_keep_mask(torch.empty(n), p).double().mean().item()
     assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5
     # the words are uniform: a quarter and three quarters of their range are hit in those shares
-    hist = torch.stack([LF.dropout_keep_mask(torch.empty(n), q).double().mean() for q in (0.25, 0.75)])
+    hist = torch.stack([LD.dropout_keep_mask(torch.empty(n), q).double().mean() for q in (0.25, 0.75)])
     torch.testing.assert_close(hist, torch.tensor([0.75, 0.25], dtype=torch.float64), atol=2e-3, rtol=0)
 
 
 def test_dropout_mask_extremes():
     torch.manual_seed(0)
-    assert LF.dropout_keep_mask(torch.empty(10_000), 0.0).all()
-    assert LF.dropout_keep_mask(torch.empty(10_000), 1e-12).all()
-    assert not LF.dropout_keep_mask(torch.empty(10_000), 1.0 - 1e-12).any()
-    assert LF.dropout_keep_mask(torch.empty(2, 3, 5), 0.5).shape == (2, 3, 5)  # odd count of elements
+    assert LD.dropout_keep_mask(torch.empty(10_000), 0.0).all()
+    assert LD.dropout_keep_mask(torch.empty(10_000), 1e-12).all()
+    assert not LD.dropout_keep_mask(torch.empty(10_000), 1.0 - 1e-12).any()
+    assert LD.dropout_keep_mask(torch.empty(2, 3, 5), 0.5).shape == (2, 3, 5)  # odd count of elements
 
 
 def test_layer_forward_uses_fast_path_and_matches_lora_branch():

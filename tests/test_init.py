@@ -13,7 +13,7 @@ from tiny import assert_same_state, bert_cls, gpt2, ids, llama, snapshot, toy
 from torch import nn
 
 import lorakit
-from lorakit import init as LI
+from lorakit.functional import init as LI
 
 # (model builder, targets incl. an embedding where there is one); OLoRA on Conv1D is left out of
 # PEFT parity: PEFT factors the (k × d) Conv1D weight without transposing it (see test below)

@@ -11,8 +11,8 @@ from torch import nn
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetingError
-from lorakit.injection import inject, lora_modules, plan
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.model.injection import inject, lora_modules, plan
 
 # (config kwargs, adapter name, error type, parts the message must contain)
 FAILING = [

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from task_models import build, choice_inputs, image_inputs, speech_inputs, text_inputs
 
 import lorakit
-from lorakit.io.adapter_dir import load_weights
+from lorakit.persistence.adapter_dir import load_weights
 
 CASES = {
     "SEQ_CLS": ("bert", "ForSequenceClassification", text_inputs, "SEQ_CLS"),

@@ -8,7 +8,7 @@ import sys
 CODE = """
 import sys
 import lorakit
-from lorakit.peft_model import _TASK_MODELS
+from lorakit.wrapper.peft_model import _TASK_MODELS
 assert "transformers" not in sys.modules, "import lorakit imported transformers"
 missing = {t for t in lorakit.TaskType if t is not lorakit.TaskType.OTHER} - set(_TASK_MODELS)
 assert not missing, missing

@@ -12,7 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit import ConfigError, LoraConfig, TaskType
-from lorakit.io.config_json import PEFT_LORA_KEYS, config_from_peft_dict, config_to_peft_dict, peft_task_type
+from lorakit.config.peft_json import (
+    PEFT_LORA_KEYS,
+    config_from_peft_dict,
+    config_to_peft_dict,
+    peft_task_type,
+)
 
 
 def _peft_json(**kwargs):

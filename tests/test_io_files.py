@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
+from lorakit import fileio as files
 from lorakit.errors import AdapterFileError
-from lorakit.io import files
 
 
 def _write(dirpath, name, text):

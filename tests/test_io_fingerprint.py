@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from models import tiny
 
-from lorakit import LoraConfig, injection
-from lorakit.io.fingerprint import Fingerprint, fingerprint
+from lorakit import LoraConfig
+from lorakit.model import injection
+from lorakit.persistence.fingerprint import Fingerprint, fingerprint
 
 
 def _targets(model):

@@ -7,8 +7,9 @@ import torch
 from models import Shared, assert_unchanged, snapshot, tiny
 from zoo import ZOO
 
-from lorakit import LoraConfig, injection
-from lorakit.io.keys import FILE_PREFIX, adapter_keys, from_file_keys, planned_shapes, to_file_keys
+from lorakit import LoraConfig
+from lorakit.model import injection
+from lorakit.persistence.keys import FILE_PREFIX, adapter_keys, from_file_keys, planned_shapes, to_file_keys
 
 CASES = {
     "linear": ("tiny", {"target_modules": ["fc1", "fc2"]}),

@@ -26,7 +26,7 @@ from lorakit import (
     PeftModel,
     get_peft_model,
 )
-from lorakit.io import adapter_dir
+from lorakit.persistence import adapter_dir
 
 CONFIG = {
     "target_modules": ["emb", "fc1"],
@@ -341,7 +341,7 @@ def test_save_error_midway_leaves_previous_adapter(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(adapter_dir.files, "write_safetensors", crash)
+    monkeypatch.setattr(adapter_dir.fileio, "write_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(path)
     assert (path / "adapter_model.safetensors").read_bytes() == before

@@ -26,7 +26,7 @@ import pytest
 from models import tiny
 
 from lorakit import PeftModel
-from lorakit.io import files
+from lorakit import fileio as files
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ WORKER = textwrap.dedent("""
 
     save(0)
     i = 0
-    import lorakit.io.files as files
+    import lorakit.fileio as files
     for line in sys.stdin:
         start, mode = line.split()
         i = int(start)  # each saver numbers its saves from its own start, so they can be told apart

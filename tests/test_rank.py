@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from lorakit.io.keys import to_file_keys
+from lorakit.persistence.keys import to_file_keys
 from lorakit.rank import resize_adapter, spectrum
 from lorakit.rank.extract import extract_adapter
 from lorakit.rank.spectrum import effective_rank, stable_rank
@@ -162,7 +162,7 @@ def test_extract_at_lower_rank_reports_the_error(tmp_path):
 
 
 def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
-    from lorakit.io.adapter_dir import read_adapter, save_adapter_tensors
+    from lorakit.persistence.adapter_dir import read_adapter, save_adapter_tensors
 
     model = get_peft_model(
         _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -10,9 +10,10 @@ from tiny import llama
 from torch import nn
 
 import lorakit
-from lorakit import adapters, sharding
 from lorakit import distributed as ld
 from lorakit.errors import AdapterError, AdapterFileError, DistributedError, TargetingError
+from lorakit.model import engines as sharding
+from lorakit.model import state as adapters
 
 
 def _peft(seed: int = 0) -> lorakit.PeftModel:

@@ -15,7 +15,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig, TargetingError, TaskType
 from lorakit.layers import LoraLayer
-from lorakit.targeting import rank_and_alpha, resolve_config, select_targets
+from lorakit.model.targeting import rank_and_alpha, resolve_config, select_targets
 
 
 def ours(build, **kwargs) -> dict[str, LoraLayer]:

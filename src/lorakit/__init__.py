@@ -20,12 +20,6 @@ from lorakit.errors import (
     LorakitError,
     TargetingError,
 )
-from lorakit.hotswap import (
-    hotswap_adapter,
-    hotswap_adapter_from_state_dict,
-    prepare_model_for_compiled_hotswap,
-)
-from lorakit.inspect import inspect
 from lorakit.integrations.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -38,8 +32,13 @@ from lorakit.integrations.tasks import (
     PeftModelForTokenClassification,
     PeftModelForTranslation,
 )
-from lorakit.io.keys import get_peft_model_state_dict, set_peft_model_state_dict
-from lorakit.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
+from lorakit.model.inspection import inspect
+from lorakit.persistence.hotswap import (
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    prepare_model_for_compiled_hotswap,
+)
+from lorakit.persistence.keys import get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.rank import (
     ExtractResult,
     RankReport,
@@ -50,6 +49,7 @@ from lorakit.rank import (
     resize_adapter,
     resize_adapter_files,
 )
+from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
 
 __all__ = [
     "LoraConfig",

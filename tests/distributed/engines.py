@@ -21,7 +21,7 @@ from torch import nn
 import lorakit
 from lorakit import distributed as ld
 from lorakit.errors import AdapterError, AdapterFileError, DistributedError, TargetingError
-from lorakit.io import adapter_dir
+from lorakit.persistence import adapter_dir
 
 
 def _rank_world() -> tuple[int, int]:

@@ -15,7 +15,7 @@ The rules, in the order a training script meets them:
    :class:`~lorakit.errors.DistributedError` instead of hanging.
 """
 
-from lorakit.distributed.checkpointing import check_ddp, reentrant_checkpointed_modules, wrap_ddp
+from lorakit.distributed.ddp import check_ddp, reentrant_checkpointed_modules, wrap_ddp
 from lorakit.distributed.group import default_timeout, is_active, is_main_process, rank, world_size
 from lorakit.distributed.persist import (
     adapter_is_sharded,
@@ -32,7 +32,7 @@ from lorakit.distributed.state import (
     gather_adapter_state_dict,
     load_adapter_state_dict,
 )
-from lorakit.sharding import canonical_name
+from lorakit.model.engines import canonical_name
 
 __all__ = [
     "is_active",

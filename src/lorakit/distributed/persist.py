@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lorakit import adapters, sharding
 from lorakit.config import LoraConfig
 from lorakit.distributed import group
 from lorakit.distributed.state import (
@@ -31,9 +30,10 @@ from lorakit.distributed.state import (
     load_adapter_state_dict,
 )
 from lorakit.errors import DistributedError
-from lorakit.injection import lora_modules
-from lorakit.io import adapter_dir
 from lorakit.layers import LoraLayer
+from lorakit.model import engines, state
+from lorakit.model.injection import lora_modules
+from lorakit.persistence import adapter_dir
 
 __all__ = ["save_pretrained", "load_pretrained", "merge_adapter", "unmerge_adapter", "adapter_is_sharded"]
 
@@ -41,7 +41,7 @@ __all__ = ["save_pretrained", "load_pretrained", "merge_adapter", "unmerge_adapt
 def adapter_is_sharded(model: nn.Module, adapter_name: str = "default") -> bool:
     """Whether any tensor of the adapter is managed by a sharding engine (FSDP1, FSDP2, ZeRO-3)."""
     tensors, _ = live_adapter_tensors(model, adapter_name)
-    return any(sharding.is_engine_sharded(t) for t in tensors.values())
+    return any(engines.is_engine_sharded(t) for t in tensors.values())
 
 
 def _share_outcome(error: BaseException | None) -> None:
@@ -130,7 +130,7 @@ def _refuse_fsdp(model: nn.Module, what: str) -> list[tuple[str, LoraLayer]]:
     layers = _layers(model)
     for name, layer in layers:
         weight = layer.weight
-        if sharding.is_engine_sharded(weight) and not sharding.is_zero3(weight):
+        if engines.is_engine_sharded(weight) and not engines.is_zero3(weight):
             raise DistributedError(
                 f"{what}: {name}'s weight is sharded by FSDP; merging would change only each rank's piece. "
                 "Save the adapter (save_pretrained on every rank), load it into an unsharded model and "
@@ -153,14 +153,14 @@ def merge_adapter(
     layers = _refuse_fsdp(model, "merge_adapter")
     names = None if adapter_names is None else list(adapter_names)
     group.meet("merge_adapter", [n for n, _ in layers], timeout)
-    if not any(sharding.is_zero3(layer.weight) for _, layer in layers):
-        adapters.merge(model, names, safe_merge=safe_merge)
+    if not any(engines.is_zero3(layer.weight) for _, layer in layers):
+        state.merge(model, names, safe_merge=safe_merge)
         return
     # All targeted layers at once, so that the core merge validates everything (tied weights, biases,
     # safe_merge) before it writes anything; the base model's other weights stay partitioned.
-    params = [p for _, layer in layers for p in layer.parameters() if sharding.is_zero3(p)]
+    params = [p for _, layer in layers for p in layer.parameters() if engines.is_zero3(p)]
     with _zero3_gathered(params, modifier_rank=0):
-        adapters.merge(model, names, safe_merge=safe_merge)
+        state.merge(model, names, safe_merge=safe_merge)
 
 
 def unmerge_adapter(model: nn.Module, *, timeout: float | None = None) -> None:
@@ -168,5 +168,5 @@ def unmerge_adapter(model: nn.Module, *, timeout: float | None = None) -> None:
     layers = _refuse_fsdp(model, "unmerge_adapter")
     group.meet("unmerge_adapter", [n for n, _ in layers], timeout)
     for _, layer in layers:
-        with _zero3_gathered([p for p in layer.parameters() if sharding.is_zero3(p)], modifier_rank=0):
+        with _zero3_gathered([p for p in layer.parameters() if engines.is_zero3(p)], modifier_rank=0):
             layer.unmerge()

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lorakit import sharding
 from lorakit.distributed import group
 from lorakit.errors import AdapterError, DistributedError
-from lorakit.io.keys import adapter_keys
+from lorakit.model import engines
+from lorakit.persistence.keys import adapter_keys
 
 __all__ = [
     "adapter_root",
@@ -52,8 +52,8 @@ def _root_and_prefix(model: nn.Module) -> tuple[nn.Module, str]:
     """The injected module and its path from ``model`` without wrapper segments (``base_model.model``
     for a wrapped PeftModel, as in PEFT's state-dict keys)."""
     for name, module in model.named_modules():
-        if sharding.recorded(module) is not None:
-            return module, sharding.canonical_name(name, outer=True) if name != "module" else ""
+        if engines.recorded(module) is not None:
+            return module, engines.canonical_name(name, outer=True) if name != "module" else ""
     raise AdapterError(
         f"{type(model).__name__} holds no LoRA adapter injected by lorakit "
         "(get_peft_model / inject_adapter_in_model)"
@@ -66,11 +66,11 @@ def adapter_parameter_names(model: nn.Module, adapter_name: str = "default") -> 
     to the name recorded at injection (relative to the module LoRA was injected into). Raises if
     the wrapped model no longer shows some of them."""
     root, prefix = _root_and_prefix(model)
-    record = sharding.recorded(root) or {"adapters": {}}
+    record = engines.recorded(root) or {"adapters": {}}
     recorded = set(record["adapters"].get(adapter_name, []))
     out: dict[str, str] = {}
     for name, _ in model.named_parameters(remove_duplicate=False):
-        canon = sharding.canonical_name(name, outer=True)
+        canon = engines.canonical_name(name, outer=True)
         relative = canon[len(prefix) + 1 :] if prefix and canon.startswith(prefix + ".") else canon
         if relative in recorded:
             out[name] = relative
@@ -99,7 +99,7 @@ def live_adapter_tensors(
     a PeftModel), free of wrapper segments. Raises if the engine hides adapter parameters (FSDP1
     without ``use_orig_params``)."""
     root, prefix = _root_and_prefix(model)
-    hidden = sharding.hidden_adapter_params(root, adapter_name)
+    hidden = engines.hidden_adapter_params(root, adapter_name)
     if hidden:
         raise DistributedError(
             f"{len(hidden)} parameter(s) of adapter {adapter_name!r} are not visible in the wrapped model "
@@ -109,10 +109,10 @@ def live_adapter_tensors(
     tensors = adapter_keys(root, adapter_name, _bias_mode(model, adapter_name)).tensors
     if not tensors:
         raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
-    shapes = sharding.expected_shapes(root, tensors)
+    shapes = engines.expected_shapes(root, tensors)
 
     def key(k: str) -> str:
-        return ".".join(p for p in (prefix, sharding.canonical_name(k)) if p)
+        return ".".join(p for p in (prefix, engines.canonical_name(k)) if p)
 
     return {key(k): t for k, t in tensors.items()}, {key(k): s for k, s in shapes.items()}
 
@@ -178,20 +178,20 @@ def gather_adapter_state_dict(
         f"gather_adapter_state_dict(adapter_name={adapter_name!r})", _agreement(tensors, shapes), timeout
     )
     keys = list(tensors)
-    plain = [k for k in keys if not sharding.is_dtensor(tensors[k]) and not sharding.is_zero3(tensors[k])]
+    plain = [k for k in keys if not engines.is_dtensor(tensors[k]) and not engines.is_zero3(tensors[k])]
     sizes = _piece_sizes([tensors[k] for k in plain]) if group.is_active() else None
     out: dict[str, torch.Tensor] = {}
-    with _zero3_gathered([t for t in tensors.values() if sharding.is_zero3(t)]):
+    with _zero3_gathered([t for t in tensors.values() if engines.is_zero3(t)]):
         for key in keys:
             t = tensors[key]
-            if sharding.is_dtensor(t):
+            if engines.is_dtensor(t):
                 out[key] = t.detach().full_tensor().clone()  # type: ignore[attr-defined]
             elif sizes is not None and key in plain:
                 column = sizes[:, plain.index(key)].tolist()
                 out[key] = _whole_from_pieces(key, t, column, shapes[key])
             else:
                 out[key] = t.detach().clone()
-    problems = sharding.shard_problems(out, shapes)
+    problems = engines.shard_problems(out, shapes)
     if problems:
         raise DistributedError(
             f"gathering adapter {adapter_name!r} gave incomplete tensors:\n  - "
@@ -216,7 +216,7 @@ def _broadcast(
 def _write_whole(t: torch.Tensor, whole: torch.Tensor, sizes: list[int] | None) -> None:
     """Store the whole tensor ``whole`` into this rank's part of live tensor ``t``."""
     with torch.no_grad():
-        if sharding.is_dtensor(t):
+        if engines.is_dtensor(t):
             from torch.distributed.tensor import distribute_tensor
 
             dt: Any = t
@@ -271,9 +271,9 @@ def load_adapter_state_dict(
             + "\n  - ".join(verdict[0][:20])
         )
     keys = list(tensors)
-    plain = [k for k in keys if not sharding.is_dtensor(tensors[k]) and not sharding.is_zero3(tensors[k])]
+    plain = [k for k in keys if not engines.is_dtensor(tensors[k]) and not engines.is_zero3(tensors[k])]
     sizes = _piece_sizes([tensors[k] for k in plain]) if group.is_active() else None
-    with _zero3_gathered([t for t in tensors.values() if sharding.is_zero3(t)], modifier_rank=0):
+    with _zero3_gathered([t for t in tensors.values() if engines.is_zero3(t)], modifier_rank=0):
         for key in keys:
             t = tensors[key]
             source = state_dict[key] if group.is_main_process() and state_dict is not None else None
@@ -290,11 +290,11 @@ def broadcast_adapters(
     same initial adapter. Call it after injection and **before** wrapping (DDP also broadcasts at
     construction, FSDP and DeepSpeed do not). Default: every adapter of the model."""
     root = adapter_root(model)
-    record = sharding.recorded(root) or {"adapters": {}}
+    record = engines.recorded(root) or {"adapters": {}}
     names = adapter_names if adapter_names is not None else list(record["adapters"])
     for name in names:
         tensors, shapes = live_adapter_tensors(model, name)
-        sharded = sharding.shard_problems(tensors, shapes)
+        sharded = engines.shard_problems(tensors, shapes)
         if sharded:
             raise DistributedError(
                 "broadcast_adapters runs after injection and before wrapping, but the "
@@ -324,7 +324,7 @@ def check_adapters_in_sync(
     rank holds bit-identical whole tensors of ``adapter_name`` (each rank's own copy where the
     engine replicates them, as DDP and ZeRO-1/2 do and as a fresh injection should)."""
     tensors, shapes = live_adapter_tensors(model, adapter_name)
-    if sharding.shard_problems(tensors, shapes):  # sharded: the gather itself makes ranks agree
+    if engines.shard_problems(tensors, shapes):  # sharded: the gather itself makes ranks agree
         tensors = gather_adapter_state_dict(model, adapter_name, rank0_only=False, timeout=timeout)
     group.meet(f"check_adapters_in_sync({adapter_name!r})", _agreement(tensors, shapes), timeout)
     digests = {k: _digest(t) for k, t in tensors.items()}

@@ -33,9 +33,9 @@ from torch import nn
 
 from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import ConfigError
-from lorakit.integrations import checkpointing
+from lorakit.integrations import gradient_checkpointing as checkpointing
 from lorakit.integrations.heads import HEAD_TASKS, head_modules_to_save
-from lorakit.peft_model import PeftModel, register_task_model
+from lorakit.wrapper.peft_model import PeftModel, register_task_model
 
 __all__ = [
     "TaskPeftModel",

@@ -29,8 +29,8 @@ import torch
 import transformers
 from torch import nn
 
-from lorakit.io.adapter_dir import load_weights
-from lorakit.peft_model import PeftModel
+from lorakit.persistence.adapter_dir import load_weights
+from lorakit.wrapper.peft_model import PeftModel
 
 __all__ = ["AdapterCheckpointsMixin", "LorakitTrainer", "save_adapters", "load_adapters"]
 

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit import functional as LF
-from lorakit import sharding
 from lorakit.errors import AdapterError
+from lorakit.functional import lora as LF
 from lorakit.layers.variants import DORA, LoraVariant
+from lorakit.model import engines
 
 BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -259,8 +259,8 @@ class LoraLayer(nn.Module, abc.ABC):
     def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
         weight = self.base_layer.weight
-        if sharding.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
-            what = "a DTensor shard" if sharding.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
+        if engines.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
+            what = "a DTensor shard" if engines.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
             return (
                 f"the base weight is sharded by a distributed engine ({what}, unsharded "
                 f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "

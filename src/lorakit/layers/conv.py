@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit import functional as LF
+from lorakit.functional import lora as LF
 from lorakit.layers.base import LoraLayer
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import functional as LF
 from lorakit.errors import TargetingError
+from lorakit.functional import lora as LF
 from lorakit.layers.base import LoraLayer
 
 

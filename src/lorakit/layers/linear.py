@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import functional as LF
-from lorakit import fused
-from lorakit import init as LI
+from lorakit.config import parse_init
+from lorakit.functional import fused
+from lorakit.functional import init as LI
+from lorakit.functional import lora as LF
 from lorakit.layers.base import BASE_ROWS, LoraLayer, rows_for
 
 
@@ -47,7 +48,7 @@ class Linear(LoraLayer):
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=lora_bias)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        kind, niter = LI.parse_init(init) or ("default", None)
+        kind, niter = parse_init(init) or ("default", None)
         if kind in ("pissa", "olora"):
             self._init_from_weight(name, kind, niter)
         elif kind == "orthogonal":
@@ -122,7 +123,7 @@ class Linear(LoraLayer):
             return None
         if type(weight) not in (nn.Parameter, torch.Tensor) or x.dtype != weight.dtype:
             return None
-        if LF.compute_dtype(x) != x.dtype or x.device != weight.device:
+        if fused.compute_dtype(x) != x.dtype or x.device != weight.device:
             return None
         return pending[0]
 
@@ -155,7 +156,7 @@ class Linear(LoraLayer):
         dropout_active = self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in names)
         if not names or dropout_active:
             return super().add_mixed_(result, x, adapter_names)
-        a_stack, b_stack, bias_stack = self._stacks(names, LF.compute_dtype(x), x.device)
+        a_stack, b_stack, bias_stack = self._stacks(names, fused.compute_dtype(x), x.device)
         slot = {n: i + 1 for i, n in enumerate(names)}
         rows = torch.tensor([slot.get(n, 0) for n in adapter_names], device=x.device)
         x3 = x.to(a_stack.dtype).reshape(x.shape[0], -1, self.in_features)  # (n, L, k)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import nn
 
-from lorakit import dora as LD
+from lorakit.functional import dora as LD
 
 if TYPE_CHECKING:
     from lorakit.layers.base import LoraLayer

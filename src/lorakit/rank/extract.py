@@ -103,7 +103,7 @@ def extract_adapter(
     folder ``out`` when given."""
     result = _extract(base, tuned, rank=rank, energy=energy, include_embeddings=include_embeddings)
     if out is not None:
-        from lorakit.io.adapter_dir import save_adapter_tensors
+        from lorakit.persistence.adapter_dir import save_adapter_tensors
 
         save_adapter_tensors(out, result.config, result.state_dict)
     return result

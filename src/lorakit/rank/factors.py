@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 import torch
 
-from lorakit import functional as LF
 from lorakit.config import LoraConfig
-from lorakit.io.keys import FILE_PREFIX
-from lorakit.targeting import rank_and_alpha
+from lorakit.functional import lora as LF
+from lorakit.model.targeting import rank_and_alpha
+from lorakit.persistence.keys import FILE_PREFIX
 
 __all__ = ["ModuleFactors", "split_factors", "module_name"]
 _A_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}

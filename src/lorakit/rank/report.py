@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from lorakit.io.adapter_dir import read_adapter
+from lorakit.persistence.adapter_dir import read_adapter
 from lorakit.rank.factors import module_name, split_factors
 from lorakit.rank.spectrum import Spectrum, spectrum
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lorakit import functional as LF
 from lorakit.config import LoraConfig
+from lorakit.functional import lora as LF
 from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors
 from lorakit.rank.spectrum import lowrank_svd, rank_keeping, relative_error, split_svd
 
@@ -95,8 +95,8 @@ def resize_adapter_files(
 ) -> ResizeResult:
     """:func:`resize_adapter` from the adapter folder ``source`` into a new PEFT-format folder
     ``out`` (written atomically; the base-model fingerprint is carried over)."""
-    from lorakit.io.adapter_dir import read_adapter, save_adapter_tensors
-    from lorakit.io.fingerprint import METADATA_KEY
+    from lorakit.persistence.adapter_dir import read_adapter, save_adapter_tensors
+    from lorakit.persistence.fingerprint import METADATA_KEY
 
     files = read_adapter(source)
     result = resize_adapter(files.config, files.tensors, rank=rank, energy=energy)

@@ -8,8 +8,13 @@ from typing import Any
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.default_targets import default_targets
-from lorakit.targeting import matches_target, model_type_of, suffix_summary, targetable_modules
+from lorakit.model.targeting import (
+    default_targets_for,
+    matches_target,
+    model_type_of,
+    suffix_summary,
+    targetable_modules,
+)
 
 __all__ = ["inspect", "ModelReport"]
 
@@ -44,7 +49,7 @@ class ModelReport:
 def inspect(model: nn.Module) -> ModelReport:
     """Every module lorakit can adapt, with type, weight shape, parameter count and whether the
     default ``target_modules`` for the model's type selects it."""
-    defaults = default_targets(model_type_of(model))
+    defaults = default_targets_for(model)
     config = LoraConfig(target_modules=defaults) if defaults else None
     rows = targetable_modules(model)
     for row in rows:

@@ -7,6 +7,10 @@ projections are the classic choice of the LoRA paper (§7.1).
 
 from __future__ import annotations
 
+from torch import nn
+
+from lorakit.model.targeting import model_type_of, register_default_targets
+
 _QV = ("q_proj", "v_proj")
 _QUERY_VALUE = ("query", "value")
 # ViT-family attention is `query`/`value` before transformers 5 and `q_proj`/`v_proj` from 5 on;
@@ -86,3 +90,10 @@ def default_targets(model_type: str | None) -> list[str] | None:
         return None
     names = DEFAULT_TARGETS.get(model_type)
     return list(names) if names is not None else None
+
+
+def _for_model(model: nn.Module) -> list[str] | None:
+    return default_targets(model_type_of(model))
+
+
+register_default_targets(_for_model)

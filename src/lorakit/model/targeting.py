@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
-from lorakit.default_targets import default_targets
 from lorakit.errors import TargetingError
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, is_conv1d, lora_layer_for
 
@@ -35,6 +34,8 @@ __all__ = [
     "iter_plain_modules",
     "targetable_modules",
     "model_type_of",
+    "register_default_targets",
+    "default_targets_for",
     "suffix_summary",
 ]
 
@@ -44,6 +45,27 @@ SEQ_CLS_HEADS = ("classifier", "score")
 def model_type_of(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
+
+
+# Where ``target_modules=None`` finds its names: lookups registered by the integrations that know a
+# model family (transformers' model_type table registers itself), asked in order; the first that
+# knows the model wins. Kept as a registry so that this layer does not import the integrations.
+_DEFAULT_TARGET_LOOKUPS: list[Callable[[nn.Module], list[str] | None]] = []
+
+
+def register_default_targets(lookup: Callable[[nn.Module], list[str] | None]) -> None:
+    """Add a source of default ``target_modules``: ``lookup(model)`` gives names, or ``None``."""
+    if lookup not in _DEFAULT_TARGET_LOOKUPS:
+        _DEFAULT_TARGET_LOOKUPS.append(lookup)
+
+
+def default_targets_for(model: nn.Module) -> list[str] | None:
+    """The default ``target_modules`` for ``model``, or ``None`` when no registered lookup has one."""
+    for lookup in _DEFAULT_TARGET_LOOKUPS:
+        names = lookup(model)
+        if names is not None:
+            return names
+    return None
 
 
 def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -143,7 +165,7 @@ def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
     the full names of every selected linear layer, as PEFT saves them."""
     targets = config.target_modules
     if targets is None:
-        defaults = default_targets(model_type_of(model))
+        defaults = default_targets_for(model)
         if defaults is None:
             raise TargetingError(
                 f"target_modules=None and lorakit has no default for model_type "

@@ -29,11 +29,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lorakit import sharding
 from lorakit.errors import AdapterError
-from lorakit.injection import Plan
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
-from lorakit.targeting import rank_and_alpha
+from lorakit.model import engines
+from lorakit.model.injection import Plan
+from lorakit.model.targeting import rank_and_alpha
 
 __all__ = [
     "AdapterKeys",
@@ -260,8 +260,8 @@ def _bias_mode(model: nn.Module, adapter_name: str) -> str:
 
 def _refuse_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     """A sharded engine's pieces are not the adapter: say how to get the whole tensors."""
-    root = next((m for _, m in model.named_modules() if sharding.recorded(m) is not None), model)
-    problems = sharding.shard_problems(tensors, sharding.expected_shapes(root, tensors))
+    root = next((m for _, m in model.named_modules() if engines.recorded(m) is not None), model)
+    problems = engines.shard_problems(tensors, engines.expected_shapes(root, tensors))
     if problems:
         raise AdapterError(
             f"{len(problems)} adapter tensor(s) are shards of a distributed engine, not whole tensors:\n  - "

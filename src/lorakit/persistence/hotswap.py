@@ -24,13 +24,13 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from lorakit import injection
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
-from lorakit.io.adapter_dir import read_adapter
-from lorakit.io.keys import adapter_keys, from_file_keys
 from lorakit.layers import Conv, LoraLayer
-from lorakit.targeting import rank_and_alpha
+from lorakit.model import injection
+from lorakit.model.targeting import rank_and_alpha
+from lorakit.persistence.adapter_dir import read_adapter
+from lorakit.persistence.keys import adapter_keys, from_file_keys
 
 __all__ = ["prepare_model_for_compiled_hotswap", "hotswap_adapter_from_state_dict", "hotswap_adapter"]
 

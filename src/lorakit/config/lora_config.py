@@ -15,43 +15,13 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from lorakit.config.inits import INIT_NAMES, parse_init
 from lorakit.errors import ConfigError
 
 __all__ = ["LoraConfig", "TaskType", "ConfigError"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
-
-
-INIT_NAMES: tuple[bool | str, ...] = (
-    True,
-    False,
-    "gaussian",
-    "pissa",
-    "pissa_niter_<N>",
-    "olora",
-    "orthogonal",
-)
-_NITER = re.compile(r"pissa_niter_(\d+)")
-
-
-def parse_init(init: bool | str) -> tuple[str, int | None] | None:
-    """``(kind, niter)`` for a valid ``init_lora_weights`` value, ``None`` if it is not one.
-
-    kind ∈ {"default", "none", "gaussian", "pissa", "olora", "orthogonal"}; niter only for
-    ``"pissa_niter_N"``.
-    """
-    if init is True:
-        return "default", None
-    if init is False:
-        return "none", None
-    if not isinstance(init, str):
-        return None
-    name = init.lower()
-    if name in ("gaussian", "pissa", "olora", "orthogonal"):
-        return name, None
-    match = _NITER.fullmatch(name)
-    return ("pissa", int(match.group(1))) if match else None
 
 
 class TaskType(str, enum.Enum):
@@ -161,8 +131,8 @@ class LoraConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``save_directory/adapter_config.json`` in PEFT 0.21's format (every PEFT key,
-        ``peft_type: "LORA"``, ``inference_mode: true``), atomically. See ``lorakit.io.config_json``."""
-        from lorakit.io.adapter_dir import save_config  # io sits above config in the layering
+        ``peft_type: "LORA"``, ``inference_mode: true``), atomically. See :mod:`lorakit.config.peft_json`."""
+        from lorakit.config.files import save_config  # files.py builds on this module
 
         save_config(self, save_directory)
 
@@ -171,7 +141,7 @@ class LoraConfig:
         """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's), or that
         file itself. PEFT keys lorakit does not implement are accepted at their neutral values; a
         config that enables one is refused with an error naming the key and value."""
-        from lorakit.io.adapter_dir import load_config
+        from lorakit.config.files import load_config
 
         return load_config(path, subfolder)
 

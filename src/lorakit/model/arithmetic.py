@@ -28,12 +28,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lorakit import combine as LC
-from lorakit import injection
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, moves_base_weight
 from lorakit.errors import AdapterError
-from lorakit.init import moves_base_weight
+from lorakit.functional import combine as LC
 from lorakit.layers import Conv, Embedding, LoraLayer, ModulesToSaveWrapper
+from lorakit.model import injection
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter"]
 

@@ -24,17 +24,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.functional import (
-    apply_dropout,
-    compute_dtype,
-    dropout_keep_mask,
-    lora_linear,
-    mask_values,
-    pack_mask,
-    unpack_mask,
-)
+from lorakit.functional.dropout import apply_dropout, dropout_keep_mask, mask_values, pack_mask, unpack_mask
+from lorakit.functional.lora import lora_linear
 
-__all__ = ["lora_linear_accumulate_", "lora_linear_with_base"]
+__all__ = ["compute_dtype", "lora_linear_accumulate_", "lora_linear_with_base"]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA branch computes in: autocast's if active, else the input's.
+
+    Computing in the input's dtype (casting the small A and B, never the large x) avoids the
+    activation-sized casts PEFT makes for a bf16 base with float32 adapters.
+    """
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.is_floating_point() else torch.float32
+
 
 _NO_MASK = torch.empty(0, dtype=torch.uint8)
 

@@ -26,15 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from lorakit.config import INIT_NAMES, parse_init
-
-__all__ = ["INIT_NAMES", "parse_init", "moves_base_weight", "pissa", "olora", "orthogonal"]
-
-
-def moves_base_weight(init: bool | str) -> bool:
-    """Whether the init replaces the base weight by a residual (PiSSA, OLoRA)."""
-    parsed = parse_init(init)
-    return parsed is not None and parsed[0] in ("pissa", "olora")
+__all__ = ["pissa", "olora", "orthogonal"]
 
 
 def _residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:

@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 
-from lorakit import adapters, arithmetic, injection
 from lorakit.config import LoraConfig, TaskType
 from lorakit.distributed import group as distributed_group
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.io import adapter_dir
 from lorakit.layers.base import BASE_ROWS, row_adapters
+from lorakit.model import arithmetic, injection, state
+from lorakit.persistence import adapter_dir
 
 __all__ = ["PeftModel", "LoraModel", "get_peft_model", "inject_adapter_in_model", "register_task_model"]
 
@@ -76,7 +76,7 @@ class LoraModel(nn.Module):
     def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
         """Activate one adapter or several (their updates add up), as PEFT's
         ``model.base_model.set_adapter([...])``; trainability is left unchanged."""
-        adapters.set_active(self.model, adapter_name)
+        state.set_active(self.model, adapter_name)
 
     def add_weighted_adapter(
         self,
@@ -111,7 +111,7 @@ class PeftModel(nn.Module):
         self.training = self.base_model.training = model.training  # report the model's mode
         self.peft_config = configs
         configs[adapter_name] = injection.inject(model, peft_config, adapter_name)
-        adapters.set_active(model, adapter_name)
+        state.set_active(model, adapter_name)
         self._apply_trainability([] if peft_config.inference_mode else [adapter_name])
 
     # -- identity -------------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return adapters.active_adapters(self.get_base_model())
+        return state.active_adapters(self.get_base_model())
 
     @property
     def active_adapter(self) -> str | list[str]:
@@ -186,7 +186,7 @@ class PeftModel(nn.Module):
         ``requires_grad`` here; lorakit only does when asked.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        adapters.set_active(self.get_base_model(), names)
+        state.set_active(self.get_base_model(), names)
         if trainable:
             self._apply_trainability(names)
 
@@ -194,21 +194,21 @@ class PeftModel(nn.Module):
         """Remove an adapter and all its parameters. Deleting the active adapter activates the first
         remaining one (with a warning); the last adapter cannot be deleted (use :meth:`unload`)."""
         model = self.get_base_model()
-        known = adapters.adapter_names(model)
+        known = state.adapter_names(model)
         if adapter_name not in known:
             raise AdapterError(f"no adapter named {adapter_name!r}; existing adapters: {known}")
         if known == [adapter_name]:
             raise AdapterError(f"{adapter_name!r} is the only adapter; use unload() to remove LoRA entirely")
         active = [a for a in self.active_adapters if a != adapter_name]
         trainable = [a for a in self._trainable_names() if a != adapter_name]
-        adapters.delete(model, adapter_name)
+        state.delete(model, adapter_name)
         del self.peft_config[adapter_name]
         if not active:
-            active = [adapters.adapter_names(model)[0]]
+            active = [state.adapter_names(model)[0]]
             warnings.warn(
                 f"deleted the active adapter {adapter_name!r}; {active[0]!r} is now active", stacklevel=2
             )
-        adapters.set_active(model, active)
+        state.set_active(model, active)
         self._apply_trainability(trainable)
 
     def _trainable_names(self) -> list[str]:
@@ -228,29 +228,29 @@ class PeftModel(nn.Module):
                 param.requires_grad_(False)
             return
         bias = self.peft_config[names[0]].bias
-        adapters.set_trainable(model, names, bias=bias)
+        state.set_trainable(model, names, bias=bias)
 
     # -- state ----------------------------------------------------------------------------------
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes exactly as its base model."""
-        with adapters.disabled(self.get_base_model()):
+        with state.disabled(self.get_base_model()):
             yield
 
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge the active adapters (or ``adapter_names``) into the base weights, exactly reversibly."""
-        adapters.merge(self.get_base_model(), adapter_names, safe_merge=safe_merge)
+        state.merge(self.get_base_model(), adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Restore every merged base weight bit for bit."""
-        adapters.unmerge(self.get_base_model())
+        state.unmerge(self.get_base_model())
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
     ) -> nn.Module:
         """Merge, then return the base model without any LoRA layer (for deployment)."""
         model = self.get_base_model()
-        adapters.merge(model, adapter_names, safe_merge=safe_merge, keep_original=False)
+        state.merge(model, adapter_names, safe_merge=safe_merge, keep_original=False)
         return injection.unload(model, keep_merged=True)
 
     def unload(self) -> nn.Module:
@@ -261,7 +261,7 @@ class PeftModel(nn.Module):
         (``path_initial_model_for_weight_conversion``) is the way back to an adapter for ``W``."""
         return injection.unload(self.get_base_model(), keep_merged=False)
 
-    # -- files (lorakit.io.adapter_dir does the work) ----------------------------------------------
+    # -- files (lorakit.persistence.adapter_dir does the work) ----------------------------------------------
     def save_pretrained(
         self,
         save_directory: str | os.PathLike[str],
@@ -325,7 +325,7 @@ class PeftModel(nn.Module):
     # -- parameters -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts, as PEFT reports them."""
-        return adapters.count_parameters(self)
+        return state.count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
@@ -391,7 +391,7 @@ def get_peft_model(
     cls = _TASK_MODELS.get(task, PeftModel) if isinstance(task, TaskType) else PeftModel
     peft_model = cls(model, peft_config, adapter_name)
     if not autocast_adapter_dtype:
-        adapters.place_adapter(peft_model.get_base_model(), adapter_name, autocast_dtype=False)
+        state.place_adapter(peft_model.get_base_model(), adapter_name, autocast_dtype=False)
     return peft_model
 
 
@@ -404,7 +404,7 @@ def inject_adapter_in_model(
     configs = dict(getattr(model, "peft_config", None) or {})
     configs[adapter_name] = resolved
     setattr(model, "peft_config", configs)  # noqa: B010 (nn.Module typing)
-    adapters.set_active(model, adapter_name)
+    state.set_active(model, adapter_name)
     if not peft_config.inference_mode:
-        adapters.set_trainable(model, adapter_name, bias=resolved.bias)
+        state.set_trainable(model, adapter_name, bias=resolved.bias)
     return model

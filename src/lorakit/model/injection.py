@@ -13,7 +13,6 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit import sharding
 from lorakit.config import LoraConfig, parse_init
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
@@ -26,7 +25,8 @@ from lorakit.layers import (
     lora_layer_for,
     supported_kinds,
 )
-from lorakit.targeting import (
+from lorakit.model import engines
+from lorakit.model.targeting import (
     iter_plain_modules,
     rank_and_alpha,
     resolve_config,
@@ -143,7 +143,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
 def _refuse_wrapped(model: nn.Module) -> None:
     """LoRA added after an engine wrapped or sharded the model would not be sharded, synchronised
     or saved by it (training silently diverges across ranks), so it is refused."""
-    problems = sharding.wrapping_problems(model)
+    problems = engines.wrapping_problems(model)
     if problems:
         raise TargetingError(
             "cannot inject LoRA into a model that is already wrapped or sharded by a distributed "
@@ -214,7 +214,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         if m.has_adapter(adapter_name)
         for p in m.adapter_parameters(adapter_name)
     ]
-    sharding.record(model, adapter_name, params)
+    engines.record(model, adapter_name, params)
     return cfg
 
 

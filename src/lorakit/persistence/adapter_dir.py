@@ -7,7 +7,7 @@
     <dir>/<name>/adapter_model.safetensors
 
 Saving validates everything first and writes the whole directory atomically (see
-:mod:`lorakit.io.files`). Loading reads and checks the config, every key and every shape against
+:mod:`lorakit.fileio`). Loading reads and checks the config, every key and every shape against
 what the config would create on this model *before* changing the model; all problems are reported
 together, and a load that still fails afterwards is rolled back, so a failed load leaves the model
 exactly as it was.
@@ -25,14 +25,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lorakit import injection, sharding
+from lorakit import fileio
 from lorakit._version import __version__
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import LoraConfig, TaskType, peft_json
+from lorakit.config.files import adapter_folder, load_config
 from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
-from lorakit.injection import Plan
-from lorakit.io import config_json, conversion, files
-from lorakit.io.fingerprint import METADATA_KEY, Fingerprint, fingerprint
-from lorakit.io.keys import (
+from lorakit.layers import LoraLayer
+from lorakit.model import engines, injection
+from lorakit.model.injection import Plan
+from lorakit.persistence import conversion
+from lorakit.persistence.fingerprint import METADATA_KEY, Fingerprint, fingerprint
+from lorakit.persistence.keys import (
     adapter_keys,
     from_file_keys,
     planned_embedding_shapes,
@@ -41,7 +44,6 @@ from lorakit.io.keys import (
     set_peft_model_state_dict,
     to_file_keys,
 )
-from lorakit.layers import LoraLayer
 
 __all__ = [
     "AdapterFiles",
@@ -93,41 +95,41 @@ def _adapter_payload(
         gathered_keys = set(adapter_keys(model, name, config.bias).tensors)
         tensors = {**{k: t for k, t in live.items() if k not in gathered_keys}, **whole}
     _refuse_shards(model, name, live, tensors)
-    tensors = {sharding.canonical_name(k): t for k, t in tensors.items()}
+    tensors = {engines.canonical_name(k): t for k, t in tensors.items()}
     if initial is not None:
         source = str(initial.weights_path)
         config, tensors = conversion.to_plain_lora(config, tensors, initial.tensors, source)
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
-    if any(sharding.is_engine_sharded(m.weight) for _, m in targets):
+    if any(engines.is_engine_sharded(m.weight) for _, m in targets):
         targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets) if targets else None
     if fp is not None:
         metadata[METADATA_KEY] = fp.to_json()
-    if config.task_type is not None and config_json.peft_task_type(config.task_type) != str(config.task_type):
+    if config.task_type is not None and peft_json.peft_task_type(config.task_type) != str(config.task_type):
         metadata[_TASK_KEY] = str(config.task_type)
-    data = config_json.config_to_peft_dict(
+    data = peft_json.config_to_peft_dict(
         config,
         auto_mapping={"base_model_class": type(model).__name__, "parent_library": type(model).__module__},
         base_model_name_or_path=getattr(model, "name_or_path", None) or None,
     )
-    return config_json.dumps(data), to_file_keys(tensors), metadata
+    return peft_json.dumps(data), to_file_keys(tensors), metadata
 
 
 def _refuse_shards(
     model: nn.Module, name: str, live: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
 ) -> None:
     """Never write a shard as if it were the adapter (PEFT writes empty tensors under ZeRO-3/FSDP1)."""
-    canon = sharding.canonical_name
-    shapes = {canon(k): v for k, v in sharding.expected_shapes(model, live).items()}
+    canon = engines.canonical_name
+    shapes = {canon(k): v for k, v in engines.expected_shapes(model, live).items()}
     tensors = {canon(k): v for k, v in tensors.items()}
     problems = [
         f"{n}: recorded at injection, but the wrapped model hides it (FSDP1 without use_orig_params=True?)"
-        for n in sharding.hidden_adapter_params(model, name)
+        for n in engines.hidden_adapter_params(model, name)
     ]
     problems += [f"{k}: the model has no such adapter tensor" for k in tensors if k not in shapes]
     problems += [f"{k}: missing" for k in shapes if k not in tensors]
-    problems += sharding.shard_problems({k: v for k, v in tensors.items() if k in shapes}, shapes)
+    problems += engines.shard_problems({k: v for k, v in tensors.items() if k in shapes}, shapes)
     if problems:
         raise AdapterFileError(
             f"refusing to save adapter {name!r}: {len(problems)} of its {len(shapes)} tensors are not "
@@ -156,7 +158,7 @@ def save_adapters(
 
     ``path_initial_model_for_weight_conversion``: the directory where a PiSSA/OLoRA adapter was
     saved right after its initialisation; the adapters are then saved as plain LoRA adapters of
-    twice the rank that apply to the original base (:mod:`lorakit.io.conversion`).
+    twice the rank that apply to the original base (:mod:`lorakit.persistence.conversion`).
     """
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
@@ -189,14 +191,14 @@ def save_adapters(
     replaced = [
         os.path.join(_subfolder(n), f)
         for n in names
-        for f in (files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME)
+        for f in (fileio.CONFIG_NAME, fileio.WEIGHTS_NAME, fileio.LEGACY_WEIGHTS_NAME)
     ]
-    with files.atomic_directory(directory, replaced) as staging:
+    with fileio.atomic_directory(directory, replaced) as staging:
         for name, (text, tensors, metadata) in payloads.items():
             out = staging / _subfolder(name)
             out.mkdir(parents=True, exist_ok=True)
-            files.write_safetensors(out / files.WEIGHTS_NAME, tensors, metadata)
-            (out / files.CONFIG_NAME).write_text(text, encoding="utf-8")
+            fileio.write_safetensors(out / fileio.WEIGHTS_NAME, tensors, metadata)
+            (out / fileio.CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
 def save_adapter_tensors(
@@ -208,75 +210,35 @@ def save_adapter_tensors(
     """Write one adapter that exists only as data (resized, extracted): ``tensors`` keyed by module
     path (``<m>.lora_A.weight``, no ``base_model.model.``), atomically, in PEFT's layout."""
     header = {"format": "pt", "lorakit_version": __version__, **(metadata or {})}
-    text = config_json.dumps(config_json.config_to_peft_dict(config))
-    replaced = [files.CONFIG_NAME, files.WEIGHTS_NAME, files.LEGACY_WEIGHTS_NAME]
-    with files.atomic_directory(directory, replaced) as staging:
-        files.write_safetensors(staging / files.WEIGHTS_NAME, to_file_keys(dict(tensors)), header)
-        (staging / files.CONFIG_NAME).write_text(text, encoding="utf-8")
-
-
-def save_config(config: LoraConfig, directory: str | os.PathLike[str]) -> None:
-    """Write ``directory/adapter_config.json`` for ``config`` (atomically)."""
-    path = Path(directory)
-    if path.exists() and not path.is_dir():
-        raise AdapterFileError(
-            f"cannot save a config to {str(path)!r}: it is an existing file, not a directory"
-        )
-    path.mkdir(parents=True, exist_ok=True)
-    text = config_json.dumps(config_json.config_to_peft_dict(config))
-    files.atomic_write_text(path / files.CONFIG_NAME, text)
+    text = peft_json.dumps(peft_json.config_to_peft_dict(config))
+    replaced = [fileio.CONFIG_NAME, fileio.WEIGHTS_NAME, fileio.LEGACY_WEIGHTS_NAME]
+    with fileio.atomic_directory(directory, replaced) as staging:
+        fileio.write_safetensors(staging / fileio.WEIGHTS_NAME, to_file_keys(dict(tensors)), header)
+        (staging / fileio.CONFIG_NAME).write_text(text, encoding="utf-8")
 
 
 # -- reading --------------------------------------------------------------------------------------
-def _adapter_dir(path: str | os.PathLike[str], subfolder: str | None) -> Path:
-    directory = Path(path) / subfolder if subfolder else Path(path)
-    if not directory.exists():
-        files.recover(directory.absolute())
-    if not directory.is_dir():
-        what = "is a file" if directory.exists() else "does not exist"
-        raise AdapterFileError(
-            f"no adapter at {str(directory)!r}: the path {what}. An adapter directory (written by "
-            f"save_pretrained) holds {files.CONFIG_NAME} and {files.WEIGHTS_NAME}; lorakit reads local "
-            "directories only"
-        )
-    return directory
-
-
-def load_config(path: str | os.PathLike[str], subfolder: str | None = None) -> LoraConfig:
-    """The :class:`LoraConfig` of an adapter directory (or of an ``adapter_config.json`` path)."""
-    candidate = Path(path) / subfolder if subfolder else Path(path)
-    if candidate.is_file():
-        return config_json.config_from_peft_dict(files.read_json(candidate), str(candidate))
-    config_path = _adapter_dir(path, subfolder) / files.CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterFileError(
-            f"{str(config_path)!r} does not exist; an adapter directory written by "
-            "save_pretrained (lorakit or PEFT) holds it"
-        )
-    return config_json.config_from_peft_dict(files.read_json(config_path), str(config_path))
-
-
 def read_adapter(
     path: str | os.PathLike[str], *, is_trainable: bool = False, subfolder: str | None = None
 ) -> AdapterFiles:
     """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
     ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
-    directory = _adapter_dir(path, subfolder)
+    directory = adapter_folder(path, subfolder)
     config = load_config(directory)
-    safe, legacy = directory / files.WEIGHTS_NAME, directory / files.LEGACY_WEIGHTS_NAME
+    safe, legacy = directory / fileio.WEIGHTS_NAME, directory / fileio.LEGACY_WEIGHTS_NAME
     if safe.is_file():
-        tensors, metadata = files.read_safetensors(safe)
+        tensors, metadata = fileio.read_safetensors(safe)
         weights = safe
     elif legacy.is_file():
-        tensors, metadata, weights = files.read_legacy_bin(legacy), {}, legacy
+        tensors, metadata, weights = fileio.read_legacy_bin(legacy), {}, legacy
     else:
         present = sorted(p.name for p in directory.iterdir())
         raise AdapterFileError(
-            f"no adapter weights in {str(directory)!r}: neither {files.WEIGHTS_NAME} "
-            f"nor {files.LEGACY_WEIGHTS_NAME} exists (found: {present})"
+            f"no adapter weights in {str(directory)!r}: neither {fileio.WEIGHTS_NAME} "
+            f"nor {fileio.LEGACY_WEIGHTS_NAME} exists (found: {present})"
         )
     task = metadata.get(_TASK_KEY)
-    if task in {t.value for t in TaskType} and config_json.peft_task_type(task) == (
+    if task in {t.value for t in TaskType} and peft_json.peft_task_type(task) == (
         None if config.task_type is None else str(config.task_type)
     ):
         config = dataclasses.replace(config, task_type=TaskType(task))

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.injection import lora_modules
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.model.injection import lora_modules
 
 __all__ = [
     "adapter_names",
