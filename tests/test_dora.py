@@ -17,6 +17,7 @@ import lorakit
 from lorakit.functional import dora as LD
 from lorakit.functional import dropout
 from lorakit.layers import Linear
+from lorakit.layers.dora import DORA
 from lorakit.persistence.keys import adapter_keys
 
 # (zoo architecture, targets): Linear, transformers Conv1D, Embedding, Conv2d, encoder-decoder
@@ -67,7 +68,7 @@ def test_layer_matches_reference_outputs_and_gradients(dtype, fan_in_fan_out):
             conv.bias.copy_(base.bias)
         base = conv
     layer = Linear(base)
-    layer.add_adapter("a", 3, 6.0, use_rslora=False, dropout=0.0, init=False, lora_bias=False, use_dora=True)
+    layer.add_adapter("a", 3, 6.0, use_rslora=False, dropout=0.0, init=False, lora_bias=False, variant=DORA)
     layer.set_active(["a"])
     with torch.no_grad():
         layer.lora_magnitude_vector["a"].weight.mul_(1.3)
@@ -112,7 +113,7 @@ def test_dropout_uses_one_base_matmul_and_matches_reference_with_the_same_mask()
     torch.manual_seed(0)
     base = nn.Linear(8, 6)
     layer = Linear(base)
-    layer.add_adapter("a", 2, 4.0, use_rslora=False, dropout=0.5, init=False, lora_bias=False, use_dora=True)
+    layer.add_adapter("a", 2, 4.0, use_rslora=False, dropout=0.5, init=False, lora_bias=False, variant=DORA)
     layer.set_active(["a"])
     layer.train()
     calls = []
@@ -147,7 +148,7 @@ def test_dropout_is_unbiased():
     """The mean over many dropout draws is the eval-mode output (as for PEFT's scheme)."""
     torch.manual_seed(0)
     layer = Linear(nn.Linear(8, 6))
-    layer.add_adapter("a", 2, 4.0, use_rslora=False, dropout=0.3, init=False, lora_bias=False, use_dora=True)
+    layer.add_adapter("a", 2, 4.0, use_rslora=False, dropout=0.3, init=False, lora_bias=False, variant=DORA)
     layer.set_active(["a"])
     x = torch.randn(4, 8)
     with torch.no_grad():
@@ -195,7 +196,7 @@ def test_magnitude_init_keys_and_shapes_match_peft(arch):
             if "magnitude" not in key:
                 live[key].copy_(value)
     for layer in (m for m in lk.modules() if isinstance(m, lorakit.layers.LoraLayer)):
-        lorakit.layers.variants.DORA.init(layer, "default")  # re-derive m from PEFT's A, B
+        DORA.init(layer, "default")  # re-derive m from PEFT's A, B
     ours, theirs = lorakit.get_peft_model_state_dict(lk), _peft_sd(pm)
     assert sorted(ours) == sorted(theirs)
     for key, value in theirs.items():
@@ -315,7 +316,14 @@ def _layer_with_three(kind: str):
     layer = lorakit.layers.lora_layer_for(base_module := base())(base_module)
     for name, r, dora in (("d1", 2, True), ("p", 3, False), ("d2", 4, True)):
         layer.add_adapter(
-            name, r, 2.0 * r, use_rslora=False, dropout=0.0, init=False, lora_bias=False, use_dora=dora
+            name,
+            r,
+            2.0 * r,
+            use_rslora=False,
+            dropout=0.0,
+            init=False,
+            lora_bias=False,
+            variant=DORA if dora else None,
         )
     _perturb(layer)
     return layer, x()

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lorakit import ConfigError, LoraConfig, TaskType
+from lorakit.config import config_from_peft_dict
 from lorakit.config.peft_json import (
     PEFT_LORA_KEYS,
-    config_from_peft_dict,
     config_to_peft_dict,
     peft_task_type,
 )

@@ -8,44 +8,21 @@ A config is data. It is checked when it is built and frozen afterwards; code tha
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import os
 import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from lorakit.config import files, peft_json
 from lorakit.config.inits import INIT_NAMES, parse_init
+from lorakit.config.task_type import TaskType
 from lorakit.errors import ConfigError
 
-__all__ = ["LoraConfig", "TaskType", "ConfigError"]
+__all__ = ["LoraConfig", "TaskType", "ConfigError", "config_from_peft_dict"]
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
-
-
-class TaskType(str, enum.Enum):
-    """The kind of model an adapter is for; it selects the wrapper and the trainable head.
-
-    PEFT's members plus the names users also reach for. ``QUESTION_ANSWERING`` is an alias of
-    ``QUESTION_ANS`` (the same member), so both spellings save as ``"QUESTION_ANS"``.
-    """
-
-    CAUSAL_LM = "CAUSAL_LM"
-    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
-    SEQ_CLS = "SEQ_CLS"
-    TOKEN_CLS = "TOKEN_CLS"
-    QUESTION_ANS = "QUESTION_ANS"
-    QUESTION_ANSWERING = "QUESTION_ANS"
-    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
-    TRANSLATION = "TRANSLATION"
-    SPEECH_SEQ_2_SEQ = "SPEECH_SEQ_2_SEQ"
-    MULTIPLE_CHOICE = "MULTIPLE_CHOICE"
-    IMAGE_CLASSIFICATION = "IMAGE_CLASSIFICATION"
-    OTHER = "OTHER"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def _is_number(value: Any) -> bool:
@@ -132,18 +109,15 @@ class LoraConfig:
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``save_directory/adapter_config.json`` in PEFT 0.21's format (every PEFT key,
         ``peft_type: "LORA"``, ``inference_mode: true``), atomically. See :mod:`lorakit.config.peft_json`."""
-        from lorakit.config.files import save_config  # files.py builds on this module
-
-        save_config(self, save_directory)
+        files.save_config_text(save_directory, peft_json.dumps(peft_json.config_to_peft_dict(self)))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike[str], subfolder: str | None = None) -> LoraConfig:
         """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's), or that
         file itself. PEFT keys lorakit does not implement are accepted at their neutral values; a
         config that enables one is refused with an error naming the key and value."""
-        from lorakit.config.files import load_config
-
-        return load_config(path, subfolder)
+        data, source = files.read_config_dict(path, subfolder)
+        return config_from_peft_dict(data, source)
 
     def scaling_for(self, r: int, alpha: float) -> float:
         """The factor ``s`` applied to ``B A x``: ``alpha / r`` or ``alpha / √r`` (rsLoRA)."""
@@ -285,3 +259,19 @@ def _check_pattern(field: str, value: Any, kind: str, problems: list[str], out: 
         if not good:
             problems.append(f"{field}[{key!r}]={item!r}: must be a positive {kind}")
     out[field] = dict(value)
+
+
+def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
+    """A :class:`LoraConfig` from a PEFT ``adapter_config.json`` mapping (see
+    :mod:`lorakit.config.peft_json` for which keys are read and which are refused).
+
+    Every problem is collected and raised once as :class:`ConfigError` naming ``source``, each
+    offending key and its value.
+    """
+    kwargs = peft_json.config_kwargs(data, [f.name for f in dataclasses.fields(LoraConfig)], source)
+    try:
+        return LoraConfig(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except TypeError as exc:  # a key of LoraConfig given a value of the wrong shape
+        raise ConfigError(f"{source}: {exc}") from None

@@ -12,19 +12,19 @@ that computes something else than it did in PEFT.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
-from lorakit.config import INIT_NAMES, LoraConfig, TaskType, parse_init
+from lorakit.config.inits import INIT_NAMES, parse_init
+from lorakit.config.task_type import TaskType
 from lorakit.errors import ConfigError
 
 __all__ = [
     "PEFT_LORA_KEYS",
     "PEFT_FORMAT_VERSION",
     "config_to_peft_dict",
-    "config_from_peft_dict",
+    "config_kwargs",
     "dumps",
     "peft_task_type",
 ]
@@ -110,8 +110,16 @@ _PEFT_TASK: dict[TaskType, str | None] = {
 _INIT_CHOICES = ", ".join(repr(c) for c in INIT_NAMES)
 
 
-def _field_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(LoraConfig)]
+class ConfigData(Protocol):
+    """What writing needs of a config (``LoraConfig`` has it)."""
+
+    @property
+    def task_type(self) -> TaskType | str | None: ...
+
+    @property
+    def lora_dropout(self) -> float: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 def peft_task_type(task: TaskType | str | None) -> str | None:
@@ -123,7 +131,7 @@ def peft_task_type(task: TaskType | str | None) -> str | None:
 
 
 def config_to_peft_dict(
-    config: LoraConfig,
+    config: ConfigData,
     *,
     auto_mapping: Mapping[str, str] | None = None,
     base_model_name_or_path: str | None = None,
@@ -173,8 +181,8 @@ def _key_problem(key: str, value: Any) -> str | None:
     )
 
 
-def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> LoraConfig:
-    """A :class:`LoraConfig` from a PEFT ``adapter_config.json`` mapping.
+def config_kwargs(data: Any, fields: Sequence[str], source: str = "adapter_config.json") -> dict[str, Any]:
+    """The keyword arguments of the config's ``fields`` in a PEFT ``adapter_config.json`` mapping.
 
     Every problem is collected and raised once as :class:`ConfigError` naming ``source``, each
     offending key and its value.
@@ -187,13 +195,13 @@ def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> Lor
             f"{source}: peft_type={json.dumps(peft_type)}; lorakit reads only LoRA "
             'adapters (peft_type "LORA")'
         )
-    fields = set(_field_names())
+    known = set(fields)
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key in _INFORMATIONAL:
             continue
-        if key in fields and key not in _UNSUPPORTED:
+        if key in known and key not in _UNSUPPORTED:
             kwargs[key] = value
             continue
         problem = _key_problem(key, value)
@@ -205,9 +213,4 @@ def config_from_peft_dict(data: Any, source: str = "adapter_config.json") -> Lor
         raise ConfigError(
             f"{source}: this adapter uses features lorakit cannot load:\n  - " + "\n  - ".join(problems)
         )
-    try:
-        return LoraConfig(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
-    except TypeError as exc:  # a key of LoraConfig given a value of the wrong shape
-        raise ConfigError(f"{source}: {exc}") from None
+    return kwargs

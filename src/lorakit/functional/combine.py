@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from lorakit.errors import ConfigError
+
 __all__ = ["METHODS", "SIGN_METHODS", "combine", "magnitude_mask", "random_mask", "majority_sign_mask"]
 
 METHODS = ("linear", "magnitude_prune", "ties", "dare_linear", "dare_ties")
@@ -68,7 +70,7 @@ def combine(
     """Combine ``tensors`` with ``weights`` by ``method`` (one of :data:`METHODS`); see the module
     docstring for the math. ``density`` ∈ (0, 1] is the fraction kept by the pruning methods."""
     if method not in METHODS:
-        raise ValueError(f"method={method!r}: must be one of {', '.join(METHODS)}")
+        raise ConfigError(f"method={method!r}: must be one of {', '.join(METHODS)}")
     if method != "linear":
         tensors = [_sparsify(t, method, density) for t in tensors]
     stacked = torch.stack(list(tensors))  # (n, …)

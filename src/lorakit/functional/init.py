@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from lorakit.errors import ConfigError
+
 __all__ = ["pissa", "olora", "orthogonal"]
 
 
@@ -75,7 +77,7 @@ def orthogonal(d: int, k: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(A (r × k), B (d × r))``.
     """
     if r % 2:
-        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank r, got r={r}")
+        raise ConfigError(f"init_lora_weights='orthogonal' needs an even rank r, got r={r}")
     q, _ = torch.linalg.qr(torch.randn(r, r))
     q_odd, q_even = q[0::2, :], q[1::2, :]
     a = (torch.randn(k, r // 2) @ q_odd).T / 10.0

@@ -1,94 +1,68 @@
-"""What every LoRA layer shares: the per-adapter containers, activation, merging and mixed batches.
+"""What every LoRA layer shares, and the contract a layer kind fulfils.
 
 A LoRA layer wraps its ``base_layer`` and keeps one entry per adapter name in PEFT's containers
-(``lora_A``, ``lora_B``, ``lora_dropout``, ``lora_embedding_A``, ``lora_embedding_B``,
-``lora_magnitude_vector``), so state-dict keys and ``print(model)`` read as PEFT's. A layer kind
-(linear, embedding, conv) supplies three things: how to create an adapter's factors, its
-``ΔW`` and its low-rank branch; the bookkeeping here is the same for all of them.
+(:data:`CONTAINERS`), so state-dict keys and ``print(model)`` read as PEFT's. State is explicit:
+``active_adapters`` (what forward applies), ``merged_adapters`` (what is inside the base weight;
+``merged`` is derived from it) and ``disable_adapters``. ``forward`` never changes state.
 
-State is explicit: ``active_adapters`` (what forward applies), ``merged_adapters`` (what is inside
-the base weight; ``merged`` is derived from it) and ``disable_adapters``. ``forward`` never changes
-state.
+**A layer kind** (linear, embedding, convolution, ...) is a subclass that provides:
+
+=========================  =====================================================================
+must                       ``create_adapter`` (A, B in ``factor_containers``, initialised),
+                           ``delta_weight`` (ΔW, float32, shaped like the base weight),
+                           ``lora_branch`` (the adapter's output for an input)
+may                        ``option_problems`` (what it refuses, before anything changes),
+                           ``is_linear`` (counts for ``target_modules="all-linear"``),
+                           ``stores_input_first`` (the weight is (k × d): ``fan_in_fan_out``),
+                           ``to_matrix`` (ΔW as a (d × k) matrix, for SVDs),
+                           ``add_branch`` / ``add_mixed_`` / ``forward`` (faster equal paths)
+for variants (DoRA)        ``out_axis``, ``base_without_bias``, ``magnitude_shape``,
+                           ``channel_view`` (see :class:`lorakit.layers.variant.VariantHost`)
+for weights that are not   ``dense_weight`` / ``write_base`` (read and write the weight as a
+plain tensors              dense float tensor), ``unloaded`` (what replaces the layer on unload)
+=========================  =====================================================================
+
+and is registered in :mod:`lorakit.layers.registry`. Nothing outside the kind's file tests its
+type: model operations, persistence and hot-swapping go through this contract.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
 from lorakit.functional import lora as LF
-from lorakit.layers.variants import DORA, LoraVariant
-from lorakit.model import engines
+from lorakit.layers.rows import BASE_ROWS, rows_for
+from lorakit.layers.variant import LoraVariant
 
-BASE_ROWS = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+__all__ = ["LoraLayer", "CONTAINERS"]
 
-# The per-row adapter names of the model call in progress (PeftModel.forward / generate with
-# adapter_names=...). A context variable reaches every layer without walking the module tree.
-_ROW_ADAPTERS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar(
-    "lorakit_row_adapters", default=None
-)
-
-
-# How many row_adapters blocks are open (in any thread): while 0, forward reads no context variable,
-# which torch.compile could not trace (a plain int global it guards on).
-_OPEN_ROW_BLOCKS = 0
-
-
-@contextlib.contextmanager
-def row_adapters(names: Sequence[str]) -> Iterator[None]:
-    """Within the block, LoRA layers give row ``i`` of each batch adapter ``names[i]``."""
-    global _OPEN_ROW_BLOCKS
-    token = _ROW_ADAPTERS.set(tuple(names))
-    _OPEN_ROW_BLOCKS += 1
-    try:
-        yield
-    finally:
-        _OPEN_ROW_BLOCKS -= 1
-        _ROW_ADAPTERS.reset(token)
-
-
-def rows_for(x: torch.Tensor, explicit: Sequence[str] | None) -> list[str] | None:
-    """The adapter name of each row of ``x``: ``explicit``, else the model call's, where a batch
-    that is a multiple of the names (generate() with beams or several samples) repeats each name."""
-    if explicit is not None:
-        return list(explicit)
-    if not _OPEN_ROW_BLOCKS:
-        return None
-    names = _ROW_ADAPTERS.get()
-    if names is None:
-        return None
-    rows = x.shape[0] if x.dim() else 0
-    if names and rows != len(names) and rows % len(names) == 0:
-        return [n for n in names for _ in range(rows // len(names))]
-    return list(names)
+# PEFT's per-adapter containers, in PEFT's attribute order (it shows in print(model)).
+CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 class LoraLayer(nn.Module, abc.ABC):
     """A base layer plus any number of named low-rank adapters.
 
     ``forward(x) = base_layer(x) + Σ_{a ∈ active, a ∉ merged} update_a(x)``, where a LoRA
-    adapter's update is its low-rank branch and a variant's (DoRA) is what its strategy in
-    ``lora_variant`` computes (see :mod:`lorakit.layers.variants`).
+    adapter's update is its low-rank branch and a variant's is what its strategy computes.
 
     Unmerging restores the base weight bit for bit: on the first merge the layer keeps a copy of the
     original weight (and bias) as a non-persistent buffer, so a merged layer costs one extra copy
     of its weight until it is unmerged; ``merge_and_unload`` does not keep it.
     """
 
-    adapter_param_names = (
-        "lora_A",
-        "lora_B",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "lora_magnitude_vector",
-    )
+    _original_weight: torch.Tensor | None  # buffers, registered in __init__
+    _original_bias: torch.Tensor | None
+    adapter_param_names: ClassVar[tuple[str, ...]] = CONTAINERS
+    factor_containers: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
+    is_linear: ClassVar[bool] = False
+    out_axis: int = 0  # the axis of the base weight that indexes output channels
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -107,8 +81,8 @@ class LoraLayer(nn.Module, abc.ABC):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
-        # The unsharded shape, to recognise a weight an engine has sharded since (see merge_problem).
-        self.base_weight_shape = tuple(base_layer.weight.shape)
+        # The unsharded shape, to recognise a weight an engine has sharded since (model.engines).
+        self.base_weight_shape = tuple(self.dense_weight().shape)
         self.register_buffer("_original_weight", None, persistent=False)
         self.register_buffer("_original_bias", None, persistent=False)
 
@@ -119,50 +93,67 @@ class LoraLayer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``ΔW`` of adapter ``name`` in float32, shaped like ``base_layer.weight``."""
+        """``ΔW`` of adapter ``name`` in float32, shaped like the base weight."""
 
     @abc.abstractmethod
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The adapter's contribution to the output for input ``x``."""
 
-    out_axis = 0  # the axis of base_layer.weight that indexes output channels
+    @classmethod
+    def option_problems(
+        cls, base: nn.Module, *, init: bool | str, lora_bias: bool, variant: LoraVariant | None
+    ) -> list[str]:
+        """Why this kind cannot wrap ``base`` with these options (empty: it can)."""
+        return []
+
+    @classmethod
+    def stores_input_first(cls, base: nn.Module) -> bool | None:
+        """Whether ``base`` stores its weight input-first (``None``: the notion does not apply)."""
+        return None
+
+    def to_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped like the base weight as the (d × k) matrix that ``B A`` is."""
+        return weight_like
 
     def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's output for ``x`` computed with ``weight`` and without bias."""
-        raise NotImplementedError(f"{type(self).__name__} does not support adapter variants (DoRA)")
+        raise AdapterError(f"{type(self).__name__} does not support adapter variants (DoRA)")
 
     def magnitude_shape(self) -> tuple[int, ...]:
         """The shape of a per-output-channel vector as PEFT stores it (DoRA's magnitude)."""
-        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
-        return (int(weight.shape[self.out_axis]),)
+        return (int(self.dense_weight().shape[self.out_axis]),)
 
     def channel_view(self, v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A per-output-channel vector ``v`` (C,) shaped to broadcast over an output ``like``
         whose channels are its last dimension (kinds with channels elsewhere override this)."""
         return v.reshape(-1)
 
-    def original_weight(self) -> torch.Tensor:
-        """The base weight as it is without any merged adapter (after any init that changed it)."""
-        return self._original_weight if self._original_weight is not None else self.base_layer.weight
-
-    def original_bias(self) -> torch.Tensor | None:
-        if self._original_bias is not None:
-            return self._original_bias
-        return getattr(self.base_layer, "bias", None)
-
-    def adapter_delta(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The change adapter ``name`` makes to the unmerged ``weight``, in float32: ``ΔW`` for
-        LoRA, the variant's own for a variant."""
-        variant = self.lora_variant.get(name)
-        return self.delta_weight(name) if variant is None else variant.delta(self, name, weight)
-
     def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
         """``result`` plus adapter ``name``'s branch (the sum is taken in the promoted dtype, as PEFT
-        does). Kinds with a fused path override this; it must agree with :meth:`lora_branch`."""
+        does). Kinds with a faster path override this; it must agree with :meth:`lora_branch`."""
         return result + self.lora_branch(x, name)
 
-    def has_adapter(self, name: str) -> bool:
-        return name in self.r
+    # -- the base weight (kinds whose weight is not a plain tensor override these) ---------------
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense floating tensor (quantized kinds dequantize it)."""
+        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
+        return weight
+
+    def base_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Store ``weight`` (and ``bias``, if given) as the base layer's, in place."""
+        with torch.no_grad():
+            self.dense_weight().copy_(weight)
+            base_bias = self.base_bias()
+            if bias is not None and base_bias is not None:
+                base_bias.copy_(bias)
+
+    def unloaded(self) -> nn.Module:
+        """The module that takes this layer's place when LoRA is removed (merged or not)."""
+        return self.base_layer
 
     # -- adapters --------------------------------------------------------------------------------
     @property
@@ -176,11 +167,28 @@ class LoraLayer(nn.Module, abc.ABC):
     @property
     def weight(self) -> torch.Tensor:
         """The base weight (transformers reads ``.weight`` of some layers, e.g. tied embeddings)."""
-        return self.base_layer.weight
+        return self.dense_weight()
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self.base_layer, "bias", None)
+        return self.base_bias()
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.r
+
+    def container(self, name: str) -> nn.ModuleDict:
+        """One of PEFT's per-adapter containers (:data:`CONTAINERS`) by attribute name."""
+        holder = getattr(self, name)
+        if not isinstance(holder, nn.ModuleDict):
+            raise AdapterError(f"{name!r} is not a module container of {type(self).__name__}")
+        return holder
+
+    def original_weight(self) -> torch.Tensor:
+        """The base weight as it is without any merged adapter (after any init that changed it)."""
+        return self._original_weight if self._original_weight is not None else self.dense_weight()
+
+    def original_bias(self) -> torch.Tensor | None:
+        return self._original_bias if self._original_bias is not None else self.base_bias()
 
     def add_adapter(
         self,
@@ -192,7 +200,7 @@ class LoraLayer(nn.Module, abc.ABC):
         dropout: float,
         init: bool | str,
         lora_bias: bool,
-        use_dora: bool = False,
+        variant: LoraVariant | None = None,
     ) -> None:
         self.r[name] = r
         self.lora_alpha[name] = alpha
@@ -201,34 +209,36 @@ class LoraLayer(nn.Module, abc.ABC):
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.create_adapter(name, r, init=init, lora_bias=lora_bias)
         self.place_adapter(name)
-        if use_dora:
-            DORA.init(self, name)
-            self.lora_variant[name] = DORA
+        if variant is not None:
+            variant.init(self, name)
+            self.lora_variant[name] = variant
 
     def place_adapter(self, name: str, *, autocast_dtype: bool = True) -> None:
-        """Move adapter ``name``'s factors to the base weight's device and pick their dtype.
+        """Move adapter ``name``'s tensors to the base weight's device and pick their dtype.
 
         ``autocast_dtype=True`` (PEFT's ``autocast_adapter_dtype``): a float16/bfloat16 base keeps
         float32 factors, so small updates are not lost to rounding. ``False``: the factors take the
         base weight's dtype (less memory, PEFT's behaviour with ``autocast_adapter_dtype=False``).
         """
-        weight = self.base_layer.weight
+        weight = self.dense_weight()
         keep_base = not autocast_dtype or weight.dtype in (torch.float32, torch.float64)
         dtype = weight.dtype if keep_base and weight.is_floating_point() else torch.float32
-        for container in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
-            if name in container:
-                container[name].to(device=weight.device, dtype=dtype)
-        for pdict in (self.lora_embedding_A, self.lora_embedding_B):
-            if name in pdict:
-                pdict[name].data = pdict[name].data.to(device=weight.device, dtype=dtype)
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name not in holder:
+                continue
+            if isinstance(holder, nn.ParameterDict):
+                holder[name].data = holder[name].data.to(device=weight.device, dtype=dtype)
+            else:
+                holder[name].to(device=weight.device, dtype=dtype)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge it first")
-        for attr in ("lora_dropout",) + self.adapter_param_names:
-            container = getattr(self, attr)
-            if name in container:
-                del container[name]
+        for attr in ("lora_dropout", *self.adapter_param_names):
+            holder = getattr(self, attr)
+            if name in holder:
+                del holder[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.lora_variant):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -241,34 +251,72 @@ class LoraLayer(nn.Module, abc.ABC):
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params: list[nn.Parameter] = []
         for attr in self.adapter_param_names:
-            container = getattr(self, attr)
-            if name in container:
-                item = container[name]
+            holder = getattr(self, attr)
+            if name in holder:
+                item = holder[name]
                 params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
         return params
 
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors under their PEFT file keys relative to this layer
+        (``lora_A.weight``, ``lora_embedding_A``, ...; a variant names its own)."""
+        variant = self.lora_variant.get(name)
+        tensors: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name not in holder:
+                continue
+            if variant is not None and attr == variant.container:
+                tensors.update(variant.tensors(self, name))
+            elif isinstance(holder, nn.ParameterDict):
+                tensors[attr] = holder[name]
+            else:
+                tensors.update({f"{attr}.{k}": t for k, t in holder[name].state_dict(keep_vars=True).items()})
+        return tensors
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of adapter ``name`` as live parameters: A's rank is its axis 0, B's its axis 1."""
+        a_attr, b_attr = self.factor_containers
+        return self._factor(a_attr, name), self._factor(b_attr, name)
+
+    def lora_b_bias(self, name: str) -> torch.Tensor | None:
+        """Adapter ``name``'s LoRA bias (on B, ``lora_bias=True``), or ``None``."""
+        bias = getattr(self.lora_B[name], "bias", None) if name in self.lora_B else None
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def _factor(self, attr: str, name: str) -> torch.Tensor:
+        item = getattr(self, attr)[name]
+        return item if isinstance(item, nn.Parameter) else item.weight
+
+    def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Replace adapter ``name``'s factors by new tensors (of any rank), as new parameters that
+        keep ``requires_grad``; ``r`` is updated, the scaling is kept."""
+        for attr, new in zip(self.factor_containers, (a, b), strict=True):
+            holder = getattr(self, attr)
+            param = nn.Parameter(new, requires_grad=self._factor(attr, name).requires_grad)
+            if isinstance(holder, nn.ParameterDict):
+                holder[name] = param
+            else:
+                holder[name].weight = param
+                _sync_shape_attributes(holder[name])
+        self.r[name] = int(a.shape[0])
+
     # -- merging ---------------------------------------------------------------------------------
+    def adapter_delta(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The change adapter ``name`` makes to the unmerged ``weight``, in float32: ``ΔW`` for
+        LoRA, the variant's own for a variant."""
+        variant = self.lora_variant.get(name)
+        return self.delta_weight(name) if variant is None else variant.delta(self, name, weight)
+
     def merge_result_names(self, names: Sequence[str] | None) -> list[str]:
         """The adapters a merge of ``names`` (default: the active ones) would add to this layer."""
-        return [
-            n
-            for n in (self.active_adapters if names is None else names)
-            if self.has_adapter(n) and n not in self.merged_adapters
-        ]
+        wanted = self.active_adapters if names is None else names
+        return [n for n in wanted if self.has_adapter(n) and n not in self.merged_adapters]
 
     def merge_problem(self, names: Sequence[str] | None = None) -> str | None:
         """Why merging ``names`` here is impossible, or ``None`` (checked before any weight changes)."""
-        weight = self.base_layer.weight
-        if engines.is_dtensor(weight) or tuple(weight.shape) != self.base_weight_shape:
-            what = "a DTensor shard" if engines.is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
-            return (
-                f"the base weight is sharded by a distributed engine ({what}, unsharded "
-                f"{self.base_weight_shape}); merging it here would change only this rank's piece, or "
-                "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
-                "saved adapter into an unsharded model and merge there"
-            )
         with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
-        if with_bias and getattr(self.base_layer, "bias", None) is None:
+        if with_bias and self.base_bias() is None:
             return (
                 f"adapter(s) {with_bias} have lora_bias=True but the base "
                 f"{type(self.base_layer).__name__} has no bias to merge it into"
@@ -286,8 +334,7 @@ class LoraLayer(nn.Module, abc.ABC):
         pending = self.merge_result_names(names)
         if not pending:
             return None
-        weight = self.base_layer.weight
-        original = self._original_weight if self._original_weight is not None else weight.detach()
+        original = self.original_weight().detach()
         all_merged = self.merged_adapters + pending
         total = self.adapter_delta(all_merged[0], original)
         for name in all_merged[1:]:
@@ -315,26 +362,26 @@ class LoraLayer(nn.Module, abc.ABC):
                 f"safe_merge: merging adapter(s) {pending} gives non-finite weights in "
                 f"{type(self.base_layer).__name__}; the weights were left unchanged"
             )
-        weight = self.base_layer.weight
         if keep_original and self._original_weight is None:
-            self._original_weight = weight.detach().clone()
+            self._original_weight = self.dense_weight().detach().clone()
         # The bias may first change on a later merge (the first adapter with lora_bias).
-        if keep_original and new_bias is not None and self._original_bias is None:
-            self._original_bias = self.base_layer.bias.detach().clone()
-        with torch.no_grad():
-            weight.copy_(new_weight)
-            if new_bias is not None:
-                self.base_layer.bias.copy_(new_bias)
+        base_bias = self.base_bias()
+        if keep_original and new_bias is not None and self._original_bias is None and base_bias is not None:
+            self._original_bias = base_bias.detach().clone()
+        self.write_base(new_weight, new_bias)
         self.merged_adapters.extend(pending)
 
     def _merged_bias(self, names: Sequence[str]) -> torch.Tensor | None:
         with_bias = [n for n in names if self.lora_bias.get(n) and n in self.lora_B]
-        base_bias = getattr(self.base_layer, "bias", None)
+        base_bias = self.base_bias()
         if not with_bias or base_bias is None:
             return None
-        original = self._original_bias if self._original_bias is not None else base_bias.detach()
-        total = sum(self.lora_B[n].bias.float() * self.scaling[n] for n in with_bias)
-        return (original.float() + total).to(base_bias.dtype)
+        original = self.original_bias()
+        assert original is not None  # the base has a bias, so the original one exists
+        total = original.detach().float()
+        for n in with_bias:
+            total = total + self.lora_b_bias(n).float() * self.scaling[n]  # type: ignore[union-attr]
+        return total.to(base_bias.dtype)
 
     def unmerge(self) -> None:
         """Restore the base weight (and bias) exactly as they were before the first merge."""
@@ -342,27 +389,28 @@ class LoraLayer(nn.Module, abc.ABC):
             return
         if self._original_weight is None:
             raise AdapterError("this layer was merged without keeping its original weight; cannot unmerge")
-        with torch.no_grad():
-            self.base_layer.weight.copy_(self._original_weight)
-            if self._original_bias is not None:
-                self.base_layer.bias.copy_(self._original_bias)
+        self.write_base(self._original_weight, self._original_bias)
         self._original_weight = None
         self._original_bias = None
         self.merged_adapters = []
 
     # -- forward ---------------------------------------------------------------------------------
+    def pending_adapters(self) -> list[str]:
+        """The active adapters forward must still add (held here and not merged)."""
+        return [n for n in self.active_adapters if n not in self.merged_adapters and self.has_adapter(n)]
+
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
     ) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        adapter_names = rows_for(x, adapter_names)
-        if adapter_names is not None:
-            self._check_mixed(x, adapter_names)
-            return self.add_mixed_(result, x, adapter_names)
+        rows = rows_for(x, adapter_names)
+        if rows is not None:
+            self._check_mixed(x, rows)
+            return self.add_mixed_(result, x, rows)
         out_dtype = result.dtype
-        pending = [n for n in self.active_adapters if n not in self.merged_adapters and self.has_adapter(n)]
+        pending = self.pending_adapters()
         variants = [n for n in pending if n in self.lora_variant]
         base = result
         for name in variants:  # first, while ``result`` is still the pure base output
@@ -401,3 +449,13 @@ class LoraLayer(nn.Module, abc.ABC):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _sync_shape_attributes(module: nn.Module) -> None:
+    """Keep a factor module's size attributes (``in_features``, ``out_channels``, ...) true to its
+    new weight (``repr`` and ``state_dict`` users read them)."""
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = int(weight.shape[0]), int(weight.shape[1])
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        module.out_channels, module.in_channels = int(weight.shape[0]), int(weight.shape[1]) * module.groups

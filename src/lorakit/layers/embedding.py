@@ -14,15 +14,25 @@ from torch import nn
 from lorakit.errors import TargetingError
 from lorakit.functional import lora as LF
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.variant import LoraVariant
 
 
 class Embedding(LoraLayer):
     """LoRA around a ``nn.Embedding`` (or a subclass such as a scaled word embedding)."""
 
+    factor_containers = ("lora_embedding_A", "lora_embedding_B")
+    out_axis = 1  # the table is (V, D): output channels are its columns
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        vocab, dim = base_layer.weight.shape
+        vocab, dim = self.dense_weight().shape
         self.in_features, self.out_features = int(vocab), int(dim)  # (V, D)
+
+    @classmethod
+    def option_problems(
+        cls, base: nn.Module, *, init: bool | str, lora_bias: bool, variant: LoraVariant | None
+    ) -> list[str]:
+        return ["lora_bias=True is not supported on embeddings"] if lora_bias else []
 
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         if lora_bias:
@@ -31,10 +41,15 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.out_features, r))
         LF.init_lora_embedding_(self.lora_embedding_A[name], self.lora_embedding_B[name], init)
 
-    out_axis = 1  # the table is (V, D): output channels are its columns
+    def to_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
+        return weight_like.T  # (V, D) → (D, V) = B A
+
+    @property
+    def _table(self) -> nn.Embedding:
+        return self.base_layer  # type: ignore[return-value]  # what the registry wraps
 
     def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
+        base = self._table
         out = F.embedding(
             x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
         )
@@ -52,7 +67,7 @@ class Embedding(LoraLayer):
         return LF.linear_delta(a, b, self.scaling[name], fan_in_fan_out=True)  # (V, D)
 
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        base = self.base_layer
+        base = self._table
         rows = F.embedding(
             x,
             self.lora_embedding_A[name].T,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers.base import rows_for
+from lorakit.layers.rows import rows_for
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -62,7 +62,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.active_module.weight
+        weight: torch.Tensor = self.active_module.weight  # type: ignore[assignment]
+        return weight
 
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any

@@ -31,7 +31,7 @@ from torch import nn
 from lorakit.config import LoraConfig, moves_base_weight
 from lorakit.errors import AdapterError
 from lorakit.functional import combine as LC
-from lorakit.layers import Conv, Embedding, LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, variant_for
 from lorakit.model import injection
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter"]
@@ -81,9 +81,12 @@ def _check(
         problems.append(f"svd_rank={svd_rank!r}: must be a positive integer or None")
     if unknown:
         return problems
-    dora = [a for a in adapters if configs[a].use_dora]
-    if dora:
-        problems.append(f"adapters {dora} use DoRA; their magnitudes have no defined combination")
+    by_variant: dict[str, list[str]] = {}
+    for adapter in adapters:
+        variant = variant_for(configs[adapter])
+        if variant is not None and variant.combine_problem:
+            by_variant.setdefault(f"{variant.name}; {variant.combine_problem}", []).append(adapter)
+    problems += [f"adapters {names} use {why}" for why, names in by_variant.items()]
     ranks = {a: _max_rank(configs[a]) for a in adapters}
     if combination_type in FACTOR_TYPES and len(adapters) > 1 and len(set(ranks.values())) > 1:
         problems.append(
@@ -121,15 +124,6 @@ def _new_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], rank
     )
 
 
-def _factors(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of ``name`` as live parameters: (r × k, d × r), or (r, C_in, *kernel), (C_out, r, 1…)."""
-    if name in layer.lora_embedding_A:
-        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
-    a: torch.Tensor = layer.lora_A[name].weight  # type: ignore[assignment]
-    b: torch.Tensor = layer.lora_B[name].weight  # type: ignore[assignment]
-    return a, b
-
-
 def _svd_factors(
     layer: LoraLayer,
     delta: torch.Tensor,
@@ -139,12 +133,7 @@ def _svd_factors(
     driver: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` (A, B) with ``B A ≈ delta`` (given in the weight's layout)."""
-    if isinstance(layer, Conv):
-        matrix = delta.flatten(1)  # (C_out, C_in·kernel)
-    elif isinstance(layer, Embedding) or getattr(layer, "fan_in_fan_out", False):
-        matrix = delta.T  # (d, k)
-    else:
-        matrix = delta
+    matrix = layer.to_matrix(delta)  # (d, k)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=full_matrices, driver=driver)
     b, a = u[:, :rank] @ torch.diag(s[:rank]), vh[:rank, :]
     if b.shape[1] < rank:  # the update has fewer singular vectors than the rank: pad with zeros
@@ -166,14 +155,14 @@ def _fill_layer(
     options: dict,
 ) -> None:
     present = [(a, w) for a, w in zip(adapters, weights, strict=True) if layer.has_adapter(a)]
-    target_a, target_b = _factors(layer, new)
+    target_a, target_b = layer.factors(new)
     target_a.zero_()
     target_b.zero_()
     if not present:
         return
     if combination_type == "cat":
-        a = torch.cat([_factors(layer, n)[0] * (w * layer.scaling[n]) for n, w in present], dim=0)
-        b = torch.cat([_factors(layer, n)[1] for n, _ in present], dim=1)
+        a = torch.cat([layer.factors(n)[0] * (w * layer.scaling[n]) for n, w in present], dim=0)
+        b = torch.cat([layer.factors(n)[1] for n, _ in present], dim=1)
         target_a[: a.shape[0]] = a
         target_b[:, : b.shape[1]] = b
         return
@@ -202,14 +191,14 @@ def _fill_layer(
     weights_a = [math.copysign(math.sqrt(abs(x)), x) for x in c]
     weights_b = [math.sqrt(abs(x)) for x in c]
     a = LC.combine(
-        [_factors(layer, n)[0] for n, _ in present],
+        [layer.factors(n)[0] for n, _ in present],
         weights_a,
         method,
         options["density"],
         options["majority_sign_method"],
     )
     b = LC.combine(
-        [_factors(layer, n)[1] for n, _ in present],
+        [layer.factors(n)[1] for n, _ in present],
         weights_b,
         method,
         options["density"],

@@ -30,6 +30,7 @@ __all__ = [
     "recorded_shapes",
     "wrapping_problems",
     "is_dtensor",
+    "sharded_weight_problem",
     "is_zero3",
     "is_engine_sharded",
     "shard_problems",
@@ -89,6 +90,21 @@ def is_engine_sharded(tensor: torch.Tensor) -> bool:
     """Managed by a sharding engine: a DTensor, a ZeRO-3 parameter, or an FSDP1 flattened one
     (whole or not at this moment)."""
     return is_dtensor(tensor) or is_zero3(tensor) or bool(getattr(tensor, "_fsdp_flattened", False))
+
+
+def sharded_weight_problem(weight: torch.Tensor, unsharded_shape: tuple[int, ...]) -> str | None:
+    """Why a layer's base ``weight`` cannot be merged into here: it is a DTensor shard, or has
+    another shape than the one it had when the adapter was added (an FSDP1 flat view, a ZeRO-3
+    partition); ``None`` when it is whole."""
+    if not (is_dtensor(weight) or tuple(weight.shape) != tuple(unsharded_shape)):
+        return None
+    what = "a DTensor shard" if is_dtensor(weight) else f"of shape {tuple(weight.shape)}"
+    return (
+        f"the base weight is sharded by a distributed engine ({what}, unsharded "
+        f"{tuple(unsharded_shape)}); merging it here would change only this rank's piece, or "
+        "nothing. Use lorakit.distributed.merge_adapter (gathers under ZeRO-3), or load the "
+        "saved adapter into an unsharded model and merge there"
+    )
 
 
 def wrapping_problems(model: nn.Module) -> list[str]:

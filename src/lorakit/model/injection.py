@@ -13,17 +13,15 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig, parse_init
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
-    Conv,
-    Embedding,
     LoraLayer,
     ModulesToSaveWrapper,
-    is_conv1d,
     lora_layer_for,
     supported_kinds,
+    variant_for,
 )
 from lorakit.model import engines
 from lorakit.model.targeting import (
@@ -33,9 +31,6 @@ from lorakit.model.targeting import (
     select_targets,
     suffix_summary,
 )
-
-# inits that read the base weight (and, for PiSSA / OLoRA, replace it by a residual)
-FROM_WEIGHT_INITS = ("pissa", "olora", "orthogonal")
 
 __all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
 
@@ -68,13 +63,18 @@ def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> Non
 
 
 def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> LoraConfig:
-    """Conv1D stores weights fan-in first; the flag follows the layers, with a warning if the user's
-    value disagreed (PEFT warns likewise)."""
-    bases = [m.base_layer if isinstance(m, LoraLayer) else m for _, m in targets]
-    linear = [b for b in bases if isinstance(b, nn.Linear) or is_conv1d(b)]
-    if not linear:
+    """Some kinds store weights input-first (transformers' Conv1D); the flag follows the layers,
+    with a warning if the user's value disagreed (PEFT warns likewise)."""
+    flags = []
+    for _, module in targets:
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        kind = lora_layer_for(base)
+        flag = None if kind is None else kind.stores_input_first(base)
+        if flag is not None:
+            flags.append(flag)
+    if not flags:
         return config
-    wanted = all(is_conv1d(b) for b in linear)
+    wanted = all(flags)
     if config.fan_in_fan_out != wanted:
         warnings.warn(
             f"fan_in_fan_out={config.fan_in_fan_out} does not fit the targeted layers "
@@ -118,18 +118,17 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             f"{suffix_summary(model)}"
         )
     problems = []
-    init_kind = (parse_init(resolved.init_lora_weights) or ("default", None))[0]
+    variant = variant_for(resolved)
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if isinstance(module, ModulesToSaveWrapper) or lora_layer_for(base) is None:
+        kind = lora_layer_for(base)
+        if isinstance(module, ModulesToSaveWrapper) or kind is None:
             problems.append(f"{name} ({type(base).__name__})")
-        elif resolved.lora_bias and lora_layer_for(base) is Embedding:
-            problems.append(f"{name} (lora_bias=True is not supported on embeddings)")
-        elif init_kind in FROM_WEIGHT_INITS and lora_layer_for(base) is Conv:
-            problems.append(
-                f"{name} (init_lora_weights={resolved.init_lora_weights!r} is for linear "
-                "layers; convolutions take True, False or 'gaussian')"
-            )
+            continue
+        refused = kind.option_problems(
+            base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
+        )
+        problems.extend(f"{name} ({reason})" for reason in refused)
     if problems:
         raise TargetingError(
             "cannot add LoRA to: "
@@ -180,6 +179,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     """
     p = plan(model, config, adapter_name)
     cfg = p.config
+    variant = variant_for(cfg)
     slots = _parent_slots(model)
     for name, module in p.targets:
         if isinstance(module, LoraLayer):
@@ -198,7 +198,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             dropout=cfg.lora_dropout,
             init=cfg.init_lora_weights,
             lora_bias=cfg.lora_bias,
-            use_dora=cfg.use_dora,
+            variant=variant,
         )
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
@@ -231,7 +231,7 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
         if isinstance(module, LoraLayer):
             if not keep_merged:
                 module.unmerge()
-            _replace(slots, module, module.base_layer)
+            _replace(slots, module, module.unloaded())
         else:
             replacement = module.active_module if keep_merged else module.original_module
             _replace(slots, module, replacement)

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import TargetingError
 from lorakit.model.targeting import (
     default_targets_for,
     matches_target,
@@ -55,5 +56,5 @@ def inspect(model: nn.Module) -> ModelReport:
     for row in rows:
         row["default"] = bool(config and matches_target(config, row["name"]))
     if not rows:
-        raise ValueError(suffix_summary(model))
+        raise TargetingError(suffix_summary(model))
     return ModelReport(model_type_of(model), defaults, rows)

@@ -13,6 +13,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.model import engines
 from lorakit.model.injection import lora_modules
 
 __all__ = [
@@ -160,7 +161,7 @@ def merge(
     if names is not None:
         _check_known(model, list(names))
     named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
-    problems = [f"{lname}: {problem}" for lname, layer in named if (problem := layer.merge_problem(names))]
+    problems = [f"{lname}: {problem}" for lname, layer in named if (problem := _merge_problem(layer, names))]
     problems += _tied_weight_problems(model, named, names)
     if problems:
         raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
@@ -177,6 +178,13 @@ def merge(
             )
     for layer in layers:
         layer.merge(names, keep_original=keep_original)
+
+
+def _merge_problem(layer: LoraLayer, names: Sequence[str] | None) -> str | None:
+    """What the layer refuses, or what an engine did to its weight (checked first: a sharded weight
+    has nothing to merge into)."""
+    sharded = engines.sharded_weight_problem(layer.dense_weight(), layer.base_weight_shape)
+    return sharded or layer.merge_problem(names)
 
 
 def _tied_weight_problems(

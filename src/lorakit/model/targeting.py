@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.errors import TargetingError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, is_conv1d, lora_layer_for
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
 
 __all__ = [
     "resolve_config",
@@ -93,7 +93,8 @@ def _is_linear(module: nn.Module) -> bool:
     """A Linear or Conv1D, or a LoRA layer around one (a second adapter may target it too)."""
     if isinstance(module, LoraLayer):
         module = module.base_layer
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    kind = lora_layer_for(module)
+    return kind is not None and kind.is_linear
 
 
 def _name_in(name: str, names: list[str]) -> bool:

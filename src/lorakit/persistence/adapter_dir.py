@@ -28,7 +28,7 @@ from torch import nn
 from lorakit import fileio
 from lorakit._version import __version__
 from lorakit.config import LoraConfig, TaskType, peft_json
-from lorakit.config.files import adapter_folder, load_config
+from lorakit.config.files import adapter_folder
 from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
 from lorakit.layers import LoraLayer
 from lorakit.model import engines, injection
@@ -38,6 +38,7 @@ from lorakit.persistence.fingerprint import METADATA_KEY, Fingerprint, fingerpri
 from lorakit.persistence.keys import (
     adapter_keys,
     from_file_keys,
+    parse_key,
     planned_embedding_shapes,
     planned_shapes,
     saved_tensors,
@@ -224,7 +225,7 @@ def read_adapter(
     """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
     ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
     directory = adapter_folder(path, subfolder)
-    config = load_config(directory)
+    config = LoraConfig.from_pretrained(directory)
     safe, legacy = directory / fileio.WEIGHTS_NAME, directory / fileio.LEGACY_WEIGHTS_NAME
     if safe.is_file():
         tensors, metadata = fileio.read_safetensors(safe)
@@ -279,12 +280,9 @@ def _key_problems(
 
 
 def _split(key: str) -> tuple[str, str]:
-    """(module path, tensor name) of a file key, split before the LoRA container name."""
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in LoraLayer.adapter_param_names or part == "base_layer":
-            return ".".join(parts[:i]), ".".join(parts[i:])
-    return ".".join(parts[:-1]), parts[-1]
+    """(module path, tensor name from the LoRA container on) of a file key."""
+    parsed = parse_key(key)
+    return parsed.module, ".".join(p for p in (parsed.part, parsed.tensor) if p)
 
 
 def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
+from lorakit.persistence.keys import parse_key
 
 __all__ = ["to_plain_lora"]
 
@@ -44,14 +45,7 @@ def to_plain_lora(
     given the ``initial`` tensors saved right after the PiSSA/OLoRA init (``source`` names where
     they came from, for errors). Keys are file keys; other tensors pass through unchanged."""
     problems = _convertible(config)
-    factor_keys = [
-        k
-        for k in tensors
-        if ".lora_A." in k
-        or ".lora_B." in k
-        or k.endswith(".lora_embedding_A")
-        or k.endswith(".lora_embedding_B")
-    ]
+    factor_keys = [k for k in tensors if parse_key(k).rank_axis is not None]
     missing = [k for k in factor_keys if k not in initial]
     if missing:
         problems.append(f"{source} lacks {len(missing)} tensor(s) of this adapter, e.g. {missing[:3]}")
@@ -69,7 +63,7 @@ def to_plain_lora(
     out = dict(tensors)
     for key in factor_keys:
         now, start = tensors[key], initial[key].to(device=tensors[key].device, dtype=tensors[key].dtype)
-        if ".lora_A." in key or key.endswith("_A"):
+        if parse_key(key).role == "A":
             out[key] = torch.cat([now, start], dim=0)  # (2r, k…)
         else:
             out[key] = torch.cat([now, -start], dim=1)  # (d, 2r…)

@@ -100,8 +100,7 @@ class Fingerprint:
 def base_weight(module: nn.Module) -> torch.Tensor | None:
     """The unmerged base weight of a target (a LoRA layer's original weight while merged)."""
     if isinstance(module, LoraLayer):
-        original = getattr(module, "_original_weight", None)
-        return original if original is not None else getattr(module.base_layer, "weight", None)
+        return module.original_weight()
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None
 

@@ -26,15 +26,14 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
-from lorakit.layers import Conv, LoraLayer
+from lorakit.layers import LoraLayer
+from lorakit.layers.registry import variants
 from lorakit.model import injection
 from lorakit.model.targeting import rank_and_alpha
 from lorakit.persistence.adapter_dir import read_adapter
-from lorakit.persistence.keys import adapter_keys, from_file_keys
+from lorakit.persistence.keys import adapter_keys, from_file_keys, parse_key
 
 __all__ = ["prepare_model_for_compiled_hotswap", "hotswap_adapter_from_state_dict", "hotswap_adapter"]
-
-_RANK_AXIS = {"lora_A": 0, "lora_B": 1, "lora_embedding_A": 0, "lora_embedding_B": 1}
 
 
 def _user_model(model: nn.Module) -> nn.Module:
@@ -49,28 +48,20 @@ def _configs(model: nn.Module) -> Mapping[str, LoraConfig]:
     return configs if isinstance(configs, Mapping) else {}
 
 
-def _padded(old: torch.Tensor, rank: int, axis: int) -> nn.Parameter:
+def _padded(old: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     shape = list(old.shape)
     shape[axis] = rank
     new = old.new_zeros(shape)
     new.narrow(axis, 0, old.shape[axis]).copy_(old.detach())
-    return nn.Parameter(new, requires_grad=old.requires_grad)
+    return new
 
 
 @torch.no_grad()
 def _pad_layer(layer: LoraLayer, name: str, rank: int) -> None:
-    if name in layer.lora_embedding_A:
-        for attr in ("lora_embedding_A", "lora_embedding_B"):
-            getattr(layer, attr)[name] = _padded(getattr(layer, attr)[name], rank, _RANK_AXIS[attr])
-    else:
-        for attr in ("lora_A", "lora_B"):
-            module = getattr(layer, attr)[name]
-            module.weight = _padded(module.weight, rank, _RANK_AXIS[attr])
-            if isinstance(layer, Conv):
-                setattr(module, "out_channels" if attr == "lora_A" else "in_channels", rank)
-            else:
-                setattr(module, "out_features" if attr == "lora_A" else "in_features", rank)
-    layer.r[name] = rank  # the scaling keeps the adapter's own rank
+    """Zero-pad adapter ``name``'s factors to ``rank`` (``B_pad A_pad = B A``); the scaling keeps
+    the adapter's own rank."""
+    a, b = layer.factors(name)
+    layer.set_factors(name, _padded(a, rank, 0), _padded(b, rank, 1))
 
 
 def prepare_model_for_compiled_hotswap(
@@ -109,30 +100,30 @@ def prepare_model_for_compiled_hotswap(
 def _problems(
     live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], adapter_name: str
 ) -> list[str]:
+    variant_of = {v.container: v.name for v in variants()}
     extra = sorted(set(new) - set(live))
     lines = [
-        f"{k}: the new adapter uses DoRA, the loaded adapter {adapter_name!r} does not"
+        f"{k}: the new adapter uses {variant_of[parse_key(k).part]}, the loaded adapter {adapter_name!r} "
+        "does not"
         for k in extra
-        if k.endswith("lora_magnitude_vector")
+        if parse_key(k).part in variant_of
     ]
     lines += [
         f"{k}: the new adapter has this tensor but the loaded adapter {adapter_name!r} has no such "
         "module (hot-swapping cannot add targets; load it with load_adapter instead)"
         for k in extra
-        if not k.endswith("lora_magnitude_vector")
+        if parse_key(k).part not in variant_of
     ]
     lines += [
-        f"{k}: the new adapter lacks the DoRA magnitude the loaded one has"
+        f"{k}: the new adapter lacks the {variant_of[parse_key(k).part]} tensor the loaded one has"
         for k in sorted(set(live) - set(new))
-        if k.endswith("lora_magnitude_vector")
+        if parse_key(k).part in variant_of
     ]
     for key in sorted(set(new) & set(live)):
         old_shape, new_shape = tuple(live[key].shape), tuple(new[key].shape)
         if old_shape == new_shape:
             continue
-        parts = key.split(".")
-        container = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
-        axis = _RANK_AXIS.get(container)
+        axis = parse_key(key).rank_axis
         pairs = enumerate(zip(old_shape, new_shape, strict=False))
         fits = (
             axis is not None
@@ -207,9 +198,9 @@ def hotswap_adapter_from_state_dict(
         target.zero_()
         if value is None:
             continue
-        if ".lora_B." in key or key.endswith(".lora_embedding_B"):
-            path = key.split(".lora_")[0]
-            value = value * ratios.get(path, 1.0)
+        parsed = parse_key(key)
+        if parsed.role == "B":  # B and its bias carry the scaling ratio
+            value = value * ratios.get(parsed.module, 1.0)
         region = target[tuple(slice(0, n) for n in value.shape)]
         region.copy_(value.to(device=target.device, dtype=target.dtype))
 

@@ -17,7 +17,8 @@ in memory (relative to the model root)                in the adapter state dict 
 lm_head, see ``EMBEDDING_LAYER_NAMES``)               when such a layer is targeted)
 ====================================================  ===========================================
 
-Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring.
+Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring;
+a key read from a file is split into its parts by :func:`parse_key`, the one reader of this grammar.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for, variant_for
 from lorakit.model import engines
 from lorakit.model.injection import Plan
 from lorakit.model.targeting import rank_and_alpha
 
 __all__ = [
+    "AdapterKey",
+    "parse_key",
     "AdapterKeys",
     "FILE_PREFIX",
     "adapter_keys",
@@ -50,11 +53,57 @@ __all__ = [
     "set_peft_model_state_dict",
 ]
 
-MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output-row magnitude: reserved, written without ``.weight``
 FILE_PREFIX = "base_model.model."  # what a PeftModel's file puts before each module path
 # PEFT also saves the base weights of a targeted input / output embedding with these names (so that
 # adapters trained after resizing the vocabulary carry the resized embedding); loading accepts them.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+# Which factor each of PEFT's factor containers holds (A: rank on axis 0; B: rank on axis 1).
+FACTOR_ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+PAIRED_B = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}  # the B beside each A
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterKey:
+    """One key of an adapter file, split: ``<module>.<part>[.<tensor>]``.
+
+    ``part`` is one of PEFT's per-adapter containers (``lora_A``, ``lora_B``, ``lora_embedding_A``,
+    ``lora_embedding_B``, ``lora_magnitude_vector``), ``"base_layer"`` (a base tensor PEFT also
+    saves) or ``""`` (a module saved in full, or a bias); ``tensor`` is what follows (``weight``,
+    ``bias``; empty for parameters stored directly in the container).
+    """
+
+    module: str
+    part: str
+    tensor: str
+
+    @property
+    def role(self) -> str | None:
+        """``"A"`` or ``"B"`` for a LoRA factor (its bias included), else ``None``."""
+        return FACTOR_ROLES.get(self.part)
+
+    @property
+    def rank_axis(self) -> int | None:
+        """The axis that has the adapter's rank: 0 for A, 1 for B; ``None`` for anything else."""
+        if self.role is None or self.tensor == "bias":
+            return None
+        return 0 if self.role == "A" else 1
+
+    @property
+    def is_adapter_tensor(self) -> bool:
+        """A tensor of the adapter itself (a factor, its bias or a variant's), not a saved module."""
+        return self.part in LoraLayer.adapter_param_names
+
+
+def parse_key(key: str) -> AdapterKey:
+    """Split a file key (with or without ``base_model.model.``) at its LoRA container."""
+    key = key[len(FILE_PREFIX) :] if key.startswith(FILE_PREFIX) else key
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in LoraLayer.adapter_param_names or part == "base_layer":
+            return AdapterKey(".".join(parts[:i]), part, ".".join(parts[i + 1 :]))
+    return AdapterKey(".".join(parts[:-1]), "", parts[-1])
 
 
 @dataclasses.dataclass
@@ -66,24 +115,6 @@ class AdapterKeys:
 
 def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
-
-
-def _layer_tensors(prefix: str, module: LoraLayer, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The file keys of one LoRA layer's adapter ``adapter_name`` (the one rule for LoRA tensors)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for container in LoraLayer.adapter_param_names:
-        holder = getattr(module, container)
-        if adapter_name not in holder:
-            continue
-        item = holder[adapter_name]
-        if isinstance(item, nn.Parameter):
-            tensors[_join(prefix, container)] = item
-        elif container == MAGNITUDE:
-            tensors[_join(prefix, container)] = item.weight
-        else:
-            for pname, t in item.state_dict(keep_vars=True).items():
-                tensors[_join(prefix, container, pname)] = t
-    return tensors
 
 
 def _saved_module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -116,7 +147,7 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
     for prefix, module in model.named_modules():
         if isinstance(module, LoraLayer) and module.has_adapter(adapter_name):
             adapted_prefixes.append(prefix)
-            tensors.update(_layer_tensors(prefix, module, adapter_name))
+            tensors.update({_join(prefix, k): t for k, t in module.adapter_tensors(adapter_name).items()})
         elif isinstance(module, ModulesToSaveWrapper) and module.has_adapter(adapter_name):
             tensors.update(_saved_module_tensors(prefix, module.modules_to_save[adapter_name]))
             if bias == "all":
@@ -156,9 +187,9 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
                 dropout=0.0,
                 init=False,
                 lora_bias=cfg.lora_bias,
-                use_dora=cfg.use_dora,
+                variant=variant_for(cfg),
             )
-            by_kind[kind] = {k: tuple(t.shape) for k, t in _layer_tensors("", scratch, adapter_name).items()}
+            by_kind[kind] = {k: tuple(t.shape) for k, t in scratch.adapter_tensors(adapter_name).items()}
         shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
         target_names.add(name)
     for name, module in plan.to_save:

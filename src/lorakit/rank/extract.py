@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.layers import is_conv1d
 from lorakit.rank.factors import pattern_key
 from lorakit.rank.spectrum import rank_keeping, relative_error, split_svd
@@ -74,7 +75,7 @@ def _skeleton(path: Path) -> nn.Module:
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     if cls is None:
-        raise ValueError(f"{path}/config.json names no transformers architecture ({arch!r})")
+        raise AdapterFileError(f"{path}/config.json names no transformers architecture ({arch!r})")
     with torch.device("meta"):
         return cls(config)
 
@@ -113,9 +114,9 @@ def _extract(
     base: str | Path, tuned: str | Path, *, rank: int | None, energy: float | None, include_embeddings: bool
 ) -> ExtractResult:
     if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank (a positive int) or energy (a number in (0, 1])")
+        raise ConfigError("give exactly one of rank (a positive int) or energy (a number in (0, 1])")
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"rank={rank!r} / energy={energy!r}: rank must be ≥ 1, energy in (0, 1]")
+        raise ConfigError(f"rank={rank!r} / energy={energy!r}: rank must be ≥ 1, energy in (0, 1]")
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
     model = _skeleton(Path(tuned))
     prefix = getattr(model, "base_model_prefix", "")

@@ -16,12 +16,12 @@ from collections.abc import Mapping
 import torch
 
 from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError
 from lorakit.functional import lora as LF
 from lorakit.model.targeting import rank_and_alpha
-from lorakit.persistence.keys import FILE_PREFIX
+from lorakit.persistence.keys import FILE_PREFIX, PAIRED_B, parse_key
 
-__all__ = ["ModuleFactors", "split_factors", "module_name"]
-_A_SUFFIXES = {".lora_A.weight": ".lora_B.weight", ".lora_embedding_A": ".lora_embedding_B"}
+__all__ = ["ModuleFactors", "split_factors", "module_name", "layer_and_kind"]
 
 
 @dataclasses.dataclass
@@ -51,23 +51,23 @@ def split_factors(
     """(the factors of every adapted module, every other tensor)."""
     modules, used = [], set()
     for key in sorted(state_dict):
-        for a_suffix, b_suffix in _A_SUFFIXES.items():
-            if not key.endswith(a_suffix):
-                continue
-            prefix = key[: -len(a_suffix)]
-            b_key = prefix + b_suffix
-            if b_key not in state_dict:
-                raise ValueError(f"{key} has no matching {b_key} in the adapter")
-            r, alpha = rank_and_alpha(config, module_name(prefix))
-            rank = int(state_dict[key].shape[0])
-            s = LF.scaling(alpha, rank, config.use_rslora)
-            if rank != r:
-                raise ValueError(
-                    f"{key} has rank {rank} but the config gives this module r={r}; "
-                    "the adapter's config does not describe its weights"
-                )
-            modules.append(ModuleFactors(prefix, key, b_key, state_dict[key], state_dict[b_key], s))
-            used.update({key, b_key})
+        parsed = parse_key(key)
+        if parsed.rank_axis != 0:  # each module is found through its A
+            continue
+        prefix = key[: -len(".".join(p for p in (parsed.part, parsed.tensor) if p)) - 1]
+        b_key = f"{prefix}.{PAIRED_B[parsed.part]}" + (f".{parsed.tensor}" if parsed.tensor else "")
+        if b_key not in state_dict:
+            raise AdapterError(f"{key} has no matching {b_key} in the adapter")
+        r, alpha = rank_and_alpha(config, module_name(prefix))
+        rank = int(state_dict[key].shape[0])
+        s = LF.scaling(alpha, rank, config.use_rslora)
+        if rank != r:
+            raise AdapterError(
+                f"{key} has rank {rank} but the config gives this module r={r}; "
+                "the adapter's config does not describe its weights"
+            )
+        modules.append(ModuleFactors(prefix, key, b_key, state_dict[key], state_dict[b_key], s))
+        used.update({key, b_key})
     rest = {k: v for k, v in state_dict.items() if k not in used}
     return modules, rest
 
@@ -75,3 +75,9 @@ def split_factors(
 def pattern_key(name: str) -> str:
     """A rank_pattern / alpha_pattern key that matches exactly the module ``name``."""
     return re.escape(name)
+
+
+def layer_and_kind(name: str) -> tuple[int | None, str]:
+    """(first numbered path segment, last name part): ``model.layers.3.self_attn.q_proj`` → (3, q_proj)."""
+    match = re.search(r"\.(\d+)\.", f".{name}.")
+    return (int(match.group(1)) if match else None), name.rsplit(".", 1)[-1]

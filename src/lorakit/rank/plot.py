@@ -3,21 +3,36 @@ and the normalised spectra of the most and least used modules."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from lorakit.rank.report import RankReport
+from lorakit.rank.factors import layer_and_kind
+from lorakit.rank.spectrum import Spectrum
 
 
-def plot_report(report: RankReport, path: Path) -> None:
+class _Module(Protocol):
+    """What the picture needs of a module's row of the report (``ModuleRank`` has it)."""
+
+    name: str
+    rank: int
+    spectrum: Spectrum
+
+    @property
+    def used(self) -> float: ...
+
+
+class _Report(Protocol):
+    @property
+    def modules(self) -> Sequence[_Module]: ...
+
+
+def plot_report(report: _Report, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-
-    from lorakit.rank.report import layer_and_kind
 
     cells = {layer_and_kind(m.name): m for m in report.modules}
     kinds = sorted({k for _, k in cells})

@@ -10,24 +10,19 @@ largest per-kind median of the 95 %-energy rank) and per kind.
 from __future__ import annotations
 
 import dataclasses
-import re
 import statistics
 from pathlib import Path
 from typing import Any
 
+from lorakit.errors import AdapterFileError
 from lorakit.persistence.adapter_dir import read_adapter
-from lorakit.rank.factors import module_name, split_factors
+from lorakit.rank.factors import layer_and_kind, module_name, split_factors
+from lorakit.rank.plot import plot_report
 from lorakit.rank.spectrum import Spectrum, spectrum
 
 __all__ = ["ModuleRank", "RankReport", "rank_report", "layer_and_kind"]
 
 SUGGEST_AT = 0.95
-
-
-def layer_and_kind(name: str) -> tuple[int | None, str]:
-    """(first numbered path segment, last name part): ``model.layers.3.self_attn.q_proj`` → (3, q_proj)."""
-    match = re.search(r"\.(\d+)\.", f".{name}.")
-    return (int(match.group(1)) if match else None), name.rsplit(".", 1)[-1]
 
 
 @dataclasses.dataclass
@@ -102,8 +97,6 @@ class RankReport:
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> None:
-        from lorakit.rank.plot import plot_report
-
         plot_report(self, Path(path))
 
 
@@ -119,7 +112,7 @@ def rank_report(adapter: str | Path, base: str | Path | None = None) -> RankRepo
     files = read_adapter(adapter)
     modules, _ = split_factors(files.config, files.tensors)
     if not modules:
-        raise ValueError(f"{adapter} holds no LoRA factors (lora_A / lora_embedding_A tensors)")
+        raise AdapterFileError(f"{adapter} holds no LoRA factors (lora_A / lora_embedding_A tensors)")
     weights = _base_norms(base, [module_name(m.prefix) for m in modules]) if base is not None else {}
     out = []
     for m in modules:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.functional import lora as LF
 from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors
 from lorakit.rank.spectrum import lowrank_svd, rank_keeping, relative_error, split_svd
@@ -62,14 +63,16 @@ def resize_adapter(
     """Resize every module to ``rank``, or each to the smallest rank keeping ``energy`` of its
     ‖ΔW‖_F². Other tensors (modules to save, biases, DoRA magnitudes) are kept as they are."""
     if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank (a positive int) or energy (a number in (0, 1])")
+        raise ConfigError("give exactly one of rank (a positive int) or energy (a number in (0, 1])")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank={rank!r}: must be a positive integer")
+        raise ConfigError(f"rank={rank!r}: must be a positive integer")
     if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"energy={energy!r}: must be in (0, 1]")
+        raise ConfigError(f"energy={energy!r}: must be in (0, 1]")
     modules, rest = split_factors(config, state_dict)
     if not modules:
-        raise ValueError("the adapter has no LoRA factors to resize (no lora_A / lora_embedding_A keys)")
+        raise AdapterFileError(
+            "the adapter has no LoRA factors to resize (no lora_A / lora_embedding_A keys)"
+        )
     ranks = {module_name(m.prefix): _target_rank(m, rank, energy) for m in modules}
     base_r = max(set(ranks.values()), key=list(ranks.values()).count)
     alpha = float(config.lora_alpha)

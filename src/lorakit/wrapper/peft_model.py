@@ -19,7 +19,7 @@ from torch import nn
 from lorakit.config import LoraConfig, TaskType
 from lorakit.distributed import group as distributed_group
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.layers.base import BASE_ROWS, row_adapters
+from lorakit.layers.rows import BASE_ROWS, row_adapters
 from lorakit.model import arithmetic, injection, state
 from lorakit.persistence import adapter_dir
 

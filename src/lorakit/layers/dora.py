@@ -1,56 +1,26 @@
-"""Adapter variants: strategies a LoRA layer calls for adapters that are more than ``s · B A``.
+"""DoRA (Liu et al. 2024) as an adapter variant; the math is :mod:`lorakit.functional.dora`.
 
-A plain LoRA adapter needs no variant. A variant changes three things, and only these: what is
-created beside A and B (``init``), the change the adapter makes to the weight (``delta``, used by
-merging) and what it adds to the output (``add_update`` for whole batches, ``rows_update`` for
-the rows of a mixed batch). Layer kinds stay unaware of variants: they expose ``delta_weight``,
-``add_branch`` / ``lora_branch``, ``out_axis`` (the output-channel axis of their weight),
-``channel_view`` (how a per-channel vector broadcasts over their output), ``magnitude_shape`` and
-``base_without_bias``.
+Forward: ``y = f ⊙ (base(x) − b + s · B A dropout(x)) + b`` with ``f = m / ‖W + ΔW‖_c`` (norm
+detached, §4.3), computed from the base output the layer already has. The magnitude ``m`` lives in
+PEFT's ``lora_magnitude_vector`` container and is saved under ``<module>.lora_magnitude_vector``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.functional import dora as LD
+from lorakit.layers.variant import VariantHost
 
-if TYPE_CHECKING:
-    from lorakit.layers.base import LoraLayer
-
-__all__ = ["LoraVariant", "DoraMagnitude", "Dora", "DORA"]
-
-
-class LoraVariant(Protocol):
-    name: str
-
-    def init(self, layer: LoraLayer, adapter: str) -> None: ...
-
-    def delta(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor: ...
-
-    def add_update(
-        self,
-        layer: LoraLayer,
-        result: torch.Tensor,
-        base: torch.Tensor,
-        x: torch.Tensor,
-        adapter: str,
-        *,
-        consume_base: bool,
-    ) -> torch.Tensor: ...
-
-    def rows_update(
-        self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
-    ) -> torch.Tensor: ...
+__all__ = ["DoraMagnitude", "Dora", "DORA"]
 
 
 class DoraMagnitude(nn.Module):
-    """Holds DoRA's magnitude ``m`` as ``.weight`` (PEFT's layout: the state-dict key is
-    ``lora_magnitude_vector.<adapter>.weight``). Shape (C_out,), or (1, C_out, 1, …) for a
-    convolution."""
+    """Holds DoRA's magnitude ``m`` as ``.weight`` (PEFT's layout). Shape (C_out,), or
+    (1, C_out, 1, …) for a convolution."""
 
     def __init__(self, magnitude: torch.Tensor) -> None:
         super().__init__()
@@ -64,35 +34,42 @@ class DoraMagnitude(nn.Module):
 
 
 class Dora:
-    """DoRA (Liu et al. 2024) as a strategy; the math is in :mod:`lorakit.dora`.
+    """The DoRA strategy (stateless: one shared instance, :data:`DORA`)."""
 
-    Forward: ``y = f ⊙ (base(x) − b + s · B A dropout(x)) + b`` with ``f = m / ‖W + ΔW‖_c``
-    (norm detached, §4.3), computed from the base output the layer already has.
-    """
+    name = "DoRA"
+    container = "lora_magnitude_vector"
+    combine_problem = "their magnitudes have no defined combination"
 
-    name = "dora"
+    def applies(self, config: Any) -> bool:
+        return bool(getattr(config, "use_dora", False))
+
+    def _magnitude(self, layer: VariantHost, adapter: str) -> torch.Tensor:
+        return layer.container(self.container)[adapter].weight  # type: ignore[return-value]
 
     @torch.no_grad()
-    def init(self, layer: LoraLayer, adapter: str) -> None:
+    def init(self, layer: VariantHost, adapter: str) -> None:
         weight = layer.original_weight()
         m = LD.magnitude_init(weight, layer.delta_weight(adapter), layer.out_axis)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        layer.lora_magnitude_vector[adapter] = DoraMagnitude(
-            m.reshape(layer.magnitude_shape()).to(device=weight.device, dtype=dtype)
-        )
+        magnitude = m.reshape(layer.magnitude_shape()).to(device=weight.device, dtype=dtype)
+        layer.container(self.container)[adapter] = DoraMagnitude(magnitude)
 
-    def delta(self, layer: LoraLayer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-        magnitude = layer.lora_magnitude_vector[adapter].weight
+    def tensors(self, layer: VariantHost, adapter: str) -> dict[str, torch.Tensor]:
+        # PEFT stores the magnitude without the ``.weight`` of the module that holds it.
+        return {self.container: self._magnitude(layer, adapter)}
+
+    def delta(self, layer: VariantHost, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+        magnitude = self._magnitude(layer, adapter)
         return LD.dora_delta(weight, layer.delta_weight(adapter), magnitude, layer.out_axis)
 
-    def factor(self, layer: LoraLayer, adapter: str) -> torch.Tensor:
+    def factor(self, layer: VariantHost, adapter: str) -> torch.Tensor:
         """``f = m / ‖W₀ + ΔW‖_c`` (C_out,), with ``W₀`` the weight before any merge."""
         with torch.no_grad():
             delta = layer.delta_weight(adapter)
-        magnitude = layer.lora_magnitude_vector[adapter].weight
+        magnitude = self._magnitude(layer, adapter)
         return LD.dora_factor(magnitude, layer.original_weight(), delta, layer.out_axis)
 
-    def _base_no_bias(self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _base_no_bias(self, layer: VariantHost, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if layer.merged_adapters:  # base(x) holds merged adapters: recompute W₀ x
             return layer.base_without_bias(x, layer.original_weight()).to(base.dtype)
         bias = layer.original_bias()
@@ -100,7 +77,7 @@ class Dora:
 
     def add_update(
         self,
-        layer: LoraLayer,
+        layer: VariantHost,
         result: torch.Tensor,
         base: torch.Tensor,
         x: torch.Tensor,
@@ -126,14 +103,14 @@ class Dora:
         return result + self._change(layer, base_nb, x, adapter, f)
 
     def _change(
-        self, layer: LoraLayer, base_nb: torch.Tensor, x: torch.Tensor, adapter: str, f: torch.Tensor
+        self, layer: VariantHost, base_nb: torch.Tensor, x: torch.Tensor, adapter: str, f: torch.Tensor
     ) -> torch.Tensor:
         branch = layer.lora_branch(x, adapter)
         fv = layer.channel_view(f.to(branch.dtype), branch)
         return base_nb * (fv - 1) + branch * fv
 
     def rows_update(
-        self, layer: LoraLayer, base: torch.Tensor, x: torch.Tensor, adapter: str
+        self, layer: VariantHost, base: torch.Tensor, x: torch.Tensor, adapter: str
     ) -> torch.Tensor:
         """The change for the rows ``x`` of a mixed batch, given their base output ``base``."""
         f = self.factor(layer, adapter)
