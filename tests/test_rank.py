@@ -15,7 +15,7 @@ from lorakit import LoraConfig, get_peft_model, get_peft_model_state_dict, set_p
 from lorakit.persistence.keys import to_file_keys
 from lorakit.rank import resize_adapter, spectrum
 from lorakit.rank.extract import extract_adapter
-from lorakit.rank.spectrum import effective_rank, stable_rank
+from lorakit.rank.spectra import effective_rank, stable_rank
 
 
 def _known(d: int, k: int, sigma: list[float], s: float, seed: int = 0):

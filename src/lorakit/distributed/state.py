@@ -217,10 +217,8 @@ def _write_whole(t: torch.Tensor, whole: torch.Tensor, sizes: list[int] | None) 
     """Store the whole tensor ``whole`` into this rank's part of live tensor ``t``."""
     with torch.no_grad():
         if engines.is_dtensor(t):
-            from torch.distributed.tensor import distribute_tensor
-
             dt: Any = t
-            local = distribute_tensor(whole.to(t.dtype), dt.device_mesh, dt.placements, src_data_rank=None)
+            local = _distribute(whole.to(t.dtype), dt.device_mesh, dt.placements)
             dt.to_local().copy_(local.to_local())
         elif sizes is None or all(s == whole.numel() for s in sizes):
             t.copy_(whole.reshape(t.shape))
@@ -342,3 +340,19 @@ def check_adapters_in_sync(
             f"{shown}. Seed every rank alike (torch.manual_seed(seed) before get_peft_model) or call "
             "lorakit.distributed.broadcast_adapters(model) after injection and before wrapping"
         )
+
+
+def _distribute(whole: torch.Tensor, mesh: Any, placements: Any) -> Any:
+    """``distribute_tensor`` of a tensor every rank already holds. torch ≥ 2.7 can skip the scatter
+    from rank 0 (``src_data_rank=None``); older releases scatter it, which gives the same shards
+    because every rank holds the same ``whole`` (one collective more). Before 2.5 the function
+    lives in ``torch.distributed._tensor``."""
+    import inspect
+
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import distribute_tensor  # type: ignore[no-redef]
+    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:
+        return distribute_tensor(whole, mesh, placements, src_data_rank=None)
+    return distribute_tensor(whole, mesh, placements)

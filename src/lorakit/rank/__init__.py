@@ -3,7 +3,7 @@
 from lorakit.rank.extract import ExtractResult, extract_adapter
 from lorakit.rank.report import RankReport, rank_report
 from lorakit.rank.resize import ResizeResult, resize_adapter, resize_adapter_files
-from lorakit.rank.spectrum import Spectrum, spectrum
+from lorakit.rank.spectra import Spectrum, spectrum
 
 __all__ = [
     "Spectrum",

@@ -21,7 +21,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.layers import is_conv1d
 from lorakit.rank.factors import pattern_key
-from lorakit.rank.spectrum import rank_keeping, relative_error, split_svd
+from lorakit.rank.spectra import rank_keeping, relative_error, split_svd
 
 __all__ = ["ExtractResult", "extract_adapter", "Checkpoint"]
 

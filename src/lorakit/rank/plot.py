@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from lorakit.rank.factors import layer_and_kind
-from lorakit.rank.spectrum import Spectrum
+from lorakit.rank.spectra import Spectrum
 
 
 class _Module(Protocol):

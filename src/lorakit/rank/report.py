@@ -18,7 +18,7 @@ from lorakit.errors import AdapterFileError
 from lorakit.persistence.adapter_dir import read_adapter
 from lorakit.rank.factors import layer_and_kind, module_name, split_factors
 from lorakit.rank.plot import plot_report
-from lorakit.rank.spectrum import Spectrum, spectrum
+from lorakit.rank.spectra import Spectrum, spectrum
 
 __all__ = ["ModuleRank", "RankReport", "rank_report", "layer_and_kind"]
 

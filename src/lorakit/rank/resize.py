@@ -19,7 +19,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.functional import lora as LF
 from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors
-from lorakit.rank.spectrum import lowrank_svd, rank_keeping, relative_error, split_svd
+from lorakit.rank.spectra import lowrank_svd, rank_keeping, relative_error, split_svd
 
 __all__ = ["ResizeResult", "resize_adapter", "resize_adapter_files", "truncate_factors"]
 
