@@ -50,3 +50,18 @@ def test_in_place_writes_and_rescaling_refresh_the_stacks() -> None:
     torch.testing.assert_close(layer(x, adapter_names=names), _reference(layer, x, names))
     layer.scaling["b"] = 0.25
     torch.testing.assert_close(layer(x, adapter_names=names), _reference(layer, x, names))
+
+
+@torch.no_grad()
+def test_a_layer_with_cached_stacks_pickles_and_copies() -> None:
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    layer = Linear(nn.Linear(8, 6)).eval()
+    _add(layer, "a", 1)
+    _add(layer, "b", 2)
+    x = torch.randn(2, 3, 8)
+    expected = layer(x, adapter_names=["a", "b"])  # fills the cache of weak references
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(clone(x, adapter_names=["a", "b"]), expected, rtol=0, atol=0)

@@ -279,6 +279,11 @@ class LoraLayer(nn.Module, abc.ABC):
         a_attr, b_attr = self.factor_containers
         return self._factor(a_attr, name), self._factor(b_attr, name)
 
+    def dropout_p(self, name: str) -> float:
+        """Adapter ``name``'s dropout probability (0 when it has none)."""
+        dropout = self.lora_dropout[name]
+        return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+
     def lora_b_bias(self, name: str) -> torch.Tensor | None:
         """Adapter ``name``'s LoRA bias (on B, ``lora_bias=True``), or ``None``."""
         bias = getattr(self.lora_B[name], "bias", None) if name in self.lora_B else None

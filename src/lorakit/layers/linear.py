@@ -8,20 +8,15 @@ compute the same are :mod:`lorakit.layers.linear_fast`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import parse_init
-from lorakit.functional import fused
 from lorakit.functional import init as LI
 from lorakit.functional import lora as LF
 from lorakit.layers import linear_fast as fast
 from lorakit.layers.base import LoraLayer
-from lorakit.layers.rows import BASE_ROWS, rows_for
 
 __all__ = ["Linear", "is_conv1d", "linear_shape"]
 
@@ -50,7 +45,6 @@ class Linear(LoraLayer):
         super().__init__(base_layer)
         self.in_features, self.out_features = linear_shape(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
-        self._stacked = fast.StackedFactors()  # for batches that mix adapters
 
     @classmethod
     def stores_input_first(cls, base: nn.Module) -> bool | None:
@@ -108,50 +102,7 @@ class Linear(LoraLayer):
     def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(weight.dtype), self.to_matrix(weight))
 
-    # -- the fast paths (equal to the plain ones above; see linear_fast) --------------------------
-    def forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
-    ) -> torch.Tensor:
-        name = None if args or kwargs else self._fusable_adapter(x, adapter_names)
-        if name is None:
-            return super().forward(x, *args, adapter_names=adapter_names, **kwargs)
-        a, b = self.factors(name)
-        base: nn.Linear = self.base_layer  # type: ignore[assignment]
-        return fast.forward_with_base(x, base, a, b, self.scaling[name], self._dropout_p(name), self.training)
-
-    def _fusable_adapter(self, x: torch.Tensor, adapter_names: Sequence[str] | None) -> str | None:
-        """The one plain adapter (no variant, no ``lora_bias``) applied to the whole batch, if the
-        base product may join its autograd node (:func:`~lorakit.layers.linear_fast.fusable`)."""
-        if self.disable_adapters or rows_for(x, adapter_names) is not None:
-            return None
-        pending = self.pending_adapters()
-        if len(pending) != 1 or pending[0] in self.lora_variant or self.lora_bias[pending[0]]:
-            return None
-        return pending[0] if fast.fusable(self.base_layer, x) else None
-
-    def _dropout_p(self, name: str) -> float:
-        dropout = self.lora_dropout[name]
-        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-
-    def add_branch(self, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = self.factors(name)
-        s, p, bias = self.scaling[name], self._dropout_p(name), self.lora_b_bias(name)
-        return fast.accumulate(result, x, a, b, bias, s, p, self.training)
-
-    def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
-        """Rows of variant adapters (DoRA) and, in training with dropout, all rows go through the
-        generic per-adapter path; the others share two batched products (``StackedFactors``)."""
-        names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and self.has_adapter(n)]
-        if any(n in self.lora_variant for n in names):
-            only_variants = [n if n in self.lora_variant else BASE_ROWS for n in adapter_names]
-            result = super().add_mixed_(result, x, only_variants)
-            adapter_names = [BASE_ROWS if n in self.lora_variant else n for n in adapter_names]
-            names = [n for n in names if n not in self.lora_variant]
-        dropout_active = self.training and any(self._dropout_p(n) > 0 for n in names)
-        if not names or dropout_active:
-            return super().add_mixed_(result, x, adapter_names)
-        entries = [(*self.factors(n), self.lora_b_bias(n), self.scaling[n]) for n in names]
-        stacks = self._stacked.get(entries, fused.compute_dtype(x), x.device)
-        slot = {n: i + 1 for i, n in enumerate(names)}
-        slots = torch.tensor([slot.get(n, 0) for n in adapter_names], device=x.device)
-        return fast.add_stacked_(result, x, slots, stacks)
+    # -- the fast paths: the same results with less memory and time (tested equal) ----------------
+    forward = fast.forward  # one autograd node with the base product when that is allowed
+    add_branch = fast.add_branch  # accumulated in place; dropout keeps a packed mask, not a copy of x
+    add_mixed_ = fast.add_mixed_  # two batched products whatever the number of adapters

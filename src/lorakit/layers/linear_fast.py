@@ -1,29 +1,94 @@
-"""The fast path of the LoRA linear layer: when it applies, and what it runs instead.
+"""The fast paths of the LoRA linear layer: when each applies, and what it runs instead.
 
-:class:`lorakit.layers.linear.Linear` computes ``base(x) + s · B A dropout(x)``; these functions
-compute the same with less memory and time, and are tested equal to the plain path
-(``tests/layers/test_linear_fast.py``):
+:class:`lorakit.layers.linear.Linear` computes ``base(x) + s · B A dropout(x)`` (its
+``lora_branch``); its ``forward``, ``add_branch`` and ``add_mixed_`` are the functions here, which
+compute the same with less memory and time and are tested equal to the plain path:
 
-* :func:`fusable`: one plain adapter over a frozen, unhooked ``nn.Linear`` lets one autograd
-  node own the base product and the adapter (:func:`lorakit.functional.fused.lora_linear_with_base`).
-* :func:`accumulate`: otherwise the branch is added into the base output in place, and dropout
-  keeps a packed mask instead of a copy of ``x``.
-* :class:`StackedFactors`: a batch that mixes adapters runs two batched products whatever the
-  number of adapters, from factors stacked once and reused until a factor changes.
+* :func:`forward`: one plain adapter over a frozen, unhooked ``nn.Linear`` (:func:`fusable`) lets one
+  autograd node own the base product and the adapter
+  (:func:`lorakit.functional.fused.lora_linear_with_base`); anything else takes the generic forward.
+* :func:`add_branch`: the branch is added into the base output in place, and dropout keeps a packed
+  mask instead of a copy of ``x``.
+* :func:`add_mixed_`: a batch that mixes adapters runs two batched products whatever the number of
+  adapters, from factors stacked once and reused until a factor changes (:class:`StackedFactors`).
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.functional import fused
+from lorakit.layers.base import LoraLayer
+from lorakit.layers.rows import BASE_ROWS, rows_for
 
-__all__ = ["fusable", "forward_with_base", "accumulate", "StackedFactors", "add_stacked_", "hooked"]
+__all__ = ["forward", "add_branch", "add_mixed_", "fusable", "StackedFactors", "hooked"]
+
+
+def forward(
+    layer: LoraLayer, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+) -> torch.Tensor:
+    """``Linear.forward``: fused with the base product when :func:`_fusable_adapter` finds one."""
+    name = None if args or kwargs else _fusable_adapter(layer, x, adapter_names)
+    if name is None:
+        return LoraLayer.forward(layer, x, *args, adapter_names=adapter_names, **kwargs)
+    a, b = layer.factors(name)
+    base: nn.Linear = layer.base_layer  # type: ignore[assignment]  # fusable() checked its type
+    return fused.lora_linear_with_base(
+        x, base.weight, base.bias, a, b, layer.scaling[name], layer.dropout_p(name), layer.training
+    )
+
+
+def _fusable_adapter(layer: LoraLayer, x: torch.Tensor, adapter_names: Sequence[str] | None) -> str | None:
+    """The one plain adapter (no variant, no ``lora_bias``) applied to the whole batch, if the
+    base product may join its autograd node (:func:`fusable`)."""
+    if layer.disable_adapters or rows_for(x, adapter_names) is not None:
+        return None
+    pending = layer.pending_adapters()
+    if len(pending) != 1 or pending[0] in layer.lora_variant or layer.lora_bias[pending[0]]:
+        return None
+    return pending[0] if fusable(layer.base_layer, x) else None
+
+
+def add_branch(layer: LoraLayer, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``result += s · (B A dropout(x) + b_B)`` in place, without a copy of ``x`` for dropout."""
+    a, b = layer.factors(name)
+    s, p, bias = layer.scaling[name], layer.dropout_p(name), layer.lora_b_bias(name)
+    return fused.lora_linear_accumulate_(result, x, a, b, s, p, layer.training, bias)
+
+
+def add_mixed_(
+    layer: LoraLayer, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]
+) -> torch.Tensor:
+    """Rows of variant adapters (DoRA) and, in training with dropout, all rows go through the
+    generic per-adapter path; the others share two batched products (:func:`add_stacked_`)."""
+    names = [n for n in dict.fromkeys(adapter_names) if n != BASE_ROWS and layer.has_adapter(n)]
+    if any(n in layer.lora_variant for n in names):
+        only_variants = [n if n in layer.lora_variant else BASE_ROWS for n in adapter_names]
+        result = LoraLayer.add_mixed_(layer, result, x, only_variants)
+        adapter_names = [BASE_ROWS if n in layer.lora_variant else n for n in adapter_names]
+        names = [n for n in names if n not in layer.lora_variant]
+    dropout_active = layer.training and any(layer.dropout_p(n) > 0 for n in names)
+    if not names or dropout_active:
+        return LoraLayer.add_mixed_(layer, result, x, adapter_names)
+    entries = [(*layer.factors(n), layer.lora_b_bias(n), layer.scaling[n]) for n in names]
+    stacks = _stacked_factors(layer).get(entries, fused.compute_dtype(x), x.device)
+    slot = {n: i + 1 for i, n in enumerate(names)}
+    slots = torch.tensor([slot.get(n, 0) for n in adapter_names], device=x.device)
+    return add_stacked_(result, x, slots, stacks)
+
+
+def _stacked_factors(layer: LoraLayer) -> StackedFactors:
+    """The layer's cache of stacked factors, created on its first mixed batch."""
+    cache = layer.__dict__.get("_stacked_factors")
+    if cache is None:
+        cache = layer.__dict__["_stacked_factors"] = StackedFactors()
+    return cache
 
 
 def hooked(module: nn.Module) -> bool:
@@ -62,27 +127,6 @@ def fusable(base: nn.Module, x: torch.Tensor) -> bool:
     return fused.compute_dtype(x) == x.dtype and x.device == weight.device
 
 
-def forward_with_base(
-    x: torch.Tensor, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, s: float, p: float, training: bool
-) -> torch.Tensor:
-    """``base(x) + s · B A dropout(x)`` as one autograd node (only when :func:`fusable`)."""
-    return fused.lora_linear_with_base(x, base.weight, base.bias, a, b, s, p, training)
-
-
-def accumulate(
-    result: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    bias: torch.Tensor | None,
-    s: float,
-    p: float,
-    training: bool,
-) -> torch.Tensor:
-    """``result += s · (B A dropout(x) + b_B)`` in place, without a copy of ``x`` for dropout."""
-    return fused.lora_linear_accumulate_(result, x, a, b, s, p, training, bias)
-
-
 Stacks = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
@@ -104,6 +148,12 @@ class StackedFactors:
 
     def clear(self) -> None:
         self._stamp, self._refs, self._stacks = None, [], None
+
+    def __getstate__(self) -> dict:
+        return {}  # a cache (of weak references): pickles and copies start empty
+
+    def __setstate__(self, state: dict) -> None:
+        self.clear()
 
     def _fresh(self, stamp: tuple, factors: Sequence[torch.Tensor]) -> bool:
         return (
