@@ -1,4 +1,5 @@
-"""LoraConfig and TaskType: PEFT's defaults, validation messages, JSON round trip, immutability."""
+"""LoraConfig and TaskType: PEFT's fields and defaults, validation messages, JSON round trip, and
+validated assignment."""
 
 from __future__ import annotations
 
@@ -35,8 +36,60 @@ DESIGN_DEFAULTS = {
 }
 
 
-def test_fields_are_exactly_the_design_list():
-    assert [f.name for f in dataclasses.fields(LoraConfig)] == list(DESIGN_DEFAULTS)
+def test_the_design_fields_come_first_in_order():
+    names = [f.name for f in dataclasses.fields(LoraConfig)]
+    assert names[: len(DESIGN_DEFAULTS)] == list(DESIGN_DEFAULTS)
+
+
+PEFT_FIELDS = [f for f in dataclasses.fields(peft.LoraConfig)]
+
+
+def _peft_default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    return field.default_factory()  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field", PEFT_FIELDS, ids=[f.name for f in PEFT_FIELDS])
+def test_every_peft_field_is_accepted_at_peft_default(field):
+    """Walks PEFT's own field list at test time: a field PEFT adds later fails here, not for a user."""
+    ours = {f.name for f in dataclasses.fields(LoraConfig)}
+    assert field.name in ours, f"PEFT's LoraConfig has {field.name!r}; lorakit's does not"
+    default = _peft_default(field)
+    if field.name == "runtime_config":
+        LoraConfig(runtime_config={"ephemeral_gpu_offload": default.ephemeral_gpu_offload})
+        return
+    config = LoraConfig(**{field.name: default})
+    if field.name not in ("peft_type", "peft_version"):  # PEFT fills these in __post_init__
+        assert config.to_dict()[field.name] == peft.LoraConfig().to_dict()[field.name]
+
+
+def test_assignment_validates_and_changes_nothing_on_error():
+    cfg = LoraConfig()
+    cfg.r = 16
+    cfg.init_lora_weights = "gaussian"  # PEFT's PiSSA conversion recipe assigns fields
+    assert (cfg.r, cfg.init_lora_weights) == (16, "gaussian")
+    with pytest.raises(ConfigError, match="r=0"):
+        cfg.r = 0
+    assert cfg.r == 16
+    cfg.target_modules = {"v", "q"}
+    assert cfg.target_modules == ["q", "v"]  # normalised like at construction
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "shown"),
+    [
+        ({"target_parameters": ["experts.gate_up_proj"]}, "target_parameters=['experts.gate_up_proj'] asks"),
+        ({"use_qalora": True}, "use_qalora=True asks for QA-LoRA"),
+        ({"layer_replication": [(0, 2)]}, "layer_replication="),
+        ({"init_lora_weights": "corda"}, "init_lora_weights='corda' asks for CorDA"),
+        ({"megatron_config": {"tp": 2}}, "megatron_config="),
+    ],
+)
+def test_features_lorakit_lacks_are_refused_at_construction(kwargs, shown):
+    with pytest.raises(ConfigError, match="does not support") as info:
+        LoraConfig(**kwargs)
+    assert shown in str(info.value)
 
 
 @pytest.mark.parametrize("field", list(DESIGN_DEFAULTS))
@@ -133,10 +186,8 @@ def test_module_sets_become_sorted_lists():
     assert cfg.modules_to_save == ["lm_head"]
 
 
-def test_frozen():
+def test_replace_derives_a_new_config():
     cfg = LoraConfig()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.r = 16  # type: ignore[misc]
     new = dataclasses.replace(cfg, r=16)
     assert (cfg.r, new.r) == (8, 16)
 

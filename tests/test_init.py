@@ -128,7 +128,8 @@ def test_merge_unmerge_exact_relative_to_the_residual_and_unload_returns_it(init
 @pytest.mark.parametrize(
     ("kwargs", "parts"),
     [
-        ({"init_lora_weights": "eva"}, ["'eva'", "'pissa'", "'olora'", "'orthogonal'", "pissa_niter_<N>"]),
+        ({"init_lora_weights": "evas"}, ["'evas'", "'pissa'", "'olora'", "'orthogonal'", "pissa_niter_<N>"]),
+        ({"init_lora_weights": "eva"}, ["'eva'", "EVA", "does not support"]),
         ({"init_lora_weights": "pissa_niter_x"}, ["'pissa_niter_x'"]),
         ({"init_lora_weights": "orthogonal", "r": 3, "rank_pattern": {"v": 5}}, ["even", "'r': 3", "5"]),
         ({"init_lora_weights": "pissa", "lora_bias": True}, ["lora_bias", "'pissa'"]),

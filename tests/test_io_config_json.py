@@ -73,8 +73,8 @@ def test_written_json_is_read_by_peft(tmp_path):
     loaded = peft.LoraConfig.from_pretrained(tmp_path)
     assert loaded.r == 4 and set(loaded.target_modules) == {"q"} and loaded.task_type == "SEQ_CLS"
     assert LoraConfig.from_pretrained(tmp_path) == LoraConfig(
-        r=4, target_modules=["q"], task_type="SEQ_CLS", modules_to_save=["head"], inference_mode=True
-    )
+        r=4, target_modules=["q"], task_type="SEQ_CLS", modules_to_save=["head"]
+    )  # a config saved on its own keeps its inference_mode, as in PEFT
 
 
 def test_reads_peft_written_config(tmp_path):
@@ -125,8 +125,8 @@ def test_neutral_values_are_accepted(key, value):
 @pytest.mark.parametrize(
     "key, value, shown",
     [
-        ("loftq_config", {"loftq_bits": 4}, 'loftq_config={"loftq_bits": 4}'),
-        ("use_qalora", True, "use_qalora=true"),
+        ("loftq_config", {"loftq_bits": 4}, "loftq_config={'loftq_bits': 4}"),
+        ("use_qalora", True, "use_qalora=True"),
         ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]]"),
         ("trainable_token_indices", [1, 2], "trainable_token_indices=[1, 2]"),
         ("megatron_config", {"tp": 2}, "megatron_config="),
@@ -135,13 +135,18 @@ def test_neutral_values_are_accepted(key, value):
         ("eva_config", {"rho": 2}, "eva_config="),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
-        ("future_key", 3, "future_key=3: unknown key"),
     ],
 )
 def test_enabled_unsupported_features_are_refused(key, value, shown):
     with pytest.raises(ConfigError) as info:
         config_from_peft_dict({**PEFT_LORA_KEYS, key: value}, "dir/adapter_config.json")
     assert "dir/adapter_config.json" in str(info.value) and shown in str(info.value)
+
+
+def test_keys_a_newer_peft_writes_are_ignored_with_a_warning():
+    with pytest.warns(UserWarning, match="future_key=3") as record:
+        config = config_from_peft_dict({**PEFT_LORA_KEYS, "future_key": 3}, "dir/adapter_config.json")
+    assert config.r == 8 and "dir/adapter_config.json" in str(record[0].message)
 
 
 def test_all_problems_are_reported_together():

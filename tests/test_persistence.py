@@ -257,7 +257,7 @@ def test_config_that_targets_nothing(tmp_path):
         ("bad_json", AdapterFileError, "adapter_config.json' is not valid JSON"),
         ("no_config", AdapterFileError, "adapter_config.json' does not exist"),
         ("no_weights", AdapterFileError, "neither adapter_model.safetensors nor adapter_model.bin"),
-        ("unsupported", ConfigError, "use_qalora=true enables QA-LoRA"),
+        ("unsupported", ConfigError, "use_qalora=True asks for QA-LoRA"),
         ("other_peft_type", ConfigError, 'peft_type="IA3"'),
         ("missing_dir", AdapterFileError, "the path does not exist"),
         ("is_file", AdapterFileError, "the path is a file"),

@@ -9,7 +9,7 @@ Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers wit
 """
 
 from lorakit._version import __version__
-from lorakit.config import LoraConfig, TaskType
+from lorakit.config import LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
@@ -53,7 +53,9 @@ from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inj
 
 __all__ = [
     "LoraConfig",
+    "LoraRuntimeConfig",
     "TaskType",
+    "PeftType",
     "PeftModel",
     "LoraModel",
     "PeftModelForCausalLM",

@@ -3,12 +3,15 @@ initialisations, and PEFT's ``adapter_config.json`` (:mod:`.peft_json` for its k
 :mod:`.files` for reading and writing it)."""
 
 from lorakit.config.inits import INIT_NAMES, moves_base_weight, parse_init
-from lorakit.config.lora_config import ALL_LINEAR, BIAS_MODES, LoraConfig, config_from_peft_dict
-from lorakit.config.task_type import TaskType
+from lorakit.config.lora_config import LoraConfig, LoraRuntimeConfig, config_from_peft_dict
+from lorakit.config.task_type import PeftType, TaskType
+from lorakit.config.validation import ALL_LINEAR, BIAS_MODES
 
 __all__ = [
     "LoraConfig",
+    "LoraRuntimeConfig",
     "TaskType",
+    "PeftType",
     "ALL_LINEAR",
     "BIAS_MODES",
     "INIT_NAMES",

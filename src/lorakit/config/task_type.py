@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["TaskType"]
+__all__ = ["TaskType", "PeftType"]
 
 
 class TaskType(str, enum.Enum):
@@ -26,6 +26,15 @@ class TaskType(str, enum.Enum):
     MULTIPLE_CHOICE = "MULTIPLE_CHOICE"
     IMAGE_CLASSIFICATION = "IMAGE_CLASSIFICATION"
     OTHER = "OTHER"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PeftType(str, enum.Enum):
+    """The kind of adapter (PEFT's ``PeftType``); lorakit's configs are all LoRA."""
+
+    LORA = "LORA"
 
     def __str__(self) -> str:
         return self.value

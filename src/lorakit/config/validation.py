@@ -1,0 +1,182 @@
+"""Checking a :class:`~lorakit.config.LoraConfig`: every problem is collected, then raised once.
+
+:func:`validate` reads a config's fields and returns the problems and the normalised values
+(module sets become sorted lists, ``"ALL-LINEAR"`` becomes ``"all-linear"``, the task type its
+member); the config applies the values only when there is no problem.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from lorakit.config.features import feature_problems, init_problem
+from lorakit.config.inits import INIT_NAMES, parse_init
+from lorakit.config.task_type import PeftType, TaskType
+
+__all__ = ["BIAS_MODES", "ALL_LINEAR", "validate"]
+
+BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value: Any) -> list[str] | None:
+    """A list of module names as PEFT accepts them (list, tuple or set of str), sorted if unordered."""
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
+    """Collect every problem with `cfg` and return the normalised values of the fields."""
+    out: dict[str, Any] = {}
+    if not (isinstance(cfg.r, int) and not isinstance(cfg.r, bool) and cfg.r > 0):
+        problems.append(f"r={cfg.r!r}: must be a positive integer (e.g. 8)")
+    if not (_is_number(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        problems.append(f"lora_alpha={cfg.lora_alpha!r}: must be a positive number (e.g. 16)")
+    if not (_is_number(cfg.lora_dropout) and 0.0 <= cfg.lora_dropout < 1.0):
+        problems.append(f"lora_dropout={cfg.lora_dropout!r}: must be a number in [0, 1)")
+    if cfg.bias not in BIAS_MODES:
+        problems.append(f"bias={cfg.bias!r}: must be one of {', '.join(BIAS_MODES)}")
+    init = cfg.init_lora_weights
+    parsed = parse_init(init)
+    if parsed is None and (problem := init_problem(init)):
+        problems.append(problem)
+    elif parsed is None:
+        choices = ", ".join(repr(c) for c in INIT_NAMES)
+        problems.append(f"init_lora_weights={init!r}: must be one of {choices} (N ≥ 0 iterations)")
+    elif parsed[0] == "orthogonal":
+        odd = {"r": cfg.r} if isinstance(cfg.r, int) and cfg.r % 2 else {}
+        if isinstance(cfg.rank_pattern, Mapping):
+            odd.update(
+                {
+                    f"rank_pattern[{k!r}]": v
+                    for k, v in cfg.rank_pattern.items()
+                    if isinstance(v, int) and v % 2
+                }
+            )
+        if odd:
+            problems.append(f"init_lora_weights='orthogonal' needs even ranks; odd: {odd}")
+    if cfg.lora_bias is True and init not in (True, False):
+        problems.append(
+            f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
+        )
+    for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
+        if not isinstance(getattr(cfg, name), bool):
+            problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
+    if cfg.use_dora is True and cfg.lora_bias is True:
+        problems.append(
+            "lora_bias=True cannot be combined with use_dora=True (as in PEFT): DoRA "
+            "rescales the whole output, so a separate LoRA bias has no exact merge"
+        )
+
+    _check_modules(cfg, "target_modules", problems, out, allow_regex=True)
+    _check_modules(cfg, "exclude_modules", problems, out, allow_regex=True)
+    _check_modules(cfg, "modules_to_save", problems, out, allow_regex=False)
+    _check_layers(cfg, problems, out)
+    for field, kind in (("rank_pattern", "int"), ("alpha_pattern", "float")):
+        _check_pattern(field, getattr(cfg, field), kind, problems, out)
+
+    if cfg.task_type is not None:
+        try:
+            out["task_type"] = TaskType.__members__.get(str(cfg.task_type)) or TaskType(cfg.task_type)
+        except ValueError:
+            choices = ", ".join(sorted(TaskType.__members__))  # names include the aliases
+            problems.append(f"task_type={cfg.task_type!r}: must be one of {choices} or None")
+    for name in ("base_model_name_or_path", "revision", "peft_version", "megatron_core"):
+        value = getattr(cfg, name)
+        if value is not None and not isinstance(value, str):
+            problems.append(f"{name}={value!r}: must be a string or None")
+    if cfg.peft_type is not None and str(cfg.peft_type) != PeftType.LORA.value:
+        problems.append(f"peft_type={cfg.peft_type!r}: a LoraConfig is of type {PeftType.LORA.value!r}")
+    out["peft_type"] = PeftType.LORA
+    if cfg.auto_mapping is not None and not isinstance(cfg.auto_mapping, Mapping):
+        problems.append(f"auto_mapping={cfg.auto_mapping!r}: must be a dict or None")
+    if not (isinstance(cfg.qalora_group_size, int) and not isinstance(cfg.qalora_group_size, bool)):
+        problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
+    problems.extend(feature_problems(cfg))
+    return out
+
+
+def _check_modules(
+    cfg: Any, field: str, problems: list[str], out: dict[str, Any], *, allow_regex: bool
+) -> None:
+    value = getattr(cfg, field)
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not allow_regex:
+            out[field] = [value]
+            return
+        if value.lower() == ALL_LINEAR and field == "target_modules":
+            out[field] = ALL_LINEAR
+            return
+        try:
+            re.compile(value)
+        except re.error as exc:
+            problems.append(f"{field}={value!r}: not a valid regular expression ({exc})")
+        return
+    names = _names(value)
+    if names is None:
+        kinds = "a list of module names, a regex string" if allow_regex else "a list of module names"
+        problems.append(f"{field}={value!r}: must be {kinds} or None")
+        return
+    out[field] = names
+
+
+def _check_layers(cfg: Any, problems: list[str], out: dict[str, Any]) -> None:
+    layers = cfg.layers_to_transform
+    if layers is not None:
+        ok_int = isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0
+        ok_list = isinstance(layers, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
+        )
+        if not (ok_int or ok_list):
+            problems.append(f"layers_to_transform={layers!r}: must be a non-negative int or a list of them")
+        elif ok_list:
+            out["layers_to_transform"] = list(layers)  # type: ignore[arg-type]
+        if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() != ALL_LINEAR:
+            problems.append(
+                "layers_to_transform cannot be used with a regex target_modules "
+                f"({cfg.target_modules!r}); put the layer numbers in the regex, or give a list of names"
+            )
+    pattern = cfg.layers_pattern
+    if pattern is not None:
+        if layers is None:
+            problems.append(
+                f"layers_pattern={pattern!r} only applies together with layers_to_transform, which is None"
+            )
+        if not (isinstance(pattern, str) or _names(pattern) is not None):
+            problems.append(f"layers_pattern={pattern!r}: must be a string, a list of strings or None")
+
+
+def _check_pattern(field: str, value: Any, kind: str, problems: list[str], out: dict[str, Any]) -> None:
+    if value is None:
+        out[field] = {}
+        return
+    if not isinstance(value, Mapping):
+        problems.append(f"{field}={value!r}: must be a dict of module-name pattern -> {kind}")
+        return
+    for key, item in value.items():
+        if not isinstance(key, str):
+            problems.append(f"{field} key {key!r}: must be a string (a module-name pattern)")
+        else:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                problems.append(f"{field} key {key!r}: not a valid regular expression ({exc})")
+        if kind == "int":
+            good = isinstance(item, int) and not isinstance(item, bool) and item > 0
+        else:
+            good = _is_number(item) and item > 0
+        if not good:
+            problems.append(f"{field}[{key!r}]={item!r}: must be a positive {kind}")
+    out[field] = dict(value)
