@@ -1,5 +1,6 @@
 """``lorakit train`` unchanged under ``torchrun`` and ``accelerate launch`` (2 processes, gloo on
-CPU): one progress bar, one report, one output directory written by rank 0."""
+CPU): one progress bar, one report, one output directory written by rank 0; and no process group
+left for the interpreter's exit to tear down (its gloo threads then abort the process)."""
 
 from __future__ import annotations
 
@@ -66,10 +67,8 @@ LAUNCHERS = {
 }
 
 
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_path: Path) -> None:
-    port = str(_port())
-    command = [a.replace("{port}", port) for a in LAUNCHERS[launcher]] + [
+def _train_args(files: Path, out: Path, steps: int = 4) -> list[str]:
+    return [
         "train",
         "--model",
         str(files / "bert"),
@@ -80,18 +79,27 @@ def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_p
         "--label-column",
         "sentiment",
         "--max-steps",
-        "4",
+        str(steps),
         "--threads",
         "1",
         "--out",
-        str(tmp_path / "run"),
+        str(out),
     ]
-    env = {
+
+
+def _env() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=220, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_path: Path) -> None:
+    port = str(_port())
+    command = [a.replace("{port}", port) for a in LAUNCHERS[launcher]] + _train_args(files, tmp_path / "run")
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=220, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     bars = [line for line in done.stderr.replace("\r", "\n").splitlines() if " 0/4 [" in line]
     assert len(bars) == 1, f"expected one training progress bar, got {len(bars)}"
@@ -99,3 +107,29 @@ def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_p
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["steps"] == 4 and (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside it
+
+
+DRIVER = """
+import json, os, sys
+import torch.distributed as dist
+from lorakit.cli.main import main
+code = main(sys.argv[1:])
+print("DRIVER " + json.dumps({"rank": int(os.environ["RANK"]), "exit": code, "group": dist.is_initialized()}))
+"""
+
+
+def test_train_leaves_no_process_group_behind(files: Path, tmp_path: Path) -> None:
+    """The Trainer creates the group under a launcher; ``main`` must destroy it before returning.
+    Left alive, a gloo worker that frees a finished all-gather's tensors while the interpreter
+    finalises calls std::terminate (SIGABRT) on some runs; this check sees the group itself, every run."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER, encoding="utf-8")
+    command = [a.replace("{port}", str(_port())) for a in LAUNCHERS["torchrun"][:-2]] + [str(driver)]
+    command += _train_args(files, tmp_path / "run", steps=1)
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=220, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line.split("DRIVER ", 1)[1] for line in done.stdout.splitlines() if "DRIVER " in line]
+    reports = [json.loads(line) for line in lines]
+    assert sorted(r["rank"] for r in reports) == [0, 1], done.stdout[-2000:]
+    assert all(r["exit"] == 0 for r in reports), reports
+    assert not any(r["group"] for r in reports), f"process group still initialised after main(): {reports}"

@@ -15,6 +15,7 @@ from lorakit import LorakitError, __version__
 from lorakit.cli import eval as eval_cmd
 from lorakit.cli import extract, info, inspect, merge, rank, resize, train
 from lorakit.cli.errors import CliError
+from lorakit.distributed.group import process_group_scope
 
 __all__ = ["main", "build_parser"]
 
@@ -59,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command
     try:
         _quiet_libraries()
-        return int(args.func(args) or 0)
+        # Under a launcher the Trainer creates the process group; it must not outlive the command.
+        with process_group_scope(f"the end of `lorakit {command}`"):
+            return int(args.func(args) or 0)
     except (CliError, LorakitError) as exc:
         print(f"lorakit {command}: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ adapter, makes every rank raise :class:`~lorakit.errors.DistributedError` instea
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -16,7 +18,15 @@ import torch.distributed as dist
 
 from lorakit.errors import DistributedError
 
-__all__ = ["is_active", "rank", "world_size", "is_main_process", "default_timeout", "meet"]
+__all__ = [
+    "is_active",
+    "rank",
+    "world_size",
+    "is_main_process",
+    "default_timeout",
+    "meet",
+    "process_group_scope",
+]
 
 TIMEOUT_ENV = "LORAKIT_COLLECTIVE_TIMEOUT"
 _DEFAULT_TIMEOUT_S = 300.0
@@ -89,6 +99,39 @@ def meet(what: str, agreement: Any = None, timeout: float | None = None) -> None
             + "; ".join(f"rank {r} has {_short(values[r])}" for r in differing[:3])
             + ". Every rank must hold the same adapters, injected with the same config, before wrapping"
         )
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+@contextlib.contextmanager
+def process_group_scope(what: str, timeout: float | None = None) -> Iterator[None]:
+    """Destroy, when the block ends normally, a default process group that was created inside it
+    (by transformers' Trainer / accelerate under ``torchrun`` or ``accelerate launch``): every rank
+    first meets (:func:`meet`), then ``torch.distributed.destroy_process_group()``.
+
+    Why: a group left to the interpreter's exit keeps gloo's worker threads running into
+    finalisation. A worker that drops the last reference to a finished collective (the final
+    evaluation's all-gather, whose tensors are Python objects) must take the GIL to free it; once
+    the interpreter is finalising, CPython ends that thread with ``pthread_exit``, whose unwinding
+    through the work's ``noexcept`` destructor calls ``std::terminate``: "terminate called without an
+    active exception", SIGABRT, and the launcher kills the other ranks. Waiting at the meeting
+    releases the GIL, so the workers finish freeing their work, and lets every rank finish its
+    collectives and files before any rank tears its end down; the workers then sit idle even where
+    a model wrapper (DDP) still references the destroyed group and keeps them alive.
+
+    Not after an exception: another rank may be stuck in a collective that will never complete, and
+    waiting for it (at the meeting, or in the group's destructor, which drains its queued work) would
+    turn a quick failure into a hang until the timeout. A group that existed before the block belongs
+    to the caller and is left alone.
+    """
+    existed = _initialized()
+    yield
+    if existed or not _initialized():
+        return
+    meet(what, timeout=timeout)
+    dist.destroy_process_group()
 
 
 def _short(value: Any, limit: int = 300) -> str:
