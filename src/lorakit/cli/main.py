@@ -15,7 +15,7 @@ from lorakit import LorakitError, __version__
 from lorakit.cli import eval as eval_cmd
 from lorakit.cli import extract, info, inspect, merge, rank, resize, train
 from lorakit.cli.errors import CliError
-from lorakit.distributed.group import process_group_scope
+from lorakit.distributed import process_group_scope
 
 __all__ = ["main", "build_parser"]
 

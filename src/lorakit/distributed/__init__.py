@@ -16,7 +16,14 @@ The rules, in the order a training script meets them:
 """
 
 from lorakit.distributed.ddp import check_ddp, reentrant_checkpointed_modules, wrap_ddp
-from lorakit.distributed.group import default_timeout, is_active, is_main_process, rank, world_size
+from lorakit.distributed.group import (
+    default_timeout,
+    is_active,
+    is_main_process,
+    process_group_scope,
+    rank,
+    world_size,
+)
 from lorakit.distributed.persist import (
     adapter_is_sharded,
     load_pretrained,
@@ -36,6 +43,7 @@ from lorakit.model.engines import canonical_name
 
 __all__ = [
     "is_active",
+    "process_group_scope",
     "rank",
     "world_size",
     "is_main_process",
