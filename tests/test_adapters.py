@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tiny import MODELS, TOY_TARGETS, assert_same_state, bert_cls, ids, logits, snapshot, structure, toy
+from zoo import MODELS, TOY_TARGETS, assert_same_state, bert_cls, ids, logits, snapshot, structure, toy
 
 import lorakit
 from lorakit import AdapterError, LoraConfig

@@ -9,7 +9,7 @@ import copy
 import peft
 import pytest
 import torch
-from tiny import assert_same_state, gpt2, ids, llama, snapshot, toy
+from zoo import assert_same_state, gpt2, ids, llama, snapshot, toy
 
 import lorakit
 from lorakit.functional import combine as LC

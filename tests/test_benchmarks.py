@@ -4,16 +4,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import common, report  # noqa: E402
-from benchmarks.run import PAIRS, TRAIN_METHODS  # noqa: E402
+from benchmarks import common, report  # the repository's benchmarks/ (pythonpath in pyproject)
+from benchmarks.run import PAIRS, TRAIN_METHODS
 
 
 @pytest.mark.parametrize("method", TRAIN_METHODS)

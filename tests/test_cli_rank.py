@@ -7,33 +7,20 @@ import json
 import peft
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from zoo import llama_wide
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.cli.main import main
 
 
-def _llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
-
-
 @pytest.fixture
 def adapter(tmp_path):
     model = get_peft_model(
-        _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        llama_wide(),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     model.save_pretrained(tmp_path / "adapter")
-    _llama().save_pretrained(tmp_path / "base")
+    llama_wide().save_pretrained(tmp_path / "base")
     return tmp_path
 
 
@@ -56,14 +43,14 @@ def test_resize_writes_an_adapter_peft_loads(adapter, capsys):
     assert main(["resize", str(adapter / "adapter"), "--rank", "3", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "max relative error" in printed
-    loaded = peft.PeftModel.from_pretrained(_llama(), out)
+    loaded = peft.PeftModel.from_pretrained(llama_wide(), out)
     ranks = {m.r["default"] for m in loaded.modules() if hasattr(m, "r") and isinstance(m.r, dict) and m.r}
     assert ranks == {3}
     assert main(["resize", str(adapter / "adapter"), "--energy", "0.5", "--out", str(adapter / "e")]) == 0
 
 
 def test_extract_writes_an_adapter_that_reproduces_the_tuned_model(adapter, capsys):
-    tuned = _llama()
+    tuned = llama_wide()
     with torch.no_grad():
         tuned.model.layers[0].self_attn.q_proj.weight += 0.1 * torch.randn(32, 2) @ torch.randn(2, 32)
     tuned.save_pretrained(adapter / "tuned")
@@ -85,7 +72,7 @@ def test_extract_writes_an_adapter_that_reproduces_the_tuned_model(adapter, caps
         == 0
     )
     assert "1 low-rank modules" in capsys.readouterr().out
-    loaded = peft.PeftModel.from_pretrained(_llama(), out)
+    loaded = peft.PeftModel.from_pretrained(llama_wide(), out)
     ids = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-5, rtol=0)
 

@@ -9,15 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_fixtures import (
-    qa_rows,
-    sentiment_rows,
-    tagging_rows,
-    tiny_bert,
-    tiny_llama,
-    tiny_t5,
-    write_rows,
-)
+from cli_fixtures import sentiment_rows, write_rows
 
 from lorakit.cli.main import main
 
@@ -37,16 +29,10 @@ FAST = [
 ]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    tiny_bert(root / "bert")
-    tiny_llama(root / "llama")
-    tiny_t5(root / "t5")
-    write_rows(sentiment_rows(), root / "sentiment.csv")
-    write_rows(tagging_rows(), root / "tags.parquet")
-    write_rows(qa_rows(), root / "qa.jsonl")
-    return root
+@pytest.fixture
+def files(cli_files: Path) -> Path:
+    """The saved tiny models and data files (tests/conftest.py)."""
+    return cli_files
 
 
 def train(files: Path, out: Path, *extra: str) -> dict:
@@ -247,14 +233,13 @@ def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_runs_data_parallel_on_cpu(files: Path, tmp_path: Path) -> None:
+def test_torchrun_runs_data_parallel_on_cpu(
+    files: Path, tmp_path: Path, subprocess_env: dict[str, str]
+) -> None:
     """The Trainer underneath makes `torchrun -m lorakit.cli train` data-parallel (gloo) as is."""
-    import os
     import subprocess
     import sys
 
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     command = [
         sys.executable,
         "-m",
@@ -272,7 +257,7 @@ def test_torchrun_runs_data_parallel_on_cpu(files: Path, tmp_path: Path) -> None
         "--out",
         str(tmp_path / "run"),
     ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, env=subprocess_env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("trainable parameters") == 1  # only rank 0 reports and writes
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from zoo import llama_wide
 
 import lorakit
 
@@ -12,17 +12,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_no_graph_break_in_training_forward_with_dropout():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    base = llama_wide(seed=0, layers=2)
     model = lorakit.get_peft_model(
         base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
     )
@@ -35,17 +25,7 @@ def test_no_graph_break_in_training_forward_with_dropout():
 
 
 def test_compiled_training_step_matches_eager_gradients():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    base = llama_wide(seed=0, layers=1)
     model = lorakit.get_peft_model(
         base, lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
@@ -61,17 +41,7 @@ def test_compiled_training_step_matches_eager_gradients():
 
 
 def test_dora_training_forward_compiles_without_graph_break_and_matches_eager():
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    base = llama_wide(seed=0, layers=1)
     model = lorakit.get_peft_model(
         base,
         lorakit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, init_lora_weights=False),

@@ -22,9 +22,9 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ import pytest
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 WORKER = Path(__file__).parent / "distributed" / "worker.py"
-SRC = Path(__file__).resolve().parents[1] / "src"
 TRAINED = (
     "identical_on_ranks",
     "matches_reference",
@@ -75,24 +74,14 @@ CONTROLS = {
     "fsdp1": ("controls", ["naive_save_refused", "inject_after_wrap_refused", "flat_params_refused"]),
     "zero": ("zero3", ["naive_save_refused", "naive_merge_refused", "inject_after_wrap_refused"]),
 }
-_cache: dict[str, dict[str, Any]] = {}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _launch(engine: str, out: Path) -> dict[str, Any]:
-    """Run the engine's worker under torchrun (2 processes) once; its JSON results."""
-    if engine in _cache:
-        return _cache[engine]
+def _launch(engine: str, out: Path, env: dict[str, str], port: int) -> dict[str, Any]:
+    """Run the engine's worker under torchrun (2 processes); its JSON results."""
     if engine == "zero" and importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[dev]')")
     env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+        **env,
         "DS_ACCELERATOR": "cpu",
         "OMP_NUM_THREADS": "1",
         "LORAKIT_TEST_HANG_LIMIT": "100",
@@ -104,7 +93,7 @@ def _launch(engine: str, out: Path) -> dict[str, Any]:
         "torch.distributed.run",
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={port}",
         str(WORKER),
         engine,
         str(out),
@@ -121,13 +110,23 @@ def _launch(engine: str, out: Path) -> dict[str, Any]:
     result_file = out / f"{engine}.json"
     if proc.returncode != 0 or not result_file.exists():
         pytest.fail(f"{engine} launch failed (exit {proc.returncode}):\n{stderr[-6000:]}")
-    _cache[engine] = json.loads(result_file.read_text())
-    return _cache[engine]
+    return json.loads(result_file.read_text())
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("distributed")
+def launch(
+    tmp_path_factory: pytest.TempPathFactory, subprocess_env: dict[str, str], free_port: Callable[[], int]
+) -> Callable[[str], dict[str, Any]]:
+    """``launch(engine)``: the engine's results, from one torchrun launch per engine and module."""
+    out = tmp_path_factory.mktemp("distributed")
+    cache: dict[str, dict[str, Any]] = {}
+
+    def results(engine: str) -> dict[str, Any]:
+        if engine not in cache:
+            cache[engine] = _launch(engine, out, subprocess_env, free_port())
+        return cache[engine]
+
+    return results
 
 
 def _check(name: str, value: Any) -> None:
@@ -158,44 +157,46 @@ def _check(name: str, value: Any) -> None:
     ("engine", "scenario", "check"),
     [(e, s, c) for e, names in SCENARIOS.items() for s in names for c in TRAINED],
 )
-def test_trained_adapter(engine: str, scenario: str, check: str, out_dir: Path) -> None:
-    results = _launch(engine, out_dir)[scenario]
+def test_trained_adapter(
+    engine: str, scenario: str, check: str, launch: Callable[[str], dict[str, Any]]
+) -> None:
+    results = launch(engine)[scenario]
     assert "error" not in results, results.get("error")
     _check(check, results[check])
 
 
 @pytest.mark.parametrize(("engine", "check"), [(e, c) for e, (_, checks) in CONTROLS.items() for c in checks])
-def test_negative_control(engine: str, check: str, out_dir: Path) -> None:
+def test_negative_control(engine: str, check: str, launch: Callable[[str], dict[str, Any]]) -> None:
     """Each control is a misuse (or PEFT's failure mode) that lorakit must detect or refuse."""
     scenario, _ = CONTROLS[engine]
-    results = _launch(engine, out_dir)[scenario]
+    results = launch(engine)[scenario]
     assert "error" not in results, results.get("error")
     assert str(results[check]).startswith("ok"), results[check]
 
 
 @pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
-def test_uneven_shards_roundtrip(engine: str, out_dir: Path) -> None:
+def test_uneven_shards_roundtrip(engine: str, launch: Callable[[str], dict[str, Any]]) -> None:
     """r=3 splits rows unevenly over 2 ranks: gathering and broadcast loading stay exact."""
-    result = _launch(engine, out_dir)["controls"]["uneven_shards_roundtrip"]
+    result = launch(engine)["controls"]["uneven_shards_roundtrip"]
     assert result == "ok", result
 
 
-def test_no_gradient_sync_really_diverges(out_dir: Path) -> None:
+def test_no_gradient_sync_really_diverges(launch: Callable[[str], dict[str, Any]]) -> None:
     """The no-sync control is meaningful: without DDP each rank's adapter is far from the reference."""
-    off = _launch("ddp", out_dir)["controls"]["no_sync_off_reference"]
+    off = launch("ddp")["controls"]["no_sync_off_reference"]
     assert min(off) > 1e-3
 
 
-def test_zero3_merge_gathers(out_dir: Path) -> None:
+def test_zero3_merge_gathers(launch: Callable[[str], dict[str, Any]]) -> None:
     """Under ZeRO-3 lorakit.distributed.merge_adapter really merges (the LoRA branch is skipped and
     logits still match) and unmerges bit for bit."""
-    results = _launch("zero", out_dir)["zero3"]
+    results = launch("zero")["zero3"]
     assert results["zero3_merged_layers"] == 4
     assert results["zero3_merge_logits"] <= 1e-5
     assert results["zero3_unmerge_logits"] == 0.0
 
 
-def test_rank0_only_save_fails_instead_of_hanging(out_dir: Path) -> None:
-    results = _launch("fsdp2", out_dir)["rank0_only_save"]
+def test_rank0_only_save_fails_instead_of_hanging(launch: Callable[[str], dict[str, Any]]) -> None:
+    results = launch("fsdp2")["rank0_only_save"]
     assert str(results["rank0_only_save_fails"]).startswith("ok"), results
     assert results["seconds"] < 30

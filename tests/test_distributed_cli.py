@@ -4,32 +4,14 @@ CPU): one progress bar, one report, one output directory written by rank 0."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cli_fixtures import sentiment_rows, tiny_bert, write_rows
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(240)]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dist-cli")
-    tiny_bert(root / "bert")
-    write_rows(sentiment_rows(), root / "sentiment.csv")
-    return root
-
 
 LAUNCHERS = {
     "torchrun": [
@@ -67,8 +49,14 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_path: Path) -> None:
-    port = str(_port())
+def test_train_runs_unchanged_under_a_launcher(
+    launcher: str,
+    cli_files: Path,
+    tmp_path: Path,
+    subprocess_env: dict[str, str],
+    free_port: Callable[[], int],
+) -> None:
+    files, port = cli_files, str(free_port())
     command = [a.replace("{port}", port) for a in LAUNCHERS[launcher]] + [
         "train",
         "--model",
@@ -86,11 +74,7 @@ def test_train_runs_unchanged_under_a_launcher(launcher: str, files: Path, tmp_p
         "--out",
         str(tmp_path / "run"),
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=220, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     bars = [line for line in done.stderr.replace("\r", "\n").splitlines() if " 0/4 [" in line]

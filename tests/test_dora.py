@@ -9,9 +9,8 @@ import copy
 import peft
 import pytest
 import torch
-from tiny import TOY_TARGETS, ids, llama, toy
 from torch import nn
-from zoo import ZOO, main_output
+from zoo import TOY_TARGETS, ZOO, ids, llama, main_output, toy
 
 import lorakit
 from lorakit.functional import dora as LD

@@ -11,7 +11,7 @@ import peft
 import pytest
 import torch
 import torch._dynamo.testing
-from tiny import TOY_TARGETS, assert_same_state, ids, llama, snapshot, toy
+from zoo import TOY_TARGETS, assert_same_state, ids, llama, snapshot, toy
 
 import lorakit
 from lorakit import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap

@@ -9,8 +9,8 @@ import copy
 import peft
 import pytest
 import torch
-from tiny import assert_same_state, bert_cls, gpt2, ids, llama, snapshot, toy
 from torch import nn
+from zoo import assert_same_state, bert_cls, gpt2, ids, llama, snapshot, toy
 
 import lorakit
 from lorakit.functional import init as LI

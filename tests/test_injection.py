@@ -6,8 +6,8 @@ import contextlib
 
 import pytest
 import torch
-from tiny import MODELS, TOY_TARGETS, assert_same_state, ids, llama, logits, snapshot, structure, toy
 from torch import nn
+from zoo import MODELS, TOY_TARGETS, assert_same_state, ids, llama, logits, snapshot, structure, toy
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetingError

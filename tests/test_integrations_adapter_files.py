@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from task_models import build, choice_inputs, image_inputs, speech_inputs, text_inputs
+from zoo import choice_inputs, image_inputs, speech_inputs, task_model, text_inputs
 
 import lorakit
 from lorakit.persistence.adapter_dir import load_weights
@@ -49,7 +49,7 @@ def test_saved_adapter_loads_in_peft_and_lorakit(task: str, tmp_path: Path) -> N
     arch, head, _, peft_task = CASES[task]
     torch.manual_seed(3)
     config = lorakit.LoraConfig(task_type=task, init_lora_weights=False)
-    ours = lorakit.get_peft_model(build(arch, head), config)
+    ours = lorakit.get_peft_model(task_model(arch, head), config)
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "modules_to_save" in name:
@@ -64,18 +64,18 @@ def test_saved_adapter_loads_in_peft_and_lorakit(task: str, tmp_path: Path) -> N
         assert f.metadata()["format"] == "pt"
         assert f.metadata().get("lorakit_task_type", task) == task
 
-    theirs = peft.PeftModel.from_pretrained(build(arch, head), str(tmp_path)).eval()
+    theirs = peft.PeftModel.from_pretrained(task_model(arch, head), str(tmp_path)).eval()
     torch.testing.assert_close(_out(theirs.get_base_model(), _inputs(task)), expected)
 
-    fresh = lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig(task_type=task))
+    fresh = lorakit.get_peft_model(task_model(arch, head), lorakit.LoraConfig(task_type=task))
     load_weights(fresh.get_base_model(), tmp_path)
     torch.testing.assert_close(_out(fresh.eval(), _inputs(task)), expected, rtol=0, atol=0)
-    reloaded = lorakit.PeftModel.from_pretrained(build(arch, head), tmp_path)
+    reloaded = lorakit.PeftModel.from_pretrained(task_model(arch, head), tmp_path)
     assert type(reloaded) is type(ours)
     torch.testing.assert_close(_out(reloaded, _inputs(task)), expected, rtol=0, atol=0)
 
 
 def test_loading_from_a_directory_without_adapter_names_the_file(tmp_path: Path) -> None:
-    model = lorakit.get_peft_model(build("bert", "Model"), lorakit.LoraConfig())
+    model = lorakit.get_peft_model(task_model("bert", "Model"), lorakit.LoraConfig())
     with pytest.raises(lorakit.LorakitError, match="adapter_config.json"):
         load_weights(model.get_base_model(), tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from task_models import build, labels_for, speech_inputs, text_inputs
+from zoo import labels_for, speech_inputs, task_model, text_inputs
 
 from lorakit import LoraConfig, get_peft_model
 
@@ -29,7 +29,7 @@ def _grads(model, inputs, task: str, **kwargs) -> dict[str, torch.Tensor]:
 def test_checkpointed_gradients_equal_plain_gradients(case: str, reentrant: bool) -> None:
     arch, head, task, inputs_fn = CASES[case]
     torch.manual_seed(0)
-    model = get_peft_model(build(arch, head), LoraConfig(task_type=task, init_lora_weights=False))
+    model = get_peft_model(task_model(arch, head), LoraConfig(task_type=task, init_lora_weights=False))
     model.train()
     assert not model.get_input_embeddings().weight.requires_grad
     expected = _grads(model, inputs_fn(), task)
@@ -50,7 +50,7 @@ def test_checkpointed_gradients_equal_plain_gradients(case: str, reentrant: bool
 def test_activation_checkpointing_name_works_too() -> None:
     torch.manual_seed(0)
     model = get_peft_model(
-        build("llama", "ForCausalLM"), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False)
+        task_model("llama", "ForCausalLM"), LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False)
     )
     model.train()
     expected = _grads(model, text_inputs(), "CAUSAL_LM")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import peft
 import pytest
-import transformers
-from task_models import build
+from zoo import build, task_model
 
 import lorakit
 from lorakit.errors import TargetingError
@@ -31,11 +30,11 @@ def _wrapped(model) -> set[str]:
 
 @pytest.mark.parametrize("arch,head", list(DEFAULTS), ids=lambda v: str(v))
 def test_default_targets_pick_the_attention_projections(arch: str, head: str) -> None:
-    model = lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig())
+    model = lorakit.get_peft_model(task_model(arch, head), lorakit.LoraConfig())
     wrapped = _wrapped(model)
     assert {name.rsplit(".", 1)[-1] for name in wrapped} == DEFAULTS[arch, head]
     assert {"0", "1"} <= {part for name in wrapped for part in name.split(".")}  # both layers
-    report = lorakit.inspect(build(arch, head))
+    report = lorakit.inspect(task_model(arch, head))
     assert {row["name"] for row in report.modules if row["default"]} == {
         n.removeprefix("base_model.model.") for n in wrapped
     }
@@ -46,24 +45,19 @@ def test_default_targets_pick_the_attention_projections(arch: str, head: str) ->
     "arch,head", [k for k in DEFAULTS if k[0] not in ("vit", "whisper")], ids=lambda v: str(v)
 )
 def test_default_targets_equal_peft(arch: str, head: str) -> None:
-    ours = _wrapped(lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig()))
+    ours = _wrapped(lorakit.get_peft_model(task_model(arch, head), lorakit.LoraConfig()))
     theirs = {
         name
-        for name, m in peft.get_peft_model(build(arch, head), peft.LoraConfig()).named_modules()
+        for name, m in peft.get_peft_model(task_model(arch, head), peft.LoraConfig()).named_modules()
         if isinstance(m, peft.tuners.lora.LoraLayer)
     }
     assert ours == theirs
 
 
-def _no_default_model() -> transformers.PreTrainedModel:
-    config = transformers.XLNetConfig(vocab_size=100, d_model=16, n_layer=2, n_head=2, d_inner=32)
-    return transformers.XLNetModel(config)
-
-
 def test_inspect_explains_a_model_without_default() -> None:
-    report = lorakit.inspect(_no_default_model())
+    report = lorakit.inspect(build("xlnet"))
     assert report.default_targets is None
     text = str(report)
     assert "no default" in text and "layer.0.ff.layer_1" in text and "all-linear" in text
     with pytest.raises(TargetingError, match=r"no default for model_type 'xlnet'.*layer_1, layer_2"):
-        lorakit.get_peft_model(_no_default_model(), lorakit.LoraConfig())
+        lorakit.get_peft_model(build("xlnet"), lorakit.LoraConfig())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from task_models import build
 from torch import nn
+from zoo import task_model
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.integrations import find_heads
@@ -29,7 +29,7 @@ from lorakit.integrations import find_heads
     ids=lambda v: str(v),
 )
 def test_heads_of_transformers_task_models(arch: str, head: str, expected: list[str]) -> None:
-    assert find_heads(build(arch, head)) == expected
+    assert find_heads(task_model(arch, head)) == expected
 
 
 class Custom(nn.Module):

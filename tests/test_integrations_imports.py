@@ -15,11 +15,11 @@ assert not missing, missing
 """
 
 
-def test_import_registers_tasks_without_transformers() -> None:
+def test_import_registers_tasks_without_transformers(subprocess_env: dict[str, str]) -> None:
     result = subprocess.run(
         [sys.executable, "-c", CODE],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": ":".join(p for p in sys.path if p)},
+        env=subprocess_env,
     )
     assert result.returncode == 0, result.stderr

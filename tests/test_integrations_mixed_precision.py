@@ -7,7 +7,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from task_models import build, labels_for, text_inputs
+from zoo import labels_for, task_model, text_inputs
 
 import lorakit
 from lorakit.layers import LoraLayer
@@ -15,7 +15,7 @@ from lorakit.layers import LoraLayer
 
 def _llama(dtype: torch.dtype, **kwargs) -> lorakit.PeftModel:
     config = lorakit.LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, target_modules="all-linear")
-    return lorakit.get_peft_model(build("llama", "ForCausalLM").to(dtype), config, **kwargs)
+    return lorakit.get_peft_model(task_model("llama", "ForCausalLM").to(dtype), config, **kwargs)
 
 
 def _adapter_dtypes(model) -> set[torch.dtype]:
@@ -33,7 +33,7 @@ def _adapter_dtypes(model) -> set[torch.dtype]:
 def test_adapter_dtype_follows_autocast_adapter_dtype_like_peft(dtype: torch.dtype, autocast: bool) -> None:
     ours = _llama(dtype, autocast_adapter_dtype=autocast)
     theirs = peft.get_peft_model(
-        build("llama", "ForCausalLM").to(dtype),
+        task_model("llama", "ForCausalLM").to(dtype),
         peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear"),
         autocast_adapter_dtype=autocast,
     )
@@ -62,7 +62,7 @@ def test_half_precision_base_trains(autocast: bool) -> None:
 def test_torch_autocast_trains_float32_adapters_and_matches_peft() -> None:
     ours = _llama(torch.float32)
     theirs = peft.get_peft_model(
-        build("llama", "ForCausalLM"),
+        task_model("llama", "ForCausalLM"),
         peft.LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", init_lora_weights=False),
     )
     lorakit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))

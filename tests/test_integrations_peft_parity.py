@@ -8,7 +8,7 @@ import io
 
 import peft
 import pytest
-from task_models import build
+from zoo import task_model
 
 import lorakit
 
@@ -34,8 +34,8 @@ def _printed(model) -> str:
 
 @pytest.mark.parametrize("arch,head,task", PEFT_TASKS, ids=lambda v: str(v))
 def test_print_and_trainable_parameters_match_peft(arch: str, head: str, task: str) -> None:
-    ours = lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig(task_type=task))
-    theirs = peft.get_peft_model(build(arch, head), peft.LoraConfig(task_type=task))
+    ours = lorakit.get_peft_model(task_model(arch, head), lorakit.LoraConfig(task_type=task))
+    theirs = peft.get_peft_model(task_model(arch, head), peft.LoraConfig(task_type=task))
     assert repr(ours) == repr(theirs)
     assert "lora_A" in repr(ours) and "lora_B" in repr(ours) and "lora_dropout" in repr(ours)
     assert _printed(ours) == _printed(theirs)
@@ -52,9 +52,9 @@ def test_print_and_trainable_parameters_match_peft(arch: str, head: str, task: s
 def test_tasks_peft_lacks_equal_peft_with_the_head_in_modules_to_save(
     arch: str, head: str, task: str
 ) -> None:
-    ours = lorakit.get_peft_model(build(arch, head), lorakit.LoraConfig(task_type=task))
+    ours = lorakit.get_peft_model(task_model(arch, head), lorakit.LoraConfig(task_type=task))
     theirs = peft.get_peft_model(
-        build(arch, head),
+        task_model(arch, head),
         peft.LoraConfig(
             target_modules=ours.peft_config["default"].target_modules, modules_to_save=["classifier"]
         ),

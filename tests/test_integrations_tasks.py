@@ -9,16 +9,16 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from task_models import (
+from torch import nn
+from zoo import (
     BATCH,
-    build,
     choice_inputs,
     image_inputs,
     labels_for,
     speech_inputs,
+    task_model,
     text_inputs,
 )
-from torch import nn
 
 import lorakit
 from lorakit import LoraConfig, TaskType, get_peft_model
@@ -144,7 +144,7 @@ ALL_CASES = HEAD_CASES + GEN_CASES + OTHER_CASES
 def _peft(case: Case, seed: int = 0, **kwargs) -> lorakit.PeftModel:
     torch.manual_seed(seed + 100)
     config = LoraConfig(task_type=case.task, r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
-    return get_peft_model(build(case.arch, case.head, seed=seed), config)
+    return get_peft_model(task_model(case.arch, case.head, seed=seed), config)
 
 
 def _main(out) -> torch.Tensor:
@@ -266,7 +266,7 @@ def test_forward_signature_names_inputs_and_labels(case: Case) -> None:
 
 def test_question_answering_alias_builds_the_same_wrapper() -> None:
     model = get_peft_model(
-        build("bert", "ForQuestionAnswering"), LoraConfig(task_type=TaskType.QUESTION_ANSWERING)
+        task_model("bert", "ForQuestionAnswering"), LoraConfig(task_type=TaskType.QUESTION_ANSWERING)
     )
     assert type(model).__name__ == "PeftModelForQuestionAnswering"
     assert model.peft_config["default"].task_type is TaskType.QUESTION_ANS
@@ -274,12 +274,12 @@ def test_question_answering_alias_builds_the_same_wrapper() -> None:
 
 def test_head_task_without_head_names_the_modules() -> None:
     with pytest.raises(TargetingError, match=r"no head was found.*embeddings, encoder"):
-        get_peft_model(build("bert", "Model"), LoraConfig(task_type="SEQ_CLS"))
+        get_peft_model(task_model("bert", "Model"), LoraConfig(task_type="SEQ_CLS"))
 
 
 def test_user_modules_to_save_are_kept_beside_the_head() -> None:
     model = get_peft_model(
-        build("bert", "ForSequenceClassification"),
+        task_model("bert", "ForSequenceClassification"),
         LoraConfig(task_type="SEQ_CLS", modules_to_save=["pooler"]),
     )
     assert model.peft_config["default"].modules_to_save == ["pooler", "classifier"]
@@ -304,7 +304,7 @@ def test_mixed_batch_forward_uses_each_rows_adapter_and_head(case: Case) -> None
 def test_all_linear_leaves_the_head_to_modules_to_save(case: Case) -> None:
     """(PEFT 0.21 puts LoRA into ``qa_outputs`` / a token classifier here, then fails to wrap it.)"""
     model = get_peft_model(
-        build(case.arch, case.head), LoraConfig(task_type=case.task, target_modules="all-linear")
+        task_model(case.arch, case.head), LoraConfig(task_type=case.task, target_modules="all-linear")
     )
     for name in case.saved_head:
         head = getattr(model.get_base_model(), name)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from task_models import build, labels_for, text_inputs
+from zoo import labels_for, task_model, text_inputs
 
 import lorakit
 from lorakit import LoraConfig, get_peft_model
@@ -26,7 +26,7 @@ def _model(task: str) -> lorakit.PeftModel:
         task
     ]
     torch.manual_seed(100)
-    return get_peft_model(build(arch, head), LoraConfig(task_type=task, r=4, lora_alpha=8))
+    return get_peft_model(task_model(arch, head), LoraConfig(task_type=task, r=4, lora_alpha=8))
 
 
 def _dataset(task: str) -> list[dict[str, torch.Tensor]]:
@@ -96,7 +96,7 @@ def test_real_peft_loads_a_trainer_checkpoint(tmp_path: Path) -> None:
     inputs = text_inputs(seed=9)
     expected = model(**inputs).logits
     reference = peft.PeftModel.from_pretrained(
-        build("bert", "ForSequenceClassification"), str(tmp_path / f"checkpoint-{STEPS}")
+        task_model("bert", "ForSequenceClassification"), str(tmp_path / f"checkpoint-{STEPS}")
     ).eval()
     torch.testing.assert_close(reference(**inputs).logits, expected)
 
@@ -125,7 +125,7 @@ def test_trainer_keeps_the_columns_forward_names() -> None:
 def test_trainer_asks_the_base_model_about_loss_kwargs() -> None:
     model = _model("CAUSAL_LM")
     trainer = _trainer(model, "CAUSAL_LM", Path("unused"))
-    plain = transformers.Trainer(model=build("gpt2", "LMHeadModel"), args=trainer.args)
+    plain = transformers.Trainer(model=task_model("gpt2", "LMHeadModel"), args=trainer.args)
     assert trainer.model_accepts_loss_kwargs == plain.model_accepts_loss_kwargs
 
 

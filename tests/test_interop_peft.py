@@ -14,9 +14,8 @@ import warnings
 import peft
 import pytest
 import torch
-from models import perturb_trainable
 from safetensors import safe_open
-from zoo import ZOO, main_output
+from zoo import ZOO, main_output, perturb_trainable
 
 import lorakit
 from lorakit import BaseModelMismatchWarning

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import gpt2, ids, llama
+from zoo import gpt2, ids, llama
 
 import lorakit
 

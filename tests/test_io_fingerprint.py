@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from models import tiny
+from zoo import tiny
 
 from lorakit import LoraConfig
 from lorakit.model import injection

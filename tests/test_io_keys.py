@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import Shared, assert_unchanged, snapshot, tiny
-from zoo import ZOO
+from zoo import ZOO, Shared, assert_unchanged, snapshot_all, tiny
 
 from lorakit import LoraConfig
 from lorakit.model import injection
@@ -41,7 +40,7 @@ def test_planned_shapes_equal_injected_keys(case):
     kind, kwargs = CASES[case]
     model = _build(kind)
     config = LoraConfig(**kwargs)
-    before = snapshot(model)
+    before = snapshot_all(model)
     plan = injection.plan(model, config, "default")
     planned = planned_shapes(model, plan, "default")
     assert_unchanged(model, before)

@@ -195,35 +195,6 @@ CASES: list[Case] = [
 
 CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 
-# case id -> max |lorakit - peft| over the eval-mode outputs
-OUTPUT_DIFFS: dict[str, float] = {}
-
-
-# ---------------------------------------------------------------------------
-# session summary
-# ---------------------------------------------------------------------------
-
-
-class _ParitySummary:
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if not OUTPUT_DIFFS:
-            return
-        worst = max(OUTPUT_DIFFS, key=OUTPUT_DIFFS.__getitem__)
-        terminalreporter.write_sep("-", "lorakit vs peft parity")
-        terminalreporter.write_line(
-            f"max |lorakit - peft| = {OUTPUT_DIFFS[worst]:.3e} "
-            f"(worst case: {worst}; {len(OUTPUT_DIFFS)} cases compared)"
-        )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _register_summary(request: pytest.FixtureRequest) -> None:
-    name = "lorakit-parity-summary"
-    pm = request.config.pluginmanager
-    if pm.get_plugin(name) is None:
-        pm.register(_ParitySummary(), name)
-
-
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
@@ -350,7 +321,7 @@ def test_trainable_parameters_match(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
-def test_state_dict_roundtrip_and_eval_outputs(case: Case) -> None:
+def test_state_dict_roundtrip_and_eval_outputs(case: Case, parity_diffs: dict[str, float]) -> None:
     base, peft_model, lk_model = _make_pair(case)
     sd = _copy_peft_to_lorakit(peft_model, lk_model)
 
@@ -392,7 +363,7 @@ def test_state_dict_roundtrip_and_eval_outputs(case: Case) -> None:
         "adapter has no effect on the output"
     )
 
-    OUTPUT_DIFFS[case.id] = max(
+    parity_diffs[case.id] = max(
         (lk_outs[k].float() - peft_outs[k].float()).abs().max().item() for k in peft_outs
     )
     for key in peft_outs:

@@ -9,7 +9,7 @@ import warnings
 import peft
 import pytest
 import torch
-from tiny import MODELS, TOY_TARGETS, VOCAB, ids, llama, logits, toy
+from zoo import MODELS, SMALL_VOCAB, TOY_TARGETS, ids, llama, logits, toy
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, TaskType
@@ -232,7 +232,7 @@ def test_get_peft_model_task_types(task):
     model = lorakit.get_peft_model(llama(), LoraConfig(task_type=task))
     assert isinstance(model, lorakit.PeftModel)
     out = model(input_ids=ids())
-    assert out.logits.shape == (3, 5, VOCAB)
+    assert out.logits.shape == (3, 5, SMALL_VOCAB)
 
 
 @pytest.mark.parametrize(

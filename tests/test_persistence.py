@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 import torch
-from models import Shared, assert_unchanged, perturb_trainable, snapshot, tiny, tiny_inputs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from zoo import Shared, assert_unchanged, perturb_trainable, snapshot_all, tiny, tiny_inputs
 
 import lorakit
 from lorakit import (
@@ -170,7 +170,7 @@ def test_different_base_warns_or_errors(tmp_path):
     with pytest.warns(BaseModelMismatchWarning, match="this adapter was trained on a different base model"):
         PeftModel.from_pretrained(tiny(seed=1), path)
     other = tiny(seed=1)
-    before = snapshot(other)
+    before = snapshot_all(other)
     with pytest.raises(
         BaseModelMismatchError,
         match=r"different base model: .*adapter_model.safetensors: "
@@ -203,7 +203,7 @@ def _rewrite(path, edit):
 
 
 def _fails(model, path, error, *patterns, **kwargs):
-    before = snapshot(model)
+    before = snapshot_all(model)
     with pytest.raises(error) as info:
         PeftModel.from_pretrained(model, path, **kwargs)
     for pattern in patterns:
@@ -297,7 +297,7 @@ def test_failure_after_injection_is_rolled_back(tmp_path, monkeypatch):
     monkeypatch.setattr(adapter_dir, "set_peft_model_state_dict", broken)
     _fails(tiny(), path, RuntimeError, "out of memory")
     model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
-    before = snapshot(model)
+    before = snapshot_all(model)
     with pytest.raises(RuntimeError):
         model.load_adapter(path, "x")
     assert_unchanged(model, before)
@@ -307,7 +307,7 @@ def test_failure_after_injection_is_rolled_back(tmp_path, monkeypatch):
 def test_load_adapter_errors_change_nothing(tmp_path):
     _, path = _trained(tmp_path)
     model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
-    before = snapshot(model)
+    before = snapshot_all(model)
     with pytest.raises(AdapterError, match="an adapter named 'default' already exists"):
         model.load_adapter(path, "default")
     _rewrite(path, lambda t: t.pop("base_model.model.fc2.bias"))
@@ -401,7 +401,7 @@ def test_resized_vocabulary_is_named(tmp_path):
         assert "base_model.model.model.embed_tokens.base_layer.weight" in fh.keys()  # noqa: SIM118 (PEFT writes it too)
     resized = ZOO["llama"].build()
     resized.resize_token_embeddings(120)
-    before = snapshot(resized)
+    before = snapshot_all(resized)
     with pytest.raises(AdapterError) as info:
         PeftModel.from_pretrained(resized, tmp_path / "e")
     assert (

@@ -23,7 +23,7 @@ import textwrap
 import time
 
 import pytest
-from models import tiny
+from zoo import tiny
 
 from lorakit import PeftModel
 from lorakit import fileio as files
@@ -36,9 +36,8 @@ WORKER = textwrap.dedent("""
     import os, sys
     import torch
     torch.set_num_threads(1)
-    sys.path[:0] = [{src!r}, {tests!r}]
     from lorakit import LoraConfig, get_peft_model
-    from models import tiny
+    from zoo import tiny
 
     def build(r):
         config = LoraConfig(target_modules=["emb", "fc1"], r=r, modules_to_save=["fc2"])
@@ -91,14 +90,15 @@ def _adapter_values(path, adapter):
     return value
 
 
-def test_kill_minus_9_while_saving_leaves_a_complete_adapter(tmp_path):
+def test_kill_minus_9_while_saving_leaves_a_complete_adapter(tmp_path, subprocess_env):
     out = tmp_path / "adapter"
-    src = os.path.join(os.path.dirname(__file__), "..", "src")
-    script = WORKER.format(
-        src=os.path.abspath(src), tests=os.path.dirname(os.path.abspath(__file__)), out=str(out)
-    )
+    script = WORKER.format(out=str(out))
     worker = subprocess.Popen(
-        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env,  # this checkout's lorakit and the zoo
     )
     rng = random.Random(0)
     seen, interrupted, previous = [], 0, 0.0

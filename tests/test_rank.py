@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
+from zoo import llama_wide
 
 from lorakit import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from lorakit.persistence.keys import to_file_keys
@@ -93,23 +94,10 @@ def test_resize_rejects_bad_arguments():
             resize_adapter(config, sd, **kwargs)
 
 
-def _llama(seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=100,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
-
-
 def test_resized_adapter_loads_in_peft_and_lorakit_with_per_module_ranks():
     model = get_peft_model(
-        _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        llama_wide(),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     sd = get_peft_model_state_dict(model)
     result = resize_adapter(model.peft_config["default"], sd, energy=0.9)
@@ -118,14 +106,14 @@ def test_resized_adapter_loads_in_peft_and_lorakit_with_per_module_ranks():
     outs = []
     for lib in (peft, __import__("lorakit")):
         cfg = lib.LoraConfig(**{k: v for k, v in result.config.to_dict().items() if k != "task_type"})
-        m = lib.get_peft_model(_llama(), cfg)
+        m = lib.get_peft_model(llama_wide(), cfg)
         lib.set_peft_model_state_dict(m, result.state_dict)
         outs.append(m(input_ids=ids).logits)
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 
 def test_extract_exact_rank_delta_reproduces_the_tuned_model_in_peft(tmp_path):
-    base, tuned = _llama(), _llama()
+    base, tuned = llama_wide(), llama_wide()
     tuned.load_state_dict(base.state_dict())
     k = 3
     with torch.no_grad():
@@ -153,7 +141,7 @@ def test_extract_exact_rank_delta_reproduces_the_tuned_model_in_peft(tmp_path):
 
 
 def test_extract_at_lower_rank_reports_the_error(tmp_path):
-    base, tuned = _llama(), _llama(seed=1)  # unrelated weights: every linear changed at full rank
+    base, tuned = llama_wide(), llama_wide(seed=1)  # unrelated weights: every linear changed at full rank
     base.save_pretrained(tmp_path / "base")
     tuned.save_pretrained(tmp_path / "tuned")
     result = extract_adapter(tmp_path / "base", tmp_path / "tuned", rank=2)
@@ -165,7 +153,8 @@ def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
     from lorakit.persistence.adapter_dir import read_adapter, save_adapter_tensors
 
     model = get_peft_model(
-        _llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        llama_wide(),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
     )
     model.save_pretrained(tmp_path / "full")
     files = read_adapter(tmp_path / "full")
@@ -173,5 +162,5 @@ def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
     assert max(result.errors.values()) < 1e-6
     save_adapter_tensors(tmp_path / "same", result.config, result.state_dict)
     ids = torch.randint(0, 100, (2, 5))
-    reloaded = peft.PeftModel.from_pretrained(_llama(), tmp_path / "same")
+    reloaded = peft.PeftModel.from_pretrained(llama_wide(), tmp_path / "same")
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import llama
 from torch import nn
+from zoo import llama
 
 import lorakit
 from lorakit import distributed as ld

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.tuners.lora import LoraLayer as PeftLoraLayer
-from tiny import MODELS, bert_cls, gpt2, llama, toy
 from torch import nn
+from zoo import MODELS, bert_cls, gpt2, llama, toy
 
 import lorakit
 from lorakit import LoraConfig, TargetingError, TaskType

@@ -18,13 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import engines  # beside this script (sys.path[0]); engines and scenario import the zoo from PYTHONPATH
+import scenario as S
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import engines  # noqa: E402
-import scenario as S  # noqa: E402
 
 HANG_LIMIT_S = float(os.environ.get("LORAKIT_TEST_HANG_LIMIT", "100"))
 
