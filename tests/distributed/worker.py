@@ -1,7 +1,7 @@
 """One launch per engine: ``torchrun --nproc_per_node=2 worker.py <engine> <out_dir>``.
 
 Each rank runs every scenario of the engine and its negative controls; rank 0 writes
-``<out_dir>/<engine>.json`` (scenario → check → value) that ``test_distributed.py`` asserts on. A
+``<out_dir>/<engine>.json`` (scenario → check → value) that ``test_torchrun_engines.py`` asserts on. A
 rank that hangs dumps every thread's stack and exits (``faulthandler``), so no launch can hang.
 """
 

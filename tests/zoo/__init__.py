@@ -13,7 +13,10 @@ Models
     ``saved_model(arch, vocab_size)``: the CLI tests' models, saved beside a tokenizer.
   plain torch (``zoo.torch_models``): ``toy()`` (one layer of every kind lorakit adapts, targets
   ``TOY_TARGETS``), ``tiny()`` (Embedding → Linear → ReLU → Linear), ``Shared`` (a module at two
-  paths, tied weights), ``MLP`` (Embedding, Conv2d, Linear).
+  paths, tied weights), ``MLP`` (Embedding, Conv2d, Linear), ``fake_engine(name)`` (a wrapper named
+  like a distributed engine).
+  single LoRA layers (``zoo.layers``): ``lora_layer(kind)`` for each of ``LAYER_KINDS`` with its
+  input, ``add_adapter(layer)``.
 Inputs and outputs (``zoo.inputs``)
   ``ids()`` for the unit models, ``tiny_inputs()``, ``text_inputs()``, ``choice_inputs()``,
   ``image_inputs()``, ``speech_inputs()`` and ``labels_for(task)`` for the task models; ``logits()``,
@@ -37,6 +40,7 @@ from zoo.inputs import (
     text_inputs,
     tiny_inputs,
 )
+from zoo.layers import LAYER_KINDS, add_adapter, lora_layer
 from zoo.state import (
     assert_same_state,
     assert_unchanged,
@@ -45,7 +49,7 @@ from zoo.state import (
     snapshot_all,
     structure,
 )
-from zoo.torch_models import MLP, TOY_TARGETS, Shared, Tiny, Toy, tiny, toy
+from zoo.torch_models import MLP, TOY_TARGETS, Shared, Tiny, Toy, fake_engine, tiny, toy
 from zoo.transformers_models import (
     ARCHS,
     MODELS,
@@ -65,6 +69,7 @@ from zoo.transformers_models import (
 __all__ = [
     "ARCHS",
     "BATCH",
+    "LAYER_KINDS",
     "MLP",
     "MODELS",
     "SMALL_VOCAB",
@@ -75,12 +80,14 @@ __all__ = [
     "Tiny",
     "Toy",
     "ZooEntry",
+    "add_adapter",
     "assert_same_state",
     "assert_unchanged",
     "bert_cls",
     "build",
     "choice_inputs",
     "config",
+    "fake_engine",
     "gpt2",
     "ids",
     "image_inputs",
@@ -88,6 +95,7 @@ __all__ = [
     "llama",
     "llama_wide",
     "logits",
+    "lora_layer",
     "main_output",
     "model_class",
     "output_tensors",

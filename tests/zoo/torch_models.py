@@ -94,3 +94,18 @@ class MLP(nn.Module):
         img = self.conv(pixel_values).mean(dim=(2, 3))
         h = self.act(self.lin0(torch.cat([tok, img], dim=-1)))
         return self.lin1(h)
+
+
+def fake_engine(class_name: str) -> type[nn.Module]:
+    """A wrapper module class named like a distributed engine's (``DistributedDataParallel``, ...):
+    lorakit recognises engines by class name. ``fake_engine(name)(model)`` holds ``model`` as
+    ``.module`` and forwards to it."""
+
+    def forward(self: nn.Module, *args: object, **kwargs: object) -> object:
+        return self.module(*args, **kwargs)
+
+    def init(self: nn.Module, module: nn.Module) -> None:
+        nn.Module.__init__(self)
+        self.module = module
+
+    return type(class_name, (nn.Module,), {"__init__": init, "forward": forward})

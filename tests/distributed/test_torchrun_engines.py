@@ -32,7 +32,7 @@ import pytest
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
-WORKER = Path(__file__).parent / "distributed" / "worker.py"
+WORKER = Path(__file__).parent / "worker.py"
 TRAINED = (
     "identical_on_ranks",
     "matches_reference",

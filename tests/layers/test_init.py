@@ -1,6 +1,7 @@
-"""Initialisations (gaussian, PiSSA, fast PiSSA, OLoRA, orthogonal): parity with PEFT 0.21.2 (whole
-state dicts, residual base weights included, for a given seed), the math of each, the invariants
-(output unchanged at init, merge/unmerge exact relative to the residual) and the refusals."""
+"""Initialisations (gaussian, PiSSA, fast PiSSA, OLoRA, orthogonal) applied to a model's layers:
+parity with PEFT 0.21.2 (whole state dicts, residual base weights included, for a given seed), the
+invariants (output unchanged at init, merge/unmerge exact relative to the residual) and the
+refusals. (The math: functional/test_init.py; the config values: config/test_inits.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from torch import nn
 from zoo import assert_same_state, bert_cls, gpt2, ids, llama, snapshot, toy
 
 import lorakit
-from lorakit.functional import init as LI
 
 # (model builder, targets incl. an embedding where there is one); OLoRA on Conv1D is left out of
 # PEFT parity: PEFT factors the (k × d) Conv1D weight without transposing it (see test below)
@@ -62,30 +62,6 @@ def test_dora_on_top_of_pissa_matches_peft():
         torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=1e-5, msg=key)
 
 
-def test_pissa_is_the_best_rank_r_part():
-    torch.manual_seed(0)
-    w = torch.randn(12, 9) @ torch.diag(torch.logspace(0, -2, 9))
-    a, b, residual = LI.pissa(w, 3, 2.0)
-    sv = torch.linalg.svdvals(w)
-    torch.testing.assert_close(residual + 2.0 * b @ a, w, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(torch.linalg.norm(residual) ** 2, (sv[3:] ** 2).sum(), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(a @ a.T, b.T @ b, atol=1e-5, rtol=1e-5)  # the singular values split evenly
-    torch.manual_seed(1)
-    _, _, fast = LI.pissa(w, 3, 2.0, niter=4)
-    assert torch.linalg.norm(fast) <= 1.01 * torch.linalg.norm(residual)
-
-
-def test_olora_and_orthogonal():
-    torch.manual_seed(0)
-    w = torch.randn(10, 7)
-    a, b, residual = LI.olora(w, 3, 0.5)
-    torch.testing.assert_close(b.T @ b, torch.eye(3), atol=1e-6, rtol=0)
-    torch.testing.assert_close(residual + 0.5 * b @ a, w, atol=1e-6, rtol=1e-6)
-    a, b = LI.orthogonal(10, 7, 4)
-    assert a.shape == (4, 7) and b.shape == (10, 4) and a.abs().min() > 0
-    torch.testing.assert_close(b @ a, torch.zeros(10, 7), atol=1e-7, rtol=0)
-
-
 def test_olora_on_conv1d_uses_the_transposed_weight():
     """PEFT's OLoRA factors a Conv1D's stored (k × d) weight and breaks on non-square ones; lorakit
     factors W (d × k) as for nn.Linear, so the adapter starts as the identity."""
@@ -125,22 +101,6 @@ def test_merge_unmerge_exact_relative_to_the_residual_and_unload_returns_it(init
     assert torch.equal(plain.model.layers[0].self_attn.q_proj.weight, q)  # the residual, as PEFT
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "parts"),
-    [
-        ({"init_lora_weights": "eva"}, ["'eva'", "'pissa'", "'olora'", "'orthogonal'", "pissa_niter_<N>"]),
-        ({"init_lora_weights": "pissa_niter_x"}, ["'pissa_niter_x'"]),
-        ({"init_lora_weights": "orthogonal", "r": 3, "rank_pattern": {"v": 5}}, ["even", "'r': 3", "5"]),
-        ({"init_lora_weights": "pissa", "lora_bias": True}, ["lora_bias", "'pissa'"]),
-    ],
-)
-def test_config_errors_name_the_value_and_the_choices(kwargs, parts):
-    with pytest.raises(lorakit.ConfigError) as err:
-        lorakit.LoraConfig(**kwargs)
-    for part in parts:
-        assert part in str(err.value)
-
-
 def test_weight_inits_on_a_convolution_are_refused_before_any_change():
     model = toy()
     before = snapshot(model)
@@ -157,10 +117,3 @@ def test_embedding_keeps_its_default_init_like_peft():
     lk = lorakit.get_peft_model(toy(), config)
     emb = lk.get_base_model().emb
     assert isinstance(emb.base_layer, nn.Embedding) and not emb.lora_embedding_A["default"].any()
-
-
-@pytest.mark.parametrize("init", ["gaussian", "pissa", "pissa_niter_16", "olora", "orthogonal"])
-def test_config_round_trip_and_peft_accepts_the_same_value(init):
-    config = lorakit.LoraConfig(init_lora_weights=init, r=4)
-    assert lorakit.LoraConfig.from_dict(config.to_dict()) == config
-    assert peft.LoraConfig(init_lora_weights=init, r=4).init_lora_weights == init

@@ -1,6 +1,6 @@
 """Parity tests: lorakit must behave exactly like Hugging Face PEFT's LoRA.
 
-For every case in ``CASES`` the same tiny base model (see ``zoo.py``) is wrapped
+For every case in ``CASES`` the same tiny base model (``ZOO`` in tests/zoo/) is wrapped
 once with ``peft`` and once with ``lorakit`` using identical ``LoraConfig``
 kwargs, and we check that
 

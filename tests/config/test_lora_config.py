@@ -1,4 +1,4 @@
-"""LoraConfig and TaskType: PEFT's defaults, validation messages, JSON round trip, immutability."""
+"""LoraConfig: PEFT's defaults, validation messages, dict round trip, immutability, scaling."""
 
 from __future__ import annotations
 
@@ -146,44 +146,6 @@ def test_replace_validates():
         dataclasses.replace(LoraConfig(), r=0)
 
 
-# -- TaskType --------------------------------------------------------------------------------------
-TASK_NAMES = [
-    "CAUSAL_LM",
-    "SEQ_2_SEQ_LM",
-    "SEQ_CLS",
-    "TOKEN_CLS",
-    "QUESTION_ANS",
-    "FEATURE_EXTRACTION",
-    "QUESTION_ANSWERING",
-    "TRANSLATION",
-    "SPEECH_SEQ_2_SEQ",
-    "MULTIPLE_CHOICE",
-    "IMAGE_CLASSIFICATION",
-    "OTHER",
-]
-
-
-@pytest.mark.parametrize("name", TASK_NAMES)
-def test_task_type_names(name):
-    member = TaskType[name]
-    assert LoraConfig(task_type=name).task_type is member
-    assert LoraConfig(task_type=member).task_type is member
-
-
-@pytest.mark.parametrize("name", [t.value for t in peft.TaskType])
-def test_peft_task_types_are_accepted(name):
-    assert LoraConfig(task_type=name).task_type == TaskType(name)
-
-
-def test_question_answering_is_question_ans():
-    assert TaskType.QUESTION_ANSWERING is TaskType.QUESTION_ANS
-    assert LoraConfig(task_type=TaskType.QUESTION_ANSWERING).to_dict()["task_type"] == "QUESTION_ANS"
-
-
-def test_task_type_from_peft_member():
-    assert LoraConfig(task_type=peft.TaskType.CAUSAL_LM).task_type is TaskType.CAUSAL_LM
-
-
 # -- dict round trip -------------------------------------------------------------------------------
 names = st.lists(
     st.sampled_from(["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "c_attn"]),
@@ -201,7 +163,7 @@ configs = st.builds(
     bias=st.sampled_from(["none", "all", "lora_only"]),
     use_rslora=st.booleans(),
     modules_to_save=st.one_of(st.none(), st.just(["lm_head"])),
-    init_lora_weights=st.sampled_from([True, False]),  # the others refuse lora_bias (test_init.py)
+    init_lora_weights=st.sampled_from([True, False]),  # the others refuse lora_bias (config/test_inits.py)
     rank_pattern=st.dictionaries(st.sampled_from(["q_proj", "layers.0.v_proj"]), st.integers(1, 64)),
     alpha_pattern=st.dictionaries(st.sampled_from(["q_proj", "o_proj"]), st.integers(1, 64)),
     lora_bias=st.booleans(),
