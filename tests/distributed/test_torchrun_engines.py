@@ -2,7 +2,7 @@
 DeepSpeed ZeRO-2/3, unmodified.
 
 One ``torchrun`` launch per engine runs all of that engine's scenarios (``distributed/worker.py``);
-the tests here read its results, one test per scenario and check:
+the tests here read its results, one test per check (parametrized by scenario):
 
 1. the gathered adapter is bit-identical on every rank;
 2. it equals a single-process run on the concatenated batch (1e-5), moved (> 1e-3), and the frozen
@@ -33,18 +33,6 @@ import pytest
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
 
 WORKER = Path(__file__).parent / "worker.py"
-TRAINED = (
-    "identical_on_ranks",
-    "matches_reference",
-    "adapter_moved",
-    "base_unchanged",
-    "load_broadcast",
-    "names_map_back",
-    "saved_keys_and_shapes",
-    "reload_weights",
-    "reload_logits",
-    "merge_logits",
-)
 SCENARIOS = {
     "ddp": ["ddp", "ddp_accum", "ddp_reentrant_ckpt"],
     "fsdp2": ["fsdp2", "fsdp2_accum", "fsdp2_ckpt"],
@@ -74,6 +62,8 @@ CONTROLS = {
     "fsdp1": ("controls", ["naive_save_refused", "inject_after_wrap_refused", "flat_params_refused"]),
     "zero": ("zero3", ["naive_save_refused", "naive_merge_refused", "inject_after_wrap_refused"]),
 }
+
+Launch = Callable[[str], dict[str, Any]]  # engine -> its results (the launch fixture)
 
 
 def _launch(engine: str, out: Path, env: dict[str, str], port: int) -> dict[str, Any]:
@@ -116,7 +106,7 @@ def _launch(engine: str, out: Path, env: dict[str, str], port: int) -> dict[str,
 @pytest.fixture(scope="module")
 def launch(
     tmp_path_factory: pytest.TempPathFactory, subprocess_env: dict[str, str], free_port: Callable[[], int]
-) -> Callable[[str], dict[str, Any]]:
+) -> Launch:
     """``launch(engine)``: the engine's results, from one torchrun launch per engine and module."""
     out = tmp_path_factory.mktemp("distributed")
     cache: dict[str, dict[str, Any]] = {}
@@ -129,44 +119,84 @@ def launch(
     return results
 
 
-def _check(name: str, value: Any) -> None:
-    """The pass rule of each check (1-3)."""
-    if name == "identical_on_ranks":
-        assert value is True, "gathered adapters differ across ranks"
-    elif name == "matches_reference":
-        assert value <= 1e-5, f"adapter differs from the single-process run by {value}"
-    elif name == "adapter_moved":
-        assert value > 1e-3, f"adapter moved only {value}"
-    elif name == "base_unchanged":
-        assert value == 0.0, f"frozen base weights changed by {value}"
-    elif name == "names_map_back":
-        assert value is True, "wrapped parameter names do not map back to the names recorded at injection"
-    elif name == "load_broadcast":
-        assert value is True, "a broadcast load into the wrapped model did not arrive whole on every rank"
-    elif name == "saved_keys_and_shapes":
-        assert value is True, "saved tensors/shapes differ from the expected adapter"
-    elif name == "reload_weights":
-        assert value == 0.0, f"reloaded weights differ by {value}"
-    elif name == "reload_logits":
-        assert value <= 1e-6, f"reloaded logits differ from the engine's by {value}"
-    elif name == "merge_logits":
-        assert value <= 1e-5, f"merged logits differ from unmerged by {value}"
-
-
-@pytest.mark.parametrize(
-    ("engine", "scenario", "check"),
-    [(e, s, c) for e, names in SCENARIOS.items() for s in names for c in TRAINED],
+# -- checks 1-3 on every trained scenario ---------------------------------------------------------------
+TRAINED = pytest.mark.parametrize(
+    ("engine", "scenario"), [(e, s) for e, names in SCENARIOS.items() for s in names]
 )
-def test_trained_adapter(
-    engine: str, scenario: str, check: str, launch: Callable[[str], dict[str, Any]]
-) -> None:
+
+
+def _trained(launch: Launch, engine: str, scenario: str) -> dict[str, Any]:
+    """The scenario's results, which must hold no error."""
     results = launch(engine)[scenario]
     assert "error" not in results, results.get("error")
-    _check(check, results[check])
+    return results
 
 
+@TRAINED
+def test_gathered_adapter_is_identical_on_every_rank(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["identical_on_ranks"]
+    assert value is True, "gathered adapters differ across ranks"
+
+
+@TRAINED
+def test_adapter_matches_the_single_process_reference(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["matches_reference"]
+    assert value <= 1e-5, f"adapter differs from the single-process run by {value}"
+
+
+@TRAINED
+def test_adapter_moved(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["adapter_moved"]
+    assert value > 1e-3, f"adapter moved only {value}"
+
+
+@TRAINED
+def test_frozen_base_is_unchanged(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["base_unchanged"]
+    assert value == 0.0, f"frozen base weights changed by {value}"
+
+
+@TRAINED
+def test_broadcast_load_arrives_whole_on_every_rank(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["load_broadcast"]
+    assert value is True, "a broadcast load into the wrapped model did not arrive whole on every rank"
+
+
+@TRAINED
+def test_wrapped_names_map_back_to_the_injection_record(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["names_map_back"]
+    assert value is True, "wrapped parameter names do not map back to the names recorded at injection"
+
+
+@TRAINED
+def test_saved_adapter_holds_the_expected_keys_and_shapes(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["saved_keys_and_shapes"]
+    assert value is True, "saved tensors/shapes differ from the expected adapter"
+
+
+@TRAINED
+def test_saved_adapter_reloads_the_same_weights(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["reload_weights"]
+    assert value == 0.0, f"reloaded weights differ by {value}"
+
+
+@TRAINED
+def test_saved_adapter_reloads_to_the_same_logits(engine: str, scenario: str, launch: Launch) -> None:
+    value = _trained(launch, engine, scenario)["reload_logits"]
+    assert value <= 1e-6, f"reloaded logits differ from the engine's by {value}"
+
+
+@TRAINED
+def test_merged_reloaded_adapter_gives_the_unmerged_logits(
+    engine: str, scenario: str, launch: Launch
+) -> None:
+    value = _trained(launch, engine, scenario)["merge_logits"]
+    assert value <= 1e-5, f"merged logits differ from unmerged by {value}"
+
+
+# -- check 4: negative controls, and single checks ------------------------------------------------------
 @pytest.mark.parametrize(("engine", "check"), [(e, c) for e, (_, checks) in CONTROLS.items() for c in checks])
-def test_negative_control(engine: str, check: str, launch: Callable[[str], dict[str, Any]]) -> None:
+def test_negative_control(engine: str, check: str, launch: Launch) -> None:
     """Each control is a misuse (or PEFT's failure mode) that lorakit must detect or refuse."""
     scenario, _ = CONTROLS[engine]
     results = launch(engine)[scenario]
@@ -175,19 +205,19 @@ def test_negative_control(engine: str, check: str, launch: Callable[[str], dict[
 
 
 @pytest.mark.parametrize("engine", ["fsdp1", "fsdp2"])
-def test_uneven_shards_roundtrip(engine: str, launch: Callable[[str], dict[str, Any]]) -> None:
+def test_uneven_shards_roundtrip(engine: str, launch: Launch) -> None:
     """r=3 splits rows unevenly over 2 ranks: gathering and broadcast loading stay exact."""
     result = launch(engine)["controls"]["uneven_shards_roundtrip"]
     assert result == "ok", result
 
 
-def test_no_gradient_sync_really_diverges(launch: Callable[[str], dict[str, Any]]) -> None:
+def test_no_gradient_sync_really_diverges(launch: Launch) -> None:
     """The no-sync control is meaningful: without DDP each rank's adapter is far from the reference."""
     off = launch("ddp")["controls"]["no_sync_off_reference"]
     assert min(off) > 1e-3
 
 
-def test_zero3_merge_gathers(launch: Callable[[str], dict[str, Any]]) -> None:
+def test_zero3_merge_gathers(launch: Launch) -> None:
     """Under ZeRO-3 lorakit.distributed.merge_adapter really merges (the LoRA branch is skipped and
     logits still match) and unmerges bit for bit."""
     results = launch("zero")["zero3"]
@@ -196,7 +226,7 @@ def test_zero3_merge_gathers(launch: Callable[[str], dict[str, Any]]) -> None:
     assert results["zero3_unmerge_logits"] == 0.0
 
 
-def test_rank0_only_save_fails_instead_of_hanging(launch: Callable[[str], dict[str, Any]]) -> None:
+def test_rank0_only_save_fails_instead_of_hanging(launch: Launch) -> None:
     results = launch("fsdp2")["rank0_only_save"]
     assert str(results["rank0_only_save_fails"]).startswith("ok"), results
     assert results["seconds"] < 30

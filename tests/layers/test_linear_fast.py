@@ -88,36 +88,66 @@ def test_plain_frozen_linear_runs_base_and_adapter_as_one_node_equal_to_the_gene
         torch.testing.assert_close(u, v, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(
-    "case", ["two_adapters", "dora", "lora_bias", "trainable_base", "autocast", "hooked", "mixed_rows"]
-)
-def test_general_path_whenever_one_node_would_skip_something(case):
-    model, layer = _one_linear(use_dora=case == "dora", lora_bias=case == "lora_bias")
-    x = torch.randn(2, 5, 16, requires_grad=True)
-    kwargs = {}
-    if case == "two_adapters":
-        model.add_adapter("other", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-        model.base_model.set_adapter(["default", "other"])
-    elif case == "trainable_base":
-        layer.base_layer.weight.requires_grad_(True)
-    elif case == "hooked":
-        layer.base_layer.register_forward_hook(lambda m, i, o: o * 2)
-    elif case == "mixed_rows":
-        model.add_adapter("other", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
-        kwargs = {"adapter_names": ["default", "other"]}
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+# -- the general path whenever one node would skip something ------------------------------------------
+def _general_path_output(model, x, *, autocast=False, **kwargs):
+    """The output of ``model``, checked to come from the general path (not the one-node
+    ``_LoraLinearWithBase``) and to backpropagate to ``x``."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = model(x, **kwargs) if not kwargs else model(input=x, **kwargs)
     assert "WithBase" not in type(out.grad_fn).__name__
     out.float().sum().backward()
     assert x.grad is not None
-    if case == "trainable_base":
-        assert layer.base_layer.weight.grad is not None
-    if case == "hooked":
-        torch.testing.assert_close(
-            out,
-            (layer.base_layer.weight @ x.detach()[..., None])[..., 0] * 2
-            + layer.base_layer.bias * 2
-            + layer.lora_branch(x.detach(), "default"),
-            rtol=1e-5,
-            atol=1e-5,
-        )
+    return out
+
+
+def _x():
+    return torch.randn(2, 5, 16, requires_grad=True)
+
+
+@pytest.mark.parametrize("variant", ["dora", "lora_bias"])
+def test_general_path_with_dora_or_a_lora_bias(variant):
+    model, _ = _one_linear(use_dora=variant == "dora", lora_bias=variant == "lora_bias")
+    _general_path_output(model, _x())
+
+
+def test_general_path_with_two_active_adapters():
+    model, _ = _one_linear()
+    x = _x()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    _general_path_output(model, x)
+
+
+def test_general_path_with_adapters_per_row():
+    model, _ = _one_linear()
+    x = _x()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    _general_path_output(model, x, adapter_names=["default", "other"])
+
+
+def test_general_path_under_autocast():
+    model, _ = _one_linear()
+    _general_path_output(model, _x(), autocast=True)
+
+
+def test_general_path_with_a_trainable_base_gives_it_its_gradient():
+    model, layer = _one_linear()
+    x = _x()
+    layer.base_layer.weight.requires_grad_(True)
+    _general_path_output(model, x)
+    assert layer.base_layer.weight.grad is not None
+
+
+def test_general_path_with_a_hooked_base_keeps_the_hooks_output():
+    model, layer = _one_linear()
+    x = _x()
+    layer.base_layer.register_forward_hook(lambda m, i, o: o * 2)
+    out = _general_path_output(model, x)
+    torch.testing.assert_close(
+        out,
+        (layer.base_layer.weight @ x.detach()[..., None])[..., 0] * 2
+        + layer.base_layer.bias * 2
+        + layer.lora_branch(x.detach(), "default"),
+        rtol=1e-5,
+        atol=1e-5,
+    )

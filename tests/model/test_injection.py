@@ -86,17 +86,26 @@ def test_bad_config_type_refused():
         lorakit.get_peft_model(model, {"r": 8})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
-def test_inject_wraps_exactly_the_targets(model_name):
+def _plan_and_inject(model_name: str, injecting: contextlib.AbstractContextManager) -> None:
+    """The plan's targets and the wrapped modules are exactly the named ones; ``inject`` runs inside
+    ``injecting``."""
     model = MODELS[model_name]()
     names = {n for n, m in model.named_modules() if n.endswith(("q_proj", "c_attn", "c_fc"))}
     config = LoraConfig(target_modules=["q_proj", "c_attn", "c_fc"])
     plan_targets = {n for n, _ in plan(model, config, "default").targets}
     assert plan_targets == names
-    with pytest.warns(UserWarning) if model_name == "gpt2" else contextlib.nullcontext():
+    with injecting:
         inject(model, config, "default")
     assert {n for n, m in lora_modules(model)} == names
     assert all(m.adapter_names == ["default"] for _, m in lora_modules(model))
+
+
+def test_inject_wraps_exactly_the_targets():
+    _plan_and_inject("llama", contextlib.nullcontext())
+
+
+def test_inject_wraps_exactly_the_conv1d_targets_and_warns_of_fan_in_fan_out():
+    _plan_and_inject("gpt2", pytest.warns(UserWarning))
 
 
 def test_plan_is_read_only():

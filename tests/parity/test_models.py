@@ -195,6 +195,15 @@ CASES: list[Case] = [
 
 CASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 
+
+def _trains_only_lora(case: Case) -> bool:
+    """No ``bias`` and no ``modules_to_save``: the base model's own weights all stay frozen."""
+    return case.config_kwargs.get("bias", "none") == "none" and not case.config_kwargs.get("modules_to_save")
+
+
+ONLY_LORA_PARAMS = [pytest.param(c, id=c.id) for c in CASES if _trains_only_lora(c)]
+TRAINED_BASE_PARAMS = [pytest.param(c, id=c.id) for c in CASES if not _trains_only_lora(c)]
+
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
@@ -295,8 +304,8 @@ def test_wrapped_modules_match(case: Case) -> None:
         assert hasattr(lk_model.get_submodule(name), "base_layer"), name
 
 
-@pytest.mark.parametrize("case", CASE_PARAMS)
-def test_trainable_parameters_match(case: Case) -> None:
+def _trainable_parameters_match(case: Case) -> dict[str, torch.nn.Parameter]:
+    """Check counts, names, shapes and dtypes of the trainable parameters against PEFT's; lorakit's."""
     base, peft_model, lk_model = _make_pair(case)
     peft_counts = tuple(peft_model.get_nb_trainable_parameters())
     lk_counts = tuple(lk_model.get_nb_trainable_parameters())
@@ -310,14 +319,22 @@ def test_trainable_parameters_match(case: Case) -> None:
         assert lk_tr[name].shape == p.shape, name
         assert lk_tr[name].dtype == p.dtype, name
 
-    # the base model's own weights are frozen except where bias / modules_to_save say otherwise
-    bias = case.config_kwargs.get("bias", "none")
-    if bias == "none" and not case.config_kwargs.get("modules_to_save"):
-        assert all(("lora_" in n) for n in lk_tr), sorted(n for n in lk_tr if "lora_" not in n)
-
     # the wrapped model must still contain all of the base model's parameters
     n_base = sum(p.numel() for p in base.parameters())
     assert lk_counts[1] >= n_base
+    return lk_tr
+
+
+@pytest.mark.parametrize("case", ONLY_LORA_PARAMS)
+def test_trainable_parameters_match_and_are_only_lora(case: Case) -> None:
+    lk_tr = _trainable_parameters_match(case)
+    # the base model's own weights are frozen except where bias / modules_to_save say otherwise
+    assert all(("lora_" in n) for n in lk_tr), sorted(n for n in lk_tr if "lora_" not in n)
+
+
+@pytest.mark.parametrize("case", TRAINED_BASE_PARAMS)
+def test_trainable_parameters_match_with_biases_or_modules_to_save(case: Case) -> None:
+    _trainable_parameters_match(case)
 
 
 @pytest.mark.parametrize("case", CASE_PARAMS)
