@@ -69,6 +69,7 @@ def test_report_renders_every_row(tmp_path):
     assert (tmp_path / "results.png").stat().st_size > 1000
 
 
+@pytest.mark.parity
 def test_adapter_operations_run_for_both_libraries_and_merge_alike(tmp_path):
     import copy
 

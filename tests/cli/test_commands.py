@@ -11,6 +11,8 @@ from cli_fixtures import sentiment_rows, tiny_bert, write_rows
 
 from lorakit.cli.main import main
 
+pytestmark = pytest.mark.slow  # the module's fixture trains an adapter first
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -38,6 +38,7 @@ def test_rank_table_json_and_plot(adapter, capsys):
     assert 1 <= data["suggested_rank"] <= 8
 
 
+@pytest.mark.parity
 def test_resize_writes_an_adapter_peft_loads(adapter, capsys):
     out = adapter / "small"
     assert main(["resize", str(adapter / "adapter"), "--rank", "3", "--out", str(out)]) == 0
@@ -49,6 +50,7 @@ def test_resize_writes_an_adapter_peft_loads(adapter, capsys):
     assert main(["resize", str(adapter / "adapter"), "--energy", "0.5", "--out", str(adapter / "e")]) == 0
 
 
+@pytest.mark.parity
 def test_extract_writes_an_adapter_that_reproduces_the_tuned_model(adapter, capsys):
     tuned = llama_wide()
     with torch.no_grad():

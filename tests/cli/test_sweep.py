@@ -12,6 +12,7 @@ from lorakit.cli.main import main
 from lorakit.cli.sweep import suggest
 
 
+@pytest.mark.slow
 def test_rank_sweep_trains_each_rank_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tiny_bert(tmp_path / "bert")
     write_rows(sentiment_rows(), tmp_path / "sentiment.csv")

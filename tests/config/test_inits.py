@@ -25,6 +25,7 @@ def test_config_errors_name_the_value_and_the_choices(kwargs, parts):
         assert part in str(err.value)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("init", ["gaussian", "pissa", "pissa_niter_16", "olora", "orthogonal"])
 def test_config_round_trip_and_peft_accepts_the_same_value(init):
     config = lorakit.LoraConfig(init_lora_weights=init, r=4)

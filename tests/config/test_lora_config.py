@@ -39,6 +39,7 @@ def test_fields_are_exactly_the_design_list():
     assert [f.name for f in dataclasses.fields(LoraConfig)] == list(DESIGN_DEFAULTS)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("field", list(DESIGN_DEFAULTS))
 def test_default_matches_design_and_peft(field):
     ours = getattr(LoraConfig(), field)

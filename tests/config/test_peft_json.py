@@ -28,12 +28,14 @@ def _peft_json(**kwargs):
     return json.loads(json.dumps(data, default=list))
 
 
+@pytest.mark.parity
 def test_key_table_is_peft_0_21s():
     reference = json.loads(json.dumps(peft.LoraConfig().to_dict(), default=str))
     reference["peft_type"] = "LORA"
     assert reference == PEFT_LORA_KEYS
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -67,6 +69,7 @@ def test_written_json_matches_peft_keys_and_types(kwargs):
     )
 
 
+@pytest.mark.parity
 def test_written_json_is_read_by_peft(tmp_path):
     config = LoraConfig(r=4, target_modules=["q"], task_type=TaskType.SEQ_CLS, modules_to_save=["head"])
     config.save_pretrained(tmp_path)
@@ -77,6 +80,7 @@ def test_written_json_is_read_by_peft(tmp_path):
     )
 
 
+@pytest.mark.parity
 def test_reads_peft_written_config(tmp_path):
     peft.LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"], bias="lora_only").save_pretrained(tmp_path)
     config = LoraConfig.from_pretrained(tmp_path / "adapter_config.json")

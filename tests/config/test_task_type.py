@@ -31,6 +31,7 @@ def test_task_type_names(name):
     assert LoraConfig(task_type=member).task_type is member
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("name", [t.value for t in peft.TaskType])
 def test_peft_task_types_are_accepted(name):
     assert LoraConfig(task_type=name).task_type == TaskType(name)
@@ -41,5 +42,6 @@ def test_question_answering_is_question_ans():
     assert LoraConfig(task_type=TaskType.QUESTION_ANSWERING).to_dict()["task_type"] == "QUESTION_ANS"
 
 
+@pytest.mark.parity
 def test_task_type_from_peft_member():
     assert LoraConfig(task_type=peft.TaskType.CAUSAL_LM).task_type is TaskType.CAUSAL_LM

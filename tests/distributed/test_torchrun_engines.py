@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(120)]
+# slow too: whichever test asks an engine first waits for its launch (10-25 s)
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(120)]
 
 WORKER = Path(__file__).parent / "worker.py"
 SCENARIOS = {

@@ -41,6 +41,7 @@ def test_default_targets_pick_the_attention_projections(arch: str, head: str) ->
 
 
 # PEFT 0.21 has no default for Whisper and still names ViT's projections `query` / `value`.
+@pytest.mark.parity
 @pytest.mark.parametrize(
     "arch,head", [k for k in DEFAULTS if k[0] not in ("vit", "whisper")], ids=lambda v: str(v)
 )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 CODE = """
 import sys
 import lorakit
@@ -15,6 +17,7 @@ assert not missing, missing
 """
 
 
+@pytest.mark.slow
 def test_import_registers_tasks_without_transformers(subprocess_env: dict[str, str]) -> None:
     result = subprocess.run(
         [sys.executable, "-c", CODE],

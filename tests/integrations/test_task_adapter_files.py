@@ -44,6 +44,7 @@ def _inputs(task: str) -> dict[str, torch.Tensor]:
     return inputs
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("task", list(CASES))
 def test_saved_adapter_loads_in_peft_and_lorakit(task: str, tmp_path: Path) -> None:
     arch, head, _, peft_task = CASES[task]

@@ -98,6 +98,7 @@ def test_causal_lm_checkpoints_hold_only_the_adapter_in_peft_format(tmp_path: Pa
     _trained_checkpoint_state("CAUSAL_LM", tmp_path)
 
 
+@pytest.mark.parity
 def test_real_peft_loads_a_trainer_checkpoint(tmp_path: Path) -> None:
     model = _model("SEQ_CLS")
     _trainer(model, "SEQ_CLS", tmp_path).train()
@@ -110,6 +111,7 @@ def test_real_peft_loads_a_trainer_checkpoint(tmp_path: Path) -> None:
     torch.testing.assert_close(reference(**inputs).logits, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["SEQ_CLS", "CAUSAL_LM"])
 def test_resuming_from_a_checkpoint_continues_training(task: str, tmp_path: Path) -> None:
     straight = _model(task)

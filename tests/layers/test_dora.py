@@ -122,6 +122,7 @@ def test_dropout_uses_one_base_matmul_and_matches_reference_with_the_same_mask()
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_is_unbiased():
     """The mean over many dropout draws is the eval-mode output (as for PEFT's scheme)."""
     torch.manual_seed(0)
@@ -137,6 +138,7 @@ def test_dropout_is_unbiased():
     torch.testing.assert_close(draws.mean(0), want, atol=0.03, rtol=0.0)
 
 
+@pytest.mark.parity
 def test_saved_activations_leaner_than_peft_with_dropout():
     """Bytes autograd keeps for backward in one DoRA layer, dropout 0.1, input (8, 64, 256)."""
     torch.manual_seed(0)
@@ -165,6 +167,7 @@ def test_saved_activations_leaner_than_peft_with_dropout():
 
 
 # -- parity with PEFT --------------------------------------------------------------------------
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_magnitude_init_keys_and_shapes_match_peft(arch):
     base, pm, lk, inputs = _pair(arch, init_lora_weights=False)
@@ -193,6 +196,7 @@ def _adapter_grads(pm, lk, want, got):
     return pg, lg
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_outputs_gradients_and_merge_match_peft(arch):
     base, pm, lk, inputs = _pair(arch)
@@ -212,6 +216,7 @@ def test_outputs_gradients_and_merge_match_peft(arch):
         torch.testing.assert_close(main_output(lk(**inputs)), main_output(pm(**inputs)), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ["llama", "mlp"])
 def test_cross_loading_both_ways(arch):
     base, pm, lk, inputs = _pair(arch)
@@ -225,6 +230,7 @@ def test_cross_loading_both_ways(arch):
         torch.testing.assert_close(main_output(lk(**inputs)), main_output(pm(**inputs)), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parity
 def test_bf16_base_outputs_and_gradients_match_peft():
     base = ZOO["llama"].build().to(torch.bfloat16)
     inputs = ZOO["llama"].inputs()
@@ -360,6 +366,7 @@ def test_merge_and_unload_equals_adapter_output():
     assert not any("lora" in n for n, _ in plain.named_parameters())
 
 
+@pytest.mark.parity
 def test_peft_multi_active_lora_then_dora_matches_when_dora_first():
     """PEFT sums several active adapters; with a DoRA adapter after another one PEFT rescales the
     other's update too, so lorakit (which sums changes) agrees with it when DoRA comes first."""
@@ -378,6 +385,7 @@ def test_peft_multi_active_lora_then_dora_matches_when_dora_first():
         torch.testing.assert_close(lk(x).logits, pm(x).logits, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "mlp"])
 def test_files_load_both_ways_with_equal_outputs(tmp_path, arch):
     entry = ZOO[arch]

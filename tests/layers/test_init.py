@@ -41,6 +41,7 @@ def _both(build, targets, init, seed=0, **extra):
     return base, pm, lk
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(("arch", "build", "targets", "init"), CASES, ids=[f"{c[0]}-{c[3]}" for c in CASES])
 def test_state_dict_and_outputs_match_peft(arch, build, targets, init):
     base, pm, lk = _both(build, targets, init)
@@ -55,6 +56,7 @@ def test_state_dict_and_outputs_match_peft(arch, build, targets, init):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)  # the adapter starts as the identity
 
 
+@pytest.mark.parity
 def test_dora_on_top_of_pissa_matches_peft():
     base, pm, lk = _both(llama, ["q_proj", "v_proj"], "pissa", use_dora=True)
     theirs, ours = peft.get_peft_model_state_dict(pm), lorakit.get_peft_model_state_dict(lk)

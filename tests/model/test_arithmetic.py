@@ -52,6 +52,7 @@ def _layers(model, cls):
     return [m for m in model.modules() if isinstance(m, cls)]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_delta_weights_and_outputs_match_peft(arch):
     pm, lk = _pair(arch)
@@ -74,6 +75,7 @@ def test_delta_weights_and_outputs_match_peft(arch):
         torch.testing.assert_close(out_l, out_p, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parity
 def test_svd_clamp_and_rank_match_peft():
     pm, lk = _pair("llama")
     for model in (pm, lk):

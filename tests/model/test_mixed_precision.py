@@ -28,6 +28,7 @@ def _adapter_dtypes(model) -> set[torch.dtype]:
     }
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("autocast", [True, False])
 def test_adapter_dtype_follows_autocast_adapter_dtype_like_peft(dtype: torch.dtype, autocast: bool) -> None:
@@ -59,6 +60,7 @@ def test_half_precision_base_trains(autocast: bool) -> None:
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parity
 def test_torch_autocast_trains_float32_adapters_and_matches_peft() -> None:
     ours = _llama(torch.float32)
     theirs = peft.get_peft_model(

@@ -12,6 +12,8 @@ from zoo import ZOO, main_output
 
 import lorakit
 
+pytestmark = pytest.mark.parity
+
 ARCHS = {
     "llama": (["q_proj", "v_proj"], ["v_proj", "o_proj", "embed_tokens"]),
     "gpt2": (["c_attn"], ["c_attn", "c_fc"]),

@@ -192,6 +192,7 @@ def _trainable_names(model_name: str, bias: str) -> tuple[set[str], set[str]]:
     return ours, theirs
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model_name", ["llama", "gpt2"])
 def test_trainable_parameters_match_peft_and_hold_no_bias_with_bias_none(model_name):
     ours, theirs = _trainable_names(model_name, "none")
@@ -199,12 +200,14 @@ def test_trainable_parameters_match_peft_and_hold_no_bias_with_bias_none(model_n
     assert not any(n.endswith("bias") for n in ours)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_trainable_parameters_of_a_bias_free_llama_match_peft(bias):
     ours, theirs = _trainable_names("llama", bias)
     assert ours == theirs
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_trainable_parameters_of_gpt2_match_peft_and_hold_its_base_biases(bias):
     ours, theirs = _trainable_names("gpt2", bias)
@@ -515,6 +518,7 @@ def test_any_sequence_then_unmerge_is_bit_exact_in_low_precision(ops, dtype):
     assert_same_state(original, peft_model.unload())
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_trainable_parameters_with_biased_modules_to_save_match_peft(bias):
     kwargs = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"], "bias": bias}

@@ -48,12 +48,14 @@ SELECTIONS = [
 ]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(("model", "kwargs"), SELECTIONS, ids=[f"{m}-{k}" for m, k in SELECTIONS])
 def test_selection_matches_peft(model, kwargs):
     build = MODELS[model]
     assert sorted(ours(build, **kwargs)) == sorted(theirs(build, **kwargs))
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("model", ["llama", "gpt2"])
 def test_default_targets_match_peft(model):
     build = MODELS[model]
@@ -71,6 +73,7 @@ def test_all_linear_excludes_lm_head(model):
     )
 
 
+@pytest.mark.parity
 def test_all_linear_excludes_classifier_for_seq_cls():
     selected = ours(bert_cls, target_modules="all-linear", task_type=TaskType.SEQ_CLS)
     assert "classifier" not in selected
@@ -99,6 +102,7 @@ def test_all_linear_with_layers_to_transform():
     assert len(selected) == 7  # q, k, v, o, gate, up, down
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -185,6 +189,7 @@ def _selection(fn, build, kwargs):
             return "error"
 
 
+@pytest.mark.parity
 @settings(max_examples=20, deadline=None)
 @given(
     targets=st.lists(st.sampled_from(SUFFIXES), min_size=1, max_size=4, unique=True),

@@ -12,6 +12,8 @@ from zoo import task_model
 
 import lorakit
 
+pytestmark = pytest.mark.parity
+
 PEFT_TASKS = [
     ("llama", "ForCausalLM", "CAUSAL_LM"),
     ("gpt2", "LMHeadModel", "CAUSAL_LM"),

@@ -32,6 +32,7 @@ def _train(model):
                 p.add_(torch.randn(p.shape, generator=gen) * 0.05)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     ("build", "init", "targets"),
     [

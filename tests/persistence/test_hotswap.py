@@ -38,6 +38,7 @@ def _swap(target, source):
     )
 
 
+@pytest.mark.slow
 def test_three_hot_swaps_do_not_recompile():
     base = llama()
     sources = [
@@ -78,6 +79,7 @@ def test_convolutions_and_a_subset_of_targets():
     torch.testing.assert_close(_logits(model, ids()), _logits(source, ids()), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parity
 def test_from_lorakit_and_peft_directories_like_peft(tmp_path):
     base = llama()
     kw = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False}

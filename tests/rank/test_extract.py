@@ -4,6 +4,7 @@ a lower rank reports its error."""
 from __future__ import annotations
 
 import peft
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 from zoo import llama_wide
@@ -13,6 +14,7 @@ from lorakit.persistence.keys import to_file_keys
 from lorakit.rank.extract import extract_adapter
 
 
+@pytest.mark.parity
 def test_extract_exact_rank_delta_reproduces_the_tuned_model_in_peft(tmp_path):
     base, tuned = llama_wide(), llama_wide()
     tuned.load_state_dict(base.state_dict())

@@ -66,6 +66,7 @@ def test_resize_rejects_bad_arguments():
             resize_adapter(config, sd, **kwargs)
 
 
+@pytest.mark.parity
 def test_resized_adapter_loads_in_peft_and_lorakit_with_per_module_ranks():
     model = get_peft_model(
         llama_wide(),
@@ -84,6 +85,7 @@ def test_resized_adapter_loads_in_peft_and_lorakit_with_per_module_ranks():
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parity
 def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
     from lorakit.persistence.adapter_dir import read_adapter, save_adapter_tensors
 

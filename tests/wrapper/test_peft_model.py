@@ -40,6 +40,7 @@ COUNT_CASES = [
 ]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(("model_name", "kwargs"), COUNT_CASES, ids=[f"{m}-{k}" for m, k in COUNT_CASES])
 def test_trainable_parameter_counts_match_peft(model_name, kwargs, capsys):
     ours, theirs = build_pair(model_name, **kwargs)
@@ -76,6 +77,7 @@ def test_print_shows_lora_parts():
         assert part in text, part
 
 
+@pytest.mark.parity
 def test_state_dict_names_are_peft_names():
     ours, theirs = build_pair("llama", target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"])
     assert set(ours.state_dict()) == set(theirs.state_dict())
@@ -247,6 +249,7 @@ def test_get_peft_model_task_types(task):
     assert out.logits.shape == (3, 5, SMALL_VOCAB)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize(
     ("model_name", "kwargs"),
     [
@@ -290,6 +293,7 @@ def test_train_mode_dropout_only_on_lora_branch():
     assert torch.equal(logits(model, x), exact)
 
 
+@pytest.mark.parity
 def test_add_adapter_trainability_matches_peft():
     kwargs = {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
     ours, theirs = build_pair("llama", **kwargs)
