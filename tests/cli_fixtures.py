@@ -1,4 +1,5 @@
-"""Tiny models with tiny tokenizers, saved like real checkpoints, and tiny generated datasets.
+"""The CLI tests' files: the zoo's tiny models saved with tiny tokenizers like real checkpoints, and
+tiny generated datasets.
 
 Everything is built locally from configs and a generated vocabulary (no downloads), so that the CLI
 tests exercise exactly the code path of a real model folder in a few seconds.
@@ -11,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-import torch
+from zoo import saved_model
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring"]
@@ -62,33 +63,22 @@ def write_rows(rows: list[dict], path: Path) -> Path:
 
 
 def tiny_bert(folder: Path) -> Path:
-    """A 2-layer BERT (hidden 16) and a WordPiece tokenizer over :data:`WORDS`, saved in ``folder``."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    """The zoo's CLI BERT (``BertModel``) and a WordPiece tokenizer over :data:`WORDS`, in ``folder``."""
+    from transformers import BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["pos", "neg"]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertModel(config).save_pretrained(folder)
+    saved_model("bert", vocab_size=len(vocab)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 def tiny_llama(folder: Path) -> Path:
-    """A 2-layer Llama (hidden 16) and a word-level tokenizer over :data:`WORDS`, saved in ``folder``."""
+    """The zoo's CLI Llama (causal LM) and a word-level tokenizer over :data:`WORDS`, saved in ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>"] + WORDS + ["pos", "neg"])}
@@ -97,20 +87,7 @@ def tiny_llama(folder: Path) -> Path:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    saved_model("llama", vocab_size=len(vocab)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -128,24 +105,9 @@ def _word_tokenizer(extra: list[str]) -> Any:
 
 
 def tiny_t5(folder: Path) -> Path:
-    """A 2-layer T5 (d_model 16) and a word-level tokenizer over :data:`WORDS`, saved in ``folder``."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
+    """The zoo's CLI T5 (seq2seq) and a word-level tokenizer over :data:`WORDS`, saved in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = _word_tokenizer(["pos", "neg"])
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=2,
-        num_heads=2,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-        dropout_rate=0.0,
-    )
-    T5ForConditionalGeneration(config).save_pretrained(folder)
+    saved_model("t5", vocab_size=len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import zoo
 from torch import nn
 
 import lorakit
@@ -24,19 +25,8 @@ TOL_REFERENCE, TOL_RELOAD, TOL_MERGE, MIN_MOVE = 1e-5, 1e-6, 1e-5, 1e-3
 
 
 def base_model(seed: int = SEED) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM._from_config(config, attn_implementation="eager")
+    """The zoo's unit-test Llama with a vocabulary of 96, in train mode."""
+    return zoo.llama(seed, vocab=VOCAB).train()
 
 
 def lora_config() -> lorakit.LoraConfig:

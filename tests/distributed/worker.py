@@ -1,7 +1,7 @@
 """One launch per engine: ``torchrun --nproc_per_node=2 worker.py <engine> <out_dir>``.
 
 Each rank runs every scenario of the engine and its negative controls; rank 0 writes
-``<out_dir>/<engine>.json`` (scenario → check → value) that ``test_distributed.py`` asserts on. A
+``<out_dir>/<engine>.json`` (scenario → check → value) that ``test_torchrun_engines.py`` asserts on. A
 rank that hangs dumps every thread's stack and exits (``faulthandler``), so no launch can hang.
 """
 
@@ -18,13 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import engines  # beside this script (sys.path[0]); engines and scenario import the zoo from PYTHONPATH
+import scenario as S
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import engines  # noqa: E402
-import scenario as S  # noqa: E402
 
 HANG_LIMIT_S = float(os.environ.get("LORAKIT_TEST_HANG_LIMIT", "100"))
 

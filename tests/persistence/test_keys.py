@@ -1,0 +1,84 @@
+"""PEFT key rules: the keys a plan would create equal the keys injection creates, read-only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zoo import ZOO, Shared, assert_unchanged, snapshot_all, tiny
+
+from lorakit import LoraConfig
+from lorakit.model import injection
+from lorakit.persistence.keys import FILE_PREFIX, adapter_keys, from_file_keys, planned_shapes, to_file_keys
+
+CASES = {
+    "linear": ("tiny", {"target_modules": ["fc1", "fc2"]}),
+    "embedding": ("tiny", {"target_modules": ["emb"], "r": 3}),
+    "lora_bias": ("tiny", {"target_modules": ["fc1"], "lora_bias": True}),
+    "bias_all+save": ("tiny", {"target_modules": ["fc1"], "bias": "all", "modules_to_save": ["fc2"]}),
+    "bias_lora_only": ("tiny", {"target_modules": ["fc1", "emb"], "bias": "lora_only"}),
+    "rank_pattern": ("tiny", {"target_modules": ["fc1", "fc2"], "rank_pattern": {"fc2": 2}}),
+    "conv+embedding": ("mlp", {"target_modules": ["emb", "conv", "lin0"], "bias": "all"}),
+    "gpt2_conv1d": (
+        "gpt2",
+        {"target_modules": ["c_attn", "c_fc"], "bias": "lora_only", "fan_in_fan_out": True},
+    ),
+    "shared_and_tied": ("shared", {"target_modules": ["proj", "out"], "modules_to_save": ["block"]}),
+}
+
+
+def _build(kind):
+    if kind == "tiny":
+        return tiny()
+    if kind == "shared":
+        torch.manual_seed(0)
+        return Shared()
+    return ZOO[kind].build()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_planned_shapes_equal_injected_keys(case):
+    kind, kwargs = CASES[case]
+    model = _build(kind)
+    config = LoraConfig(**kwargs)
+    before = snapshot_all(model)
+    plan = injection.plan(model, config, "default")
+    planned = planned_shapes(model, plan, "default")
+    assert_unchanged(model, before)
+    resolved = injection.inject(model, config, "default")
+    actual = {k: tuple(t.shape) for k, t in adapter_keys(model, "default", resolved.bias).tensors.items()}
+    assert planned == actual
+
+
+def test_planned_shapes_for_a_second_adapter_on_wrapped_layers():
+    model = tiny()
+    injection.inject(model, LoraConfig(target_modules=["fc1"], r=4), "default")
+    config = LoraConfig(target_modules=["fc1", "fc2"], r=2, bias="all")
+    planned = planned_shapes(model, injection.plan(model, config, "other"), "other")
+    injection.inject(model, config, "other")
+    actual = {k: tuple(t.shape) for k, t in adapter_keys(model, "other", "all").tensors.items()}
+    assert planned == actual
+
+
+def test_peft_key_layout():
+    model = tiny()
+    injection.inject(
+        model, LoraConfig(target_modules=["emb", "fc1"], modules_to_save=["fc2"], bias="lora_only", r=2), "x"
+    )
+    keys = set(adapter_keys(model, "x", "lora_only").tensors)
+    assert keys == {
+        "emb.lora_embedding_A",
+        "emb.lora_embedding_B",
+        "fc1.lora_A.weight",
+        "fc1.lora_B.weight",
+        "fc1.base_layer.bias",
+        "fc2.weight",
+        "fc2.bias",
+    }
+
+
+def test_file_prefix_roundtrip():
+    state = {"a.lora_A.weight": torch.ones(1)}
+    on_disk = to_file_keys(state)
+    assert list(on_disk) == [FILE_PREFIX + "a.lora_A.weight"]
+    assert from_file_keys(on_disk).keys() == state.keys()
+    assert list(from_file_keys({"plain.key": torch.ones(1)})) == ["plain.key"]
