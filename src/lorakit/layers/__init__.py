@@ -6,6 +6,9 @@
 ``linear_fast``        the linear layer's fused and batched paths, tested equal to the plain one
 ``embedding``          ``nn.Embedding``
 ``conv``               ``nn.Conv1d/2d/3d``
+``quantized``          what the quantized linear kinds share (no silent re-quantization, exact unmerge)
+``bnb``                bitsandbytes ``Linear4bit`` (QLoRA) and ``Linear8bitLt``
+``torchao``            ``nn.Linear`` with a torchao int8 weight
 ``modules_to_save``    a module trained in full beside the adapters
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
 ``rows``               mixed batches (``adapter_names``)
@@ -20,7 +23,14 @@ from lorakit.layers.conv import Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
-from lorakit.layers.registry import lora_layer_for, register_layer, supported_kinds, variant_for
+from lorakit.layers.quantized import QuantizedLinear, RequantizeReport
+from lorakit.layers.registry import (
+    lora_layer_for,
+    prepare_model,
+    register_layer,
+    supported_kinds,
+    variant_for,
+)
 from lorakit.layers.rows import BASE_ROWS
 
 __all__ = [
@@ -30,6 +40,9 @@ __all__ = [
     "Embedding",
     "Conv",
     "ModulesToSaveWrapper",
+    "QuantizedLinear",
+    "RequantizeReport",
+    "prepare_model",
     "lora_layer_for",
     "register_layer",
     "supported_kinds",

@@ -12,17 +12,30 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.layers import bnb
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from lorakit.layers.conv import Conv
 from lorakit.layers.dora import DORA
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
+from lorakit.layers.torchao import TorchaoLoraLinear, is_torchao_linear
 from lorakit.layers.variant import LoraVariant
 
-__all__ = ["register_layer", "lora_layer_for", "supported_kinds", "variant_for", "variants"]
+__all__ = [
+    "register_layer",
+    "lora_layer_for",
+    "supported_kinds",
+    "variant_for",
+    "variants",
+    "prepare_model",
+]
 
 # (predicate on the base module, LoRA layer class, human-readable kind); first match wins.
 _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
+    (is_bnb_4bit, Linear4bit, "bitsandbytes Linear4bit (NF4/FP4)"),  # subclasses nn.Linear
+    (is_bnb_8bit, Linear8bitLt, "bitsandbytes Linear8bitLt (int8)"),  # subclasses nn.Linear
+    (is_torchao_linear, TorchaoLoraLinear, "torch.nn.Linear with a torchao int8 weight"),
     (lambda m: isinstance(m, nn.Linear), Linear, "torch.nn.Linear"),
     (is_conv1d, Linear, "transformers Conv1D"),
     (lambda m: isinstance(m, nn.Embedding), Embedding, "torch.nn.Embedding"),
@@ -34,6 +47,9 @@ _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
 ]
 
 _VARIANTS: list[LoraVariant] = [DORA]
+
+# Whole-model preparations a kind needs beyond its own targets, run by every injection.
+_MODEL_PREPARATIONS: list[Callable[[nn.Module], None]] = [bnb.prepare_base]
 
 
 def register_layer(
@@ -54,6 +70,13 @@ def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
         if predicate(module):
             return layer
     return None
+
+
+def prepare_model(model: nn.Module) -> None:
+    """Run every kind's whole-model preparation (bitsandbytes 4-bit: see
+    :func:`lorakit.layers.bnb.prepare_base`); idempotent, and a no-op for models without such layers."""
+    for prepare in _MODEL_PREPARATIONS:
+        prepare(model)
 
 
 def supported_kinds() -> list[str]:

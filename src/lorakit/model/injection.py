@@ -7,10 +7,12 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -20,6 +22,7 @@ from lorakit.layers import (
     LoraLayer,
     ModulesToSaveWrapper,
     lora_layer_for,
+    prepare_model,
     supported_kinds,
     variant_for,
 )
@@ -32,7 +35,16 @@ from lorakit.model.targeting import (
     suffix_summary,
 )
 
-__all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
+__all__ = [
+    "inject",
+    "uninject",
+    "unload",
+    "lora_modules",
+    "check_adapter_name",
+    "Plan",
+    "plan",
+    "model_dtype",
+]
 
 
 @dataclasses.dataclass
@@ -180,6 +192,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     p = plan(model, config, adapter_name)
     cfg = p.config
     variant = variant_for(cfg)
+    prepare_model(model)
     slots = _parent_slots(model)
     for name, module in p.targets:
         if isinstance(module, LoraLayer):
@@ -227,15 +240,34 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     each modules-to-save wrapper is replaced by its active copy.
     """
     slots = _parent_slots(model)
+    dtype = model_dtype(model)
     for _, module in list(lora_modules(model)):
         if isinstance(module, LoraLayer):
             if not keep_merged:
                 module.unmerge()
-            _replace(slots, module, module.unloaded())
+            _replace(slots, module, module.unloaded(dtype))
         else:
             replacement = module.active_module if keep_merged else module.original_module
             _replace(slots, module, replacement)
     return model
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype activations flow in through ``model``: a transformers model's ``dtype``,
+    else the most common dtype of its plain floating parameters (LoRA factors and quantized
+    tensors aside); ``None`` if it has none."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    adapter_params = {
+        id(p) for _, m in lora_modules(model) for n in m.adapter_names for p in m.adapter_parameters(n)
+    }
+    counts = collections.Counter(
+        p.dtype
+        for p in model.parameters()
+        if p.is_floating_point() and type(p) in (nn.Parameter, torch.Tensor) and id(p) not in adapter_params
+    )
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def uninject(model: nn.Module, adapter_name: str) -> None:
@@ -248,6 +280,6 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
             module.delete_adapter(adapter_name)
         if not module.adapter_names:
             if isinstance(module, LoraLayer):
-                _replace(slots, module, module.base_layer)
+                _replace(slots, module, module.unloaded())
             else:
                 _replace(slots, module, module.original_module)
