@@ -18,6 +18,7 @@ from lorakit.errors import (
     ConfigError,
     DistributedError,
     LorakitError,
+    RequantizationWarning,
     TargetingError,
 )
 from lorakit.integrations.tasks import (
@@ -92,5 +93,6 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "RequantizationWarning",
     "__version__",
 ]

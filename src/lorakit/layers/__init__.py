@@ -18,12 +18,12 @@
 
 from __future__ import annotations
 
-from lorakit.layers.base import LoraLayer
+from lorakit.layers.base import LoraLayer, RequantizeReport
 from lorakit.layers.conv import Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
-from lorakit.layers.quantized import QuantizedLinear, RequantizeReport
+from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.registry import (
     lora_layer_for,
     prepare_model,

@@ -33,6 +33,7 @@ type: model operations, persistence and hot-swapping go through this contract.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -44,10 +45,22 @@ from lorakit.functional import lora as LF
 from lorakit.layers.rows import BASE_ROWS, rows_for
 from lorakit.layers.variant import LoraVariant
 
-__all__ = ["LoraLayer", "CONTAINERS"]
+__all__ = ["LoraLayer", "CONTAINERS", "RequantizeReport"]
 
 # PEFT's per-adapter containers, in PEFT's attribute order (it shows in print(model)).
 CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequantizeReport:
+    """What re-quantizing one merged layer lost.
+
+    ``relative_error = ‖q(W') − W'‖_F / ‖ΔW‖_F``: the weight error re-quantization caused, as a
+    fraction of the update that was merged (1.0: as large as the fine-tune itself)."""
+
+    name: str
+    relative_error: float
+    update_norm: float
 
 
 class LoraLayer(nn.Module, abc.ABC):
@@ -172,6 +185,12 @@ class LoraLayer(nn.Module, abc.ABC):
         self.write_base(self._original_weight, self._original_bias)
         self._original_weight = None
         self._original_bias = None
+
+    def requantized(self, name: str = "") -> tuple[nn.Module, RequantizeReport]:
+        """For quantized kinds (``is_quantized``): the lossy merge, asked for explicitly (a new
+        quantized base storing the merged weight, and what that lost). Others have nothing to
+        re-quantize."""
+        raise AdapterError(f"{name or type(self).__name__}: its base weight is not quantized")
 
     def base_output(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer's output for ``x``, merged adapters included."""

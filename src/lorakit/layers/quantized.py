@@ -25,7 +25,6 @@ same kind storing a given dense weight) and its predicate in :mod:`lorakit.layer
 from __future__ import annotations
 
 import abc
-import dataclasses
 from typing import Any
 
 import torch
@@ -33,22 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.config import parse_init
+from lorakit.errors import AdapterError
+from lorakit.layers.base import RequantizeReport
 from lorakit.layers.linear import Linear
 from lorakit.layers.variant import LoraVariant
 
-__all__ = ["QuantizedLinear", "RequantizeReport"]
-
-
-@dataclasses.dataclass(frozen=True)
-class RequantizeReport:
-    """What re-quantizing one merged layer lost.
-
-    ``relative_error = ‖q(W') − W'‖_F / ‖ΔW‖_F``: the weight error re-quantization caused, as a
-    fraction of the update that was merged (1.0: as large as the fine-tune itself)."""
-
-    name: str
-    relative_error: float
-    update_norm: float
+__all__ = ["QuantizedLinear"]
 
 
 class QuantizedLinear(Linear):
@@ -151,7 +140,9 @@ class QuantizedLinear(Linear):
         merged = self.merged_weight
         if merged is None:
             result: torch.Tensor = self.base_layer(x, *args, **kwargs)
-            return result
+            # bitsandbytes may return a view of its autograd Function's output, which autograd
+            # forbids modifying in place (the adapter adds into it): copy only that case.
+            return result if result._base is None else result.clone()
         bias = self.base_bias()
         out = F.linear(x.to(merged.dtype), merged, None if bias is None else bias.to(merged.dtype))
         return out.to(x.dtype)
@@ -178,7 +169,7 @@ class QuantizedLinear(Linear):
         and what that cost (:class:`RequantizeReport`). The layer must be merged."""
         merged = self.merged_weight
         if merged is None:
-            raise ValueError(f"{name or type(self).__name__}: nothing is merged, nothing to re-quantize")
+            raise AdapterError(f"{name or type(self).__name__}: nothing is merged, nothing to re-quantize")
         update = merged - self.dequantized()
         module = self.quantize_like(merged)
         kept = self.dequantize(module)

@@ -21,6 +21,7 @@ from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
     ModulesToSaveWrapper,
+    RequantizeReport,
     lora_layer_for,
     prepare_model,
     supported_kinds,
@@ -39,6 +40,7 @@ __all__ = [
     "inject",
     "uninject",
     "unload",
+    "unload_requantized",
     "lora_modules",
     "check_adapter_name",
     "Plan",
@@ -250,6 +252,25 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
             replacement = module.active_module if keep_merged else module.original_module
             _replace(slots, module, replacement)
     return model
+
+
+def unload_requantized(model: nn.Module) -> list[RequantizeReport]:
+    """``unload(model, keep_merged=True)``, except that each merged *quantized* layer is replaced by
+    a new quantized module storing its merged weight re-quantized (lossy: PEFT's merge). Returns
+    what each re-quantization lost (:class:`~lorakit.layers.RequantizeReport`)."""
+    slots = _parent_slots(model)
+    dtype = model_dtype(model)
+    reports = []
+    for name, module in list(lora_modules(model)):
+        if isinstance(module, LoraLayer):
+            replacement = module.unloaded(dtype)
+            if module.is_quantized and module.merged:
+                replacement, report = module.requantized(name)
+                reports.append(report)
+            _replace(slots, module, replacement)
+        else:
+            _replace(slots, module, module.active_module)
+    return reports
 
 
 def model_dtype(model: nn.Module) -> torch.dtype | None:
