@@ -21,6 +21,7 @@ from lorakit.errors import (
     RequantizationWarning,
     TargetingError,
 )
+from lorakit.integrations.kbit import prepare_model_for_kbit_training
 from lorakit.integrations.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -74,6 +75,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inspect",
+    "prepare_model_for_kbit_training",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",

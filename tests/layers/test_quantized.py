@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from zoo import structure
 from zoo import quantized as Q
+from zoo import structure
 
 import lorakit
 from lorakit.layers import LoraLayer
