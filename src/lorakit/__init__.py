@@ -22,6 +22,7 @@ from lorakit.errors import (
     TargetingError,
 )
 from lorakit.integrations.kbit import prepare_model_for_kbit_training
+from lorakit.integrations.quantization import QUANTIZATIONS, base_model_bytes, quantization_config
 from lorakit.integrations.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -76,6 +77,9 @@ __all__ = [
     "set_peft_model_state_dict",
     "inspect",
     "prepare_model_for_kbit_training",
+    "quantization_config",
+    "QUANTIZATIONS",
+    "base_model_bytes",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",

@@ -3,6 +3,12 @@
 The result loads with ``AutoModelFor<Task>.from_pretrained(out)`` alone (no lorakit, no PEFT). The
 merge is the library's own ``merge_and_unload`` (W + s·B·A computed in float32, rounded once); the
 command checks that the merged model gives the adapted model's outputs on a sample input.
+
+A QLoRA adapter (trained on a quantized base, ``lorakit train --quantize``) is merged into the
+*original* full-precision weights given by ``--base`` (re-quantizing a merged NF4 weight would
+destroy most of the update). Since the adapter learned against the quantized weights, the command
+then also loads the quantized base with the adapter and reports how far the merged model's outputs
+are from it, next to the adapter's own effect on them.
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lorakit.cli.errors import CliError
-from lorakit.cli.loading import load_adapted, open_adapter
+from lorakit import QUANTIZATIONS, PeftModel
+from lorakit.cli.errors import CliError, choices
+from lorakit.cli.loading import Adapter, base_path, load_adapted, open_adapter
+from lorakit.cli.tasks import load_model
 
 __all__ = ["add_parser", "run", "SAMPLE_TEXT"]
 
@@ -28,6 +36,12 @@ def add_parser(subparsers: Any) -> None:
         "--base", default=None, help="the base model folder (default: the adapter's base_model_name_or_path)"
     )
     parser.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
+    parser.add_argument(
+        "--quantize",
+        default=None,
+        help="the quantization the adapter was trained on, to compare with "
+        "(default: the one its metrics.json records, if any): " + ", ".join(QUANTIZATIONS),
+    )
     parser.set_defaults(func=run, command="merge")
 
 
@@ -39,22 +53,52 @@ def _outputs(model: Any, inputs: dict[str, Any]) -> Any:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
+def _against_quantized(
+    adapter: Adapter,
+    base: str | None,
+    quantize: str,
+    labels: list[str],
+    inputs: dict[str, Any],
+    merged: Any,
+) -> tuple[float, float]:
+    """(max |merged − adapted on the quantized base|, max |adapted − base| there)."""
+    quantized = load_model(adapter.task, base_path(adapter, base), labels, quantize)
+    model = PeftModel.from_pretrained(quantized, str(adapter.path))
+    model.eval()
+    adapted = _outputs(model, inputs)
+    with model.disable_adapter():
+        plain = _outputs(model, inputs)
+    return (merged - adapted).abs().max().item(), (adapted - plain).abs().max().item()
+
+
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CliError(f"--out {args.out!r} exists and is not an empty folder; pick a new folder")
     adapter = open_adapter(args.adapter)
-    model, tokenizer, _ = load_adapted(adapter, args.base)
+    quantize = args.quantize or ((adapter.record or {}).get("config") or {}).get("quantize")
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise CliError(
+            f"--quantize {quantize!r} is not a quantization; choose one of: {choices(QUANTIZATIONS)}"
+        )
+    model, tokenizer, labels = load_adapted(adapter, args.base)
     model.eval()
     inputs = dict(tokenizer(SAMPLE_TEXT, return_tensors="pt"))
     if adapter.task.name == "seq2seq":
         inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
     expected = _outputs(model, inputs)
     merged = model.merge_and_unload()
-    difference = (_outputs(merged, inputs) - expected).abs().max().item()
+    merged_out = _outputs(merged, inputs)
+    difference = (merged_out - expected).abs().max().item()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged {adapter.path} into {type(merged).__name__}; saved to {out}")
     print(f"max |merged - adapted| on a sample input: {difference:.2e}")
+    if quantize:
+        distance, effect = _against_quantized(adapter, args.base, quantize, labels, inputs, merged_out)
+        print(
+            f"max |merged - adapted on the quantized ({quantize}) base| on a sample input: {distance:.2e} "
+            f"({distance / effect:.2f}× the adapter's own effect there, {effect:.2e})"
+        )
     print(f"load it with: transformers.{adapter.task.auto_class}.from_pretrained({str(out)!r})")
     return 0

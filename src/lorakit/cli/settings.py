@@ -71,6 +71,11 @@ class TrainSettings:
         "and the trainable parameters against the rank",
     )
     resume: bool = _opt(False, "continue from the last checkpoint in --out")
+    quantize: str | None = _opt(
+        None,
+        "load the base model quantized and train LoRA on it (QLoRA): nf4, fp4, int8 (bitsandbytes) "
+        "or int8-ao (torchao)",
+    )
 
 
 def _field_type(field: dataclasses.Field) -> tuple[type, bool]:

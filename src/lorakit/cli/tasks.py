@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lorakit import TaskType
+from lorakit import ConfigError, TaskType, quantization_config
 from lorakit.cli.data import Rows
 from lorakit.cli.errors import CliError, choices
 from lorakit.cli.settings import TrainSettings
@@ -101,8 +101,13 @@ def label_names(task: Task, rows: Rows, label_column: str) -> list[str]:
     return names
 
 
-def load_model(task: Task, path: str, labels: list[str]) -> Any:
-    """The pretrained model with the task's head (a new head for classification)."""
+# the new heads of classification models: trained in full, so kept out of quantization
+HEADS = ["classifier", "score"]
+
+
+def load_model(task: Task, path: str, labels: list[str], quantize: str | None = None) -> Any:
+    """The pretrained model with the task's head (a new head for classification); with
+    ``quantize`` (a name of :data:`lorakit.QUANTIZATIONS`) its linear layers are loaded quantized."""
     import transformers
 
     cls = getattr(transformers, task.auto_class)
@@ -114,6 +119,11 @@ def load_model(task: Task, path: str, labels: list[str]) -> Any:
             "label2id": {n: i for i, n in enumerate(labels)},
             "ignore_mismatched_sizes": True,
         }
+    if quantize:
+        try:
+            kwargs["quantization_config"] = quantization_config(quantize, skip_modules=HEADS)
+        except ConfigError as exc:
+            raise CliError(f"--quantize: {exc}") from exc
     try:
         return cls.from_pretrained(path, **kwargs)
     except ValueError as exc:  # e.g. "Unrecognized configuration class ... for this kind of AutoModel"

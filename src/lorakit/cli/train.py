@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorakit import LoraConfig, get_peft_model
+from lorakit import (
+    ConfigError,
+    LoraConfig,
+    base_model_bytes,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+    quantization_config,
+)
 from lorakit.cli import data as data_mod
 from lorakit.cli import report
 from lorakit.cli.errors import CliError
@@ -72,6 +79,11 @@ def plan_run(args: argparse.Namespace) -> Plan:
     task = get_task(settings.task)
     if preset is None and not (settings.model and settings.data):
         raise CliError("give both --model and --data (or a --preset, or neither for the embedded default)")
+    if settings.quantize is not None:
+        try:  # an unknown name, or its package missing: one line, before anything slow
+            quantization_config(settings.quantize)
+        except ConfigError as exc:
+            raise CliError(f"--quantize: {exc}") from exc
     model_path = settings.model or (preset.model() if preset else "")
     _check_model_path(model_path)
     rows = data_mod.read_table(settings.data) if settings.data else preset.rows()  # type: ignore[union-attr]
@@ -114,7 +126,9 @@ def build_model(plan: Plan, labels: list[str]) -> Any:
     """The base model with a fresh LoRA adapter; the task's wrapper makes a classifier's head
     trainable (and saved with the adapter) by itself."""
     s = plan.settings
-    base = load_model(plan.task, plan.model_path, labels)
+    base = load_model(plan.task, plan.model_path, labels, s.quantize)
+    if s.quantize:  # freeze, norms in float32, bitsandbytes' CPU repacking off (as PEFT's recipe)
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=s.r,
         lora_alpha=s.alpha,
@@ -166,6 +180,8 @@ def _record(
         "steps": trainer.state.global_step,
         "examples": counts,
         "parameters": {"trainable": trainable, "total": total},
+        "quantize": s.quantize,
+        "base_memory_bytes": base_model_bytes(model),
         "adapter_bytes": report.folder_bytes(out),
         "timings": timings,
         "versions": report.versions(),
