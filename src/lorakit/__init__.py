@@ -9,7 +9,7 @@ Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers wit
 """
 
 from lorakit._version import __version__
-from lorakit.config import LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from lorakit.config import LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
@@ -57,6 +57,7 @@ from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inj
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "LoftQConfig",
     "TaskType",
     "PeftType",
     "PeftModel",

@@ -3,7 +3,8 @@ loaded by ``from_pretrained(..., quantization_config=...)`` (transformers' ``Bit
 ``TorchAoConfig``). Requires the ``bnb`` and ``torchao`` extras (``make test`` installs both).
 
 ``SCHEMES``: the quantizations users pick (``nf4``: QLoRA's NF4 with double quantization;
-``nf4-bf16``: the same computing in bfloat16 on a bfloat16 model; ``fp4``; ``int8``: LLM.int8();
+``nf4-bf16``: the same computing in bfloat16 on a bfloat16 model; ``nf4-single``: NF4 without
+double quantization; ``fp4``; ``int8``: LLM.int8();
 ``int8-ao``: torchao int8 weight-only). ``ARCHS``: a Llama (``nn.Linear``), a GPT-2 (transformers
 ``Conv1D``, transposed into quantized linears by transformers) and a BERT classifier (biases).
 """
@@ -50,6 +51,9 @@ SCHEMES: dict[str, Callable[[list[str]], Any]] = {
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     ),
+    "nf4-single": _bnb(  # without double quantization: reloads LoftQ's quantized weights exactly
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    ),
     "fp4": _bnb(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "int8": _bnb(load_in_8bit=True),
     "int8-ao": _torchao_int8,
@@ -66,12 +70,17 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], str, list[str]]] = {
 _ROOT: Path | None = None
 
 
-def saved(arch: str) -> Path:
-    """The zoo's ``arch`` model saved once per process (full precision, float32)."""
+def saved(arch: str, model: nn.Module | None = None) -> Path:
+    """The zoo's ``arch`` model saved once per process (full precision, float32); with ``model``,
+    that model saved under a new folder (returned)."""
     global _ROOT
     if _ROOT is None:
         _ROOT = Path(tempfile.mkdtemp(prefix="lorakit-quantized-zoo-"))
         atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+    if model is not None:
+        path = Path(tempfile.mkdtemp(prefix=f"{arch}-", dir=_ROOT))
+        model.save_pretrained(path)
+        return path
     path = _ROOT / arch
     if not path.is_dir():
         ARCHS[arch][0]().save_pretrained(path)
@@ -83,11 +92,12 @@ def scheme_dtype(scheme: str) -> torch.dtype:
     return torch.bfloat16 if scheme.endswith("bf16") else torch.float32
 
 
-def quantized(arch: str, scheme: str) -> nn.Module:
-    """``arch`` loaded with quantization ``scheme``, in eval mode, as ``from_pretrained`` gives it."""
+def quantized(arch: str, scheme: str, path: Path | None = None) -> nn.Module:
+    """``arch`` (or the model saved in ``path``) loaded with quantization ``scheme``, in eval mode,
+    as ``from_pretrained`` gives it."""
     _, auto_class, skip = ARCHS[arch]
     model = getattr(transformers, auto_class).from_pretrained(
-        saved(arch), quantization_config=SCHEMES[scheme](skip), dtype=scheme_dtype(scheme)
+        path or saved(arch), quantization_config=SCHEMES[scheme](skip), dtype=scheme_dtype(scheme)
     )
     return model.eval()
 

@@ -121,7 +121,10 @@ def load_model(task: Task, path: str, labels: list[str], quantize: str | None = 
         }
     if quantize:
         try:
-            kwargs["quantization_config"] = quantization_config(quantize, skip_modules=HEADS)
+            # (an explicit skip list replaces transformers' own, which keeps the output head of a
+            # language model unquantized: only classifiers pass one)
+            skip = HEADS if task.classifies else ()
+            kwargs["quantization_config"] = quantization_config(quantize, skip_modules=skip)
         except ConfigError as exc:
             raise CliError(f"--quantize: {exc}") from exc
     try:

@@ -2,14 +2,15 @@
 initialisations, and PEFT's ``adapter_config.json`` (:mod:`.peft_json` for its keys and values,
 :mod:`.files` for reading and writing it)."""
 
-from lorakit.config.inits import INIT_NAMES, moves_base_weight, parse_init
-from lorakit.config.lora_config import LoraConfig, LoraRuntimeConfig, config_from_peft_dict
+from lorakit.config.inits import INIT_NAMES, loftq_init_token, moves_base_weight, parse_init, parse_loftq
+from lorakit.config.lora_config import LoftQConfig, LoraConfig, LoraRuntimeConfig, config_from_peft_dict
 from lorakit.config.task_type import PeftType, TaskType
 from lorakit.config.validation import ALL_LINEAR, BIAS_MODES
 
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "LoftQConfig",
     "TaskType",
     "PeftType",
     "ALL_LINEAR",
@@ -17,5 +18,7 @@ __all__ = [
     "INIT_NAMES",
     "parse_init",
     "moves_base_weight",
+    "loftq_init_token",
+    "parse_loftq",
     "config_from_peft_dict",
 ]

@@ -18,7 +18,6 @@ __all__ = ["NOT_IMPLEMENTED", "INITS_NOT_IMPLEMENTED", "feature_problems", "init
 NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "megatron_config": ((None,), "Megatron tensor-parallel LoRA layers"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
-    "loftq_config": ((None, {}), "LoftQ initialisation"),
     "eva_config": ((None,), "EVA initialisation"),
     "corda_config": ((None,), "CorDA initialisation"),
     "lora_ga_config": ((None,), "LoRA-GA initialisation"),
@@ -38,7 +37,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
 INITS_NOT_IMPLEMENTED: dict[str, str] = {
     "eva": "EVA initialisation (data-driven)",
     "corda": "CorDA initialisation (changes the base weights)",
-    "loftq": "LoftQ initialisation (for quantized bases)",
     "mica": "MiCA initialisation",
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,6 +54,8 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
     elif parsed is None:
         choices = ", ".join(repr(c) for c in INIT_NAMES)
         problems.append(f"init_lora_weights={init!r}: must be one of {choices} (N ≥ 0 iterations)")
+    elif parsed[0] == "loftq" and init != "loftq":
+        problems.append(f"init_lora_weights={init!r}: LoftQ is init_lora_weights='loftq' with a loftq_config")
     elif parsed[0] == "orthogonal":
         odd = {"r": cfg.r} if isinstance(cfg.r, int) and cfg.r % 2 else {}
         if isinstance(cfg.rank_pattern, Mapping):
@@ -102,8 +105,44 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"auto_mapping={cfg.auto_mapping!r}: must be a dict or None")
     if not (isinstance(cfg.qalora_group_size, int) and not isinstance(cfg.qalora_group_size, bool)):
         problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
+    _check_loftq(cfg, problems, out)
     problems.extend(feature_problems(cfg))
     return out
+
+
+LOFTQ_KEYS = {"loftq_bits": (4, (4, 8)), "loftq_iter": (1, None)}  # key → (PEFT's default, choices)
+
+
+def _check_loftq(cfg: Any, problems: list[str], out: dict[str, Any]) -> None:
+    """``loftq_config`` (a dict or PEFT's ``LoftQConfig``) is needed by, and only by, LoftQ."""
+    value = cfg.loftq_config
+    if value is not None and not isinstance(value, Mapping) and hasattr(value, "loftq_bits"):
+        value = vars(value)  # a LoftQConfig object, stored as a dict (as PEFT does)
+    if cfg.init_lora_weights != "loftq":
+        if value:
+            warnings.warn(
+                "loftq_config is ignored unless init_lora_weights='loftq' (PEFT ignores it too)", stacklevel=4
+            )
+        out["loftq_config"] = {}
+        return
+    if not isinstance(value, Mapping) or not value:
+        problems.append(
+            "init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1} "
+            "(or LoftQConfig(loftq_bits=4))"
+        )
+        return
+    unknown = sorted(set(value) - set(LOFTQ_KEYS))
+    if unknown:
+        problems.append(f"loftq_config has unknown key(s) {unknown}; keys: {', '.join(LOFTQ_KEYS)}")
+    normalized = {}
+    for key, (default, allowed) in LOFTQ_KEYS.items():
+        item = value.get(key, default)
+        good = isinstance(item, int) and not isinstance(item, bool) and item >= 1
+        if not good or (allowed is not None and item not in allowed):
+            wanted = f"one of {', '.join(map(str, allowed))}" if allowed else "a positive integer"
+            problems.append(f"loftq_config[{key!r}]={item!r}: must be {wanted}")
+        normalized[key] = item
+    out["loftq_config"] = normalized
 
 
 def _check_modules(

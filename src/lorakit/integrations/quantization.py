@@ -50,7 +50,7 @@ def quantization_config(
         raise ConfigError(f"quantization {name!r} needs {package}: pip install 'lorakit[{extra}]'")
     import transformers
 
-    skip = list(skip_modules) or None
+    skip = list(skip_modules) or None  # None: transformers picks (the output head stays unquantized)
     if name == "int8-ao":
         from torchao.quantization import Int8WeightOnlyConfig
 

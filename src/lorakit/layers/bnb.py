@@ -37,9 +37,7 @@ from torch import nn
 from lorakit.errors import AdapterError
 from lorakit.layers.quantized import QuantizedLinear
 
-__all__ = ["Linear4bit", "Linear8bitLt", "is_bnb_4bit", "is_bnb_8bit", "prepare_base", "INSTALL_HINT"]
-
-INSTALL_HINT = "pip install 'lorakit[bnb]' (bitsandbytes)"
+__all__ = ["Linear4bit", "Linear8bitLt", "is_bnb_4bit", "is_bnb_8bit", "prepare_base"]
 
 
 def _bnb_class(name: str) -> type | None:

@@ -18,7 +18,7 @@ from lorakit.layers.base import LoraLayer
 from lorakit.layers.variant import LoraVariant
 
 # inits that read the base weight: defined for a (d × k) matrix, not for a convolution's kernel
-_WEIGHT_INITS = ("pissa", "olora", "orthogonal")
+_WEIGHT_INITS = ("pissa", "olora", "orthogonal", "loftq")
 
 
 class Conv(LoraLayer):

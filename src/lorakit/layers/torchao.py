@@ -20,9 +20,7 @@ from torch import nn
 from lorakit.functional.quantized import recomputed_linear
 from lorakit.layers.quantized import QuantizedLinear
 
-__all__ = ["TorchaoLoraLinear", "is_torchao_linear", "INSTALL_HINT"]
-
-INSTALL_HINT = "pip install 'lorakit[torchao]' (torchao)"
+__all__ = ["TorchaoLoraLinear", "is_torchao_linear"]
 
 
 def _torchao_tensor_class(name: str) -> type | None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, loftq_init_token
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
@@ -99,6 +99,15 @@ def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) ->
     return config
 
 
+def layer_init(config: LoraConfig) -> bool | str:
+    """What each LoRA layer receives as its init: ``init_lora_weights``, with LoftQ's settings
+    folded in (``"loftq_4bit_1iter"``), since layers see nothing else of the config."""
+    if config.init_lora_weights == "loftq":
+        settings = config.loftq_config or {}
+        return loftq_init_token(int(settings["loftq_bits"]), int(settings["loftq_iter"]))
+    return config.init_lora_weights
+
+
 def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = config.modules_to_save or []
     found: list[tuple[str, nn.Module]] = []
@@ -140,7 +149,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             problems.append(f"{name} ({type(base).__name__})")
             continue
         refused = kind.option_problems(
-            base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
+            base, init=layer_init(resolved), lora_bias=resolved.lora_bias, variant=variant
         )
         problems.extend(f"{name} ({reason})" for reason in refused)
     if problems:
@@ -211,7 +220,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             alpha,
             use_rslora=cfg.use_rslora,
             dropout=cfg.lora_dropout,
-            init=cfg.init_lora_weights,
+            init=layer_init(cfg),
             lora_bias=cfg.lora_bias,
             variant=variant,
         )
