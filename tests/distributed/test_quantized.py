@@ -53,3 +53,25 @@ def test_ddp_equals_one_process_on_the_whole_batch(ddp_results: dict) -> None:
 
 def test_rank_zero_saved_the_trained_adapter(ddp_results: dict) -> None:
     assert ddp_results["saved_equals_trained"] is True
+
+
+def test_fsdp2_on_a_quantized_base_is_refused_at_the_first_forward(free_port) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    import lorakit
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    dist.init_process_group("gloo")
+    try:
+        model = lorakit.get_peft_model(
+            Q.quantized("llama", "nf4"), lorakit.LoraConfig(target_modules=["q_proj"])
+        )
+        fully_shard(model)
+        with pytest.raises(lorakit.AdapterError, match="was replaced by a plain"):
+            model(input_ids=torch.tensor([[3, 4, 5]]))
+    finally:
+        dist.destroy_process_group()

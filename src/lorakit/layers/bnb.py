@@ -94,6 +94,10 @@ class Linear4bit(QuantizedLinear):
         _stop_cpu_repacking(base_layer)
         super().__init__(base_layer)
 
+    def holds_quantized_weight(self) -> bool:
+        params = _bnb_class("Params4bit")
+        return params is not None and isinstance(self.base_layer.weight, params)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         dtype = getattr(self.base_layer, "compute_dtype", None)
@@ -162,6 +166,10 @@ class Linear8bitLt(QuantizedLinear):
                 "quantized base; load it with has_fp16_weights=False (transformers' default)"
             )
         return problems
+
+    def holds_quantized_weight(self) -> bool:
+        params = _bnb_class("Int8Params")
+        return params is not None and isinstance(self.base_layer.weight, params)
 
     @staticmethod
     def _row_scales(base: Any) -> torch.Tensor:

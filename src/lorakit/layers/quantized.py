@@ -15,6 +15,9 @@ plain linear layer is what may happen to ``Q``:
 * ``merge_and_unload()`` replaces each merged layer by a dense ``nn.Linear`` holding ``W'`` rounded
   once into the model's dtype. Re-quantizing ``W'`` (PEFT's merge) is available only on request
   (:meth:`QuantizedLinear.requantized`), and reports what it lost.
+* FSDP2 (``fully_shard``) is refused: it turns the quantized weight into a ``DTensor`` shard
+  without its quantization state (bitsandbytes then rebuilds the state from the module, which
+  gave different losses for ``quant_storage`` uint8 and float32 in lorakit's gloo trial); DDP works.
 * Inits that rewrite the base weight (PiSSA, OLoRA) would have to re-quantize it and are refused;
   LoftQ is applied to the full-precision model before quantizing (as in PEFT).
 
@@ -66,6 +69,11 @@ class QuantizedLinear(Linear):
     def quantize_like(self, weight: torch.Tensor) -> nn.Module:
         """A new base module of this kind (same format and options) that stores ``weight``
         quantized; the bias is the base's."""
+
+    @abc.abstractmethod
+    def holds_quantized_weight(self) -> bool:
+        """Whether the base still holds its weight as the quantized tensor type of its kind (an
+        engine may have swapped in a plain tensor: FSDP2 does)."""
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -139,6 +147,14 @@ class QuantizedLinear(Linear):
         """The base module's output, or ``x · W'ᵀ + b`` (float32 product) while merged."""
         merged = self.merged_weight
         if merged is None:
+            if not self.holds_quantized_weight():
+                raise AdapterError(
+                    f"the quantized weight of this {type(self.base_layer).__name__} was replaced by a plain "
+                    f"{type(self.base_layer.weight).__name__} (FSDP2's fully_shard does that): lorakit does "
+                    "not train LoRA on a sharded quantized base (its quantization state is not sharded "
+                    "with it, so outputs are not to be trusted); use DDP (lorakit.distributed.wrap_ddp), "
+                    "or FSDP on an unquantized base"
+                )
             result: torch.Tensor = self.base_layer(x, *args, **kwargs)
             # bitsandbytes may return a view of its autograd Function's output, which autograd
             # forbids modifying in place (the adapter adds into it): copy only that case.

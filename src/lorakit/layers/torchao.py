@@ -59,6 +59,9 @@ class TorchaoLoraLinear(QuantizedLinear):
             problems.append("lora_bias=True on a torchao base (PEFT refuses it too)")
         return problems
 
+    def holds_quantized_weight(self) -> bool:
+        return _is_torchao_tensor(self.base_layer.weight)
+
     @property
     def compute_dtype(self) -> torch.dtype:
         weight: Any = self.base_layer.weight
@@ -70,7 +73,7 @@ class TorchaoLoraLinear(QuantizedLinear):
         return weight.dequantize(torch.float32)
 
     def base_output(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.merged_weight is not None or args or kwargs:
+        if self.merged_weight is not None or args or kwargs or not self.holds_quantized_weight():
             return super().base_output(x, *args, **kwargs)
         return recomputed_linear(x, self.base_layer, self.dequantized)
 
