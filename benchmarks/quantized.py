@@ -216,10 +216,11 @@ def table(results: dict) -> str:
     ]
     for label, key in PAIRS:
         over = t["saved_over_floor_mib"]
-        peak = results["peak_mib"]
+        peak = results.get("peak_mib")
+        peaks_cell = f"{peak[f'lorakit_{key}']:.0f} · {peak[f'peft_{key}']:.0f}" if peak else "not run"
         lines.append(
             f"| {label} | {t['lorakit_over_peft'][key]:.2f} | {over[f'lorakit_{key}']:.1f} · "
-            f"{over[f'peft_{key}']:.1f} | {peak[f'lorakit_{key}']:.0f} · {peak[f'peft_{key}']:.0f} |"
+            f"{over[f'peft_{key}']:.1f} | {peaks_cell} |"
         )
     lines += [
         "",
@@ -276,6 +277,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--no-peak", action="store_true", help="skip the per-process peak memory runs")
     parser.add_argument("--peak", default=None, help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--folder", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -296,8 +298,9 @@ def main() -> None:
             results["memory"]["SmolLM2-135M"] = memory(smollm)
         print("  [quantized] training steps, interleaved", flush=True)
         results["timing"] = timings(folder, shape, args.steps or (2 if args.quick else 12))
-        print("  [quantized] peak memory, one process per method", flush=True)
-        results["peak_mib"] = peaks(folder, args.quick)
+        if not args.no_peak:
+            print("  [quantized] peak memory, one process per method", flush=True)
+            results["peak_mib"] = peaks(folder, args.quick)
     (out_dir / "quantized.json").write_text(json.dumps(results, indent=2))
     markdown = table(results)
     (out_dir / "quantized.md").write_text(markdown + "\n")
