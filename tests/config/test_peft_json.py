@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 
 import peft
 import pytest
@@ -129,16 +130,15 @@ def test_neutral_values_are_accepted(key, value):
 @pytest.mark.parametrize(
     "key, value, shown",
     [
-        ("loftq_config", {"loftq_bits": 4}, "loftq_config={'loftq_bits': 4}"),
         ("use_qalora", True, "use_qalora=True"),
         ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]]"),
         ("trainable_token_indices", [1, 2], "trainable_token_indices=[1, 2]"),
         ("megatron_config", {"tp": 2}, "megatron_config="),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
         ("target_parameters", ["experts.weight"], "target_parameters="),
-        ("eva_config", {"rho": 2}, "eva_config="),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
+        ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
     ],
 )
 def test_enabled_unsupported_features_are_refused(key, value, shown):
@@ -168,6 +168,8 @@ def test_all_problems_are_reported_together():
         ("init_lora_weights", "pissa_niter_4"),
         ("init_lora_weights", "olora"),
         ("init_lora_weights", "orthogonal"),
+        ("init_lora_weights", "eva"),
+        ("init_lora_weights", "mica"),
     ],
 )
 def test_dora_and_initialisations_are_read(key, value):
@@ -229,3 +231,29 @@ def test_json_roundtrip_property(r, alpha, dropout, targets, bias, rslora, init,
     back = config_from_peft_dict(data)
     expected_task = None if task is None else peft_task_type(task)
     assert back == dataclasses.replace(config, inference_mode=True, task_type=expected_task)
+
+
+@pytest.mark.parametrize(
+    "key, value, kept",
+    [
+        ("loftq_config", {"loftq_bits": 4}, {}),  # PEFT empties it too
+        ("corda_config", {"cache_file": None}, {"cache_file": None}),
+        ("eva_config", {"rho": 2}, {"rho": 2}),
+        ("lora_ga_config", {"direction": "ArB2r"}, {"direction": "ArB2r"}),
+    ],
+)
+def test_an_init_sub_config_without_its_init_is_ignored_with_a_warning(key, value, kept):
+    """PEFT's conversion of a CorDA adapter to plain LoRA writes init true and keeps corda_config:
+    such files load, as in PEFT."""
+    with pytest.warns(UserWarning, match=f"{key} is set but init_lora_weights=True"):
+        config = config_from_peft_dict({**PEFT_LORA_KEYS, key: value})
+    assert getattr(config, key) == kept
+
+
+def test_eva_config_goes_with_eva_silently():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = config_from_peft_dict(
+            {**PEFT_LORA_KEYS, "init_lora_weights": "eva", "eva_config": {"rho": 2}}
+        )
+    assert config.eva_config == {"rho": 2}

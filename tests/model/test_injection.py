@@ -37,6 +37,18 @@ FAILING = [
         TargetingError,
         ["scorer", "lm_head"],
     ),
+    (
+        {"target_modules": ["q_proj"], "init_lora_weights": "eva"},
+        "default",
+        ConfigError,
+        ["'eva'", "from_pretrained", "cannot create"],
+    ),
+    (
+        {"target_modules": ["q_proj"], "init_lora_weights": "mica"},
+        "default",
+        ConfigError,
+        ["'mica'", "A only"],
+    ),
     ({"target_modules": ["q_proj"]}, "a.b", AdapterError, ["'a.b'", "'.'"]),
     ({"target_modules": ["q_proj"]}, "", AdapterError, ["''", "non-empty"]),
     ({"target_modules": ["q_proj"]}, "__base__", AdapterError, ["'__base__'"]),

@@ -2,7 +2,7 @@
 initialisations, and PEFT's ``adapter_config.json`` (:mod:`.peft_json` for its keys and values,
 :mod:`.files` for reading and writing it)."""
 
-from lorakit.config.inits import INIT_NAMES, moves_base_weight, parse_init
+from lorakit.config.inits import INIT_NAMES, LOAD_ONLY_INITS, load_only, moves_base_weight, parse_init
 from lorakit.config.lora_config import LoraConfig, LoraRuntimeConfig, config_from_peft_dict
 from lorakit.config.task_type import PeftType, TaskType
 from lorakit.config.validation import ALL_LINEAR, BIAS_MODES
@@ -15,6 +15,8 @@ __all__ = [
     "ALL_LINEAR",
     "BIAS_MODES",
     "INIT_NAMES",
+    "LOAD_ONLY_INITS",
+    "load_only",
     "parse_init",
     "moves_base_weight",
     "config_from_peft_dict",

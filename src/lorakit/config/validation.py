@@ -7,12 +7,14 @@ member); the config applies the values only when there is no problem.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from lorakit.config.features import feature_problems, init_problem
+from lorakit.config.features import INIT_SUBCONFIGS, feature_problems, init_problem
 from lorakit.config.inits import INIT_NAMES, parse_init
 from lorakit.config.task_type import PeftType, TaskType
 
@@ -102,8 +104,33 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"auto_mapping={cfg.auto_mapping!r}: must be a dict or None")
     if not (isinstance(cfg.qalora_group_size, int) and not isinstance(cfg.qalora_group_size, bool)):
         problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
+    _check_subconfigs(cfg, parsed, problems, out)
     problems.extend(feature_problems(cfg))
     return out
+
+
+def _check_subconfigs(
+    cfg: Any, parsed: tuple[str, int | None] | None, problems: list[str], out: dict[str, Any]
+) -> None:
+    """An init's sub-config (``eva_config``, ...) is a dict (a PEFT config object becomes one); with
+    another init it is ignored with a warning, as PEFT does (PEFT also empties ``loftq_config``)."""
+    init = cfg.init_lora_weights
+    for field, owner in INIT_SUBCONFIGS.items():
+        value = getattr(cfg, field)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = out[field] = dataclasses.asdict(value)
+        if value is not None and not isinstance(value, Mapping):
+            problems.append(f"{field}={value!r}: must be a dict or None")
+            continue
+        if not value or (isinstance(init, str) and init.lower() == owner):
+            continue
+        if parsed is not None or init is True or init is False:
+            warnings.warn(
+                f"{field} is set but init_lora_weights={init!r} is not {owner!r}: it is ignored (as in PEFT)",
+                stacklevel=5,
+            )
+        if field == "loftq_config":
+            out[field] = {}
 
 
 def _check_modules(

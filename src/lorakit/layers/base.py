@@ -35,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lorakit.config import LOAD_ONLY_INITS, parse_init
 from lorakit.errors import AdapterError
 from lorakit.functional import lora as LF
 from lorakit.layers.rows import BASE_ROWS, rows_for
@@ -78,6 +79,7 @@ class LoraLayer(nn.Module, abc.ABC):
         self.scaling: dict[str, float] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict[str, LoraVariant] = {}
+        self.frozen_factors: dict[str, tuple[str, ...]] = {}  # containers that never train (MiCA's B)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -207,6 +209,11 @@ class LoraLayer(nn.Module, abc.ABC):
         self.scaling[name] = LF.scaling(alpha, r, use_rslora)
         self.lora_bias[name] = lora_bias
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        kind = (parse_init(init) or ("default", None))[0]
+        if kind in LOAD_ONLY_INITS:  # lorakit does not compute these: the factors come from a file
+            init = True
+        if kind == "mica":  # MiCA keeps B (the minor singular vectors) frozen and trains A, as PEFT
+            self.frozen_factors[name] = (self.factor_containers[1],)
         self.create_adapter(name, r, init=init, lora_bias=lora_bias)
         self.place_adapter(name)
         if variant is not None:
@@ -241,6 +248,7 @@ class LoraLayer(nn.Module, abc.ABC):
                 del holder[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.lora_variant):
             table.pop(name, None)
+        self.frozen_factors.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -253,6 +261,18 @@ class LoraLayer(nn.Module, abc.ABC):
         for attr in self.adapter_param_names:
             holder = getattr(self, attr)
             if name in holder:
+                item = holder[name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter ``name`` that train when it is trainable (all but frozen
+        factors, such as MiCA's B)."""
+        frozen = self.frozen_factors.get(name, ())
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name in holder and attr not in frozen:
                 item = holder[name]
                 params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
         return params

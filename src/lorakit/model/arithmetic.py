@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig, moves_base_weight
+from lorakit.config import LoraConfig, load_only, moves_base_weight
 from lorakit.errors import AdapterError
 from lorakit.functional import combine as LC
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, variant_for
@@ -110,8 +110,10 @@ def _new_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], rank
         new_targets = list(dict.fromkeys(n for t in targets for n in (t or [])))
     # scaling 1: alpha = r, or √r with rsLoRA (alpha / √r = 1)
     alpha = math.sqrt(rank) if first.use_rslora else rank
-    # the factors are overwritten; an init that rewrites the base weight (PiSSA, OLoRA) must not run
-    init = True if moves_base_weight(first.init_lora_weights) else first.init_lora_weights
+    # the factors are overwritten; an init that rewrites the base weight (PiSSA, OLoRA) must not run,
+    # nor one that only a file can fill (EVA, MiCA)
+    init = first.init_lora_weights
+    init = True if moves_base_weight(init) or load_only(init) else init
     return dataclasses.replace(
         first,
         r=rank,

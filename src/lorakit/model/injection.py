@@ -7,14 +7,16 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, TargetingError
+from lorakit.config import LOAD_ONLY_INITS, LoraConfig, load_only, parse_init
+from lorakit.errors import AdapterError, ConfigError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
@@ -32,7 +34,43 @@ from lorakit.model.targeting import (
     suffix_summary,
 )
 
-__all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
+__all__ = [
+    "inject",
+    "uninject",
+    "unload",
+    "lora_modules",
+    "check_adapter_name",
+    "Plan",
+    "plan",
+    "filling_from_file",
+]
+
+# Set while a loader injects adapters whose tensors it then copies from a file (see filling_from_file).
+_FILLING = contextvars.ContextVar("lorakit_filling_from_file", default=False)
+
+
+@contextlib.contextmanager
+def filling_from_file() -> Iterator[None]:
+    """Within the block, injected adapters are about to be filled from an adapter file, so an init
+    that lorakit does not compute but that leaves the base weights as they are (EVA, MiCA:
+    :data:`~lorakit.config.LOAD_ONLY_INITS`) is accepted; its factors are created plainly and
+    overwritten. Outside it, such an init is refused."""
+    token = _FILLING.set(True)
+    try:
+        yield
+    finally:
+        _FILLING.reset(token)
+
+
+def _creation_problem(config: LoraConfig) -> None:
+    init = config.init_lora_weights
+    if load_only(init) and not _FILLING.get():
+        kind = (parse_init(init) or ("", None))[0]
+        raise ConfigError(
+            f"init_lora_weights={init!r}: {LOAD_ONLY_INITS[kind]}. lorakit loads adapters trained with it "
+            "(PeftModel.from_pretrained, load_adapter) but cannot create a new one; create it with PEFT, "
+            "or use init_lora_weights=True, 'gaussian', 'pissa', 'olora' or 'orthogonal'"
+        )
 
 
 @dataclasses.dataclass
@@ -104,6 +142,7 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
     _refuse_wrapped(model)
+    _creation_problem(config)
     check_adapter_name(model, adapter_name, must_be_new=True)
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)

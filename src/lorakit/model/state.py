@@ -80,7 +80,12 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
         param.requires_grad_(False)
     for _, module in lora_modules(model):
         for name in names:
-            for param in module.adapter_parameters(name):
+            params = (
+                module.trainable_parameters(name)
+                if isinstance(module, LoraLayer)
+                else module.adapter_parameters(name)
+            )
+            for param in params:
                 param.requires_grad_(True)
         if bias == "lora_only" and isinstance(module, LoraLayer):
             base_bias = getattr(module.base_layer, "bias", None)

@@ -317,7 +317,8 @@ def check_adapter(
         raise AdapterError(
             f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}"
         )
-    plan = injection.plan(model, files_.config, adapter_name)
+    with injection.filling_from_file():
+        plan = injection.plan(model, files_.config, adapter_name)
     lines = _key_problems(
         planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan), files_.tensors
     )
@@ -370,7 +371,8 @@ def load_new(
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
     plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    wrapped = build(model, plan.config, adapter_name)
+    with injection.filling_from_file():
+        wrapped = build(model, plan.config, adapter_name)
     try:
         _fill(model, files_, adapter_name)
     except BaseException:
@@ -396,7 +398,8 @@ def load_adapter(
     trainability is the caller's) and record its config in ``configs``."""
     files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
     plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
-    configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
+    with injection.filling_from_file():
+        configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
     try:
         _fill(model, files_, adapter_name)
     except BaseException:
