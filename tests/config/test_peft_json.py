@@ -132,7 +132,6 @@ def test_neutral_values_are_accepted(key, value):
     [
         ("use_qalora", True, "use_qalora=True"),
         ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]]"),
-        ("trainable_token_indices", [1, 2], "trainable_token_indices=[1, 2]"),
         ("megatron_config", {"tp": 2}, "megatron_config="),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
         ("target_parameters", ["experts.weight"], "target_parameters="),

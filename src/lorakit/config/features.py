@@ -17,7 +17,6 @@ __all__ = ["NOT_IMPLEMENTED", "INITS_NOT_IMPLEMENTED", "INIT_SUBCONFIGS", "featu
 # field → (the values that mean "off", the feature a different value asks for)
 NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "megatron_config": ((None,), "Megatron tensor-parallel LoRA layers"),
-    "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
     "velora_config": ((None,), "VeLoRA"),
     "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
     "use_qalora": ((False, None), "QA-LoRA"),

@@ -104,9 +104,47 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"auto_mapping={cfg.auto_mapping!r}: must be a dict or None")
     if not (isinstance(cfg.qalora_group_size, int) and not isinstance(cfg.qalora_group_size, bool)):
         problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
+    _check_token_indices(cfg.trainable_token_indices, problems, out)
     _check_subconfigs(cfg, parsed, problems, out)
     problems.extend(feature_problems(cfg))
     return out
+
+
+def _indices_problem(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        return "must be a list of non-negative token ids"
+    repeated = sorted({i for i in value if list(value).count(i) > 1})
+    return f"repeats token ids {repeated}" if repeated else None
+
+
+def _check_token_indices(value: Any, problems: list[str], out: dict[str, Any]) -> None:
+    """``trainable_token_indices``: token ids (rows of the input embedding) or a dict module name →
+    token ids."""
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        found = [
+            f"trainable_token_indices[{key!r}]={ids!r}: {problem}"
+            for key, ids in value.items()
+            if (
+                problem := "the key must be a module name"
+                if not isinstance(key, str)
+                else _indices_problem(ids)
+            )
+        ]
+        problems.extend(found)
+        if not found:
+            out["trainable_token_indices"] = {k: list(v) for k, v in value.items()}
+        return
+    problem = _indices_problem(value)
+    if problem:
+        problems.append(
+            f"trainable_token_indices={value!r}: {problem}, or a dict of module name -> token ids"
+        )
+        return
+    out["trainable_token_indices"] = list(value)
 
 
 def _check_subconfigs(

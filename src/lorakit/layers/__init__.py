@@ -7,6 +7,7 @@
 ``embedding``          ``nn.Embedding``
 ``conv``               ``nn.Conv1d/2d/3d``
 ``modules_to_save``    a module trained in full beside the adapters
+``trainable_tokens``   chosen rows of an embedding trained beside the adapters (tied heads share them)
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
 ``rows``               mixed batches (``adapter_names``)
 ``registry``           base module type → layer kind; config → variant
@@ -22,6 +23,7 @@ from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.layers.registry import lora_layer_for, register_layer, supported_kinds, variant_for
 from lorakit.layers.rows import BASE_ROWS
+from lorakit.layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layer_problem
 
 __all__ = [
     "BASE_ROWS",
@@ -30,6 +32,9 @@ __all__ = [
     "Embedding",
     "Conv",
     "ModulesToSaveWrapper",
+    "TrainableTokensWrapper",
+    "TrainableTokensLayer",
+    "token_layer_problem",
     "lora_layer_for",
     "register_layer",
     "supported_kinds",

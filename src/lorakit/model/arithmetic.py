@@ -95,6 +95,12 @@ def _check(
         )
     if len({type(configs[a].target_modules) for a in adapters}) > 1:
         problems.append("the adapters' target_modules mix lists and regular expressions; give them one kind")
+    with_tokens = [a for a in adapters if configs[a].trainable_token_indices is not None]
+    if with_tokens:
+        problems.append(
+            f"adapters {with_tokens} train token rows (trainable_token_indices), which have no defined "
+            "combination"
+        )
     for name, module in injection.lora_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and sum(module.has_adapter(a) for a in adapters) > 1:
             problems.append(f"{name}: several of the adapters have their own copy of this module to save")

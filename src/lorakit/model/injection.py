@@ -21,11 +21,12 @@ from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
     ModulesToSaveWrapper,
+    TrainableTokensWrapper,
     lora_layer_for,
     supported_kinds,
     variant_for,
 )
-from lorakit.model import engines
+from lorakit.model import engines, tying
 from lorakit.model.targeting import (
     iter_plain_modules,
     rank_and_alpha,
@@ -75,17 +76,25 @@ def _creation_problem(config: LoraConfig) -> None:
 
 @dataclasses.dataclass
 class Plan:
-    """What :func:`inject` will do: the resolved config, the LoRA targets and the modules to save."""
+    """What :func:`inject` will do: the resolved config, the LoRA targets, the modules to save, the
+    modules with trainable token rows, and the modules tied to the input embedding that share its
+    adapter (``ensure_weight_tying``)."""
 
     config: LoraConfig
     targets: list[tuple[str, nn.Module]]
     to_save: list[tuple[str, nn.Module]]
+    tokens: list[tying.TokenTarget] = dataclasses.field(default_factory=list)
+    ties: tying.Ties = dataclasses.field(default_factory=tying.Ties)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
-    """Every LoRA layer and modules-to-save wrapper in ``model``, with its name."""
+AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """Every LoRA layer, modules-to-save wrapper and trainable-tokens wrapper in ``model``, with its
+    name."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             yield name, module
 
 
@@ -130,6 +139,11 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
         if name and any(name == n or name.endswith("." + n) for n in names):
             if any(name.startswith(prev + ".") for prev, _ in found):
                 continue
+            if isinstance(module, TrainableTokensWrapper):
+                raise TargetingError(
+                    f"modules_to_save selects {name}, which has trainable token rows for another adapter; "
+                    "a module is trained either in full or by rows, not both"
+                )
             found.append((name, module))
     if names and not found:
         raise TargetingError(
@@ -144,8 +158,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     _refuse_wrapped(model)
     _creation_problem(config)
     check_adapter_name(model, adapter_name, must_be_new=True)
-    resolved = resolve_config(config, model)
-    targets = select_targets(resolved, model)
+    resolved, ties = tying.tie_adapters(resolve_config(config, model), model)
+    tied = {n for n, _ in ties}
+    targets = [(n, m) for n, m in select_targets(resolved, model) if n not in tied]
     if not targets:
         filtered = (
             " (after exclude_modules / layers_to_transform)"
@@ -161,7 +176,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         kind = lora_layer_for(base)
-        if isinstance(module, ModulesToSaveWrapper) or kind is None:
+        if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)) or kind is None:
             problems.append(f"{name} ({type(base).__name__})")
             continue
         refused = kind.option_problems(
@@ -175,7 +190,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
         )
     resolved = _fan_in_fan_out(resolved, targets)
-    return Plan(resolved, targets, _modules_to_save(resolved, model))
+    tying.check_ties(ties, [n for n, _ in targets])
+    tokens = tying.token_targets(resolved, model, [n for n, _ in targets])
+    return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties)
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
@@ -247,6 +264,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
+    _add_tokens(model, p.tokens, adapter_name, slots)
     params = [
         p
         for _, m in lora_modules(model)
@@ -255,6 +273,29 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     ]
     engines.record(model, adapter_name, params)
     return cfg
+
+
+def _add_tokens(
+    model: nn.Module,
+    tokens: list[tying.TokenTarget],
+    adapter_name: str,
+    slots: dict[int, list[tuple[nn.Module, str]]],
+) -> None:
+    """Wrap the trainable-token targets (the ones with rows of their own first, then the tied ones,
+    which share the rows of the wrapper they are tied to) and give ``adapter_name`` its rows."""
+    wrappers: dict[str, TrainableTokensWrapper] = {}
+    for target in sorted(tokens, key=lambda t: t.tied_to is not None):
+        module = target.module
+        if isinstance(module, TrainableTokensWrapper):
+            wrapper = module
+        else:
+            tied_to = None if target.tied_to is None else wrappers[target.tied_to]
+            wrapper = TrainableTokensWrapper(module, tied_to)
+            wrapper.train(module.training)
+            _replace(slots, module, wrapper)
+        wrappers[target.name] = wrapper
+        if target.tied_to is None:
+            wrapper.add_adapter(adapter_name, target.indices)
 
 
 def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
@@ -267,7 +308,7 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     """
     slots = _parent_slots(model)
     for _, module in list(lora_modules(model)):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
             if not keep_merged:
                 module.unmerge()
             _replace(slots, module, module.unloaded())
@@ -282,11 +323,13 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
     wrapper left without any adapter, so the model's structure is as before the injection.
     (Used to roll back a load that failed after injecting; the adapter must not be merged.)"""
     slots = _parent_slots(model)
-    for _, module in list(lora_modules(model)):
+    modules = [m for _, m in lora_modules(model)]
+    for module in modules:  # first everywhere: tied wrappers lose the adapter with their embedding's
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
+    for module in modules:
         if not module.adapter_names:
-            if isinstance(module, LoraLayer):
+            if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
                 _replace(slots, module, module.base_layer)
             else:
                 _replace(slots, module, module.original_module)

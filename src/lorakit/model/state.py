@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 from lorakit.model import engines
 from lorakit.model.injection import lora_modules
 
@@ -116,7 +116,11 @@ def _is_adapter_param(model: nn.Module, pname: str) -> bool:
 def delete(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and every parameter it owns."""
     _check_known(model, [name])
-    merged = [n for n, m in lora_modules(model) if isinstance(m, LoraLayer) and name in m.merged_adapters]
+    merged = [
+        n
+        for n, m in lora_modules(model)
+        if isinstance(m, (LoraLayer, TrainableTokensWrapper)) and name in m.merged_adapters
+    ]
     if merged:
         raise AdapterError(f"adapter {name!r} is merged into {len(merged)} layers; unmerge it first")
     for _, module in lora_modules(model):
@@ -128,7 +132,7 @@ def disabled(model: nn.Module) -> Iterator[None]:
     """Within the block the model computes as its base model. Merged adapters are unmerged (exactly)
     on entry and merged again on exit."""
     modules = [m for _, m in lora_modules(model)]
-    merged = [(m, list(m.merged_adapters)) for m in modules if isinstance(m, LoraLayer) and m.merged]
+    merged = [(m, list(m.merged_adapters)) for m in _merge_writers(modules) if m.merged]
     previous = [m.disable_adapters for m in modules]
     try:
         for layer, _ in merged:
@@ -143,10 +147,20 @@ def disabled(model: nn.Module) -> Iterator[None]:
             layer.merge(names)
 
 
+def _merge_writers(modules: Sequence[nn.Module]) -> list[LoraLayer | TrainableTokensWrapper]:
+    """The modules that write merges into base weights: LoRA layers, and trainable-tokens wrappers
+    that are not tied (a tied one's merges are its embedding's)."""
+    return [
+        m
+        for m in modules
+        if isinstance(m, LoraLayer) or (isinstance(m, TrainableTokensWrapper) and not m.tied)
+    ]
+
+
 def merged_adapters(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for _, m in lora_modules(model):
-        if isinstance(m, LoraLayer):
+        if isinstance(m, (LoraLayer, TrainableTokensWrapper)):
             names.update(dict.fromkeys(m.merged_adapters))
     return list(names)
 
@@ -166,8 +180,11 @@ def merge(
     if names is not None:
         _check_known(model, list(names))
     named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    tokens = [(n, m) for n, m in lora_modules(model) if isinstance(m, TrainableTokensWrapper) and not m.tied]
     problems = [f"{lname}: {problem}" for lname, layer in named if (problem := _merge_problem(layer, names))]
+    problems += [f"{n}: {problem}" for n, m in tokens if (problem := m.merge_problem(names))]
     problems += _tied_weight_problems(model, named, names)
+    problems += _token_weight_problems(model, tokens, names)
     if problems:
         raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
     layers = [m for _, m in named]
@@ -181,8 +198,16 @@ def merge(
             raise AdapterError(
                 f"safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged"
             )
+    if safe_merge:
+        bad_rows = [n for n, m in tokens if any(not m.rows(a).isfinite().all() for a in m.merge_names(names))]
+        if bad_rows:
+            raise AdapterError(
+                f"safe_merge: non-finite token rows in {', '.join(bad_rows)}; nothing was merged"
+            )
     for layer in layers:
         layer.merge(names, keep_original=keep_original)
+    for _, wrapper in tokens:
+        wrapper.merge(names)
 
 
 def _merge_problem(layer: LoraLayer, names: Sequence[str] | None) -> str | None:
@@ -213,11 +238,35 @@ def _tied_weight_problems(
     return problems
 
 
+def _token_weight_problems(
+    model: nn.Module, tokens: list[tuple[str, TrainableTokensWrapper]], names: Sequence[str] | None
+) -> list[str]:
+    """Merging token rows writes them into the base weight; every other module using that weight
+    must compute with the same rows (a wrapper tied to this one), or the merge would change it."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname.rsplit(".", 1)[0])
+    wrappers = [(n, m) for n, m in lora_modules(model) if isinstance(m, TrainableTokensWrapper)]
+    problems = []
+    for name, wrapper in tokens:
+        if not wrapper.merge_names(names):
+            continue
+        group = {
+            f"{n}.token_adapter.base_layer" for n, m in wrappers if m.token_indices is wrapper.token_indices
+        }
+        others = [o for o in owners.get(id(wrapper.weight), []) if o not in group]
+        if others:
+            problems.append(
+                f"{name}: its weight is also used by {', '.join(others)}, which do not use its token rows; "
+                "merging would change them. Use the adapter unmerged"
+            )
+    return problems
+
+
 def unmerge(model: nn.Module) -> None:
     """Restore every merged base weight bit for bit."""
-    for _, module in lora_modules(model):
-        if isinstance(module, LoraLayer):
-            module.unmerge()
+    for module in _merge_writers([m for _, m in lora_modules(model)]):
+        module.unmerge()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.errors import TargetingError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper, lora_layer_for
 
 __all__ = [
     "resolve_config",
@@ -79,7 +79,7 @@ def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         yield name, module
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             continue
         children = [
             (f"{name}.{child_name}" if name else child_name, child)

@@ -89,7 +89,13 @@ def _adapter_payload(
     adapter as saved right after a PiSSA/OLoRA init (the result is converted to a plain LoRA for the
     original base); ``whole``: the adapter's tensors gathered from a sharded model (by
     :mod:`lorakit.distributed`)."""
-    live = saved_tensors(model, name, config.bias, config.target_modules)
+    live = saved_tensors(
+        model,
+        name,
+        config.bias,
+        config.target_modules,
+        trainable_tokens=config.trainable_token_indices is not None,
+    )
     if whole is None:
         tensors = dict(live)
     else:

@@ -15,6 +15,10 @@ in memory (relative to the model root)                in the adapter state dict 
 <name>.bias`` (bias="all")                            wrapper's biases also under these paths)
 ``<emb>.base_layer.weight`` (targeted embed_tokens /  unchanged; optional on load (PEFT writes it
 lm_head, see ``EMBEDDING_LAYER_NAMES``)               when such a layer is targeted)
+``<m>.token_adapter.trainable_tokens_delta.<name>``   ``<m>.token_adapter.trainable_tokens_delta``
+(trainable tokens; a tied wrapper writes nothing)
+``<m>.token_adapter.base_layer.weight``               unchanged; optional on load (PEFT writes it
+                                                      when the vocabulary was resized)
 ====================================================  ===========================================
 
 Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring;
@@ -26,12 +30,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for, variant_for
+from lorakit.layers import (
+    LoraLayer,
+    ModulesToSaveWrapper,
+    TrainableTokensWrapper,
+    lora_layer_for,
+    variant_for,
+)
 from lorakit.model import engines
 from lorakit.model.injection import Plan
 from lorakit.model.targeting import rank_and_alpha
@@ -60,6 +71,9 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 # Which factor each of PEFT's factor containers holds (A: rank on axis 0; B: rank on axis 1).
+TOKEN_ADAPTER = "token_adapter"  # PEFT's container of trainable token rows (and of its base layer)
+TOKEN_ROWS = "trainable_tokens_delta"
+
 FACTOR_ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
 PAIRED_B = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}  # the B beside each A
 
@@ -69,9 +83,10 @@ class AdapterKey:
     """One key of an adapter file, split: ``<module>.<part>[.<tensor>]``.
 
     ``part`` is one of PEFT's per-adapter containers (``lora_A``, ``lora_B``, ``lora_embedding_A``,
-    ``lora_embedding_B``, ``lora_magnitude_vector``), ``"base_layer"`` (a base tensor PEFT also
-    saves) or ``""`` (a module saved in full, or a bias); ``tensor`` is what follows (``weight``,
-    ``bias``; empty for parameters stored directly in the container).
+    ``lora_embedding_B``, ``lora_magnitude_vector``), ``"token_adapter"`` (trainable token rows,
+    ``tensor`` ``trainable_tokens_delta``, or its base layer), ``"base_layer"`` (a base tensor PEFT
+    also saves) or ``""`` (a module saved in full, or a bias); ``tensor`` is what follows
+    (``weight``, ``bias``; empty for parameters stored directly in the container).
     """
 
     module: str
@@ -92,8 +107,11 @@ class AdapterKey:
 
     @property
     def is_adapter_tensor(self) -> bool:
-        """A tensor of the adapter itself (a factor, its bias or a variant's), not a saved module."""
-        return self.part in LoraLayer.adapter_param_names
+        """A tensor of the adapter itself (a factor, its bias, a variant's, trainable token rows),
+        not a saved module."""
+        return self.part in LoraLayer.adapter_param_names or (
+            self.part == TOKEN_ADAPTER and self.tensor == TOKEN_ROWS
+        )
 
 
 def parse_key(key: str) -> AdapterKey:
@@ -101,7 +119,7 @@ def parse_key(key: str) -> AdapterKey:
     key = key[len(FILE_PREFIX) :] if key.startswith(FILE_PREFIX) else key
     parts = key.split(".")
     for i, part in enumerate(parts):
-        if part in LoraLayer.adapter_param_names or part == "base_layer":
+        if part in LoraLayer.adapter_param_names or part in ("base_layer", TOKEN_ADAPTER):
             return AdapterKey(".".join(parts[:i]), part, ".".join(parts[i + 1 :]))
     return AdapterKey(".".join(parts[:-1]), "", parts[-1])
 
@@ -153,6 +171,8 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
             if bias == "all":
                 copy = module.modules_to_save[adapter_name]
                 tensors.update(_wrapper_biases(prefix, module.original_module, copy))
+        elif isinstance(module, TrainableTokensWrapper) and module.adapter_parameters(adapter_name):
+            tensors[_join(prefix, TOKEN_ADAPTER, TOKEN_ROWS)] = module.rows(adapter_name)
     if bias != "none":
         for pname, param in model.named_parameters():
             owner = pname.rsplit(".", 1)[0]
@@ -192,6 +212,11 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
             by_kind[kind] = {k: tuple(t.shape) for k, t in scratch.adapter_tensors(adapter_name).items()}
         shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
         target_names.add(name)
+    for target in plan.tokens:
+        if target.tied_to is None:
+            weight = cast(torch.Tensor, target.module.weight)
+            width = int(weight.shape[1])
+            shapes[_join(target.name, TOKEN_ADAPTER, TOKEN_ROWS)] = (len(target.indices), width)
     for name, module in plan.to_save:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
@@ -249,6 +274,10 @@ def embedding_base_tensors(model: nn.Module, *, wrapped_only: bool) -> dict[str,
         if isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
             prefix = _join(name, "base_layer")
             tensors.update(_saved_module_tensors(prefix, layer.base_layer))
+        elif isinstance(layer, TrainableTokensWrapper):
+            if not wrapped_only:  # PEFT writes these only for a resized vocabulary; read them
+                prefix = _join(name, TOKEN_ADAPTER, "base_layer")
+                tensors.update(_saved_module_tensors(prefix, layer.base_layer))
         elif not wrapped_only and isinstance(layer, (nn.Linear, nn.Embedding)):
             tensors.update(_saved_module_tensors(name, layer))
     return tensors
@@ -258,11 +287,19 @@ def planned_embedding_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[in
     """Optional keys a file may hold for ``plan``: the embedding base weights, by PEFT's naming once
     the plan is injected."""
     targeted = {n for n, _ in plan.targets}
+    tokens = {t.name for t in plan.tokens}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, layer in _embedding_layers(model):
         wrapped = isinstance(layer, LoraLayer) or name in targeted
-        base = layer.base_layer if isinstance(layer, LoraLayer) else layer
-        prefix = _join(name, "base_layer") if wrapped else name
+        rows = isinstance(layer, TrainableTokensWrapper) or name in tokens
+        base = layer.base_layer if isinstance(layer, (LoraLayer, TrainableTokensWrapper)) else layer
+        prefix = (
+            _join(name, TOKEN_ADAPTER, "base_layer")
+            if rows
+            else _join(name, "base_layer")
+            if wrapped
+            else name
+        )
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(prefix, base).items()})
     return shapes
 
@@ -313,7 +350,11 @@ def get_peft_model_state_dict(
     configs = getattr(model, "peft_config", None)
     config = configs.get(adapter_name) if isinstance(configs, Mapping) else None
     tensors = saved_tensors(
-        model, adapter_name, _bias_mode(model, adapter_name), getattr(config, "target_modules", None)
+        model,
+        adapter_name,
+        _bias_mode(model, adapter_name),
+        getattr(config, "target_modules", None),
+        trainable_tokens=getattr(config, "trainable_token_indices", None) is not None,
     )
     if state_dict is None:
         _refuse_shards(model, tensors)
@@ -323,17 +364,24 @@ def get_peft_model_state_dict(
 
 
 def saved_tensors(
-    model: nn.Module, adapter_name: str, bias: str, target_modules: list[str] | str | None
+    model: nn.Module,
+    adapter_name: str,
+    bias: str,
+    target_modules: list[str] | str | None,
+    *,
+    trainable_tokens: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every tensor an adapter file holds for ``adapter_name``, by file key (without
     ``base_model.model.``): the adapter's tensors plus, by PEFT's rule, targeted embeddings' base
-    weights. Raises if the model holds no such adapter."""
+    weights (not with ``trainable_tokens``, whose point is to save little; PEFT saves them then only
+    for a resized vocabulary, which lorakit does not detect). Raises if the model holds no such
+    adapter."""
     tensors = adapter_keys(model, adapter_name, bias).tensors
     if not tensors:
         raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
     get_base = getattr(model, "get_base_model", None)
     user_model = get_base() if callable(get_base) else model  # target regexes see the user's names
-    if saves_embedding_base(user_model, target_modules):
+    if saves_embedding_base(user_model, target_modules) and not trainable_tokens:
         tensors.update(embedding_base_tensors(model, wrapped_only=True))
     return tensors
 
