@@ -26,7 +26,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_bdlora": ((None, False), "BD-LoRA"),
     "arrow_config": ((None,), "Arrow routing"),
     "kasa_config": ((None,), "KaSA"),
-    "ensure_weight_tying": ((False, None), "weight tying of adapted embeddings"),
 }
 
 # init_lora_weights values PEFT accepts and lorakit refuses, for new adapters and for files alike:

@@ -71,7 +71,12 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(
             f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
         )
-    for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
+    flags = ["fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"]
+    if cfg.ensure_weight_tying is None:  # PEFT's "off" reads None too
+        out["ensure_weight_tying"] = False
+    else:
+        flags.append("ensure_weight_tying")
+    for name in flags:
         if not isinstance(getattr(cfg, name), bool):
             problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
     if cfg.use_dora is True and cfg.lora_bias is True:

@@ -396,6 +396,14 @@ class LoraLayer(nn.Module, abc.ABC):
         self.write_base(new_weight, new_bias)
         self.merged_adapters.extend(pending)
 
+    def follow_merge(self, leader: LoraLayer, names: Sequence[str]) -> None:
+        """Record that ``leader``, which shares this layer's base weight and the factors of ``names``
+        (an embedding and its tied output head), merged ``names`` into that weight: nothing is
+        written, and unmerging restores the same original as the leader's."""
+        self._original_weight = leader._original_weight
+        self._original_bias = leader._original_bias
+        self.merged_adapters.extend(n for n in names if n not in self.merged_adapters)
+
     def _merged_bias(self, names: Sequence[str]) -> torch.Tensor | None:
         with_bias = [n for n in names if self.lora_bias.get(n) and n in self.lora_B]
         base_bias = self.base_bias()

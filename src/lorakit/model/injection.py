@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import warnings
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ __all__ = [
     "Plan",
     "plan",
     "filling_from_file",
+    "share_factors",
 ]
 
 # Set while a loader injects adapters whose tensors it then copies from a file (see filling_from_file).
@@ -190,7 +192,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
         )
     resolved = _fan_in_fan_out(resolved, targets)
-    tying.check_ties(ties, [n for n, _ in targets])
+    tying.check_ties(ties, resolved, [n for n, _ in targets])
     tokens = tying.token_targets(resolved, model, [n for n, _ in targets])
     return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties)
 
@@ -237,14 +239,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     cfg = p.config
     variant = variant_for(cfg)
     slots = _parent_slots(model)
+    layers: dict[str, LoraLayer] = {}
     for name, module in p.targets:
-        if isinstance(module, LoraLayer):
-            layer = module
-        else:
-            layer_cls = lora_layer_for(module)
-            assert layer_cls is not None  # guaranteed by plan()
-            layer = layer_cls(module)
-            _replace(slots, module, layer)
+        layer = _lora_layer(module, slots)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(
             adapter_name,
@@ -258,12 +255,26 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         )
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
-    for _name, module in p.to_save:
+        layers[name] = layer
+    for _name, module in p.ties.targets:
+        _tie_lora(layers[str(p.ties.embedding)], _lora_layer(module, slots), adapter_name, cfg)
+    copies: dict[str, nn.Module] = {}
+    for name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
+        copies[name] = wrapper.modules_to_save[adapter_name]
+    for _name, module in p.ties.saves:
+        # the tied module's copy is the original with the embedding copy's weight in place of its own
+        weight = copies[str(p.ties.embedding)].weight
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        original = wrapper.original_module
+        if wrapper is not module:
+            _replace(slots, module, wrapper)
+        wrapper.add_adapter(adapter_name, copy.deepcopy(original, memo={id(original.weight): weight}))
+        wrapper.train(original.training)
     _add_tokens(model, p.tokens, adapter_name, slots)
     params = [
         p
@@ -273,6 +284,41 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     ]
     engines.record(model, adapter_name, params)
     return cfg
+
+
+def _lora_layer(module: nn.Module, slots: dict[int, list[tuple[nn.Module, str]]]) -> LoraLayer:
+    """``module`` if it is a LoRA layer, else a new LoRA layer put in its place."""
+    if isinstance(module, LoraLayer):
+        return module
+    layer_cls = lora_layer_for(module)
+    assert layer_cls is not None  # guaranteed by plan()
+    layer = layer_cls(module)
+    _replace(slots, module, layer)
+    return layer
+
+
+def _tie_lora(embedding: LoraLayer, layer: LoraLayer, adapter_name: str, cfg: LoraConfig) -> None:
+    """Give ``layer`` (an output head whose weight is the embedding's) the embedding's adapter: its
+    A is the embedding's Bᵀ and its B the embedding's Aᵀ, the same tensors (PEFT's layout), with the
+    embedding's rank and scaling, so that both change the shared weight by the same ΔW."""
+    layer.add_adapter(
+        adapter_name,
+        embedding.r[adapter_name],
+        embedding.lora_alpha[adapter_name],
+        use_rslora=cfg.use_rslora,
+        dropout=cfg.lora_dropout,
+        init=True,
+        lora_bias=False,
+    )
+    share_factors(embedding, layer, adapter_name)
+    layer.train(layer.base_layer.training)
+
+
+def share_factors(embedding: LoraLayer, head: LoraLayer, adapter_name: str) -> None:
+    """Make ``head``'s factors of ``adapter_name`` views of ``embedding``'s: A_head = B_embᵀ (r × D),
+    B_head = A_embᵀ (V × r), so that s·B_head·A_head = (s·B_emb·A_emb)ᵀ, the embedding's ΔW."""
+    a, b = embedding.factors(adapter_name)  # (r, V), (D, r)
+    head.set_factors(adapter_name, b.detach().T, a.detach().T)
 
 
 def _add_tokens(

@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
+from lorakit.layers import Embedding, LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 from lorakit.model import engines
-from lorakit.model.injection import lora_modules
+from lorakit.model.injection import lora_modules, share_factors
 
 __all__ = [
     "adapter_names",
@@ -143,8 +143,10 @@ def disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in zip(modules, previous, strict=True):
             m.disable_adapters = flag
-        for layer, names in merged:
-            layer.merge(names)
+        _merge_layers([(m, names) for m, names in merged if isinstance(m, LoraLayer)], keep_original=True)
+        for m, names in merged:
+            if isinstance(m, TrainableTokensWrapper):
+                m.merge(names)
 
 
 def _merge_writers(modules: Sequence[nn.Module]) -> list[LoraLayer | TrainableTokensWrapper]:
@@ -204,10 +206,34 @@ def merge(
             raise AdapterError(
                 f"safe_merge: non-finite token rows in {', '.join(bad_rows)}; nothing was merged"
             )
-    for layer in layers:
-        layer.merge(names, keep_original=keep_original)
+    _merge_layers([(layer, names) for layer in layers], keep_original=keep_original)
     for _, wrapper in tokens:
         wrapper.merge(names)
+
+
+def _factors_tied(a: LoraLayer, b: LoraLayer, name: str) -> bool:
+    """Whether layers ``a`` and ``b`` hold adapter ``name``'s factors in the same memory (an output
+    head sharing the embedding's adapter, ``ensure_weight_tying``): then their ΔW are one."""
+    if not (a.has_adapter(name) and b.has_adapter(name)):
+        return False
+    storages = [{t.untyped_storage().data_ptr() for t in layer.factors(name)} for layer in (a, b)]
+    return storages[0] == storages[1]
+
+
+def _merge_layers(pairs: Sequence[tuple[LoraLayer, Sequence[str] | None]], *, keep_original: bool) -> None:
+    """Merge each layer's adapters. A layer whose base weight an earlier layer of the list merged
+    into, with factors tied to that layer's, records that merge instead of adding ΔW a second time
+    (PEFT adds it twice)."""
+    leaders: dict[int, LoraLayer] = {}
+    for layer, names in pairs:
+        weight = layer.dense_weight()
+        leader = leaders.get(id(weight))
+        pending = layer.merge_result_names(names)
+        if leader is not None and pending and all(_factors_tied(layer, leader, n) for n in pending):
+            layer.follow_merge(leader, pending)
+        else:
+            layer.merge(names, keep_original=keep_original)
+            leaders.setdefault(id(weight), layer)
 
 
 def _merge_problem(layer: LoraLayer, names: Sequence[str] | None) -> str | None:
@@ -225,11 +251,22 @@ def _tied_weight_problems(
     owners: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
+    layers = dict(named)
     problems = []
     for lname, layer in named:
         sharing = owners.get(id(layer.base_layer.weight), [])
-        if len(sharing) > 1 and layer.merge_result_names(names):
-            others = [p for p in sharing if not p.startswith(lname + ".")]
+        pending = layer.merge_result_names(names)
+        others = [p for p in sharing if not p.startswith(lname + ".")]
+        # a head that shares the embedding's adapter (ensure_weight_tying) changes with it: allowed
+        others = [
+            p
+            for p in others
+            if not (
+                (other := layers.get(p.removesuffix(".base_layer.weight"))) is not None
+                and all(_factors_tied(layer, other, n) for n in pending)
+            )
+        ]
+        if others and pending:
             problems.append(
                 f"{lname}: its weight is tied to {', '.join(others)}; merging would change those too. "
                 "Use the adapter unmerged, or untie the weights first (e.g. give the output head its own "
@@ -282,8 +319,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def place_adapter(model: nn.Module, name: str, *, autocast_dtype: bool = True) -> None:
     """Re-place adapter ``name``'s factors in every LoRA layer: float32 on a half-precision base
-    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``)."""
+    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``). Factors an
+    output head shares with the embedding (``ensure_weight_tying``) stay shared."""
     _check_known(model, [name])
-    for _, module in lora_modules(model):
-        if isinstance(module, LoraLayer) and module.has_adapter(name):
-            module.place_adapter(name, autocast_dtype=autocast_dtype)
+    layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer) and m.has_adapter(name)]
+    pairs = [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :] if _factors_tied(a, b, name)]
+    # (embedding, head): the embedding keeps its factors as parameters, the head views them
+    shared = [(a, b) if isinstance(a, Embedding) else (b, a) for a, b in pairs]
+    for layer in layers:
+        layer.place_adapter(name, autocast_dtype=autocast_dtype)
+    for embedding, head in shared:  # a dtype change gave each its own copy: share again
+        share_factors(embedding, head, name)

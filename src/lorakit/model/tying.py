@@ -44,6 +44,9 @@ EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
 def _weight(module: nn.Module) -> torch.Tensor | None:
+    """The module's own weight (behind any wrapper lorakit put there)."""
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.original_module
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None
 
@@ -266,15 +269,23 @@ def tie_adapters(config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, Ties
     return config, Ties()
 
 
-def check_ties(ties: Ties, lora_targets: list[str]) -> None:
+def check_ties(ties: Ties, config: LoraConfig, lora_targets: list[str]) -> None:
     """Problems with the modules ``ensure_weight_tying`` ties, raised together."""
     problems = []
+    if ties.targets and ties.embedding not in lora_targets:
+        problems.append(
+            f"the input embedding {ties.embedding} is not a LoRA target (exclude_modules or "
+            "layers_to_transform leave it out), so there is no adapter to share"
+        )
+    if ties.targets and config.use_dora:
+        problems.append("DoRA magnitudes of an embedding and an output head cannot be shared")
     for name, module in ties.targets:
-        if not isinstance(module, nn.Linear) or name in lora_targets:
-            kind = type(module).__name__
-            problems.append(f"{name} ({kind}) cannot share the LoRA factors of the input embedding")
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not isinstance(base, nn.Linear):
+            problems.append(f"{name} ({type(base).__name__}) cannot share the LoRA factors of the embedding")
     for name, module in ties.saves:
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
-            problems.append(f"{name} ({type(module).__name__}) cannot share the embedding's saved copy")
+        base = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+        if not isinstance(base, (nn.Linear, nn.Embedding)):
+            problems.append(f"{name} ({type(base).__name__}) cannot share the embedding's saved copy")
     if problems:
-        raise ConfigError("ensure_weight_tying:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("ensure_weight_tying=True:\n  - " + "\n  - ".join(problems))

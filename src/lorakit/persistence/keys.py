@@ -190,12 +190,14 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
     shapes: dict[str, tuple[int, ...]] = {}
     target_names = set()
     by_kind: dict[tuple, dict[str, tuple[int, ...]]] = {}  # q/k/v of every block share one scratch
-    for name, module in plan.targets:
+    tied = {n for n, _ in plan.ties.targets}
+    for name, module in [*plan.targets, *plan.ties.targets]:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         layer_cls = lora_layer_for(base)
         if layer_cls is None:  # plan() refuses these; kept for type narrowing
             continue
-        r, alpha = rank_and_alpha(cfg, name)
+        # a module tied to the embedding (ensure_weight_tying) takes the embedding's rank
+        r, alpha = rank_and_alpha(cfg, str(plan.ties.embedding) if name in tied else name)
         kind = (layer_cls, type(base), r, _shape_signature(base))
         if kind not in by_kind:
             scratch = layer_cls(base)
@@ -217,7 +219,7 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
             weight = cast(torch.Tensor, target.module.weight)
             width = int(weight.shape[1])
             shapes[_join(target.name, TOKEN_ADAPTER, TOKEN_ROWS)] = (len(target.indices), width)
-    for name, module in plan.to_save:
+    for name, module in [*plan.to_save, *plan.ties.saves]:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
         if cfg.bias == "all":
@@ -286,7 +288,7 @@ def embedding_base_tensors(model: nn.Module, *, wrapped_only: bool) -> dict[str,
 def planned_embedding_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
     """Optional keys a file may hold for ``plan``: the embedding base weights, by PEFT's naming once
     the plan is injected."""
-    targeted = {n for n, _ in plan.targets}
+    targeted = {n for n, _ in [*plan.targets, *plan.ties.targets]}
     tokens = {t.name for t in plan.tokens}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, layer in _embedding_layers(model):
