@@ -292,6 +292,7 @@ def _token_weight_problems(
             f"{n}.token_adapter.base_layer" for n, m in wrappers if m.token_indices is wrapper.token_indices
         }
         others = [o for o in owners.get(id(wrapper.weight), []) if o not in group]
+        others = [o.removesuffix(".token_adapter.base_layer").removesuffix(".base_layer") for o in others]
         if others:
             problems.append(
                 f"{name}: its weight is also used by {', '.join(others)}, which do not use its token rows; "

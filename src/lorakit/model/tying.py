@@ -200,13 +200,11 @@ class Ties:
         yield from self.saves
 
 
-def _names_an_embedding(names: list[str] | str | None, model: nn.Module) -> bool:
+def _names_an_embedding(names: list[str] | str | None) -> bool:
+    """Whether a name list has an entry ending in ``embed_tokens`` / ``lm_head``, or a regex matches
+    one of those bare names (PEFT's test, so both libraries tie the same modules)."""
     if isinstance(names, str):
-        return any(
-            re.fullmatch(names, n)
-            for n, _ in iter_plain_modules(model)
-            if n.rsplit(".", 1)[-1] in EMBEDDING_NAMES
-        )
+        return any(re.fullmatch(names, n) for n in EMBEDDING_NAMES)
     return any(n.rsplit(".", 1)[-1] in EMBEDDING_NAMES for n in names or [])
 
 
@@ -225,8 +223,8 @@ def tie_adapters(config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, Ties
     """The config that ``ensure_weight_tying`` makes of ``config`` for ``model``, and the modules
     that share the embedding's adapter. Without the flag the config is returned as it is; PEFT's
     warnings are given where it gives them (a tied module adapted on its own is no longer tied)."""
-    in_saves = _names_an_embedding(config.modules_to_save, model)
-    in_targets = _names_an_embedding(config.target_modules, model)
+    in_saves = _names_an_embedding(config.modules_to_save)
+    in_targets = _names_an_embedding(config.target_modules)
     tied = tied_names(model)
     if not config.ensure_weight_tying:
         if (in_saves or in_targets) and tied:
