@@ -14,7 +14,14 @@ from lorakit.cli.loading import open_adapter
 
 __all__ = ["add_parser", "run", "describe"]
 
-LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+LORA_PARTS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+    ".lora_magnitude_vector",
+    ".token_adapter.",  # trainable token rows
+)
 
 
 def add_parser(subparsers: Any) -> None:

@@ -21,7 +21,14 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
     "use_qalora": ((False, None), "QA-LoRA"),
     "monteclora_config": ((None,), "MonteCLoRA"),
-    "layer_replication": ((None, []), "layer replication"),
+    # Deliberately refused (README, "Not supported"): it rebuilds the base model's layer list and its
+    # per-layer config (num_hidden_layers, layer_types, layer_idx), which unload() could not restore,
+    # and its copies share base weights, so no merge is exact (PEFT's fails on layer_types models).
+    "layer_replication": (
+        (None, []),
+        "layer replication (copies of layers sharing base weights: a change to the base model "
+        "that unload() cannot undo and that no merge can reproduce)",
+    ),
     "target_parameters": ((None, []), "LoRA on parameters (mixture-of-experts experts)"),
     "use_bdlora": ((None, False), "BD-LoRA"),
     "arrow_config": ((None,), "Arrow routing"),
