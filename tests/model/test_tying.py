@@ -141,3 +141,27 @@ def test_tied_factors_stay_shared_when_the_adapter_takes_the_base_dtype():
     assert head.lora_A["default"].weight.dtype == torch.bfloat16
     assert head.lora_A["default"].weight.data_ptr() == embedding.lora_embedding_B["default"].data_ptr()
     assert head.lora_B["default"].weight.data_ptr() == embedding.lora_embedding_A["default"].data_ptr()
+
+
+def test_overlapping_rows_are_refused_together_and_nothing_changes():
+    model = lorakit.get_peft_model(
+        tied_llama(), LoraConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2]), adapter_name="a"
+    )
+    model.add_adapter("b", LoraConfig(target_modules=["v_proj"], trainable_token_indices=[2, 3]))
+    with pytest.raises(lorakit.AdapterError, match="both train token row 2"):
+        model.set_adapter(["a", "b"])
+    assert model.active_adapters == ["a"]
+
+
+def test_a_merge_that_would_change_a_module_without_the_rows_is_refused():
+    """The head keeps rows of its own (other indices), so writing the embedding's rows into the
+    shared weight would change the head's outputs: refused, nothing merged."""
+    rows = {"lm_head": [3], "embed_tokens": [1, 2]}
+    model = lorakit.get_peft_model(
+        tied_llama(), LoraConfig(target_modules=["q_proj"], trainable_token_indices=rows)
+    )
+    weight = model.base_model.model.model.embed_tokens.weight.clone()
+    with pytest.raises(lorakit.AdapterError, match="also used by lm_head"):
+        model.merge_adapter()
+    assert torch.equal(model.base_model.model.model.embed_tokens.weight, weight)
+    assert not any(m.merged for m in model.modules() if hasattr(m, "merged_adapters"))

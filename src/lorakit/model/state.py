@@ -66,6 +66,9 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
             raise AdapterError(
                 f"adapters {names} each carry their own modules_to_save; only one of them can be active"
             )
+    for name, module in lora_modules(model):
+        if isinstance(module, TrainableTokensWrapper) and (problem := module.overlap_problem(names)):
+            raise AdapterError(f"{name}: {problem}")
     for _, module in lora_modules(model):
         module.set_active(names)
 
