@@ -16,8 +16,9 @@ the duration of the call (``torch.func.functional_call``): nothing is written, g
 B through the sums, and the stored weights are never touched. Merging writes the same sums into the
 weights (exactly undone by ``unmerge``).
 
-What is refused, as in PEFT: separate q/k/v weights (``kdim`` / ``vdim`` ≠ ``embed_dim``), DoRA, and
-mixed batches (``adapter_names``). ``lora_dropout`` has no effect (the input is never seen apart from
+What is refused, as in PEFT: separate q/k/v weights (``kdim`` / ``vdim`` ≠ ``embed_dim``), DoRA,
+inits that read the base weight (PiSSA, OLoRA, orthogonal; PEFT fails on them) and mixed batches
+(``adapter_names``). ``lora_dropout`` has no effect (the input is never seen apart from
 the weights; a warning says so). Targeting ``out_proj`` on its own is refused
 (:meth:`MultiheadAttention.bypassed_children`): the attention would never call it.
 
