@@ -61,7 +61,8 @@ class Conv(LoraLayer):
             bias=False,
             padding_mode=base.padding_mode,
         )
-        self.lora_B[name] = conv_type(r, self.out_features, ones, ones, bias=lora_bias)
+        # groups > 1 (GroupedConv): B is grouped like the base, A is not (PEFT's layout)
+        self.lora_B[name] = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
         a, b = self.factors(name)
         LF.init_lora_linear_(a, b, init, r)
         bias = self.lora_b_bias(name)
