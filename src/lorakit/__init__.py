@@ -33,6 +33,7 @@ from lorakit.integrations.tasks import (
     PeftModelForTranslation,
 )
 from lorakit.model.inspection import inspect
+from lorakit.model.loraplus import create_loraplus_optimizer
 from lorakit.persistence.hotswap import (
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
@@ -73,6 +74,7 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inspect",
+    "create_loraplus_optimizer",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",
