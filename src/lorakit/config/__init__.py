@@ -1,7 +1,8 @@
 """Configuration: :class:`LoraConfig` and :class:`TaskType` (data, validated once), the names of the
-initialisations, and PEFT's ``adapter_config.json`` (:mod:`.peft_json` for its keys and values,
+initialisations and the settings of the data-driven ones (EVA, LoRA-GA), and PEFT's ``adapter_config.json`` (:mod:`.peft_json` for its keys and values,
 :mod:`.files` for reading and writing it)."""
 
+from lorakit.config.init_configs import EvaConfig, LoraGAConfig
 from lorakit.config.inits import INIT_NAMES, moves_base_weight, parse_init
 from lorakit.config.lora_config import LoraConfig, LoraRuntimeConfig, config_from_peft_dict
 from lorakit.config.task_type import PeftType, TaskType
@@ -10,6 +11,8 @@ from lorakit.config.validation import ALL_LINEAR, BIAS_MODES
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "EvaConfig",
+    "LoraGAConfig",
     "TaskType",
     "PeftType",
     "ALL_LINEAR",

@@ -19,9 +19,7 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "megatron_config": ((None,), "Megatron tensor-parallel LoRA layers"),
     "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
     "loftq_config": ((None, {}), "LoftQ initialisation"),
-    "eva_config": ((None,), "EVA initialisation"),
     "corda_config": ((None,), "CorDA initialisation"),
-    "lora_ga_config": ((None,), "LoRA-GA initialisation"),
     "velora_config": ((None,), "VeLoRA"),
     "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
     "use_qalora": ((False, None), "QA-LoRA"),
@@ -36,7 +34,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
 
 # init_lora_weights values PEFT accepts and lorakit does not implement (yet)
 INITS_NOT_IMPLEMENTED: dict[str, str] = {
-    "eva": "EVA initialisation (data-driven)",
     "corda": "CorDA initialisation (changes the base weights)",
     "loftq": "LoftQ initialisation (for quantized bases)",
     "mica": "MiCA initialisation",

@@ -15,6 +15,8 @@ INIT_NAMES: tuple[bool | str, ...] = (
     "pissa_niter_<N>",
     "olora",
     "orthogonal",
+    "eva",
+    "lora_ga",
 )
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -22,8 +24,8 @@ _NITER = re.compile(r"pissa_niter_(\d+)")
 def parse_init(init: bool | str) -> tuple[str, int | None] | None:
     """``(kind, niter)`` for a valid ``init_lora_weights`` value, ``None`` if it is not one.
 
-    kind ∈ {"default", "none", "gaussian", "pissa", "olora", "orthogonal"}; niter only for
-    ``"pissa_niter_N"``.
+    kind ∈ {"default", "none", "gaussian", "pissa", "olora", "orthogonal", "eva", "lora_ga"}; niter
+    only for ``"pissa_niter_N"``.
     """
     if init is True:
         return "default", None
@@ -32,13 +34,13 @@ def parse_init(init: bool | str) -> tuple[str, int | None] | None:
     if not isinstance(init, str):
         return None
     name = init.lower()
-    if name in ("gaussian", "pissa", "olora", "orthogonal"):
+    if name in ("gaussian", "pissa", "olora", "orthogonal", "eva", "lora_ga"):
         return name, None
     match = _NITER.fullmatch(name)
     return ("pissa", int(match.group(1))) if match else None
 
 
 def moves_base_weight(init: bool | str) -> bool:
-    """Whether the init replaces the base weight by a residual (PiSSA, OLoRA)."""
+    """Whether the init replaces the base weight by a residual (PiSSA, OLoRA, LoRA-GA)."""
     parsed = parse_init(init)
-    return parsed is not None and parsed[0] in ("pissa", "olora")
+    return parsed is not None and parsed[0] in ("pissa", "olora", "lora_ga")

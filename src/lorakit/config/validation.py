@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 from lorakit.config.features import feature_problems, init_problem
+from lorakit.config.init_configs import EvaConfig, LoraGAConfig, sub_config
 from lorakit.config.inits import INIT_NAMES, parse_init
 from lorakit.config.task_type import PeftType, TaskType
 
@@ -65,6 +67,7 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
             )
         if odd:
             problems.append(f"init_lora_weights='orthogonal' needs even ranks; odd: {odd}")
+    _check_init_configs(cfg, parsed[0] if parsed else None, problems, out)
     if cfg.lora_bias is True and init not in (True, False):
         problems.append(
             f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
@@ -104,6 +107,23 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
     problems.extend(feature_problems(cfg))
     return out
+
+
+def _check_init_configs(cfg: Any, kind: str | None, problems: list[str], out: dict[str, Any]) -> None:
+    """``eva_config`` / ``lora_ga_config``: dicts from a file become their dataclasses; the init
+    without its sub-config gets the defaults and a sub-config without its init is kept and
+    unused, each with PEFT's warning."""
+    for field, cls, init in (("eva_config", EvaConfig, "eva"), ("lora_ga_config", LoraGAConfig, "lora_ga")):
+        given = getattr(cfg, field)
+        value = sub_config(field, given, cls, problems)
+        if given is None and kind == init:
+            warnings.warn(
+                f"init_lora_weights={init!r} without {field}: using the defaults {cls()!r}", stacklevel=5
+            )
+            value = cls()
+        elif value is not None and kind != init:
+            warnings.warn(f"{field} is ignored: init_lora_weights is not {init!r}", stacklevel=5)
+        out[field] = value
 
 
 def _check_modules(

@@ -62,6 +62,8 @@ class Linear(LoraLayer):
         kind, niter = parse_init(init) or ("default", None)
         if kind in ("pissa", "olora"):
             self._init_from_weight(name, kind, niter)
+        elif kind == "eva":  # A stays a placeholder until initialize_lora_eva_weights; B = 0
+            nn.init.zeros_(b)
         elif kind == "orthogonal":
             new_a, new_b = LI.orthogonal(self.out_features, self.in_features, r)
             with torch.no_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
@@ -32,7 +32,17 @@ from lorakit.model.targeting import (
     suffix_summary,
 )
 
-__all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
+__all__ = [
+    "inject",
+    "uninject",
+    "remove_at",
+    "unload",
+    "lora_modules",
+    "check_adapter_name",
+    "Plan",
+    "plan",
+    "rerecord",
+]
 
 
 @dataclasses.dataclass
@@ -208,13 +218,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.train(wrapper.original_module.training)
-    params = [
-        p
-        for _, m in lora_modules(model)
-        if m.has_adapter(adapter_name)
-        for p in m.adapter_parameters(adapter_name)
-    ]
-    engines.record(model, adapter_name, params)
+    rerecord(model, adapter_name)
     return cfg
 
 
@@ -251,3 +255,27 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
                 _replace(slots, module, module.base_layer)
             else:
                 _replace(slots, module, module.original_module)
+
+
+def remove_at(model: nn.Module, names: Iterable[str], adapter_name: str) -> None:
+    """Remove ``adapter_name`` from the LoRA layers at module paths ``names`` of ``model``, and put
+    back the base layer of each one left without any adapter (EVA drops the layers it gives rank 0)."""
+    wanted = set(names)
+    slots = _parent_slots(model)
+    for name, module in list(model.named_modules()):
+        if name in wanted and isinstance(module, LoraLayer):
+            module.delete_adapter(adapter_name)
+            if not module.adapter_names:
+                _replace(slots, module, module.base_layer)
+
+
+def rerecord(model: nn.Module, adapter_name: str) -> None:
+    """Record ``adapter_name``'s parameters and shapes again after an operation replaced them
+    (EVA's new ranks), so that distributed checks compare against the new shapes."""
+    params = [
+        p
+        for _, m in lora_modules(model)
+        if m.has_adapter(adapter_name)
+        for p in m.adapter_parameters(adapter_name)
+    ]
+    engines.record(model, adapter_name, params)
