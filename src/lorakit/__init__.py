@@ -34,6 +34,7 @@ from lorakit.integrations.tasks import (
 )
 from lorakit.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.model.inspection import inspect
+from lorakit.model.lora_ga import preprocess_loraga
 from lorakit.model.loraplus import create_loraplus_optimizer
 from lorakit.persistence.hotswap import (
     hotswap_adapter,
@@ -80,6 +81,7 @@ __all__ = [
     "create_loraplus_optimizer",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
+    "preprocess_loraga",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",

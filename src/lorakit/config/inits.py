@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["INIT_NAMES", "parse_init", "moves_base_weight"]
+__all__ = ["INIT_NAMES", "LORA_GA_GRAD", "parse_init", "moves_base_weight"]
+
+# The attribute of a base module that holds LoRA-GA's gradient estimate until the adapter is created
+# (PEFT's name, so that models prepared by either library's ``preprocess_loraga`` work in both).
+LORA_GA_GRAD = "_peft_loraga_grad"
 
 INIT_NAMES: tuple[bool | str, ...] = (
     True,

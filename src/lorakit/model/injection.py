@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, LoraGAConfig, parse_init
 from lorakit.errors import AdapterError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
@@ -23,7 +23,7 @@ from lorakit.layers import (
     supported_kinds,
     variant_for,
 )
-from lorakit.model import engines
+from lorakit.model import engines, lora_ga
 from lorakit.model.targeting import (
     iter_plain_modules,
     rank_and_alpha,
@@ -70,6 +70,10 @@ def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> Non
     existing = sorted({a for _, m in lora_modules(model) for a in m.adapter_names})
     if must_be_new and name in existing:
         raise AdapterError(f"an adapter named {name!r} already exists; existing adapters: {existing}")
+
+
+def _init_kind(config: LoraConfig) -> str:
+    return (parse_init(config.init_lora_weights) or ("",))[0]
 
 
 def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> LoraConfig:
@@ -139,6 +143,8 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
         )
         problems.extend(f"{name} ({reason})" for reason in refused)
+        if _init_kind(resolved) == "lora_ga":
+            problems.extend(lora_ga.layer_problems(name, base, rank_and_alpha(resolved, name)[0], kind))
     if problems:
         raise TargetingError(
             "cannot add LoRA to: "
@@ -210,6 +216,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             lora_bias=cfg.lora_bias,
             variant=variant,
         )
+        if _init_kind(cfg) == "lora_ga":  # right after its factors are drawn, as in PEFT (same RNG order)
+            settings = cfg.lora_ga_config if isinstance(cfg.lora_ga_config, LoraGAConfig) else LoraGAConfig()
+            lora_ga.initialize(layer, adapter_name, settings)
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
     for _name, module in p.to_save:
