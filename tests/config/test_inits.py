@@ -71,3 +71,13 @@ def test_data_init_without_sub_config_uses_the_defaults_with_a_warning():
     assert config.eva_config == EvaConfig()
     with pytest.warns(UserWarning, match="eva_config is ignored"):
         lorakit.LoraConfig(eva_config=EvaConfig())
+
+
+def test_sub_config_fields_are_checked_on_assignment():
+    config = lorakit.EvaConfig()
+    config.rho = 1.5  # PEFT code sets fields after construction
+    with pytest.raises(lorakit.ConfigError, match="tau=2"):
+        config.tau = 2
+    assert (config.rho, config.tau) == (1.5, 0.99)
+    with pytest.raises(lorakit.ConfigError, match="scale='x'"):
+        lorakit.LoraGAConfig().scale = "x"

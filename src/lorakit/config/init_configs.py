@@ -3,7 +3,8 @@
 ``LoraConfig(init_lora_weights="eva", eva_config=EvaConfig(...))`` and
 ``LoraConfig(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(...))``. In
 ``adapter_config.json`` they are JSON objects of their fields (PEFT writes them so); reading one
-back gives the dataclass again. Values are checked when the dataclass is built.
+back gives the dataclass again. Values are checked when the dataclass is built and when a field is
+assigned.
 """
 
 from __future__ import annotations
@@ -18,12 +19,22 @@ from lorakit.errors import ConfigError
 __all__ = ["EvaConfig", "LoraGAConfig", "sub_config"]
 
 
+class _Checked:
+    """Assigning a field after construction checks the new value first (PEFT code sets sub-config
+    fields; an invalid value raises and leaves the config unchanged)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if "_checked" in self.__dict__ and name in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+            dataclasses.replace(self, **{name: value})  # type: ignore[type-var]  # validates
+        object.__setattr__(self, name, value)
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaConfig:
+@dataclasses.dataclass
+class EvaConfig(_Checked):
     """EVA, Explained Variance Adaptation (Paischer et al. 2024, §3).
 
     ``rho`` (≥ 1): a layer's rank may grow to ``round(r · rho)`` when ranks are redistributed by
@@ -55,14 +66,15 @@ class EvaConfig:
                 problems.append(f"{name}={getattr(self, name)!r}: must be True or False")
         if problems:
             raise ConfigError("invalid EvaConfig: " + "; ".join(problems))
+        self.__dict__["_checked"] = True
 
 
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraGAConfig:
+@dataclasses.dataclass
+class LoraGAConfig(_Checked):
     """LoRA-GA, gradient-aligned initialisation (Wang et al. 2024, §3.2–3.3).
 
     ``direction``: which of the gradient's first 2r singular vectors go to A and which to B
@@ -86,6 +98,7 @@ class LoraGAConfig:
             problems.append(f"stable_gamma={self.stable_gamma!r}: must be a positive number")
         if problems:
             raise ConfigError("invalid LoraGAConfig: " + "; ".join(problems))
+        self.__dict__["_checked"] = True
 
 
 def sub_config(field: str, value: Any, cls: type[Any], problems: list[str]) -> Any:
