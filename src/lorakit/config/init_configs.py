@@ -24,7 +24,8 @@ class _Checked:
     fields; an invalid value raises and leaves the config unchanged)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if "_checked" in self.__dict__ and name in {f.name for f in dataclasses.fields(self)}:  # type: ignore[arg-type]
+        names = [f.name for f in dataclasses.fields(self)]  # type: ignore[arg-type]
+        if name in names and all(n in self.__dict__ for n in names):  # built: not inside __init__
             dataclasses.replace(self, **{name: value})  # type: ignore[type-var]  # validates
         object.__setattr__(self, name, value)
 
@@ -66,7 +67,6 @@ class EvaConfig(_Checked):
                 problems.append(f"{name}={getattr(self, name)!r}: must be True or False")
         if problems:
             raise ConfigError("invalid EvaConfig: " + "; ".join(problems))
-        self.__dict__["_checked"] = True
 
 
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
@@ -98,7 +98,6 @@ class LoraGAConfig(_Checked):
             problems.append(f"stable_gamma={self.stable_gamma!r}: must be a positive number")
         if problems:
             raise ConfigError("invalid LoraGAConfig: " + "; ".join(problems))
-        self.__dict__["_checked"] = True
 
 
 def sub_config(field: str, value: Any, cls: type[Any], problems: list[str]) -> Any:
