@@ -18,6 +18,7 @@ from lorakit.errors import (
     ConfigError,
     DistributedError,
     LorakitError,
+    MixedBatchError,
     TargetingError,
 )
 from lorakit.integrations.tasks import (
@@ -98,6 +99,7 @@ __all__ = [
     "TargetingError",
     "AdapterError",
     "AdapterFileError",
+    "MixedBatchError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",

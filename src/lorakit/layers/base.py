@@ -11,15 +11,23 @@ A LoRA layer wraps its ``base_layer`` and keeps one entry per adapter name in PE
 must                       ``create_adapter`` (A, B in ``factor_containers``, initialised),
                            ``delta_weight`` (ΔW, float32, shaped like the base weight),
                            ``lora_branch`` (the adapter's output for an input)
-may                        ``option_problems`` (what it refuses, before anything changes),
+may                        ``option_problems`` / ``rank_problems`` (what it refuses, before
+                           anything changes), ``merge_problem`` / ``combine_problem`` (merges and
+                           adapter combinations it cannot form),
                            ``is_linear`` (counts for ``target_modules="all-linear"``),
                            ``stores_input_first`` (the weight is (k × d): ``fan_in_fan_out``),
                            ``to_matrix`` (ΔW as a (d × k) matrix, for SVDs),
+                           ``rank_blocks`` (A's rank axis is split per group of B),
                            ``add_branch`` / ``add_mixed_`` / ``forward`` (faster equal paths)
 for variants (DoRA)        ``out_axis``, ``base_without_bias``, ``magnitude_shape``,
-                           ``channel_view`` (see :class:`lorakit.layers.variant.VariantHost`)
+                           ``channel_view``, ``norm_delta`` (see
+                           :class:`lorakit.layers.variant.VariantHost`)
 for weights that are not   ``dense_weight`` / ``write_base`` (read and write the weight as a
-plain tensors              dense float tensor), ``unloaded`` (what replaces the layer on unload)
+plain tensors              dense float tensor), ``unloaded`` (what replaces the layer on unload),
+                           ``base_summary`` (what ``lorakit.inspect`` lists)
+for bases with children    ``bypassed_children`` (children the base never calls: not targets of
+that hold weights          their own), ``throwaway`` (a layer that changes nothing the caller
+                           holds, for planning)
 =========================  =====================================================================
 
 and is registered in :mod:`lorakit.layers.registry`. Nothing outside the kind's file tests its
@@ -63,6 +71,9 @@ class LoraLayer(nn.Module, abc.ABC):
     factor_containers: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
     is_linear: ClassVar[bool] = False
     out_axis: int = 0  # the axis of the base weight that indexes output channels
+    # A's rank axis is split into this many equal blocks, block g feeding group g of B (B's rank
+    # axis then holds r / rank_blocks): grouped convolutions. Rank padding keeps the blocks apart.
+    rank_blocks: int = 1
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -93,7 +104,8 @@ class LoraLayer(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``ΔW`` of adapter ``name`` in float32, shaped like the base weight."""
+        """``ΔW`` of adapter ``name`` in float32, shaped like the base weight (a kind whose update
+        does not fit its base weight's shape refuses merging and documents the shape it returns)."""
 
     @abc.abstractmethod
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -107,6 +119,30 @@ class LoraLayer(nn.Module, abc.ABC):
         return []
 
     @classmethod
+    def rank_problems(cls, base: nn.Module, r: int) -> list[str]:
+        """Why this kind cannot give ``base`` an adapter of rank ``r`` (empty: it can)."""
+        return []
+
+    @classmethod
+    def bypassed_children(cls, base: nn.Module) -> list[str]:
+        """Names of children of ``base`` whose forward ``base`` never calls (it reads their weights
+        itself), so that an adapter on one of them alone would change nothing: targeting neither
+        selects them for ``"all-linear"`` nor accepts them by name."""
+        return []
+
+    @classmethod
+    def throwaway(cls, base: nn.Module) -> LoraLayer:
+        """A layer around ``base`` that changes nothing the caller holds, to measure the shapes an
+        adapter would have. Kinds that replace children of their base build it on a copy."""
+        return cls(base)
+
+    @classmethod
+    def base_summary(cls, base: nn.Module) -> tuple[tuple[int, ...], int]:
+        """(weight shape, parameter count) of ``base`` as ``lorakit.inspect`` lists it."""
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        return tuple(weight.shape), sum(p.numel() for p in base.parameters(recurse=False))
+
+    @classmethod
     def stores_input_first(cls, base: nn.Module) -> bool | None:
         """Whether ``base`` stores its weight input-first (``None``: the notion does not apply)."""
         return None
@@ -114,6 +150,16 @@ class LoraLayer(nn.Module, abc.ABC):
     def to_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight as the (d × k) matrix that ``B A`` is."""
         return weight_like
+
+    def norm_delta(self, name: str) -> torch.Tensor:
+        """The ΔW that DoRA adds to the base weight before taking channel norms, shaped like the base
+        weight (ΔW itself, unless the kind's ΔW has another shape)."""
+        return self.delta_weight(name)
+
+    def combine_problem(self, combination_type: str) -> str | None:
+        """Why adapter arithmetic cannot form a ``combination_type`` combination on this layer, or
+        ``None``."""
+        return None
 
     def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's output for ``x`` computed with ``weight`` and without bias."""

@@ -61,7 +61,8 @@ class Conv(LoraLayer):
             bias=False,
             padding_mode=base.padding_mode,
         )
-        self.lora_B[name] = conv_type(r, self.out_features, ones, ones, bias=lora_bias)
+        # groups > 1 (GroupedConv): B is grouped like the base, A is not (PEFT's layout)
+        self.lora_B[name] = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
         a, b = self.factors(name)
         # LoRA-GA initialises linear layers only; PEFT gives other kinds the default init
         LF.init_lora_linear_(a, b, True if (parse_init(init) or ("",))[0] == "lora_ga" else init, r)

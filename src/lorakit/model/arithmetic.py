@@ -16,7 +16,8 @@ and, per layer:
   quantile of their entries.
 
 Checks run before anything changes: names, weights, ranks, a single ``modules_to_save`` copy per
-module, and no DoRA adapter (magnitudes have no defined combination).
+module, no DoRA adapter (magnitudes have no defined combination), and no combination a layer kind
+cannot form (``LoraLayer.combine_problem``: a grouped convolution takes only the factor types).
 """
 
 from __future__ import annotations
@@ -95,9 +96,14 @@ def _check(
         )
     if len({type(configs[a].target_modules) for a in adapters}) > 1:
         problems.append("the adapters' target_modules mix lists and regular expressions; give them one kind")
+    single = len(adapters) == 1  # acts as "linear" (see add_weighted_adapter)
     for name, module in injection.lora_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and sum(module.has_adapter(a) for a in adapters) > 1:
             problems.append(f"{name}: several of the adapters have their own copy of this module to save")
+        if isinstance(module, LoraLayer) and not single and any(module.has_adapter(a) for a in adapters):
+            refused = module.combine_problem(combination_type)
+            if refused:
+                problems.append(f"{name}: {refused}")
     return problems
 
 

@@ -25,6 +25,7 @@ from lorakit.layers import (
 )
 from lorakit.model import engines, lora_ga
 from lorakit.model.targeting import (
+    bypassed_modules,
     iter_plain_modules,
     rank_and_alpha,
     resolve_config,
@@ -133,15 +134,24 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
         )
     problems = []
     variant = variant_for(resolved)
+    bypassed = bypassed_modules(model)
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         kind = lora_layer_for(base)
+        if name in bypassed:
+            parent = model.get_submodule(bypassed[name])
+            problems.append(
+                f"{name} ({type(parent).__name__} {bypassed[name]!r} reads its weights without calling it, "
+                f"so LoRA on it alone would change nothing; target {bypassed[name]!r} instead)"
+            )
+            continue
         if isinstance(module, ModulesToSaveWrapper) or kind is None:
             problems.append(f"{name} ({type(base).__name__})")
             continue
         refused = kind.option_problems(
             base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
         )
+        refused += kind.rank_problems(base, rank_and_alpha(resolved, name)[0])
         problems.extend(f"{name} ({reason})" for reason in refused)
         if _init_kind(resolved) == "lora_ga":
             problems.extend(lora_ga.layer_problems(name, base, rank_and_alpha(resolved, name)[0], kind))

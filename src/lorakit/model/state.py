@@ -197,7 +197,9 @@ def _tied_weight_problems(
         owners.setdefault(id(param), []).append(pname)
     problems = []
     for lname, layer in named:
-        sharing = owners.get(id(layer.base_layer.weight), [])
+        # the tensors a merge writes are the base layer's own (an attention's in_proj_weight, ...)
+        own = list(layer.base_layer.parameters(recurse=False))
+        sharing = max((owners.get(id(p), []) for p in own), key=len, default=[])
         if len(sharing) > 1 and layer.merge_result_names(names):
             others = [p for p in sharing if not p.startswith(lname + ".")]
             problems.append(

@@ -97,12 +97,14 @@ class AdapterKey:
 
 
 def parse_key(key: str) -> AdapterKey:
-    """Split a file key (with or without ``base_model.model.``) at its LoRA container."""
+    """Split a file key (with or without ``base_model.model.``) at its LoRA container: the last one,
+    since a LoRA layer can sit inside another's base layer (an attention's out_proj:
+    ``mha.base_layer.out_proj.lora_A.weight`` is module ``mha.base_layer.out_proj``, part ``lora_A``)."""
     key = key[len(FILE_PREFIX) :] if key.startswith(FILE_PREFIX) else key
     parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in LoraLayer.adapter_param_names or part == "base_layer":
-            return AdapterKey(".".join(parts[:i]), part, ".".join(parts[i + 1 :]))
+    for i in reversed(range(len(parts))):
+        if parts[i] in LoraLayer.adapter_param_names or parts[i] == "base_layer":
+            return AdapterKey(".".join(parts[:i]), parts[i], ".".join(parts[i + 1 :]))
     return AdapterKey(".".join(parts[:-1]), "", parts[-1])
 
 
@@ -169,7 +171,9 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
     cfg = plan.config
     shapes: dict[str, tuple[int, ...]] = {}
     target_names = set()
-    by_kind: dict[tuple, dict[str, tuple[int, ...]]] = {}  # q/k/v of every block share one scratch
+    # per kind (q/k/v of every block share one scratch): the adapter's tensors, and the biases that
+    # bias="lora_only" / "all" save, relative to the target
+    by_kind: dict[tuple, tuple[dict[str, tuple[int, ...]], ...]] = {}
     for name, module in plan.targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         layer_cls = lora_layer_for(base)
@@ -178,7 +182,7 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
         r, alpha = rank_and_alpha(cfg, name)
         kind = (layer_cls, type(base), r, _shape_signature(base))
         if kind not in by_kind:
-            scratch = layer_cls(base)
+            scratch = layer_cls.throwaway(base)
             scratch.add_adapter(
                 adapter_name,
                 r,
@@ -189,25 +193,53 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
                 lora_bias=cfg.lora_bias,
                 variant=variant_for(cfg),
             )
-            by_kind[kind] = {k: tuple(t.shape) for k, t in scratch.adapter_tensors(adapter_name).items()}
-        shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
+            by_kind[kind] = (
+                {  # the layer's tensors and those of a LoRA layer it nests (an attention's out_proj)
+                    _join(prefix, k): tuple(t.shape)
+                    for prefix, sub in scratch.named_modules()
+                    if isinstance(sub, LoraLayer)
+                    for k, t in sub.adapter_tensors(adapter_name).items()
+                },
+                *_bias_shapes(scratch),
+            )
+        tensors, lora_only_biases, all_biases = by_kind[kind]
+        shapes.update({_join(name, k): shape for k, shape in tensors.items()})
+        if cfg.bias != "none":
+            biases = lora_only_biases if cfg.bias == "lora_only" else all_biases
+            shapes.update({_join(name, k): shape for k, shape in biases.items()})
         target_names.add(name)
     for name, module in plan.to_save:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
         if cfg.bias == "all":
             shapes.update({k: tuple(t.shape) for k, t in _wrapper_biases(name, original, original).items()})
-    if cfg.bias != "none":
+    if cfg.bias == "all":
+        outside = [*target_names, *(n for n, _ in plan.to_save)]
         for pname, param in model.named_parameters():
-            if not pname.endswith("bias") or _inside_adapter(pname):
-                continue
-            owner = pname.rsplit(".", 1)[0]
-            owner = owner[: -len(".base_layer")] if owner.endswith(".base_layer") else owner
-            if owner in target_names:
-                shapes[_join(owner, "base_layer", "bias")] = tuple(param.shape)
-            elif cfg.bias == "all" and not any(pname.startswith(n + ".") for n, _ in plan.to_save):
+            inside = _inside_adapter(pname) or any(pname.startswith(n + ".") for n in outside)
+            if pname.endswith("bias") and not inside:
                 shapes[pname] = tuple(param.shape)
     return shapes
+
+
+def _bias_shapes(layer: LoraLayer) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The base biases a LoRA layer's file holds, by key relative to the layer, as
+    :func:`adapter_keys` finds them: with ``bias="lora_only"`` those held directly by the base of
+    each LoRA layer inside it (itself, and one it nests, like an attention's out_proj), with
+    ``bias="all"`` every bias of its base."""
+    lora_only = {
+        _join(prefix, "base_layer", pname): tuple(p.shape)
+        for prefix, sub in layer.named_modules()
+        if isinstance(sub, LoraLayer)
+        for pname, p in sub.base_layer.named_parameters(recurse=False)
+        if pname.endswith("bias")
+    }
+    every = {
+        pname: tuple(p.shape)
+        for pname, p in layer.named_parameters()
+        if pname.endswith("bias") and not _inside_adapter(pname)
+    }
+    return lora_only, every
 
 
 def _shape_signature(base: nn.Module) -> tuple:
