@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import warnings
 
 import peft
 import pytest
@@ -137,7 +136,6 @@ def test_neutral_values_are_accepted(key, value):
         ("target_parameters", ["experts.weight"], "target_parameters="),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
-        ("init_lora_weights", "lora_ga", "init_lora_weights='lora_ga'"),
     ],
 )
 def test_enabled_unsupported_features_are_refused(key, value, shown):
@@ -237,8 +235,6 @@ def test_json_roundtrip_property(r, alpha, dropout, targets, bias, rslora, init,
     [
         ("loftq_config", {"loftq_bits": 4}, {}),  # PEFT empties it too
         ("corda_config", {"cache_file": None}, {"cache_file": None}),
-        ("eva_config", {"rho": 2}, {"rho": 2}),
-        ("lora_ga_config", {"direction": "ArB2r"}, {"direction": "ArB2r"}),
     ],
 )
 def test_an_init_sub_config_without_its_init_is_ignored_with_a_warning(key, value, kept):
@@ -247,12 +243,3 @@ def test_an_init_sub_config_without_its_init_is_ignored_with_a_warning(key, valu
     with pytest.warns(UserWarning, match=f"{key} is set but init_lora_weights=True"):
         config = config_from_peft_dict({**PEFT_LORA_KEYS, key: value})
     assert getattr(config, key) == kept
-
-
-def test_eva_config_goes_with_eva_silently():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        config = config_from_peft_dict(
-            {**PEFT_LORA_KEYS, "init_lora_weights": "eva", "eva_config": {"rho": 2}}
-        )
-    assert config.eva_config == {"rho": 2}

@@ -38,12 +38,6 @@ FAILING = [
         ["scorer", "lm_head"],
     ),
     (
-        {"target_modules": ["q_proj"], "init_lora_weights": "eva"},
-        "default",
-        ConfigError,
-        ["'eva'", "from_pretrained", "cannot create"],
-    ),
-    (
         {"target_modules": ["q_proj"], "init_lora_weights": "mica"},
         "default",
         ConfigError,

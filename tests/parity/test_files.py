@@ -177,8 +177,8 @@ def test_peft_legacy_bin_loads(tmp_path):
 )
 def test_data_driven_init_files_load_both_ways(init, kwargs, tmp_path):
     """EVA and MiCA adapters are plain LoRA factors once trained: their files load without running the
-    init (which needs data, or an SVD lorakit skips), the base stays as it is, MiCA's B stays frozen
-    as in PEFT, and lorakit writes the same init back."""
+    init (EVA's needs data; MiCA's SVD is skipped), the base stays as it is, MiCA's B stays frozen as
+    in PEFT, and lorakit writes the same init back."""
     config = peft.LoraConfig(**{**BASE, "init_lora_weights": init, **kwargs})
     theirs = peft.get_peft_model(ZOO["llama"].build(), config)
     perturb_trainable(theirs, seed=6)

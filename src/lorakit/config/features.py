@@ -58,20 +58,14 @@ INITS_NOT_IMPLEMENTED: dict[str, str] = {
         "it onto the LoftQ base model saved with it after setting init_lora_weights to true in its "
         "adapter_config.json (PEFT's LoftQ example saves it so)"
     ),
-    "lora_ga": (
-        "LoRA-GA replaces each targeted base weight W by W - s·B₀A₀ with B₀A₀ "
-        "from gradients on training data; the adapter file holds only the trained factors, so that "
-        f"base cannot be rebuilt from it. {_CONVERT}"
-    ),
 }
 
-# Sub-configs of initialisations: read only with their init, ignored (with a warning, as PEFT does)
-# with any other, so a file PEFT converted to plain LoRA (init true, the sub-config kept) loads.
+# Sub-configs of initialisations lorakit refuses: ignored (with a warning, as PEFT does) next to
+# another init, so a file PEFT converted to plain LoRA (init true, the sub-config kept) loads. (EVA's
+# and LoRA-GA's are lorakit.config.init_configs.)
 INIT_SUBCONFIGS: dict[str, str] = {
-    "eva_config": "eva",
     "corda_config": "corda",
     "loftq_config": "loftq",
-    "lora_ga_config": "lora_ga",
 }
 
 

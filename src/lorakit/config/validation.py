@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lorakit.config.features import INIT_SUBCONFIGS, feature_problems, init_problem
+from lorakit.config.init_configs import EvaConfig, LoraGAConfig, sub_config
 from lorakit.config.inits import INIT_NAMES, parse_init
 from lorakit.config.task_type import PeftType, TaskType
 
@@ -67,6 +68,7 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
             )
         if odd:
             problems.append(f"init_lora_weights='orthogonal' needs even ranks; odd: {odd}")
+    _check_init_configs(cfg, parsed[0] if parsed else None, problems, out)
     if cfg.lora_bias is True and init not in (True, False):
         problems.append(
             f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
@@ -155,8 +157,9 @@ def _check_token_indices(value: Any, problems: list[str], out: dict[str, Any]) -
 def _check_subconfigs(
     cfg: Any, parsed: tuple[str, int | None] | None, problems: list[str], out: dict[str, Any]
 ) -> None:
-    """An init's sub-config (``eva_config``, ...) is a dict (a PEFT config object becomes one); with
-    another init it is ignored with a warning, as PEFT does (PEFT also empties ``loftq_config``)."""
+    """``corda_config`` / ``loftq_config`` (of inits lorakit refuses) are dicts (a PEFT config object
+    becomes one); next to another init each is ignored with a warning, as PEFT does (PEFT also
+    empties ``loftq_config``)."""
     init = cfg.init_lora_weights
     for field, owner in INIT_SUBCONFIGS.items():
         value = getattr(cfg, field)
@@ -174,6 +177,23 @@ def _check_subconfigs(
             )
         if field == "loftq_config":
             out[field] = {}
+
+
+def _check_init_configs(cfg: Any, kind: str | None, problems: list[str], out: dict[str, Any]) -> None:
+    """``eva_config`` / ``lora_ga_config``: dicts from a file become their dataclasses; the init
+    without its sub-config gets the defaults and a sub-config without its init is kept and
+    unused, each with PEFT's warning."""
+    for field, cls, init in (("eva_config", EvaConfig, "eva"), ("lora_ga_config", LoraGAConfig, "lora_ga")):
+        given = getattr(cfg, field)
+        value = sub_config(field, given, cls, problems)
+        if given is None and kind == init:
+            warnings.warn(
+                f"init_lora_weights={init!r} without {field}: using the defaults {cls()!r}", stacklevel=5
+            )
+            value = cls()
+        elif value is not None and kind != init:
+            warnings.warn(f"{field} is ignored: init_lora_weights is not {init!r}", stacklevel=5)
+        out[field] = value
 
 
 def _check_modules(

@@ -359,6 +359,11 @@ class LoraLayer(nn.Module, abc.ABC):
         item = getattr(self, attr)[name]
         return item if isinstance(item, nn.Parameter) else item.weight
 
+    def set_alpha(self, name: str, alpha: float, *, use_rslora: bool) -> None:
+        """Give adapter ``name`` a new ``lora_alpha`` (and the scaling for its current rank)."""
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = LF.scaling(alpha, self.r[name], use_rslora)
+
     def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Replace adapter ``name``'s factors by new tensors (of any rank), as new parameters that
         keep ``requires_grad``; ``r`` is updated, the scaling is kept."""

@@ -12,11 +12,11 @@ import contextvars
 import copy
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from lorakit.config import LOAD_ONLY_INITS, LoraConfig, load_only, parse_init
+from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only, parse_init
 from lorakit.errors import AdapterError, ConfigError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
@@ -27,7 +27,7 @@ from lorakit.layers import (
     supported_kinds,
     variant_for,
 )
-from lorakit.model import engines, tying
+from lorakit.model import engines, lora_ga, tying
 from lorakit.model.targeting import (
     bypassed_modules,
     iter_plain_modules,
@@ -40,6 +40,7 @@ from lorakit.model.targeting import (
 __all__ = [
     "inject",
     "uninject",
+    "remove_at",
     "unload",
     "lora_modules",
     "check_adapter_name",
@@ -47,6 +48,7 @@ __all__ = [
     "plan",
     "filling_from_file",
     "share_factors",
+    "rerecord",
 ]
 
 # Set while a loader injects adapters whose tensors it then copies from a file (see filling_from_file).
@@ -73,7 +75,7 @@ def _creation_problem(config: LoraConfig) -> None:
         raise ConfigError(
             f"init_lora_weights={init!r}: {LOAD_ONLY_INITS[kind]}. lorakit loads adapters trained with it "
             "(PeftModel.from_pretrained, load_adapter) but cannot create a new one; create it with PEFT, "
-            "or use init_lora_weights=True, 'gaussian', 'pissa', 'olora' or 'orthogonal'"
+            "or use another init (True, 'gaussian', 'pissa', 'olora', 'orthogonal', 'eva', 'lora_ga')"
         )
 
 
@@ -110,6 +112,10 @@ def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> Non
     existing = sorted({a for _, m in lora_modules(model) for a in m.adapter_names})
     if must_be_new and name in existing:
         raise AdapterError(f"an adapter named {name!r} already exists; existing adapters: {existing}")
+
+
+def _init_kind(config: LoraConfig) -> str:
+    return (parse_init(config.init_lora_weights) or ("",))[0]
 
 
 def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> LoraConfig:
@@ -195,6 +201,8 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
         )
         refused += kind.rank_problems(base, rank_and_alpha(resolved, name)[0])
         problems.extend(f"{name} ({reason})" for reason in refused)
+        if _init_kind(resolved) == "lora_ga":
+            problems.extend(lora_ga.layer_problems(name, base, rank_and_alpha(resolved, name)[0], kind))
     if problems:
         raise TargetingError(
             "cannot add LoRA to: "
@@ -263,6 +271,9 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             lora_bias=cfg.lora_bias,
             variant=variant,
         )
+        if _init_kind(cfg) == "lora_ga":  # right after its factors are drawn, as in PEFT (same RNG order)
+            settings = cfg.lora_ga_config if isinstance(cfg.lora_ga_config, LoraGAConfig) else LoraGAConfig()
+            lora_ga.initialize(layer, adapter_name, settings)
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
         layers[name] = layer
@@ -286,13 +297,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         wrapper.add_adapter(adapter_name, copy.deepcopy(original, memo={id(original.weight): weight}))
         wrapper.train(original.training)
     _add_tokens(model, p.tokens, adapter_name, slots)
-    params = [
-        p
-        for _, m in lora_modules(model)
-        if m.has_adapter(adapter_name)
-        for p in m.adapter_parameters(adapter_name)
-    ]
-    engines.record(model, adapter_name, params)
+    rerecord(model, adapter_name)
     return cfg
 
 
@@ -389,3 +394,27 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
                 _replace(slots, module, module.base_layer)
             else:
                 _replace(slots, module, module.original_module)
+
+
+def remove_at(model: nn.Module, names: Iterable[str], adapter_name: str) -> None:
+    """Remove ``adapter_name`` from the LoRA layers at module paths ``names`` of ``model``, and put
+    back the base layer of each one left without any adapter (EVA drops the layers it gives rank 0)."""
+    wanted = set(names)
+    slots = _parent_slots(model)
+    for name, module in list(model.named_modules()):
+        if name in wanted and isinstance(module, LoraLayer):
+            module.delete_adapter(adapter_name)
+            if not module.adapter_names:
+                _replace(slots, module, module.base_layer)
+
+
+def rerecord(model: nn.Module, adapter_name: str) -> None:
+    """Record ``adapter_name``'s parameters and shapes again after an operation replaced them
+    (EVA's new ranks), so that distributed checks compare against the new shapes."""
+    params = [
+        p
+        for _, m in lora_modules(model)
+        if m.has_adapter(adapter_name)
+        for p in m.adapter_parameters(adapter_name)
+    ]
+    engines.record(model, adapter_name, params)

@@ -109,6 +109,8 @@ def _adapter_payload(
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     if any(engines.is_engine_sharded(m.weight) for _, m in targets):
         targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
+    if initial is not None:
+        targets = []  # a converted adapter is for the original base, which the live (residual) one is not
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets) if targets else None
     if fp is not None:
