@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -66,6 +67,19 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
+def _flags(text: str) -> str:
+    """``merge.adapter`` (jsonargparse's name of a subcommand's argument) as the user types it:
+    ``--adapter`` for an option, ``adapter`` for a positional argument."""
+
+    def spelled(match: re.Match[str]) -> str:
+        command, dest = match.group(1), match.group(2)
+        actions = SUBCOMMANDS[command].parser()._actions  # noqa: SLF001
+        options = next((a.option_strings for a in actions if a.dest == dest), [])
+        return options[0] if options else dest
+
+    return re.sub(rf"\b({'|'.join(SUBCOMMANDS)})\.(\w+)\b", spelled, text)
+
+
 def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "train":  # parsed in two passes (its preset sets defaults)
         return training.run(argv[1:])
@@ -86,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with process_group_scope(f"the end of `{command}`"):
             return _dispatch(args)
     except argparse.ArgumentError as exc:
-        print(f"{command}: error: {one_line(exc)} (see {command} --help)", file=sys.stderr)
+        print(f"{command}: error: {_flags(one_line(exc))} (see {command} --help)", file=sys.stderr)
         return 2
     except (CliError, LorakitError) as exc:
         print(f"{command}: error: {' '.join(str(exc).split())}", file=sys.stderr)

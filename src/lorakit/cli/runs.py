@@ -57,6 +57,10 @@ RESUMABLE = {
 PATH_FIELDS = ("model", "data", "eval_data")
 
 
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _sweep_runs(folder: Path) -> list[Path]:
     """The ``r<rank>`` runs of a rank sweep in ``folder``."""
     return [
@@ -142,7 +146,8 @@ def prepare_out(settings: TrainSettings, out: str, checkpoint: str | None, remov
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise CliError(f"--out {out!r} is a file; give a folder")
-    busy = folder.is_dir() and any(folder.iterdir())
+    # A run stopped before its first checkpoint leaves only its config.yaml: nothing to lose.
+    busy = folder.is_dir() and any(p.name != CONFIG_FILE and not _empty_dir(p) for p in folder.iterdir())
     if settings.resume:
         if checkpoint is None:
             raise CliError(

@@ -11,6 +11,7 @@ postfix instead of printing a dict per log line.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from lorakit.cli.errors import CliError
@@ -136,9 +137,18 @@ def build_trainer(
     return trainer
 
 
-def last_checkpoint(out: str) -> str | None:
-    """The newest ``checkpoint-N`` folder under ``out``, if any."""
-    from transformers.trainer_utils import get_last_checkpoint
+COMPLETE = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors")
 
+
+def last_checkpoint(out: str) -> str | None:
+    """The newest *complete* ``checkpoint-N`` folder under ``out``, if any: a run interrupted while
+    it wrote a checkpoint leaves a partial folder, which a resume must pass over."""
     folder = os.path.join(out, CHECKPOINTS)
-    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+    if not os.path.isdir(folder):
+        return None
+    steps = [int(n.split("-", 1)[1]) for n in os.listdir(folder) if re.fullmatch(r"checkpoint-\d+", n)]
+    for step in sorted(steps, reverse=True):
+        path = os.path.join(folder, f"checkpoint-{step}")
+        if all(os.path.isfile(os.path.join(path, name)) for name in COMPLETE):
+            return path
+    return None
