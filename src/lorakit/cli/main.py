@@ -74,7 +74,7 @@ def _flags(text: str) -> str:
     def spelled(match: re.Match[str]) -> str:
         command, dest = match.group(1), match.group(2)
         actions = SUBCOMMANDS[command].parser()._actions  # noqa: SLF001
-        options = next((a.option_strings for a in actions if a.dest == dest), [])
+        options: list[str] = next((a.option_strings for a in actions if a.dest == dest), [])
         return options[0] if options else dest
 
     return re.sub(rf"\b({'|'.join(SUBCOMMANDS)})\.(\w+)\b", spelled, text)
