@@ -96,7 +96,7 @@ def _snapshot(
     except errors.RevisionNotFoundError as exc:
         raise AdapterFileError(f"{where}: the Hub repository has no such revision") from exc
     except errors.LocalEntryNotFoundError as exc:
-        if constants.is_offline_mode():
+        if constants.HF_HUB_OFFLINE:
             reason = "HF_HUB_OFFLINE is set, and the Hugging Face cache has no copy of it"
         else:
             reason = "the Hub could not be reached, and the Hugging Face cache has no copy of it"

@@ -237,6 +237,8 @@ def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert record["preset"] == "minilm-vader" and record["examples"]["train"] == 8454
     assert record["after"]["accuracy"] > record["before"]["accuracy"] + 0.05
     assert "accuracy" in capsys.readouterr().out
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "from_pretrained('sentence-transformers/all-MiniLM-L6-v2'" in card and "site-packages" not in card
 
 
 @pytest.mark.distributed

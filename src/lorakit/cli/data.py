@@ -86,7 +86,7 @@ def _pandas_rows(file: Path, kind: str, path: str) -> Rows:
     try:
         import pandas as pd
     except ImportError as exc:
-        raise CliError("reading data files needs pandas: pip install 'lorakit[cli]'") from exc
+        raise CliError("reading CSV and Parquet files needs pandas: pip install pandas") from exc
     try:
         if kind in ("csv", "tsv"):
             text = io.StringIO(_text(file, path))
@@ -96,7 +96,7 @@ def _pandas_rows(file: Path, kind: str, path: str) -> Rows:
     except CliError:
         raise
     except ImportError as exc:
-        raise CliError(f"reading {file.suffix} files needs pyarrow: pip install 'lorakit[cli]'") from exc
+        raise CliError(f"reading {file.suffix} files needs pyarrow: pip install pyarrow") from exc
     except Exception as exc:  # pandas' parser errors name the line
         raise CliError(f"data file {path!r} could not be read: {str(exc).splitlines()[0]}") from exc
     rows: Rows = frame.to_dict(orient="records")

@@ -28,7 +28,13 @@ _LOADER = "lorakit"
 
 
 def _setup() -> None:
-    from jsonargparse import set_loader, set_parsing_settings
+    try:
+        from jsonargparse import set_loader, set_parsing_settings
+    except ImportError as exc:
+        raise CliError(
+            "the lorakit command needs jsonargparse: pip install 'jsonargparse[signatures]' "
+            "(or install lorakit with its cli extra)"
+        ) from exc
 
     from lorakit.cli.settings import load_config_text
 
