@@ -108,10 +108,11 @@ def test_packing_joins_examples_and_keeps_their_labels(tokenizer) -> None:  # ty
 
 def test_train_on_a_messages_column(smol: Path, tmp_path: Path) -> None:
     rng = random.Random(1)
-    rows = [{"messages": conversation(rng)} for _ in range(48)]
+    rows = [{"messages": conversation(rng)} for _ in range(24)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["train", "--task", "causal-lm", "--model", str(smol), "--data", str(tmp_path / "chat.jsonl")]
-    argv += ["--max-steps", "8", "--lr", "5e-2", "--packing", "--max-length", "256", "--batch-size", "4"]
+    argv += ["--max-steps", "5", "--lr", "5e-2", "--packing", "--max-length", "128", "--batch-size", "2"]
+    argv += ["--test-size", "4", "--save-steps", "50"]
     assert main([*argv, "--threads", "1", "--eval-steps", "0", "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert record["config"]["text_column"] == "messages" and record["config"]["label_column"] is None

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from cli_fixtures import sentiment_rows, write_rows
 
 
 @pytest.mark.slow  # builds a model skeleton (the first BERT import costs seconds)
@@ -33,33 +31,15 @@ def test_a_closed_pipe_ends_the_command_quietly(
     assert "Traceback" not in capsys.readouterr().err
 
 
-@pytest.mark.slow  # a fresh interpreter, where DeepSpeed prints its notice on first import
-def test_json_output_is_only_json(cli_files: Path, tmp_path: Path, subprocess_env: dict[str, str]) -> None:
-    import torch
-    from transformers import AutoModelForSequenceClassification
+def test_json_output_is_only_json(capfd: pytest.CaptureFixture) -> None:
+    """What a library prints while a ``--json`` command works (DeepSpeed logs its accelerator notice
+    to stdout when transformers first imports it) lands on stderr: stdout holds the JSON alone."""
+    from lorakit.cli.output import stdout_to_stderr
 
-    from lorakit import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    base = AutoModelForSequenceClassification.from_pretrained(cli_files / "bert", num_labels=2)
-    get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules=["query"])).save_pretrained(
-        tmp_path / "a"
-    )
-    rows = [
-        {"text": r["sentence"], "label": f"LABEL_{int(r['sentiment'] == 'pos')}"} for r in sentiment_rows(8)
-    ]
-    write_rows(rows, tmp_path / "d.csv")
-    command = [
-        sys.executable,
-        "-m",
-        "lorakit.cli",
-        "eval",
-        str(tmp_path / "a"),
-        "--data",
-        str(tmp_path / "d.csv"),
-    ]
-    done = subprocess.run(
-        [*command, "--json"], env=subprocess_env, capture_output=True, text=True, timeout=180
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert set(json.loads(done.stdout)) == {"accuracy", "loss"}
+    with stdout_to_stderr():
+        os.write(1, b"[WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.\n")
+        print("a library's print")
+    print(json.dumps({"accuracy": 1.0}))
+    out, err = capfd.readouterr()
+    assert json.loads(out) == {"accuracy": 1.0}
+    assert "Setting accelerator to CPU" in err and "a library's print" in err

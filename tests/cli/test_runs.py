@@ -82,7 +82,10 @@ def test_ctrl_c_says_how_to_resume(cli_files: Path, tmp_path: Path, subprocess_e
             stderr=stderr,
         )
         deadline = time.monotonic() + 120
-        while not (out / "checkpoints" / "checkpoint-2").is_dir() and time.monotonic() < deadline:
+        while (
+            not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file()
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         run.send_signal(signal.SIGINT)  # perhaps while a checkpoint is being written
         run.wait(timeout=60)
