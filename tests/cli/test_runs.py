@@ -116,3 +116,6 @@ def test_recorded_paths_work_from_another_directory(
     assert main(["eval", "work/run", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == pytest.approx(recorded["after"]["accuracy"])
+    # the run's config.yaml repeats it from here: its paths are relative to the file
+    assert main(["train", "--config", "work/run/config.yaml", "--max-steps", "1", "--out", "again"]) == 0
+    assert json.loads(Path("again/metrics.json").read_text())["examples"]["train"] == 96

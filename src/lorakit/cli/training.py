@@ -71,7 +71,23 @@ def parse_settings(argv: list[str]) -> TrainSettings | None:
         return None
     name = first.preset or (None if first.model or first.data else DEFAULT_PRESET)
     defaults = {**get_preset(name).settings, "preset": name} if name else {}
-    return TrainSettings(**_values(parser(defaults).parse_args(argv)))
+    namespace = parser(defaults).parse_args(argv)
+    return TrainSettings(**_relative_to_files(_values(namespace), namespace.config or []))
+
+
+def _relative_to_files(values: dict[str, Any], files: list[Any]) -> dict[str, Any]:
+    """Paths written ``./x`` or ``../x`` in a config file are relative to that file (a run's
+    ``config.yaml`` names its data relative to the run folder), unless a flag replaced them."""
+    from lorakit.cli.settings import load_config_text
+
+    for file in files:
+        path = Path(getattr(file, "absolute", str(file)))
+        written = load_config_text(path.read_text(encoding="utf-8"))
+        for name in runs.PATH_FIELDS:
+            value = values.get(name)
+            if isinstance(value, str) and value.startswith(("./", "../")) and written.get(name) == value:
+                values[name] = os.path.normpath(path.parent / value)
+    return values
 
 
 @dataclasses.dataclass
