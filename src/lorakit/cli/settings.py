@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 from lorakit.cli.errors import CliError
 
-__all__ = ["TrainSettings", "Task", "SCHEDULERS", "DTYPES", "PRECISIONS", "load_config_text"]
+__all__ = ["TrainSettings", "TaskName", "SCHEDULERS", "DTYPES", "PRECISIONS", "load_config_text"]
 
-Task = Literal["seq-cls", "token-cls", "causal-lm", "seq2seq"]
+TaskName = Literal["seq-cls", "token-cls", "causal-lm", "seq2seq"]
 Scheduler = Literal[
     "linear",
     "cosine",
@@ -62,7 +62,7 @@ class TrainSettings:
     """a CSV, TSV, JSONL/JSON or Parquet file of examples"""
     eval_data: str | None = None
     """a file of held-out examples, used instead of splitting --test-size off --data"""
-    task: Task = "seq-cls"
+    task: TaskName = "seq-cls"
     """what to train the model for (see the list below)"""
     text_column: str | None = None
     """the column of input text, word lists (token-cls) or chat messages (default: text; causal-lm:
