@@ -180,11 +180,14 @@ class LoraConfig:
     def from_pretrained(
         cls, path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
     ) -> LoraConfig:
-        """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's), or that
-        file itself; ``kwargs`` override fields of the file. PEFT keys for features lorakit lacks
-        are accepted at their neutral values; a config that enables one is refused with an error
-        naming the key and value; a key PEFT 0.21 does not know is ignored with a warning."""
-        data, source = files.read_config_dict(path, subfolder)
+        """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's; a path or a
+        Hugging Face Hub id), or that file itself; ``kwargs`` override fields of the file, except
+        ``revision`` and ``token``, which choose what is fetched from the Hub (as in PEFT). PEFT keys
+        for features lorakit lacks are accepted at their neutral values; a config that enables one is
+        refused with an error naming the key and value; a key PEFT 0.21 does not know is ignored
+        with a warning."""
+        hub = {k: kwargs.pop(k) for k in ("revision", "token") if k in kwargs}
+        data, source = files.read_config_dict(path, subfolder, **hub)
         if isinstance(data, dict):
             data = {**data, **kwargs}
         return config_from_peft_dict(data, source)

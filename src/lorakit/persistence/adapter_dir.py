@@ -228,11 +228,17 @@ def save_adapter_tensors(
 
 # -- reading --------------------------------------------------------------------------------------
 def read_adapter(
-    path: str | os.PathLike[str], *, is_trainable: bool = False, subfolder: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> AdapterFiles:
-    """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
-    ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
-    directory = adapter_folder(path, subfolder)
+    """Read an adapter directory (a path, or a Hub id fetched at ``revision``): config, then
+    ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin`` through
+    ``torch.load(weights_only=True)``)."""
+    directory = adapter_folder(path, subfolder, revision=revision, token=token)
     config = LoraConfig.from_pretrained(directory)
     safe, legacy = directory / fileio.WEIGHTS_NAME, directory / fileio.LEGACY_WEIGHTS_NAME
     if safe.is_file():
@@ -373,10 +379,14 @@ def load_new(
     build: Callable[[nn.Module, LoraConfig, str], Any],
     on_base_mismatch: BaseMismatch = "warn",
     subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> Any:
     """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
     (which injects the adapter and wraps the model), then copy the weights in."""
-    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
+    files_ = read_adapter(
+        path, is_trainable=is_trainable, subfolder=subfolder, revision=revision, token=token
+    )
     plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     with injection.filling_from_file():
@@ -401,10 +411,14 @@ def load_adapter(
     is_trainable: bool,
     on_base_mismatch: BaseMismatch = "warn",
     subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> None:
     """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
     trainability is the caller's) and record its config in ``configs``."""
-    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
+    files_ = read_adapter(
+        path, is_trainable=is_trainable, subfolder=subfolder, revision=revision, token=token
+    )
     plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
     with injection.filling_from_file():
         configs[adapter_name] = injection.inject(model, plan.config, adapter_name)

@@ -107,8 +107,8 @@ def _cell(m: ModuleRank | None) -> str:
 
 
 def rank_report(adapter: str | Path, base: str | Path | None = None) -> RankReport:
-    """The rank report of the adapter folder ``adapter`` (PEFT format). With ``base`` (a model
-    folder with safetensors weights) each module also gets ‖ΔW‖_F / ‖W‖_F."""
+    """The rank report of the adapter folder (or Hub id) ``adapter`` (PEFT format). With ``base`` (a
+    model folder with safetensors weights, or its Hub id) each module also gets ‖ΔW‖_F / ‖W‖_F."""
     files = read_adapter(adapter)
     modules, _ = split_factors(files.config, files.tensors)
     if not modules:
