@@ -9,7 +9,15 @@ Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers wit
 """
 
 from lorakit._version import __version__
-from lorakit.config import LoftQConfig, LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from lorakit.config import (
+    EvaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+    LoraRuntimeConfig,
+    PeftType,
+    TaskType,
+)
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
@@ -18,6 +26,7 @@ from lorakit.errors import (
     ConfigError,
     DistributedError,
     LorakitError,
+    MixedBatchError,
     RequantizationWarning,
     TargetingError,
 )
@@ -35,7 +44,10 @@ from lorakit.integrations.tasks import (
     PeftModelForTokenClassification,
     PeftModelForTranslation,
 )
+from lorakit.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.model.inspection import inspect
+from lorakit.model.lora_ga import preprocess_loraga
+from lorakit.model.loraplus import create_loraplus_optimizer
 from lorakit.persistence.hotswap import (
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
@@ -58,6 +70,8 @@ __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
     "LoftQConfig",
+    "EvaConfig",
+    "LoraGAConfig",
     "TaskType",
     "PeftType",
     "PeftModel",
@@ -81,6 +95,10 @@ __all__ = [
     "quantization_config",
     "QUANTIZATIONS",
     "base_model_bytes",
+    "create_loraplus_optimizer",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "preprocess_loraga",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",
@@ -97,6 +115,7 @@ __all__ = [
     "TargetingError",
     "AdapterError",
     "AdapterFileError",
+    "MixedBatchError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",

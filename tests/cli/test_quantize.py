@@ -4,12 +4,14 @@ QLoRA adapter into the full-precision model, on the CLI tests' tiny models."""
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
 
 import lorakit
 from lorakit.cli.main import main
+from lorakit.cli.settings import QUANTIZE, TrainSettings
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("torchao")
@@ -55,6 +57,12 @@ def test_seq_cls_keeps_its_new_head_out_of_quantization(cli_files: Path, tmp_pat
     assert record["after"]["accuracy"] >= 0 and record["quantize"] == "nf4"
 
 
+def test_the_setting_offers_the_library_quantizations() -> None:
+    assert QUANTIZE == ("none", *lorakit.QUANTIZATIONS)
+    hint = typing.get_type_hints(TrainSettings)["quantize"]
+    assert typing.get_args(hint) == QUANTIZE and TrainSettings().quantize == "none"
+
+
 def test_unknown_quantization_is_refused_with_the_choices(cli_files: Path, tmp_path: Path, capsys) -> None:
     assert main(["train", *_causal(cli_files), "--quantize", "int3", "--out", str(tmp_path / "x")]) != 0
     err = capsys.readouterr().err
@@ -77,3 +85,9 @@ def test_merge_a_qlora_adapter_into_the_full_precision_base(cli_files: Path, tmp
 
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
     assert not getattr(model, "is_quantized", False) and "quantization_config" not in model.config.to_dict()
+
+    # the quantization comes from the run's config.yaml; --quantize none skips the comparison
+    plain = tmp_path / "plain"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(plain), "--quantize", "none"]) == 0
+    out = capsys.readouterr().out
+    assert "max |merged - adapted|" in out and "quantized" not in out

@@ -127,7 +127,9 @@ def test_loftq_configs_are_checked(kwargs, message) -> None:
 
 
 def test_a_loftq_config_without_loftq_is_ignored_with_a_warning() -> None:
-    with pytest.warns(UserWarning, match="loftq_config is ignored"):
+    with pytest.warns(
+        UserWarning, match="loftq_config is set but init_lora_weights=True is not .loftq.: it is ignored"
+    ):
         config = lorakit.LoraConfig(loftq_config={"loftq_bits": 4})
     assert config.loftq_config == {}
 

@@ -13,36 +13,41 @@ are from it, next to the adapter's own effect on them.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from lorakit import QUANTIZATIONS, PeftModel
-from lorakit.cli.errors import CliError, choices
-from lorakit.cli.loading import Adapter, base_path, load_adapted, open_adapter
-from lorakit.cli.tasks import load_model
+from lorakit import PeftModel
+from lorakit.cli.errors import CliError
+from lorakit.cli.loading import Adapter, adapter_labels, base_name, load_adapted, open_adapter
+from lorakit.cli.models import load_model
+from lorakit.cli.parsing import new_parser
+from lorakit.cli.settings import QUANTIZE
 
-__all__ = ["add_parser", "run", "SAMPLE_TEXT"]
+__all__ = ["parser", "run", "SAMPLE_TEXT", "HELP"]
+
+HELP = "merge an adapter into its base model and save it"
 
 SAMPLE_TEXT = "LoRA adds a low-rank update to frozen weights; merging folds it in."
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "merge", help="merge an adapter into its base model and save it", description=__doc__
-    )
-    parser.add_argument("--adapter", required=True, help="the adapter folder")
-    parser.add_argument(
-        "--base", default=None, help="the base model folder (default: the adapter's base_model_name_or_path)"
-    )
-    parser.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
-    parser.add_argument(
-        "--quantize",
+def parser() -> Any:
+    p = new_parser(prog="lorakit merge", description=__doc__)
+    p.add_argument("--adapter", required=True, help="the adapter folder or Hub id")
+    p.add_argument("--revision", default=None, help="the adapter's Hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--base",
         default=None,
-        help="the quantization the adapter was trained on, to compare with "
-        "(default: the one its metrics.json records, if any): " + ", ".join(QUANTIZATIONS),
+        help="the base model folder or Hub id (default: the adapter's base_model_name_or_path)",
     )
-    parser.set_defaults(func=run, command="merge")
+    p.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
+    p.add_argument(
+        "--quantize",
+        choices=list(QUANTIZE),
+        default=None,
+        help="the quantization the adapter was trained on, to compare the merged model with (default: "
+        "the one its run recorded, if any; none: no comparison)",
+    )
+    return p
 
 
 def _outputs(model: Any, inputs: dict[str, Any]) -> Any:
@@ -55,14 +60,24 @@ def _outputs(model: Any, inputs: dict[str, Any]) -> Any:
 
 def _against_quantized(
     adapter: Adapter,
-    base: str | None,
+    base: str,
+    revision: str | None,
     quantize: str,
     labels: list[str],
     inputs: dict[str, Any],
     merged: Any,
 ) -> tuple[float, float]:
     """(max |merged − adapted on the quantized base|, max |adapted − base| there)."""
-    quantized = load_model(adapter.task, base_path(adapter, base), labels, quantize)
+    settings = adapter.settings or {}
+    quantized = load_model(
+        adapter.task,
+        base,
+        labels,
+        revision=revision,
+        dtype=str(settings.get("dtype") or "fp32"),
+        trust_remote_code=bool(settings.get("trust_remote_code")),
+        quantize=quantize,
+    )
     model = PeftModel.from_pretrained(quantized, str(adapter.path))
     model.eval()
     adapted = _outputs(model, inputs)
@@ -71,17 +86,21 @@ def _against_quantized(
     return (merged - adapted).abs().max().item(), (adapted - plain).abs().max().item()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CliError(f"--out {args.out!r} exists and is not an empty folder; pick a new folder")
-    adapter = open_adapter(args.adapter)
-    quantize = args.quantize or ((adapter.record or {}).get("config") or {}).get("quantize")
-    if quantize is not None and quantize not in QUANTIZATIONS:
+    adapter = open_adapter(args.adapter, args.revision)
+    quantize = str(args.quantize or (adapter.settings or {}).get("quantize") or "none")
+    if quantize not in QUANTIZE:  # a run record from elsewhere (the flag itself is checked by the parser)
         raise CliError(
-            f"--quantize {quantize!r} is not a quantization; choose one of: {choices(QUANTIZATIONS)}"
+            f"the adapter's run records quantize={quantize!r}, not one of {', '.join(QUANTIZE)}; "
+            "pass --quantize"
         )
-    model, tokenizer, labels = load_adapted(adapter, args.base)
+    base = base_name(adapter, args.base)
+    revision = None if args.base else adapter.config.get("revision")
+    labels = adapter_labels(adapter, base, revision)
+    model, tokenizer = load_adapted(adapter, base, labels, revision)
     model.eval()
     inputs = dict(tokenizer(SAMPLE_TEXT, return_tensors="pt"))
     if adapter.task.name == "seq2seq":
@@ -92,10 +111,10 @@ def run(args: argparse.Namespace) -> int:
     difference = (merged_out - expected).abs().max().item()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"merged {adapter.path} into {type(merged).__name__}; saved to {out}")
+    print(f"merged {adapter.name} into {type(merged).__name__}; saved to {out}")
     print(f"max |merged - adapted| on a sample input: {difference:.2e}")
-    if quantize:
-        distance, effect = _against_quantized(adapter, args.base, quantize, labels, inputs, merged_out)
+    if quantize != "none":
+        distance, effect = _against_quantized(adapter, base, revision, quantize, labels, inputs, merged_out)
         print(
             f"max |merged - adapted on the quantized ({quantize}) base| on a sample input: {distance:.2e} "
             f"({distance / effect:.2f}× the adapter's own effect there, {effect:.2e})"

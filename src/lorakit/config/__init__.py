@@ -1,8 +1,19 @@
 """Configuration: :class:`LoraConfig` and :class:`TaskType` (data, validated once), the names of the
-initialisations, and PEFT's ``adapter_config.json`` (:mod:`.peft_json` for its keys and values,
-:mod:`.files` for reading and writing it)."""
+initialisations and the settings of the data-driven ones (EVA, LoRA-GA), and PEFT's
+``adapter_config.json`` (:mod:`.peft_json` for its keys and values, :mod:`.files` for reading and
+writing it)."""
 
-from lorakit.config.inits import INIT_NAMES, loftq_init_token, moves_base_weight, parse_init, parse_loftq
+from lorakit.config.init_configs import EvaConfig, LoraGAConfig
+from lorakit.config.inits import (
+    INIT_NAMES,
+    LOAD_ONLY_INITS,
+    LORA_GA_GRAD,
+    load_only,
+    loftq_init_token,
+    moves_base_weight,
+    parse_init,
+    parse_loftq,
+)
 from lorakit.config.lora_config import LoftQConfig, LoraConfig, LoraRuntimeConfig, config_from_peft_dict
 from lorakit.config.task_type import PeftType, TaskType
 from lorakit.config.validation import ALL_LINEAR, BIAS_MODES
@@ -11,11 +22,16 @@ __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
     "LoftQConfig",
+    "EvaConfig",
+    "LoraGAConfig",
     "TaskType",
     "PeftType",
     "ALL_LINEAR",
     "BIAS_MODES",
     "INIT_NAMES",
+    "LOAD_ONLY_INITS",
+    "load_only",
+    "LORA_GA_GRAD",
     "parse_init",
     "moves_base_weight",
     "loftq_init_token",

@@ -6,10 +6,13 @@
 ``linear_fast``        the linear layer's fused and batched paths, tested equal to the plain one
 ``embedding``          ``nn.Embedding``
 ``conv``               ``nn.Conv1d/2d/3d``
+``conv_grouped``       ``nn.Conv1d/2d/3d`` with ``groups > 1``
+``mha``                ``nn.MultiheadAttention`` (its in_proj, and its out_proj as a nested Linear)
 ``quantized``          what the quantized linear kinds share (no silent re-quantization, exact unmerge)
 ``bnb``                bitsandbytes ``Linear4bit`` (QLoRA) and ``Linear8bitLt``
 ``torchao``            ``nn.Linear`` with a torchao int8 weight
 ``modules_to_save``    a module trained in full beside the adapters
+``trainable_tokens``   chosen rows of an embedding trained beside the adapters (tied heads share them)
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
 ``rows``               mixed batches (``adapter_names``)
 ``registry``           base module type → layer kind; config → variant
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 from lorakit.layers.base import LoraLayer, RequantizeReport
 from lorakit.layers.conv import Conv
+from lorakit.layers.conv_grouped import GroupedConv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
+from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.registry import (
@@ -32,6 +37,7 @@ from lorakit.layers.registry import (
     variant_for,
 )
 from lorakit.layers.rows import BASE_ROWS
+from lorakit.layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layer_problem
 
 __all__ = [
     "BASE_ROWS",
@@ -39,10 +45,15 @@ __all__ = [
     "Linear",
     "Embedding",
     "Conv",
+    "GroupedConv",
+    "MultiheadAttention",
     "ModulesToSaveWrapper",
     "QuantizedLinear",
     "RequantizeReport",
     "prepare_model",
+    "TrainableTokensWrapper",
+    "TrainableTokensLayer",
+    "token_layer_problem",
     "lora_layer_for",
     "register_layer",
     "supported_kinds",

@@ -16,9 +16,11 @@ from lorakit.layers import bnb
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from lorakit.layers.conv import Conv
+from lorakit.layers.conv_grouped import GroupedConv, is_grouped_conv
 from lorakit.layers.dora import DORA
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
+from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.torchao import TorchaoLoraLinear, is_torchao_linear
 from lorakit.layers.variant import LoraVariant
 
@@ -44,6 +46,8 @@ _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
         Conv,
         "torch.nn.Conv1d/2d/3d (groups=1)",
     ),
+    (is_grouped_conv, GroupedConv, "torch.nn.Conv1d/2d/3d (groups>1)"),
+    (lambda m: isinstance(m, nn.MultiheadAttention), MultiheadAttention, "torch.nn.MultiheadAttention"),
 ]
 
 _VARIANTS: list[LoraVariant] = [DORA]
