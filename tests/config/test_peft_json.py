@@ -135,7 +135,6 @@ def test_neutral_values_are_accepted(key, value):
         ("trainable_token_indices", [1, 2], "trainable_token_indices=[1, 2]"),
         ("megatron_config", {"tp": 2}, "megatron_config="),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
-        ("target_parameters", ["experts.weight"], "target_parameters="),
         ("eva_config", {"rho": 2}, "eva_config="),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),

@@ -27,7 +27,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "use_qalora": ((False, None), "QA-LoRA"),
     "monteclora_config": ((None,), "MonteCLoRA"),
     "layer_replication": ((None, []), "layer replication"),
-    "target_parameters": ((None, []), "LoRA on parameters (mixture-of-experts experts)"),
     "use_bdlora": ((None, False), "BD-LoRA"),
     "arrow_config": ((None,), "Arrow routing"),
     "kasa_config": ((None,), "KaSA"),

@@ -6,6 +6,8 @@
 ``linear_fast``        the linear layer's fused and batched paths, tested equal to the plain one
 ``embedding``          ``nn.Embedding``
 ``conv``               ``nn.Conv1d/2d/3d``
+``parameter``          a parameter read inside its module's forward (``target_parameters``: MoE experts)
+``lowrank_weight``     the stand-in weight through which ``parameter`` applies its adapters
 ``modules_to_save``    a module trained in full beside the adapters
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
 ``rows``               mixed batches (``adapter_names``)
@@ -20,7 +22,15 @@ from lorakit.layers.conv import Conv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
-from lorakit.layers.registry import lora_layer_for, register_layer, supported_kinds, variant_for
+from lorakit.layers.parameter import ParamWrapper, wrapper_chain
+from lorakit.layers.registry import (
+    lora_layer_for,
+    parameter_layer_for,
+    register_layer,
+    supported_kinds,
+    supported_parameter_kinds,
+    variant_for,
+)
 from lorakit.layers.rows import BASE_ROWS
 
 __all__ = [
@@ -30,7 +40,11 @@ __all__ = [
     "Embedding",
     "Conv",
     "ModulesToSaveWrapper",
+    "ParamWrapper",
+    "wrapper_chain",
     "lora_layer_for",
+    "parameter_layer_for",
+    "supported_parameter_kinds",
     "register_layer",
     "supported_kinds",
     "variant_for",

@@ -11,6 +11,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
@@ -20,14 +21,19 @@ from lorakit.layers import (
     LoraLayer,
     ModulesToSaveWrapper,
     lora_layer_for,
+    parameter_layer_for,
     supported_kinds,
+    supported_parameter_kinds,
     variant_for,
 )
 from lorakit.model import engines
 from lorakit.model.targeting import (
+    ParameterTarget,
     iter_plain_modules,
+    parameter_summary,
     rank_and_alpha,
     resolve_config,
+    select_parameters,
     select_targets,
     suffix_summary,
 )
@@ -37,11 +43,22 @@ __all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name",
 
 @dataclasses.dataclass
 class Plan:
-    """What :func:`inject` will do: the resolved config, the LoRA targets and the modules to save."""
+    """What :func:`inject` will do: the resolved config, the LoRA targets (modules, and parameters
+    from ``target_parameters``) and the modules to save."""
 
     config: LoraConfig
     targets: list[tuple[str, nn.Module]]
     to_save: list[tuple[str, nn.Module]]
+    parameters: list[ParameterTarget] = dataclasses.field(default_factory=list)
+
+    def parameter_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(path of its LoRA layer once injected, the unmerged weight) of each targeted parameter."""
+        out = []
+        for t in self.parameters:
+            weight = t.layer.original_weight() if t.layer is not None else t.owner._parameters[t.parameter]
+            if weight is not None:
+                out.append((t.path, weight))
+        return out
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
@@ -107,7 +124,8 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     check_adapter_name(model, adapter_name, must_be_new=True)
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
-    if not targets:
+    parameters, problems = select_parameters(resolved, model)
+    if not targets and resolved.target_modules != []:
         filtered = (
             " (after exclude_modules / layers_to_transform)"
             if config.exclude_modules or config.layers_to_transform is not None
@@ -117,7 +135,16 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             f"target_modules={resolved.target_modules!r} matches no module of the model{filtered}. "
             f"{suffix_summary(model)}"
         )
-    problems = []
+    if resolved.target_parameters and not parameters and not problems:
+        raise TargetingError(
+            f"target_parameters={resolved.target_parameters!r} matches no parameter of the model. "
+            f"{parameter_summary(model)}"
+        )
+    if not targets and not parameters and not problems:
+        raise TargetingError(
+            "target_modules=[] and no target_parameters: nothing to adapt. "
+            f"{suffix_summary(model)} {parameter_summary(model)}"
+        )
     variant = variant_for(resolved)
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
@@ -129,6 +156,24 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
         )
         problems.extend(f"{name} ({reason})" for reason in refused)
+    targeted = {n for n, _ in targets}
+    for t in parameters:
+        kind = parameter_layer_for(t.owner, t.parameter)
+        if t.module in targeted:
+            problems.append(f"{t.key} (its module is also in target_modules; target it one way only)")
+        elif kind is None:
+            param = t.owner._parameters[t.parameter]
+            shape = None if param is None else tuple(param.shape)
+            problems.append(f"{t.key} (shape {shape}: {', '.join(supported_parameter_kinds())} only)")
+        else:
+            refused = kind.parameter_problems(
+                t.owner,
+                t.parameter,
+                init=resolved.init_lora_weights,
+                lora_bias=resolved.lora_bias,
+                variant=variant,
+            )
+            problems.extend(f"{t.key} ({reason})" for reason in refused)
     if problems:
         raise TargetingError(
             "cannot add LoRA to: "
@@ -136,7 +181,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
         )
     resolved = _fan_in_fan_out(resolved, targets)
-    return Plan(resolved, targets, _modules_to_save(resolved, model))
+    return Plan(resolved, targets, _modules_to_save(resolved, model), parameters)
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
@@ -202,6 +247,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         )
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
+    for target, layer in _wrap_parameters(p.parameters, slots):
+        r, alpha = rank_and_alpha(cfg, target.key)
+        layer.add_adapter(
+            adapter_name,
+            r,
+            alpha,
+            use_rslora=cfg.use_rslora,
+            dropout=cfg.lora_dropout,
+            init=cfg.init_lora_weights,
+            lora_bias=cfg.lora_bias,
+        )
+        layer.train(target.owner.training)
     for _name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
@@ -218,6 +275,28 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     return cfg
 
 
+def _wrap_parameters(
+    targets: list[ParameterTarget], slots: dict[int, list[tuple[nn.Module, str]]]
+) -> list[tuple[ParameterTarget, LoraLayer]]:
+    """Each target's LoRA layer: its existing one, or a new wrapper. The new wrappers of one module
+    nest in the targets' order (the first innermost) and the outermost takes the module's place."""
+    out: list[tuple[ParameterTarget, LoraLayer]] = []
+    outermost: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(owner) → (owner, its outer wrapper)
+    for t in targets:
+        if t.layer is not None:
+            out.append((t, t.layer))
+            continue
+        inner = outermost.get(id(t.owner), (t.owner, t.owner))[1]
+        kind = parameter_layer_for(t.owner, t.parameter)
+        assert kind is not None  # guaranteed by plan()
+        layer = kind(inner, t.parameter)
+        outermost[id(t.owner)] = (t.owner, layer)
+        out.append((t, layer))
+    for owner, wrapper in outermost.values():
+        _replace(slots, owner, wrapper)
+    return out
+
+
 def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     """Remove every LoRA layer and wrapper from ``model`` and return it.
 
@@ -227,7 +306,8 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     each modules-to-save wrapper is replaced by its active copy.
     """
     slots = _parent_slots(model)
-    for _, module in list(lora_modules(model)):
+    # innermost first: a layer nested in another (parameters of one module) is unwrapped into it
+    for _, module in reversed(list(lora_modules(model))):
         if isinstance(module, LoraLayer):
             if not keep_merged:
                 module.unmerge()
@@ -243,7 +323,7 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
     wrapper left without any adapter, so the model's structure is as before the injection.
     (Used to roll back a load that failed after injecting; the adapter must not be merged.)"""
     slots = _parent_slots(model)
-    for _, module in list(lora_modules(model)):
+    for _, module in reversed(list(lora_modules(model))):  # innermost first, as in unload
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
         if not module.adapter_names:

@@ -197,7 +197,7 @@ def _tied_weight_problems(
         owners.setdefault(id(param), []).append(pname)
     problems = []
     for lname, layer in named:
-        sharing = owners.get(id(layer.base_layer.weight), [])
+        sharing = owners.get(id(layer.dense_weight()), [])
         if len(sharing) > 1 and layer.merge_result_names(names):
             others = [p for p in sharing if not p.startswith(lname + ".")]
             problems.append(

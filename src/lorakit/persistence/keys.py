@@ -15,6 +15,8 @@ in memory (relative to the model root)                in the adapter state dict 
 <name>.bias`` (bias="all")                            wrapper's biases also under these paths)
 ``<emb>.base_layer.weight`` (targeted embed_tokens /  unchanged; optional on load (PEFT writes it
 lm_head, see ``EMBEDDING_LAYER_NAMES``)               when such a layer is targeted)
+``<m>.base_layer.lora_A.<name>.weight`` (a second     ``<m>.base_layer.lora_A.weight`` (PEFT nests
+targeted parameter of module ``<m>``)                 one wrapper per parameter of a module)
 ====================================================  ===========================================
 
 Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring;
@@ -31,7 +33,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for, variant_for
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for, parameter_layer_for, variant_for
 from lorakit.model import engines
 from lorakit.model.injection import Plan
 from lorakit.model.targeting import rank_and_alpha
@@ -100,9 +102,12 @@ def parse_key(key: str) -> AdapterKey:
     """Split a file key (with or without ``base_model.model.``) at its LoRA container."""
     key = key[len(FILE_PREFIX) :] if key.startswith(FILE_PREFIX) else key
     parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in LoraLayer.adapter_param_names or part == "base_layer":
-            return AdapterKey(".".join(parts[:i]), part, ".".join(parts[i + 1 :]))
+    # A LoRA container first: a layer nested in another (the second targeted parameter of one
+    # module) is "<m>.base_layer", and its keys are "<m>.base_layer.lora_A.weight".
+    for wanted in (LoraLayer.adapter_param_names, ("base_layer",)):
+        for i, part in enumerate(parts):
+            if part in wanted:
+                return AdapterKey(".".join(parts[:i]), part, ".".join(parts[i + 1 :]))
     return AdapterKey(".".join(parts[:-1]), "", parts[-1])
 
 
@@ -192,6 +197,7 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
             by_kind[kind] = {k: tuple(t.shape) for k, t in scratch.adapter_tensors(adapter_name).items()}
         shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
         target_names.add(name)
+    shapes.update(_planned_parameter_shapes(plan, adapter_name))
     for name, module in plan.to_save:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
@@ -207,6 +213,25 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
                 shapes[_join(owner, "base_layer", "bias")] = tuple(param.shape)
             elif cfg.bias == "all" and not any(pname.startswith(n + ".") for n, _ in plan.to_save):
                 shapes[pname] = tuple(param.shape)
+    return shapes
+
+
+def _planned_parameter_shapes(plan: Plan, adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """File key → shape for the targeted parameters, at the paths their LoRA layers will have."""
+    cfg = plan.config
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in plan.parameters:
+        layer_cls = parameter_layer_for(t.owner, t.parameter)
+        if layer_cls is None:  # plan() refuses these; kept for type narrowing
+            continue
+        r, alpha = rank_and_alpha(cfg, t.key)
+        scratch = layer_cls(t.owner, t.parameter)  # holds the owner; does not change the model
+        scratch.add_adapter(
+            adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0, init=False, lora_bias=False
+        )
+        shapes.update(
+            {_join(t.path, k): tuple(v.shape) for k, v in scratch.adapter_tensors(adapter_name).items()}
+        )
     return shapes
 
 
