@@ -110,7 +110,13 @@ def _refuse(func: Any, w: LowRankWeight, why: str = "") -> AdapterError:
 
 
 def _weight_in(func: Any, args: Sequence[Any], kwargs: dict) -> LowRankWeight:
-    return next(a for a in (*args, *kwargs.values()) if isinstance(a, LowRankWeight))
+    """The adapted weight among the arguments (inside a list or tuple too)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, LowRankWeight):
+            return value
+        if isinstance(value, (list, tuple)) and (inner := [v for v in value if isinstance(v, LowRankWeight)]):
+            return inner[0]
+    raise AssertionError("__torch_function__ of LowRankWeight called without one")
 
 
 def _has_tensor(value: Any) -> bool:
@@ -164,7 +170,7 @@ def _transpose(func: Any, w: Any, *dims: Any) -> LowRankWeight:
     nd = w.plain.dim()
     if func in (torch.Tensor.T.__get__, torch.Tensor.t, torch.t):  # type: ignore[attr-defined]
         ok = nd == 2
-    elif func is torch.Tensor.mT.__get__:  # type: ignore[attr-defined]
+    elif func == torch.Tensor.mT.__get__:  # type: ignore[attr-defined]  (a new wrapper per access)
         ok = True
     else:
         ok = len(dims) == 2 and sorted(int(d) % nd for d in dims) == [nd - 2, nd - 1]
