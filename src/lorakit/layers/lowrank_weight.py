@@ -168,9 +168,10 @@ def _getitem(func: Any, w: Any, idx: Any) -> LowRankWeight:
 def _transpose(func: Any, w: Any, *dims: Any) -> LowRankWeight:
     """Swapping the last two axes (``transpose(-2, -1)``, ``.mT``; ``.T`` / ``.t()`` of a matrix)."""
     nd = w.plain.dim()
+    # compared with == (not ``is``): each access to a property's __get__ makes a new method wrapper
     if func in (torch.Tensor.T.__get__, torch.Tensor.t, torch.t):  # type: ignore[attr-defined]
         ok = nd == 2
-    elif func == torch.Tensor.mT.__get__:  # type: ignore[attr-defined]  (a new wrapper per access)
+    elif func == torch.Tensor.mT.__get__:  # type: ignore[attr-defined]
         ok = True
     else:
         ok = len(dims) == 2 and sorted(int(d) % nd for d in dims) == [nd - 2, nd - 1]
