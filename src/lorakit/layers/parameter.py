@@ -55,9 +55,16 @@ _READ_BY_PARENT = {
 
 
 def is_adaptable_parameter(owner: nn.Module, name: str) -> bool:
-    """A floating 2-D or 3-D ``nn.Parameter`` registered directly on ``owner``."""
+    """A floating 2-D matrix or 3-D stack of expert matrices registered directly on ``owner``
+    (not a stack of biases such as GPT-OSS's ``gate_up_proj_bias``: a low-rank change to a bias
+    is not LoRA)."""
     param = owner._parameters.get(name)
-    return isinstance(param, torch.Tensor) and param.dim() in (2, 3) and param.is_floating_point()
+    return (
+        isinstance(param, torch.Tensor)
+        and param.dim() in (2, 3)
+        and param.is_floating_point()
+        and not name.endswith("bias")
+    )
 
 
 class ParamWrapper(LoraLayer):
@@ -94,7 +101,8 @@ class ParamWrapper(LoraLayer):
         if not is_adaptable_parameter(owner, name):
             shape = None if param is None else tuple(param.shape)
             problems.append(
-                f"a parameter needs to be a floating 2-D matrix or 3-D stack of experts, got shape {shape}"
+                f"a parameter needs to be a floating 2-D matrix or 3-D stack of experts (not a bias), "
+                f"got shape {shape}"
             )
         if lora_bias:
             problems.append("lora_bias=True is not supported on parameters (as in PEFT)")

@@ -44,7 +44,11 @@ _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
 
 # Parameters (``target_parameters``): (predicate on (owning module, parameter name), layer, kind).
 _PARAMETER_KINDS: list[tuple[Callable[[nn.Module, str], bool], type[ParamWrapper], str]] = [
-    (is_adaptable_parameter, ParamWrapper, "a floating 2-D or 3-D nn.Parameter (experts of MoE layers)"),
+    (
+        is_adaptable_parameter,
+        ParamWrapper,
+        "a floating 2-D matrix or 3-D stack of experts nn.Parameter (not a bias)",
+    ),
 ]
 
 _VARIANTS: list[LoraVariant] = [DORA]

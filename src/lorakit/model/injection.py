@@ -175,11 +175,10 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             )
             problems.extend(f"{t.key} ({reason})" for reason in refused)
     if problems:
-        raise TargetingError(
-            "cannot add LoRA to: "
-            + "; ".join(problems)
-            + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
-        )
+        hint = f"Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
+        if resolved.target_parameters:
+            hint += f" Parameters: {', '.join(supported_parameter_kinds())}. {parameter_summary(model)}"
+        raise TargetingError("cannot add LoRA to: " + "; ".join(problems) + ". " + hint)
     resolved = _fan_in_fan_out(resolved, targets)
     return Plan(resolved, targets, _modules_to_save(resolved, model), parameters)
 

@@ -61,19 +61,22 @@ def model_type_of(model: nn.Module) -> str | None:
 # Where ``target_modules=None`` finds its names: lookups registered by the integrations that know a
 # model family (transformers' model_type table registers itself), asked in order; the first that
 # knows the model wins. Kept as a registry so that this layer does not import the integrations.
-_DEFAULT_TARGET_LOOKUPS: list[Callable[[nn.Module], list[str] | None]] = []
+# A lookup is called as ``lookup(model, peft_only)``: with ``peft_only`` it answers only where PEFT's
+# own table has an entry (the rule when ``target_parameters`` is set, see :func:`resolve_config`).
+_DEFAULT_TARGET_LOOKUPS: list[Callable[[nn.Module, bool], list[str] | None]] = []
 
 
-def register_default_targets(lookup: Callable[[nn.Module], list[str] | None]) -> None:
-    """Add a source of default ``target_modules``: ``lookup(model)`` gives names, or ``None``."""
+def register_default_targets(lookup: Callable[[nn.Module, bool], list[str] | None]) -> None:
+    """Add a source of default ``target_modules``: ``lookup(model, peft_only)`` gives names, or ``None``."""
     if lookup not in _DEFAULT_TARGET_LOOKUPS:
         _DEFAULT_TARGET_LOOKUPS.append(lookup)
 
 
-def default_targets_for(model: nn.Module) -> list[str] | None:
-    """The default ``target_modules`` for ``model``, or ``None`` when no registered lookup has one."""
+def default_targets_for(model: nn.Module, *, peft_only: bool = False) -> list[str] | None:
+    """The default ``target_modules`` for ``model``, or ``None`` when no registered lookup has one
+    (with ``peft_only``: when PEFT's table has none)."""
     for lookup in _DEFAULT_TARGET_LOOKUPS:
-        names = lookup(model)
+        names = lookup(model, peft_only)
         if names is not None:
             return names
     return None
@@ -173,13 +176,17 @@ def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
 
 
 def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """The config with concrete targets: ``None`` → the model type's defaults; ``"all-linear"`` →
-    the full names of every selected linear layer, as PEFT saves them."""
+    """The config with concrete targets: ``None`` → the model type's defaults (with
+    ``target_parameters``: PEFT's defaults, or none); ``"all-linear"`` → the full names of every
+    selected linear layer, as PEFT saves them."""
     targets = config.target_modules
     if targets is None:
-        defaults = default_targets_for(model)
+        # With target_parameters PEFT adds its table's modules where it has an entry and otherwise
+        # adapts the parameters alone; the same here, so that the config (and its saved file, which
+        # keeps target_modules=None) selects the same tensors in both libraries.
+        defaults = default_targets_for(model, peft_only=bool(config.target_parameters))
         if defaults is None and config.target_parameters:
-            return dataclasses.replace(config, target_modules=[])  # the parameters alone (as PEFT)
+            return dataclasses.replace(config, target_modules=[])
         if defaults is None:
             raise TargetingError(
                 f"target_modules=None and lorakit has no default for model_type "
@@ -300,16 +307,18 @@ def targetable_modules(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def targetable_parameters(model: nn.Module) -> list[dict[str, Any]]:
-    """Every parameter ``target_parameters`` can adapt and ``target_modules`` cannot reach (the
-    experts of MoE layers, routers that are not ``nn.Linear``): name, owning module's type, shape,
-    parameter count."""
+    """The parameters ``target_parameters`` is for, which ``target_modules`` cannot reach: stacks
+    of experts (3-D) and the ``weight`` matrices of modules that are no layer kind (the routers of
+    MoE layers): name, owning module's type, shape, parameter count. (Other 2-D parameters can be
+    targeted too, and adapt if the module multiplies by them; they are not listed.)"""
     rows = []
     for path, module in iter_plain_modules(model):
         _, owner = wrapper_chain(module)
         if not path or isinstance(owner, LoraLayer) or lora_layer_for(owner) is not None:
             continue
         for pname, param in owner._parameters.items():
-            if param is not None and parameter_layer_for(owner, pname) is not None:
+            listed = param is not None and (param.dim() == 3 or pname == "weight")
+            if listed and parameter_layer_for(owner, pname) is not None:
                 rows.append(
                     {
                         "name": f"{path}.{pname}",
