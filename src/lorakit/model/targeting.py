@@ -317,8 +317,9 @@ def targetable_parameters(model: nn.Module) -> list[dict[str, Any]]:
         if not path or isinstance(owner, LoraLayer) or lora_layer_for(owner) is not None:
             continue
         for pname, param in owner._parameters.items():
-            listed = param is not None and (param.dim() == 3 or pname == "weight")
-            if listed and parameter_layer_for(owner, pname) is not None:
+            if param is None or not (param.dim() == 3 or pname == "weight"):
+                continue
+            if parameter_layer_for(owner, pname) is not None:
                 rows.append(
                     {
                         "name": f"{path}.{pname}",
