@@ -41,6 +41,11 @@ class TrainSettings:
     target_modules: list[str] | None = _opt(
         None, "comma-separated module names (default: the architecture's table; see `lorakit inspect`)"
     )
+    target_parameters: list[str] | None = _opt(
+        None,
+        "comma-separated parameter names, e.g. experts.gate_up_proj,experts.down_proj: LoRA on the "
+        "experts of mixture-of-experts models (see `lorakit inspect`)",
+    )
     lr: float = _opt(5e-4, "peak learning rate (linear decay after warm-up)")
     warmup_ratio: float = _opt(0.05, "fraction of the steps spent warming the learning rate up")
     epochs: float = _opt(1.0, "passes over the training split (ignored when --max-steps is set)")

@@ -120,6 +120,7 @@ def build_model(plan: Plan, labels: list[str]) -> Any:
         lora_alpha=s.alpha,
         lora_dropout=s.dropout,
         target_modules=s.target_modules,
+        target_parameters=s.target_parameters,
         task_type=plan.task.task_type,
         base_model_name_or_path=plan.model_path,
     )
@@ -162,6 +163,7 @@ def _record(
         "label_column": plan.label_column,
         "config": dataclasses.asdict(s),
         "target_modules": sorted(model.peft_config["default"].target_modules or []),
+        "target_parameters": sorted(model.peft_config["default"].target_parameters or []),
         **results,
         "steps": trainer.state.global_step,
         "examples": counts,
