@@ -233,6 +233,13 @@ PARAMETER_SELECTIONS = [
     {"target_parameters": ["experts.gate_up_proj"]},  # target_modules=None, no PEFT default: parameters only
     # mixtral: in PEFT's table, but PEFT's transformers-4 config conversion empties the targets first
     {"target_parameters": ["experts.gate_up_proj"], "arch": "mixtral"},
+    # transformers-4 names of experts and routers move to target_parameters (integrations/moe_targets.py)
+    {"target_modules": "all-linear"},
+    {"target_modules": "all-linear", "arch": "mixtral"},
+    {"target_modules": "all-linear", "arch": "gpt_oss"},  # never had linear experts: attention only
+    {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "arch": "olmoe"},
+    {"target_modules": ["w1", "w2", "w3", "gate"], "arch": "mixtral"},
+    {"target_modules": r".*\.layers\.1\..*(gate_proj|up_proj|v_proj)"},
 ]
 
 
@@ -248,7 +255,14 @@ def test_target_parameters_select_what_peft_selects(kwargs):
         warnings.simplefilter("ignore")
         mine = lorakit.get_peft_model(moe(arch), LoraConfig(**kwargs))
         reference = peft.get_peft_model(moe(arch), peft.LoraConfig(**kwargs))
-    assert _param_layers(mine) and _param_layers(mine) == _param_layers(reference)
+    assert _param_layers(mine) == _param_layers(reference)
+    assert _param_layers(mine) or arch == "gpt_oss"
+    for key in ("target_parameters", "rank_pattern", "alpha_pattern"):  # saved alike, so files match
+        ours_value = getattr(mine.peft_config["default"], key)
+        theirs_value = getattr(reference.peft_config["default"], key)
+        assert sorted(ours_value or []) == sorted(theirs_value or []), key
+        if isinstance(ours_value, dict):
+            assert ours_value == theirs_value, key
     modules = {
         n for n, m in mine.named_modules() if isinstance(m, LoraLayer) and type(m).__name__ != "ParamWrapper"
     }
@@ -257,6 +271,13 @@ def test_target_parameters_select_what_peft_selects(kwargs):
         for n, m in reference.named_modules()
         if isinstance(m, PeftLoraLayer) and type(m).__name__ != "ParamWrapper"
     }
+
+
+def test_half_of_a_fused_expert_is_refused():
+    with pytest.raises(
+        lorakit.ConfigError, match=r"names \['gate_proj'\] but not \['up_proj'\].*gate_up_proj"
+    ):
+        lorakit.get_peft_model(_qwen3_moe(), LoraConfig(target_modules=["q_proj", "gate_proj"]))
 
 
 def test_target_parameters_nest_in_registration_order():

@@ -93,6 +93,24 @@ def test_outputs_gradients_and_keys_equal_peft(arch, config, parity_diffs):
             assert _scaled(grads[name.replace("base_model.model.", "")], p.grad) <= 2 * TOL, name
 
 
+def test_all_linear_adapts_experts_and_router_as_peft(tmp_path):
+    """On a family transformers 5 fused, "all-linear" keeps its transformers-4 meaning (experts and
+    router were linear then): PEFT's outputs, and files that load both ways."""
+    kwargs = {"r": R, "lora_alpha": 8, "init_lora_weights": False, "target_modules": "all-linear"}
+    base = moe("qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = lorakit.get_peft_model(copy.deepcopy(base), lorakit.LoraConfig(**kwargs))
+    lorakit.set_peft_model_state_dict(ours, peft.get_peft_model_state_dict(theirs))
+    assert _scaled(ours(IDS).logits, theirs(IDS).logits) <= TOL
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert _scaled(reloaded(IDS).logits, theirs(IDS).logits) <= TOL
+
+
 @pytest.mark.parametrize("implementation", ["eager", "batched_mm"])
 def test_every_experts_implementation_equals_peft(implementation):
     base, theirs, ours = _build("qwen3_moe", "experts+attention", implementation)

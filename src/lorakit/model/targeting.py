@@ -45,6 +45,7 @@ __all__ = [
     "targetable_modules",
     "model_type_of",
     "register_default_targets",
+    "register_config_rewrite",
     "default_targets_for",
     "suffix_summary",
     "parameter_summary",
@@ -70,6 +71,17 @@ def register_default_targets(lookup: Callable[[nn.Module, bool], list[str] | Non
     """Add a source of default ``target_modules``: ``lookup(model, peft_only)`` gives names, or ``None``."""
     if lookup not in _DEFAULT_TARGET_LOOKUPS:
         _DEFAULT_TARGET_LOOKUPS.append(lookup)
+
+
+# Rewrites of a config for a model before its targets are resolved, registered by the integrations
+# (transformers-4 names of experts that transformers 5 fused into parameters); applied in order.
+_CONFIG_REWRITES: list[Callable[[nn.Module, LoraConfig], LoraConfig]] = []
+
+
+def register_config_rewrite(rewrite: Callable[[nn.Module, LoraConfig], LoraConfig]) -> None:
+    """Add ``rewrite(model, config) -> config``, run by :func:`resolve_config` before it resolves."""
+    if rewrite not in _CONFIG_REWRITES:
+        _CONFIG_REWRITES.append(rewrite)
 
 
 def default_targets_for(model: nn.Module, *, peft_only: bool = False) -> list[str] | None:
@@ -175,10 +187,14 @@ def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
-def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
+def resolve_config(config: LoraConfig, model: nn.Module, *, rewrite: bool = True) -> LoraConfig:
     """The config with concrete targets: ``None`` → the model type's defaults (with
     ``target_parameters``: PEFT's defaults, or none); ``"all-linear"`` → the full names of every
-    selected linear layer, as PEFT saves them."""
+    selected linear layer, as PEFT saves them. With ``rewrite`` the registered config rewrites run
+    first (:func:`register_config_rewrite`)."""
+    if rewrite:
+        for rewriter in _CONFIG_REWRITES:
+            config = rewriter(model, config)
     targets = config.target_modules
     if targets is None:
         # With target_parameters PEFT adds its table's modules where it has an entry and otherwise
