@@ -5,8 +5,8 @@ lorakit / PEFT, and the exact bytes kept for backward (``common.saved_activation
 
     python -m benchmarks.moe_worker --steps 20 [--quick]
 
-The model: a Qwen3-MoE (hidden 256, 4 layers, 8 experts of width 512, 2 per token, vocab 8000) on
-batches of 4 × 128 tokens; LoRA r=16 α=32 on every expert's gate_up_proj and down_proj, AdamW.
+The model: a Qwen3-MoE (hidden 256, 2 layers, 8 experts of width 256, 2 per token, vocab 4000) on
+batches of 4 × 64 tokens; LoRA r=16 α=32 on every expert's gate_up_proj and down_proj, AdamW.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ METHODS = ("floor", "lorakit", "peft")
 @dataclass(frozen=True)
 class MoeShape:
     hidden: int = 256
-    layers: int = 4
+    layers: int = 2
     heads: int = 8
     experts: int = 8
     top_k: int = 2
-    expert_width: int = 512
-    vocab: int = 8000
+    expert_width: int = 256
+    vocab: int = 4000
     batch: int = 4
-    seq: int = 128
+    seq: int = 64
 
 
 QUICK = MoeShape(hidden=32, layers=2, heads=4, experts=4, expert_width=32, vocab=300, batch=2, seq=16)

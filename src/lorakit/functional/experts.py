@@ -75,6 +75,33 @@ def _add_rows_(out: torch.Tensor, rows: slice | torch.Tensor, value: torch.Tenso
         out.index_add_(0, rows, value.to(out.dtype))
 
 
+def _grouped_term(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: float,
+    p: float,
+    counts: Sequence[int],
+    order: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(term (N, d), h = dropout(x) A_eᵀ per row (N, r), the keep-mask or ``None``), computed one
+    expert group at a time in x's compute dtype."""
+    dtype = compute_dtype(x)
+    xc = x.to(dtype)
+    keep = dropout_keep_mask(xc, p) if p > 0 else None
+    ac, bc = a.to(dtype), b.to(dtype)
+    h = xc.new_zeros(x.shape[0], a.shape[1])  # (N, r)
+    term = xc.new_zeros(x.shape[0], b.shape[1])  # (N, d)
+    for expert, rows in _groups(counts, order):
+        xe = _rows(xc, rows)
+        if keep is not None:
+            xe = apply_dropout(xe, _rows(keep, rows), p)
+        he = xe @ ac[expert].T  # (n_e, r)
+        h[rows] = he
+        _add_rows_(term, rows, (he @ bc[expert].T).mul_(s))
+    return term, h, keep
+
+
 class _GroupedLora(torch.autograd.Function):
     """``term[rows_e] = s · (dropout(x[rows_e]) A_eᵀ) B_eᵀ`` for every expert e.
 
@@ -95,19 +122,7 @@ class _GroupedLora(torch.autograd.Function):
         counts: tuple[int, ...],
         order: torch.Tensor | None,
     ) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        xc = x.to(dtype)
-        keep = dropout_keep_mask(xc, p) if p > 0 else None
-        ac, bc = a.to(dtype), b.to(dtype)
-        h = xc.new_zeros(x.shape[0], a.shape[1])  # (N, r)
-        term = xc.new_zeros(x.shape[0], b.shape[1])  # (N, d)
-        for expert, rows in _groups(counts, order):
-            xe = _rows(xc, rows)
-            if keep is not None:
-                xe = apply_dropout(xe, _rows(keep, rows), p)
-            he = xe @ ac[expert].T  # (n_e, r)
-            h[rows] = he
-            _add_rows_(term, rows, (he @ bc[expert].T).mul_(s))
+        term, h, keep = _grouped_term(x, a, b, s, p, counts, order)
         bits = pack_mask(keep) if keep is not None else torch.empty(0, dtype=torch.uint8)
         ctx.save_for_backward(x, a, b, h, bits, order if order is not None else torch.empty(0))
         ctx.s, ctx.p, ctx.counts, ctx.ordered = s, p, counts, order is not None
@@ -169,12 +184,5 @@ def grouped_lora(
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b)):
         term: torch.Tensor = _GroupedLora.apply(x, lora_a, lora_b, s, dropout_p, counts_t, order)
         return term
-    with torch.no_grad():
-        return _GroupedLora.forward(_NoCtx(), x, lora_a, lora_b, s, dropout_p, counts_t, order)
-
-
-class _NoCtx:
-    """What :meth:`_GroupedLora.forward` records, discarded when no gradient is needed."""
-
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
-        pass
+    with torch.no_grad():  # inference: nothing is kept
+        return _grouped_term(x, lora_a, lora_b, s, dropout_p, counts_t, order)[0]
