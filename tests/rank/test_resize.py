@@ -101,3 +101,14 @@ def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
     ids = torch.randint(0, 100, (2, 5))
     reloaded = peft.PeftModel.from_pretrained(llama_wide(), tmp_path / "same")
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_adapters_on_experts_are_refused_by_the_rank_tools():
+    from zoo import moe
+
+    from lorakit.errors import AdapterError
+
+    config = LoraConfig(target_modules=[], target_parameters=["experts.down_proj"])
+    state = get_peft_model_state_dict(get_peft_model(moe("qwen3_moe"), config))
+    with pytest.raises(AdapterError, match="target_parameters.*per-module factors only"):
+        resize_adapter(config, state, rank=2)
