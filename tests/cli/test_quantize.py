@@ -58,7 +58,7 @@ def test_seq_cls_keeps_its_new_head_out_of_quantization(cli_files: Path, tmp_pat
 
 
 def test_the_setting_offers_the_library_quantizations() -> None:
-    assert QUANTIZE == ("none", *lorakit.QUANTIZATIONS)
+    assert ("none", *lorakit.QUANTIZATIONS) == QUANTIZE
     hint = typing.get_type_hints(TrainSettings)["quantize"]
     assert typing.get_args(hint) == QUANTIZE and TrainSettings().quantize == "none"
 

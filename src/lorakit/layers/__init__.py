@@ -11,6 +11,8 @@
 ``quantized``          what the quantized linear kinds share (no silent re-quantization, exact unmerge)
 ``bnb``                bitsandbytes ``Linear4bit`` (QLoRA) and ``Linear8bitLt``
 ``torchao``            ``nn.Linear`` with a torchao int8 weight
+``parameter``          a parameter read inside its module's forward (``target_parameters``: MoE experts)
+``lowrank_weight``     the stand-in weight through which ``parameter`` applies its adapters
 ``modules_to_save``    a module trained in full beside the adapters
 ``trainable_tokens``   chosen rows of an embedding trained beside the adapters (tied heads share them)
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
@@ -28,12 +30,15 @@ from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
+from lorakit.layers.parameter import ParamWrapper, wrapper_chain
 from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.registry import (
     lora_layer_for,
+    parameter_layer_for,
     prepare_model,
     register_layer,
     supported_kinds,
+    supported_parameter_kinds,
     variant_for,
 )
 from lorakit.layers.rows import BASE_ROWS
@@ -54,7 +59,11 @@ __all__ = [
     "TrainableTokensWrapper",
     "TrainableTokensLayer",
     "token_layer_problem",
+    "ParamWrapper",
+    "wrapper_chain",
     "lora_layer_for",
+    "parameter_layer_for",
+    "supported_parameter_kinds",
     "register_layer",
     "supported_kinds",
     "variant_for",

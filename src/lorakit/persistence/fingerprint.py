@@ -97,10 +97,13 @@ class Fingerprint:
         return out
 
 
-def base_weight(module: nn.Module) -> torch.Tensor | None:
-    """The unmerged base weight of a target (a LoRA layer's original weight while merged); ``None``
-    for a quantized one: an adapter trained on a quantized base is meant for the full-precision
-    model too (``lorakit merge --base``), whose weights differ by the quantization error."""
+def base_weight(module: nn.Module | torch.Tensor) -> torch.Tensor | None:
+    """The unmerged base weight of a target (a LoRA layer's original weight while merged; a
+    targeted parameter is its own weight); ``None`` for a quantized one: an adapter trained on a
+    quantized base is meant for the full-precision model too (``lorakit merge --base``), whose
+    weights differ by the quantization error."""
+    if isinstance(module, torch.Tensor):
+        return module
     if isinstance(module, LoraLayer):
         return None if module.is_quantized else module.original_weight()
     kind = lora_layer_for(module)
@@ -117,7 +120,7 @@ def _samples(weight: torch.Tensor) -> list[float]:
     return flat.index_select(0, idx).float().cpu().tolist()
 
 
-def fingerprint(modules: Iterable[tuple[str, nn.Module]]) -> Fingerprint | None:
+def fingerprint(modules: Iterable[tuple[str, nn.Module | torch.Tensor]]) -> Fingerprint | None:
     """The fingerprint of these named targets; ``None`` if none has a readable floating weight."""
     shapes: dict[str, tuple[int, ...]] = {}
     values: dict[str, list[float]] = {}
