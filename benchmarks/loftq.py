@@ -4,11 +4,12 @@ outputs, against NF4 alone and against PEFT's fit (which ignores the scaling). O
     python -m benchmarks.loftq [--iters 1 5] [--targets all-linear] [--r 8] [--alpha 16]
 
 Per layer: ``‖W − (Q + s·B A)‖_F / ‖W − q(W)‖_F`` (< 1: LoftQ removes part of the quantization
-error). On outputs: the same ratio for the logits of 32 TREC prompts, ``‖f_LoftQ − f_W‖ /
-‖f_q(W) − f_W‖``, where ``f_q(W)`` is the model with every adapted weight quantized alone (not the
-LoftQ model with its adapter disabled: after more than one round its base holds ``q(W − s·B A)``,
-not ``q(W)``). PEFT's fit, ``B A = SVD_r(W − q(W))`` added as ``s·B A``, is computed here with
-lorakit's quantizer (PEFT's LoftQ runs only on CUDA/XPU); with ``s ≠ 1`` it overshoots.
+error). On outputs: the same ratio for the logits of 32 TREC prompts at their real tokens (not the
+padding), ``‖f_LoftQ − f_W‖ / ‖f_q(W) − f_W‖``, where ``f_q(W)`` is the model with every adapted
+weight quantized alone (not the LoftQ model with its adapter disabled: after more than one round its
+base holds ``q(W − s·B A)``, not ``q(W)``). PEFT's fit, ``B A = SVD_r(W − q(W))`` added as
+``s·B A``, is computed here with lorakit's quantizer (PEFT's LoftQ runs only on CUDA/XPU); with
+``s ≠ 1`` it overshoots.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ def _quantized_alone(original: nn.Module, names: set[str]) -> nn.Module:
 
 
 def _logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The logits at the prompts' real tokens (padding left out: its logits are no one's output)."""
     with torch.no_grad():
-        return model(**inputs).logits.float()
+        logits = model(**inputs).logits.float()
+    mask = inputs.get("attention_mask")
+    return logits if mask is None else logits[mask.bool()]
 
 
 def _spread(values: list[float]) -> dict[str, Any]:
