@@ -17,7 +17,10 @@ from lorakit.errors import (
     BaseModelMismatchWarning,
     ConfigError,
     DistributedError,
+    ExportError,
     LorakitError,
+    ModelNotFoundError,
+    ServingError,
     TargetingError,
 )
 from lorakit.integrations.tasks import (
@@ -92,5 +95,8 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "ServingError",
+    "ModelNotFoundError",
+    "ExportError",
     "__version__",
 ]
