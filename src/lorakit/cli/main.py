@@ -13,13 +13,13 @@ from collections.abc import Sequence
 
 from lorakit import LorakitError, __version__
 from lorakit.cli import eval as eval_cmd
-from lorakit.cli import extract, info, inspect, merge, rank, resize, train
+from lorakit.cli import export, extract, info, inspect, merge, rank, resize, serve, train
 from lorakit.cli.errors import CliError
 from lorakit.distributed import process_group_scope
 
 __all__ = ["main", "build_parser"]
 
-SUBCOMMANDS = (train, eval_cmd, inspect, merge, info, rank, resize, extract)
+SUBCOMMANDS = (train, eval_cmd, inspect, merge, info, rank, resize, extract, serve, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
