@@ -134,7 +134,12 @@ def compare(gguf_base: str, lora: str, model: Any, tokenizer: Any, threads: int 
 
     def load(lora_path: str | None) -> Any:
         return llama_cpp.Llama(
-            model_path=gguf_base, lora_path=lora_path, n_ctx=256, logits_all=True, n_threads=threads, verbose=False
+            model_path=gguf_base,
+            lora_path=lora_path,
+            n_ctx=256,
+            logits_all=True,
+            n_threads=threads,
+            verbose=False,
         )
 
     runtimes = {"base": load(None), "adapted": load(lora)}
@@ -142,7 +147,9 @@ def compare(gguf_base: str, lora: str, model: Any, tokenizer: Any, threads: int 
     effects = []
     for number, prompt in enumerate(PROMPTS):
         print(f"  {Path(gguf_base).name}: prompt {number + 1}/{len(PROMPTS)}", flush=True)
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = tokenizer(text, add_special_tokens=False).input_ids
         ours, theirs = {}, {}
         for kind in ("base", "adapted"):
@@ -210,7 +217,8 @@ def table(results: dict[str, Any]) -> str:
         f"llama.cpp (llama-cpp-python) with the exported adapter vs lorakit, SmolLM2-135M-Instruct, {n} chat "
         f"prompts, next-token logits and {tokens} greedy tokens each; medians over prompts.",
         "",
-        "| base GGUF | run | max abs logit diff | relative L2 | same top-1 | same greedy text | tokens agreed (mean) |",
+        "| base GGUF | run | max abs logit diff | relative L2 | same top-1 | same greedy text "
+        "| tokens agreed (mean) |",
         "|---|---|---|---|---|---|---|",
     ]
     for file, label in (("q4_1", "Q4_1 (as shipped)"), ("f32", "float32 copy")):

@@ -59,8 +59,17 @@ def test_the_command_serves_until_interrupted(
     )
     port = free_port()
     command = [sys.executable, "-m", "lorakit.cli", "serve", "--model", str(cli_files / "llama")]
-    command += ["--served-model-name", "tiny", "--adapter", f"mine={tmp_path / 'adapter'}", "--port", str(port)]
-    server = subprocess.Popen(command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command += [
+        "--served-model-name",
+        "tiny",
+        "--adapter",
+        f"mine={tmp_path / 'adapter'}",
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 240
         while True:

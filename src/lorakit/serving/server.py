@@ -22,7 +22,14 @@ __all__ = ["serve", "background"]
 def _server(engine: Engine, host: str, port: int, log_level: str) -> uvicorn.Server:
     import uvicorn
 
-    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level, access_log=False)
+    config = uvicorn.Config(
+        create_app(engine),
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,  # a client that never reads must not hold the shutdown forever
+    )
     return uvicorn.Server(config)
 
 
