@@ -11,7 +11,8 @@ For each of 6 chat prompts: the next-token logits after the prompt, and 16 greed
 runs: lorakit base / adapted, llama.cpp base / adapted. The base alone is the control: whatever
 llama.cpp's Q4_1 arithmetic (weights in 4 bits, activations rounded to 8 bits in each product)
 costs without an adapter is the precision the quantized base allows. The same comparison on a
-float32 copy of the GGUF file (same tensors, dequantized) shows what remains without quantization.
+float32 copy of the GGUF file (same tensors, dequantized) shows what remains without quantized
+weights (llama.cpp still keeps its KV cache in float16).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def compare(gguf_base: str, lora: str, model: Any, tokenizer: Any, threads: int = 2) -> dict[str, Any]:
+def compare(gguf_base: str, lora: str, model: Any, tokenizer: Any, threads: int = 1) -> dict[str, Any]:
     """The agreement figures of llama.cpp on ``gguf_base`` (+ ``lora``) with lorakit's ``model``."""
     import llama_cpp
 
@@ -198,6 +199,7 @@ def measure(workdir: Path) -> dict[str, Any]:
 
     from lorakit.export import export_gguf
 
+    torch.set_num_threads(1)  # as llama.cpp's n_threads: no thread waits on another on a busy machine
     q4, model_dir = base_files()
     print("  adapter, export, float32 copy of the base GGUF", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
