@@ -81,19 +81,17 @@ def test_sampling_with_a_seed_does_not_depend_on_the_batch(served_files: Path) -
 def test_unload_waits_for_the_adapters_requests_and_refuses_new_ones(served_files: Path) -> None:
     engine = _engine(served_files, max_batch_size=2, adapters=("alpha",))
     try:
-        done: list[Any] = []
+        events: list[Any] = []
         long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-        worker = threading.Thread(target=lambda: done.append(engine.generate([5, 6], "alpha", long)))
-        worker.start()
+        engine.submit([5, 6], "alpha", long, events.append)  # the sink runs on the engine's thread
         while engine.load()["running"] == 0:
             pass
         engine.unload_adapter("alpha")  # returns once the running request is done
-        assert len(done) == 1 and len(done[0].token_ids) == 40
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 40
         with pytest.raises(ModelNotFoundError):
             engine.submit([5], "alpha", long, lambda e: None)
         assert engine.served.peft is None  # the last adapter gone: the plain base model again
         assert engine.generate([5, 6], "tiny", SamplingParams(max_tokens=2, temperature=0)).token_ids
-        worker.join()
     finally:
         engine.stop()
 
