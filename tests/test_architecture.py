@@ -21,6 +21,7 @@ CLI_ALLOWED = (
     "lorakit",
     "lorakit.integrations.trainer",
     "lorakit.distributed",
+    "lorakit.hub",
     "lorakit.serving",
     "lorakit.export",
 )

@@ -9,7 +9,7 @@ Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers wit
 """
 
 from lorakit._version import __version__
-from lorakit.config import LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from lorakit.config import EvaConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
@@ -19,6 +19,7 @@ from lorakit.errors import (
     DistributedError,
     ExportError,
     LorakitError,
+    MixedBatchError,
     ModelNotFoundError,
     ServingError,
     TargetingError,
@@ -35,7 +36,10 @@ from lorakit.integrations.tasks import (
     PeftModelForTokenClassification,
     PeftModelForTranslation,
 )
+from lorakit.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.model.inspection import inspect
+from lorakit.model.lora_ga import preprocess_loraga
+from lorakit.model.loraplus import create_loraplus_optimizer
 from lorakit.persistence.hotswap import (
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
@@ -57,6 +61,8 @@ from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inj
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "EvaConfig",
+    "LoraGAConfig",
     "TaskType",
     "PeftType",
     "PeftModel",
@@ -76,6 +82,10 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inspect",
+    "create_loraplus_optimizer",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "preprocess_loraga",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",
@@ -92,6 +102,7 @@ __all__ = [
     "TargetingError",
     "AdapterError",
     "AdapterFileError",
+    "MixedBatchError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "TargetingError",
     "AdapterError",
+    "MixedBatchError",
     "AdapterFileError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
@@ -31,6 +32,11 @@ class TargetingError(LorakitError):
 
 class AdapterError(LorakitError):
     """An adapter operation was asked for that the model's current state does not allow."""
+
+
+class MixedBatchError(AdapterError, TypeError):
+    """``adapter_names`` (a mixed batch) reached a layer kind that applies one set of adapters to the
+    whole batch (``nn.MultiheadAttention``). Also a ``TypeError``, which PEFT raises there."""
 
 
 class AdapterFileError(LorakitError):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +18,8 @@ from lorakit.cli.main import build_parser
 from lorakit.cli.serve import PRESET, PRESET_NAME, plan
 
 
-def _args(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["serve", *argv])
+def _args(*argv: str) -> Any:
+    return build_parser().parse_args(["serve", *argv]).serve
 
 
 def test_no_model_flag_serves_the_presets_base_with_the_adapter_train_wrote(tmp_path: Path) -> None:

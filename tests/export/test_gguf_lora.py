@@ -196,6 +196,7 @@ def test_a_base_gguf_supplies_the_heads_and_is_checked_name_by_name(tmp_path: Pa
     assert not (tmp_path / "no.gguf").exists()
 
 
+@pytest.mark.filterwarnings("ignore:the model ties its input embedding")  # the tied cases, on purpose
 @pytest.mark.parametrize(
     ("options", "base_kwargs", "message"),
     [
@@ -231,6 +232,11 @@ def test_the_command_writes_the_file_or_reports_one_line(
     folder, _ = _adapter(tmp_path, _llama())
     assert main(["export", str(folder), "--to", "gguf", "--out", str(tmp_path / "c.gguf")]) == 0
     assert "14 LoRA pairs for llama.cpp's 'llama' (alpha 8)" in capsys.readouterr().out
+    again = ["export", str(folder), "--out", str(tmp_path / "c.gguf")]
+    assert main(again) == 2 and "pass --overwrite" in capsys.readouterr().err  # never replaced unasked
+    assert main([*again, "--overwrite", "--outtype", "f16"]) == 0
+    assert gguf.GGUFReader(str(tmp_path / "c.gguf")).tensors[0].tensor_type == gguf.GGMLQuantizationType.F16
+    capsys.readouterr()
     dora, _ = _adapter(tmp_path, _llama(), name="dora", use_dora=True)
     assert main(["export", str(dora), "--out", str(tmp_path / "d.gguf")]) == 2
     assert capsys.readouterr().err.startswith("lorakit export: error: ")

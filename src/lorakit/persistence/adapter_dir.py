@@ -89,7 +89,13 @@ def _adapter_payload(
     adapter as saved right after a PiSSA/OLoRA init (the result is converted to a plain LoRA for the
     original base); ``whole``: the adapter's tensors gathered from a sharded model (by
     :mod:`lorakit.distributed`)."""
-    live = saved_tensors(model, name, config.bias, config.target_modules)
+    live = saved_tensors(
+        model,
+        name,
+        config.bias,
+        config.target_modules,
+        trainable_tokens=config.trainable_token_indices is not None,
+    )
     if whole is None:
         tensors = dict(live)
     else:
@@ -103,6 +109,8 @@ def _adapter_payload(
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     if any(engines.is_engine_sharded(m.weight) for _, m in targets):
         targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
+    if initial is not None:
+        targets = []  # a converted adapter is for the original base, which the live (residual) one is not
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets) if targets else None
     if fp is not None:
@@ -220,11 +228,17 @@ def save_adapter_tensors(
 
 # -- reading --------------------------------------------------------------------------------------
 def read_adapter(
-    path: str | os.PathLike[str], *, is_trainable: bool = False, subfolder: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> AdapterFiles:
-    """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
-    ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
-    directory = adapter_folder(path, subfolder)
+    """Read an adapter directory (a path, or a Hub id fetched at ``revision``): config, then
+    ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin`` through
+    ``torch.load(weights_only=True)``)."""
+    directory = adapter_folder(path, subfolder, revision=revision, token=token)
     config = LoraConfig.from_pretrained(directory)
     safe, legacy = directory / fileio.WEIGHTS_NAME, directory / fileio.LEGACY_WEIGHTS_NAME
     if safe.is_file():
@@ -317,7 +331,8 @@ def check_adapter(
         raise AdapterError(
             f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}"
         )
-    plan = injection.plan(model, files_.config, adapter_name)
+    with injection.filling_from_file():
+        plan = injection.plan(model, files_.config, adapter_name)
     lines = _key_problems(
         planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan), files_.tensors
     )
@@ -364,13 +379,18 @@ def load_new(
     build: Callable[[nn.Module, LoraConfig, str], Any],
     on_base_mismatch: BaseMismatch = "warn",
     subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> Any:
     """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
     (which injects the adapter and wraps the model), then copy the weights in."""
-    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
+    files_ = read_adapter(
+        path, is_trainable=is_trainable, subfolder=subfolder, revision=revision, token=token
+    )
     plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    wrapped = build(model, plan.config, adapter_name)
+    with injection.filling_from_file():
+        wrapped = build(model, plan.config, adapter_name)
     try:
         _fill(model, files_, adapter_name)
     except BaseException:
@@ -391,12 +411,17 @@ def load_adapter(
     is_trainable: bool,
     on_base_mismatch: BaseMismatch = "warn",
     subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> None:
     """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
     trainability is the caller's) and record its config in ``configs``."""
-    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=subfolder)
+    files_ = read_adapter(
+        path, is_trainable=is_trainable, subfolder=subfolder, revision=revision, token=token
+    )
     plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
-    configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
+    with injection.filling_from_file():
+        configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
     try:
         _fill(model, files_, adapter_name)
     except BaseException:

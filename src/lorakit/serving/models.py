@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, ModelNotFoundError, ServingError
+from lorakit.hub import ADAPTER_FILES, local_folder
 from lorakit.layers.rows import BASE_ROWS
 from lorakit.wrapper.peft_model import PeftModel
 
@@ -63,19 +64,11 @@ def load_base(model: str, dtype: str | torch.dtype | None = None) -> tuple[nn.Mo
 
 
 def resolve_adapter_path(path: str) -> str:
-    """A local adapter folder as is; otherwise a hub repository id, downloaded (huggingface_hub)."""
-    if os.path.isdir(path):
-        return path
-    if re.fullmatch(r"[\w.\-]+/[\w.\-]+", path) and not os.path.exists(path):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return str(snapshot_download(path, allow_patterns=["adapter_*", "*/adapter_*"]))
-        except Exception as exc:  # offline, no such repository, ...: one line for the client
-            raise AdapterError(
-                f"adapter {path!r} is not a folder and could not be downloaded: {exc}"
-            ) from exc
-    raise AdapterError(f"adapter path {path!r} is not a folder holding adapter_config.json")
+    """A local adapter folder as is; a Hub id from the HF cache or the Hub (:mod:`lorakit.hub`)."""
+    folder = local_folder(path, files=ADAPTER_FILES, what="adapter")
+    if not (folder / "adapter_config.json").is_file():
+        raise AdapterError(f"adapter path {path!r} is not a folder holding adapter_config.json")
+    return str(folder)
 
 
 class ServedModel:

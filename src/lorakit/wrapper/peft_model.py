@@ -296,9 +296,10 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load the adapter in directory ``model_id`` onto ``model``. Config, keys, shapes and the base
-        fingerprint are checked before ``model`` changes. ``is_trainable=False``: inference (frozen,
-        eval mode). Keywords: ``on_base_mismatch`` ("warn" | "error" | "ignore"), ``subfolder``."""
+        """Load the adapter in directory ``model_id`` (or Hub repository ``"org/adapter"``) onto
+        ``model``. Config, keys, shapes and the base fingerprint are checked before ``model`` changes.
+        ``is_trainable=False``: inference (frozen, eval mode). Keywords: ``on_base_mismatch`` ("warn" |
+        "error" | "ignore"), ``subfolder``, and for a Hub id ``revision`` and ``token``."""
         build = get_peft_model if cls is PeftModel else cls
         return adapter_dir.load_new(
             model, model_id, adapter_name, is_trainable=is_trainable, build=build, **kwargs
@@ -307,8 +308,8 @@ class PeftModel(nn.Module):
     def load_adapter(
         self, model_id: str | os.PathLike[str], adapter_name: str, is_trainable: bool = False, **kwargs: Any
     ) -> None:
-        """Add the adapter in directory ``model_id`` as ``adapter_name`` (inactive; trainable only with
-        ``is_trainable``). Same checks and keywords as :meth:`from_pretrained`."""
+        """Add the adapter in directory (or Hub repository) ``model_id`` as ``adapter_name`` (inactive;
+        trainable only with ``is_trainable``). Same checks and keywords as :meth:`from_pretrained`."""
         trainable = self._trainable_names()
         adapter_dir.load_adapter(
             self.get_base_model(),
