@@ -85,6 +85,34 @@ def _ops_table(results: dict) -> list[str]:
     return lines
 
 
+def _moe_table(results: dict) -> list[str]:
+    """LoRA on the experts of a Qwen3-MoE (``moe_worker``): step time over the frozen floor and
+    saved-for-backward memory over it, per experts implementation."""
+    moe = results.get("moe")
+    if not moe:
+        return []
+    s = moe["shape"]
+    lines = [
+        f"Mixture of experts: Qwen3-MoE (hidden {s['hidden']}, {s['layers']} layers, {s['experts']} experts "
+        f"of width {s['expert_width']}, {s['top_k']} per token), batch {s['batch']} × {s['seq']}, float32, "
+        "LoRA r=16 on every expert's `gate_up_proj` and `down_proj` (`target_parameters`).",
+        "",
+        "| experts implementation | library | step time / floor (one process, interleaved) | "
+        "saved for backward over floor (MiB, exact) | lorakit / PEFT: time · saved over floor |",
+        "|---|---|---|---|---|",
+    ]
+    for implementation, row in moe["implementations"].items():
+        ratio, saved = row["ratio_to_floor"], row["saved_mib"]
+        ours, theirs = saved["lorakit"] - saved["floor"], saved["peft"] - saved["floor"]
+        m_ratio = f"{ours / theirs:.2f}" if theirs > 0.01 else "n/a"
+        lines.append(
+            f"| {implementation} | **lorakit** | {ratio['lorakit']:.2f} | {ours:+.1f} | "
+            f"{row['lorakit_over_peft']:.2f} · {m_ratio} |"
+        )
+        lines.append(f"| {implementation} | PEFT | {ratio['peft']:.2f} | {theirs:+.1f} | |")
+    return lines
+
+
 def markdown(results: dict, pairs: list) -> str:
     m = results["machine"]
     s = results["shape"]
@@ -96,6 +124,8 @@ def markdown(results: dict, pairs: list) -> str:
         "",
     ]
     body = _train_table(results, pairs) + [""] + _inference_table(results) + [""] + _ops_table(results)
+    moe = _moe_table(results)
+    body += [""] + moe if moe else []
     return "\n".join(head + body) + "\n"
 
 
@@ -105,7 +135,7 @@ def plot(results: dict, pairs: list, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 3, 2]})
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5), gridspec_kw={"width_ratios": [3, 3, 2, 2]})
     for ax, key, title in (
         (axes[0], "time", "training step time / floor (one process)"),
         (axes[1], "saved_mib", "saved for backward over the floor (MiB)"),
@@ -131,6 +161,7 @@ def plot(results: dict, pairs: list, path: Path) -> None:
         ax.set_title(title)
         ax.legend()
     _plot_ops(axes[2], results)
+    _plot_moe(axes[3], results)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -144,6 +175,34 @@ def _plot_ops(ax, results: dict) -> None:  # type: ignore[no-untyped-def]
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xticks(list(range(len(OPS_ROWS))), labels, fontsize=7, rotation=35, ha="right")
     ax.set_title("adapter operations: lorakit / PEFT time")
+
+
+def _plot_moe(ax, results: dict) -> None:  # type: ignore[no-untyped-def]
+    """LoRA on MoE experts: step time / floor per implementation, saved MiB over the floor on top."""
+    moe = results.get("moe")
+    if not moe:
+        ax.set_axis_off()
+        return
+    impls = list(moe["implementations"])
+    for offset, lib in ((-0.2, "lorakit"), (0.2, "peft")):
+        rows = [moe["implementations"][i] for i in impls]
+        heights = [r["ratio_to_floor"][lib] for r in rows]
+        bars = ax.bar(
+            [x + offset for x in range(len(impls))], heights, 0.4, label="PEFT" if lib == "peft" else lib
+        )
+        for bar, r in zip(bars, rows, strict=True):
+            over = r["saved_mib"][lib] - r["saved_mib"]["floor"]
+            ax.annotate(
+                f"+{over:.0f} MiB",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xticks(list(range(len(impls))), impls, fontsize=8)
+    ax.set_title("LoRA on MoE experts: step / floor\n(saved for backward over floor on top)")
+    ax.legend()
 
 
 def write_outputs(results: dict, out_dir: Path, pairs: list, update_readme: bool) -> None:

@@ -95,6 +95,7 @@ def main() -> None:
         "inference": {},
         "ops": {},
         "compile": {},
+        "moe": {},
     }
     for dtype in ("float32", "bfloat16"):
         results["train"][dtype] = train_separate(dtype, rounds, steps, quick)
@@ -124,6 +125,10 @@ def main() -> None:
     print("  [torch.compile] lorakit and PEFT, compiled and eager, interleaved", flush=True)
     results["compile"] = _run(
         ["benchmarks.compile_worker", "--steps", "3" if quick else "15"] + (["--quick"] if quick else [])
+    )
+    print("  [mixture of experts] LoRA on the experts: floor, lorakit, PEFT, interleaved", flush=True)
+    results["moe"] = _run(
+        ["benchmarks.moe_worker", "--steps", "2" if quick else "10"] + (["--quick"] if quick else [])
     )
     write_outputs(results, out_dir, PAIRS, update_readme=not quick)
     print(f"wrote {out_dir}/results.json, results.md, results.png")

@@ -92,6 +92,19 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
+def tiny_moe(folder: Path, llama: Path) -> Path:
+    """The zoo's Qwen3-MoE (causal LM, 4 experts as 3-D parameters) and the tokenizer of the CLI
+    Llama folder ``llama``, saved in ``folder``."""
+    from transformers import AutoTokenizer
+    from zoo import moe
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama))
+    folder.mkdir(parents=True, exist_ok=True)
+    moe("qwen3_moe", vocab_size=len(tokenizer), max_position_embeddings=64).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _word_tokenizer(extra: list[str]) -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -59,14 +59,47 @@ def test_report_renders_every_row(tmp_path):
             "compiled_over_eager": {"lorakit": 0.8, "peft": 0.85},
             "graph_breaks": {"lorakit": 0, "peft": 0},
         },
+        "moe": {
+            "shape": {
+                "hidden": 4,
+                "layers": 1,
+                "experts": 2,
+                "expert_width": 4,
+                "top_k": 1,
+                "batch": 1,
+                "seq": 2,
+            },
+            "implementations": {
+                impl: {
+                    "ratio_to_floor": {"floor": 1.0, "lorakit": 1.5, "peft": 2.0},
+                    "lorakit_over_peft": 0.75,
+                    "saved_mib": {"floor": 1.0, "lorakit": 2.0, "peft": 5.0},
+                }
+                for impl in ("grouped_mm", "eager")
+            },
+        },
     }
     report.write_outputs(results, tmp_path, PAIRS, update_readme=False)
     table = (tmp_path / "results.md").read_text()
-    assert table.count("**lorakit**") == len(PAIRS)
+    assert table.count("**lorakit**") == len(PAIRS) + 2  # + the two MoE rows
     assert table.count("| 0.90 |") == len(report.OPS_ROWS)
     assert "| compiled / eager step time | 0.80 | 0.85 |" in table
+    assert table.count("| 0.75 · 0.25 |") == 2  # the MoE rows: time and saved memory, lorakit / PEFT
     assert json.loads((tmp_path / "results.json").read_text())["command"] == "x"
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+@pytest.mark.parity
+def test_moe_methods_train_lora_on_the_experts():
+    from benchmarks import moe_worker
+
+    for method in ("lorakit", "peft"):
+        model, optimizer = moe_worker.make(method, moe_worker.QUICK, "grouped_mm")
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert any(".experts." in n for n in before)
+        common.train_step(model, optimizer, moe_worker.batch(moe_worker.QUICK))
+        common.train_step(model, optimizer, moe_worker.batch(moe_worker.QUICK))
+        assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
 
 
 @pytest.mark.parity

@@ -149,6 +149,37 @@ def test_causal_lm_without_label_column_is_plain_language_modelling(files: Path,
     assert set(record["after"]) == {"perplexity", "loss"}
 
 
+def test_lora_on_the_experts_of_a_saved_moe_model(files: Path, tmp_path: Path) -> None:
+    """``--target-parameters`` reaches the experts of a mixture-of-experts folder; the adapter it
+    saves holds the experts' factors and loads in PEFT."""
+    import peft
+    from cli_fixtures import tiny_moe
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe(tmp_path / "moe", files / "llama")
+    experts = "experts.gate_up_proj,experts.down_proj"
+    record = train(
+        files,
+        tmp_path / "run",
+        "--task",
+        "causal-lm",
+        "--model",
+        str(model),
+        "--data",
+        str(files / "sentiment.csv"),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--target-parameters",
+        experts,
+    )
+    assert record["target_parameters"] == sorted(experts.split(","))
+    assert record["after"]["loss"] < record["before"]["loss"]
+    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), tmp_path / "run")
+    assert type(loaded.base_model.model.model.layers[0].mlp.experts).__name__ == "ParamWrapper"
+
+
 @pytest.mark.parametrize("suffix", [".toml", ".yaml"])
 def test_config_file_with_flag_override(files: Path, tmp_path: Path, suffix: str) -> None:
     lines = [

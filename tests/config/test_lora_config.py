@@ -79,7 +79,6 @@ def test_assignment_validates_and_changes_nothing_on_error():
 @pytest.mark.parametrize(
     ("kwargs", "shown"),
     [
-        ({"target_parameters": ["experts.gate_up_proj"]}, "target_parameters=['experts.gate_up_proj'] asks"),
         ({"use_qalora": True}, "use_qalora=True asks for QA-LoRA"),
         ({"layer_replication": [(0, 2)]}, "layer_replication="),
         ({"init_lora_weights": "corda"}, "init_lora_weights='corda' is not supported by lorakit: CorDA"),
@@ -90,6 +89,15 @@ def test_features_lorakit_lacks_are_refused_at_construction(kwargs, shown):
     with pytest.raises(ConfigError, match="(does not support|is not supported)") as info:
         LoraConfig(**kwargs)
     assert shown in str(info.value)
+
+
+def test_target_parameters_are_names_as_in_peft():
+    assert LoraConfig(target_parameters={"experts.down_proj", "experts.gate_up_proj"}).target_parameters == [
+        "experts.down_proj",
+        "experts.gate_up_proj",
+    ]
+    with pytest.raises(ConfigError, match="target_parameters='experts.gate_up_proj': must be a list"):
+        LoraConfig(target_parameters="experts.gate_up_proj")  # PEFT refuses a string too
 
 
 @pytest.mark.parity

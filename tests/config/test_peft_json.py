@@ -133,7 +133,6 @@ def test_neutral_values_are_accepted(key, value):
         ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]]"),
         ("megatron_config", {"tp": 2}, "megatron_config="),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
-        ("target_parameters", ["experts.weight"], "target_parameters="),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
     ],

@@ -117,6 +117,62 @@ def ddp_controls(ref: tuple, work: Path) -> dict[str, Any]:
     return out
 
 
+def ddp_moe(ref: tuple, work: Path) -> dict[str, Any]:
+    """LoRA on the experts of a Qwen3-MoE (``target_parameters``) under DDP: the same adapter on
+    every rank as one process training on the whole batch; rank 0 saves a PEFT-format adapter that
+    lorakit and PEFT both reload to the engine's logits."""
+    import peft as hf_peft
+    import zoo
+
+    def fresh() -> lorakit.PeftModel:
+        base = zoo.moe("qwen3_moe").train()  # vocab 100 > the scenario's 96
+        torch.manual_seed(S.SEED)
+        config = lorakit.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        )
+        return lorakit.get_peft_model(base, config)
+
+    single = fresh()
+    initial = {k: v.clone() for k, v in lorakit.get_peft_model_state_dict(single).items()}
+    opt = _sgd(single)
+    for _ in range(S.STEPS):
+        single(input_ids=S.global_batch(), labels=S.global_batch()).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    reference = lorakit.get_peft_model_state_dict(single)
+    peft = fresh()
+    model = ld.wrap_ddp(peft)
+    opt = _sgd(model)
+    _train(
+        lambda mb, _sync: model(input_ids=mb, labels=mb).loss.backward(),
+        lambda: (opt.step(), opt.zero_grad()),
+        1,
+    )
+    gathered = ld.gather_adapter_state_dict(model, rank0_only=False)
+    digests = S.all_ranks(S.digest(gathered))
+    peft.save_pretrained(str(work))  # every rank; rank 0 writes
+    peft.eval()
+    logits = _logits(peft)(S.eval_batch())
+    dist.barrier()
+    if dist.get_rank() != 0:
+        return {}
+    reloaded = lorakit.PeftModel.from_pretrained(zoo.moe("qwen3_moe"), str(work))
+    by_peft = hf_peft.PeftModel.from_pretrained(zoo.moe("qwen3_moe"), str(work))
+    with torch.no_grad():
+        ours, theirs = (m(input_ids=S.eval_batch()).logits for m in (reloaded, by_peft))
+    return {
+        "identical_on_ranks": len(set(digests)) == 1,
+        "matches_reference": S.max_diff(gathered, reference),
+        "adapter_moved": S.max_diff(gathered, initial),
+        "expert_keys_saved": sum(".experts." in k for k in gathered),
+        "reload_logits": float((ours - logits).abs().max()),
+        "peft_reload_logits": float((theirs - logits).abs().max()),
+    }
+
+
 # -- FSDP2 -----------------------------------------------------------------------------------------
 def _fully_shard(peft: lorakit.PeftModel) -> None:
     from torch.distributed.device_mesh import init_device_mesh
@@ -396,6 +452,7 @@ SCENARIOS: dict[str, list[tuple[str, Callable[[tuple, Path], dict[str, Any]]]]] 
         ("ddp_reentrant_ckpt", ddp(reentrant=True)),
         ("controls", ddp_controls),
         ("eva_gather", eva_gather),
+        ("moe_experts", ddp_moe),
     ],
     "fsdp2": [
         ("fsdp2", fsdp2()),

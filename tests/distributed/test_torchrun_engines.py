@@ -240,3 +240,17 @@ def test_rank0_only_save_fails_instead_of_hanging(launch: Launch) -> None:
     results = launch("fsdp2")["rank0_only_save"]
     assert str(results["rank0_only_save_fails"]).startswith("ok"), results
     assert results["seconds"] < 30
+
+
+def test_ddp_trains_and_saves_lora_on_experts(launch: Launch) -> None:
+    """target_parameters under DDP: the experts' factors (PEFT's stacked layout) synchronise like any
+    parameter, match one process on the whole batch, and the file rank 0 saves loads in lorakit and
+    in PEFT to the same logits (1e-6: the same weights, the same float32 sums up to association)."""
+    results = launch("ddp")["moe_experts"]
+    assert "error" not in results, results.get("error")
+    assert results["identical_on_ranks"] is True
+    assert results["matches_reference"] <= 1e-5
+    assert results["adapter_moved"] > 1e-3
+    assert results["expert_keys_saved"] == 2 * 2 * 2  # 2 layers × (gate_up, down) × (A, B)
+    assert results["reload_logits"] <= 1e-6
+    assert results["peft_reload_logits"] <= 1e-5

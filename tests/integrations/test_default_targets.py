@@ -62,3 +62,13 @@ def test_inspect_explains_a_model_without_default() -> None:
     assert "no default" in text and "layer.0.ff.layer_1" in text and "all-linear" in text
     with pytest.raises(TargetingError, match=r"no default for model_type 'xlnet'.*layer_1, layer_2"):
         lorakit.get_peft_model(build("xlnet"), lorakit.LoraConfig())
+
+
+@pytest.mark.parity
+def test_lorakit_additions_are_what_peft_lacks() -> None:
+    """With target_parameters only PEFT's entries apply: the additions must be exactly the others."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
+
+    from lorakit.integrations.default_targets import DEFAULT_TARGETS, LORAKIT_ADDITIONS
+
+    assert set(DEFAULT_TARGETS) - set(PEFT_TABLE) == LORAKIT_ADDITIONS

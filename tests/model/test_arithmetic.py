@@ -166,3 +166,13 @@ def test_base_model_spelling_like_peft():
     lk.base_model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="linear")
     assert "ab" in lk.peft_config
     assert not any(p.requires_grad for n, p in lk.named_parameters() if ".ab." in n)
+
+
+def test_adapters_on_experts_are_not_combined():
+    from zoo import moe
+
+    config = lorakit.LoraConfig(target_modules=["q_proj"], target_parameters=["experts.down_proj"])
+    model = lorakit.get_peft_model(moe("qwen3_moe"), config)
+    model.add_adapter("other", config)
+    with pytest.raises(lorakit.AdapterError, match=r"\['default', 'other'\] use target_parameters"):
+        model.add_weighted_adapter(["default", "other"], [1.0, 1.0], "sum", combination_type="linear")

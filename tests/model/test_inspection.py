@@ -34,3 +34,13 @@ def test_inspect_gpt2_conv1d_and_after_injection():
     lorakit.inject_adapter_in_model(LoraConfig(target_modules=["c_attn"]), model)
     after = {row["name"]: row for row in lorakit.inspect(model).modules}
     assert after == rows  # the wrapped modules are still listed as their base layers
+
+
+def test_inspect_lists_the_parameters_of_experts():
+    from zoo import moe
+
+    report = lorakit.inspect(moe("mixtral"))
+    names = [p["name"] for p in report.parameters]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in names and "model.layers.1.mlp.gate.weight" in names
+    text = str(report)
+    assert "parameters for target_parameters" in text and "MixtralExperts" in text

@@ -206,3 +206,148 @@ def test_random_selections_match_peft(targets, exclude, layers, pattern):
     }
     # PEFT refuses non-Linear "mlp" modules with a different message; both must refuse
     assert _selection(ours, llama, kwargs) == _selection(theirs, llama, kwargs)
+
+
+# -- target_parameters: parameters (the experts of mixture-of-experts layers) -------------------------
+def _qwen3_moe():
+    from zoo import moe
+
+    return moe("qwen3_moe")
+
+
+def _param_layers(model: nn.Module) -> set[tuple[str, str]]:
+    """(path, parameter name) of every parameter wrapper, lorakit's or PEFT's."""
+    return {
+        (n.removeprefix("base_model.model."), m.parameter_name)
+        for n, m in model.named_modules()
+        if type(m).__name__ == "ParamWrapper"
+    }
+
+
+PARAMETER_SELECTIONS = [
+    {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+    {"target_modules": [], "target_parameters": ["down_proj"]},  # a suffix of the key
+    {"target_modules": [], "target_parameters": ["model.layers.1.mlp.experts.gate_up_proj"]},  # a full key
+    {"target_modules": [], "target_parameters": ["mlp.gate.weight"]},  # a router's matrix
+    {"target_modules": ["o_proj"], "target_parameters": ["experts.down_proj"]},  # both kinds
+    {"target_parameters": ["experts.gate_up_proj"]},  # target_modules=None, no PEFT default: parameters only
+    # mixtral: in PEFT's table, but PEFT's transformers-4 config conversion empties the targets first
+    {"target_parameters": ["experts.gate_up_proj"], "arch": "mixtral"},
+    # transformers-4 names of experts and routers move to target_parameters (integrations/moe_targets.py)
+    {"target_modules": "all-linear"},
+    {"target_modules": "all-linear", "arch": "mixtral"},
+    {"target_modules": "all-linear", "arch": "gpt_oss"},  # never had linear experts: attention only
+    {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "arch": "olmoe"},
+    {"target_modules": ["w1", "w2", "w3", "gate"], "arch": "mixtral"},
+    {"target_modules": r".*\.layers\.1\..*(gate_proj|up_proj|v_proj)"},
+]
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("kwargs", PARAMETER_SELECTIONS)
+def test_target_parameters_select_what_peft_selects(kwargs):
+    """The same parameters, wrapped at the same paths (nested per module: file keys depend on it)."""
+    from zoo import moe
+
+    kwargs = dict(kwargs)
+    arch = kwargs.pop("arch", "qwen3_moe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mine = lorakit.get_peft_model(moe(arch), LoraConfig(**kwargs))
+        reference = peft.get_peft_model(moe(arch), peft.LoraConfig(**kwargs))
+    assert _param_layers(mine) == _param_layers(reference)
+    assert _param_layers(mine) or arch == "gpt_oss"
+    for key in ("target_parameters", "rank_pattern", "alpha_pattern"):  # saved alike, so files match
+        ours_value = getattr(mine.peft_config["default"], key)
+        theirs_value = getattr(reference.peft_config["default"], key)
+        assert sorted(ours_value or []) == sorted(theirs_value or []), key
+        if isinstance(ours_value, dict):
+            assert ours_value == theirs_value, key
+    modules = {
+        n for n, m in mine.named_modules() if isinstance(m, LoraLayer) and type(m).__name__ != "ParamWrapper"
+    }
+    assert modules == {
+        n
+        for n, m in reference.named_modules()
+        if isinstance(m, PeftLoraLayer) and type(m).__name__ != "ParamWrapper"
+    }
+
+
+def test_half_of_a_fused_expert_is_refused():
+    with pytest.raises(
+        lorakit.ConfigError, match=r"names \['gate_proj'\] but not \['up_proj'\].*gate_up_proj"
+    ):
+        lorakit.get_peft_model(_qwen3_moe(), LoraConfig(target_modules=["q_proj", "gate_proj"]))
+
+
+def test_target_parameters_nest_in_registration_order():
+    model = lorakit.inject_adapter_in_model(
+        LoraConfig(target_modules=[], target_parameters=["experts.down_proj", "experts.gate_up_proj"]),
+        _qwen3_moe(),
+    )
+    experts = model.model.layers[0].mlp.experts
+    assert experts.parameter_name == "down_proj" and experts.base_layer.parameter_name == "gate_up_proj"
+    keys = set(lorakit.get_peft_model_state_dict(model))
+    assert "model.layers.0.mlp.experts.lora_A.weight" in keys
+    assert "model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
+
+
+def test_a_further_adapter_joins_the_wrappers_or_is_refused():
+    config = LoraConfig(target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = lorakit.inject_adapter_in_model(config, _qwen3_moe(), "one")
+    lorakit.inject_adapter_in_model(config, model, "two")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.adapter_names == ["one", "two"] == experts.base_layer.adapter_names
+    assert type(experts.base_layer.base_layer).__name__ == "Qwen3MoeExperts"  # no third level
+    lorakit.inject_adapter_in_model(
+        LoraConfig(target_modules=[], target_parameters=["gate_up_proj"]), model, "sub"
+    )
+    other = _qwen3_moe()
+    lorakit.inject_adapter_in_model(
+        LoraConfig(target_modules=[], target_parameters=["gate_up_proj"]), other, "one"
+    )
+    with pytest.raises(TargetingError, match=r"must target the same parameters \(not also \['down_proj'\]\)"):
+        lorakit.inject_adapter_in_model(config, other, "two")
+
+
+def test_parameter_targeting_errors():
+    with pytest.raises(
+        TargetingError,
+        match="matches no parameter.*Parameters that could be targeted: .*experts.gate_up_proj",
+    ):
+        lorakit.inject_adapter_in_model(
+            LoraConfig(target_modules=[], target_parameters=["expert.up"]), _qwen3_moe()
+        )
+    with pytest.raises(TargetingError, match="its module is also in target_modules"):
+        lorakit.inject_adapter_in_model(
+            LoraConfig(target_modules=["q_proj"], target_parameters=["q_proj.weight"]), _qwen3_moe()
+        )
+    adapted = lorakit.inject_adapter_in_model(LoraConfig(target_modules=["q_proj"]), _qwen3_moe())
+    with pytest.raises(TargetingError, match="already adapted through target_modules"):
+        lorakit.inject_adapter_in_model(
+            LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]), adapted, "second"
+        )
+    with pytest.raises(TargetingError, match="nothing to adapt"):
+        lorakit.inject_adapter_in_model(LoraConfig(target_modules=[]), _qwen3_moe())
+    with pytest.raises(TargetingError, match=r"gate_up_proj_bias \(shape \(4, 8\): .*not a bias"):
+        from zoo import moe
+
+        lorakit.inject_adapter_in_model(
+            LoraConfig(target_modules=[], target_parameters=["experts.gate_up_proj_bias"]), moe("gpt_oss")
+        )
+    with pytest.raises(TargetingError, match="lora_bias=True is not supported on parameters"):
+        lorakit.inject_adapter_in_model(
+            LoraConfig(target_modules=[], target_parameters=["down_proj"], lora_bias=True), _qwen3_moe()
+        )
+
+
+def test_targetable_parameters_are_experts_and_routers():
+    from lorakit.model.targeting import targetable_parameters
+
+    rows = {r["name"]: r for r in targetable_parameters(_qwen3_moe())}
+    assert set(rows) == {
+        f"model.layers.{i}.mlp.{p}"
+        for i in (0, 1)
+        for p in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")
+    }
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"]["shape"] == (4, 8, 16)

@@ -135,3 +135,16 @@ def test_merged_adapter_and_mismatched_directory_are_refused(tmp_path):
         _swap(model, _adapter(base, 3, target_modules=["q_proj"]))
     with pytest.raises(lorakit.AdapterError, match="target_rank=2"):
         prepare_model_for_compiled_hotswap(model, target_rank=2)
+
+
+def test_adapters_on_experts_are_not_hot_swapped(tmp_path):
+    """Their experts' factors interleave in one tensor: padding to another rank would mix experts."""
+    from zoo import moe
+
+    config = lorakit.LoraConfig(target_modules=[], target_parameters=["experts.down_proj"])
+    model = lorakit.get_peft_model(moe("qwen3_moe"), config)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(lorakit.AdapterError, match="target_parameters .*not supported"):
+        prepare_model_for_compiled_hotswap(model)
+    with pytest.raises(lorakit.AdapterError, match="target_parameters .*not supported"):
+        hotswap_adapter(model, tmp_path)

@@ -125,3 +125,31 @@ def test_planned_shapes_for_a_second_adapter_on_a_wrapped_attention():
 )
 def test_parse_key_splits_at_the_last_container(key, parsed):
     assert parse_key(key) == AdapterKey(*parsed)
+
+
+def test_keys_of_nested_parameter_layers_parse_and_plan():
+    """The second targeted parameter of a module is a layer nested in the first one's place:
+    ``<m>.base_layer.lora_A.weight`` is an adapter key of ``<m>.base_layer``, and planning gives the
+    keys injection makes."""
+    from zoo import moe
+
+    from lorakit.persistence.keys import parse_key
+
+    parsed = parse_key("base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight")
+    assert (parsed.module, parsed.part, parsed.tensor, parsed.role) == (
+        "model.layers.0.mlp.experts.base_layer",
+        "lora_B",
+        "weight",
+        "B",
+    )
+    assert parse_key("m.base_layer.bias").part == "base_layer"
+    config = LoraConfig(
+        target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    model = moe("qwen3_moe")
+    planned = planned_shapes(model, injection.plan(model, config, "default"), "default")
+    injection.inject(model, config, "default")
+    made = {k: tuple(v.shape) for k, v in adapter_keys(model, "default").tensors.items()}
+    assert planned == made
+    assert made["model.layers.0.mlp.experts.base_layer.lora_A.weight"] == (4 * 8, 16)  # gate_up: E·r × hidden
+    assert made["model.layers.0.mlp.experts.lora_B.weight"] == (16, 8 * 4)  # down: hidden × r·E

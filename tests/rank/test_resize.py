@@ -130,3 +130,14 @@ def test_grouped_convolutions_are_not_resized():
     state = get_peft_model_state_dict(get_peft_model(conv_groups(), config))
     with pytest.raises(AdapterError, match=r"grouped convolutions: \['conv2d'\]"):
         resize_adapter(config, state, rank=2)
+
+
+def test_adapters_on_experts_are_refused_by_the_rank_tools():
+    from zoo import moe
+
+    from lorakit.errors import AdapterError
+
+    config = LoraConfig(target_modules=[], target_parameters=["experts.down_proj"])
+    state = get_peft_model_state_dict(get_peft_model(moe("qwen3_moe"), config))
+    with pytest.raises(AdapterError, match="target_parameters.*per-module factors only"):
+        resize_adapter(config, state, rank=2)

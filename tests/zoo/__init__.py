@@ -10,12 +10,16 @@ Models
     ``task_model(arch, head)``: every task head, with pad tokens;
     ``ZOO[name].build()``: the PEFT-comparison table, with ``ZOO[name].inputs()``;
     ``llama_wide()``: hidden size 32, default attention (rank and compile tests);
+    ``moe(arch)``: the mixture-of-experts models (``MOE_ARCHS``: Qwen3-MoE, Mixtral, OLMoE, GPT-OSS),
+    4 experts of width 4, 2 per token;
     ``saved_model(arch, vocab_size)``: the CLI tests' models, saved beside a tokenizer.
   plain torch (``zoo.torch_models``): ``toy()`` (one layer of every kind lorakit adapts, targets
   ``TOY_TARGETS``), ``tiny()`` (Embedding → Linear → ReLU → Linear), ``Shared`` (a module at two
   paths, tied weights), ``MLP`` (Embedding, Conv2d, Linear), ``conv_groups()`` (grouped Conv2d and
   Conv1d between Linears), ``attention()`` (``nn.MultiheadAttention`` → Linear),
   ``fake_engine(name)`` (a wrapper named like a distributed engine).
+  experts modules (``zoo.experts``): ``EXPERTS`` (every transformers class holding 3-D experts),
+  ``experts_module(name)`` built small, ``experts_inputs(module)``;
   single LoRA layers (``zoo.layers``): ``lora_layer(kind)`` for each of ``LAYER_KINDS`` with its
   input, ``add_adapter(layer)``.
 Inputs and outputs (``zoo.inputs``)
@@ -67,6 +71,7 @@ from zoo.torch_models import (
 from zoo.transformers_models import (
     ARCHS,
     MODELS,
+    MOE_ARCHS,
     SMALL_VOCAB,
     VOCAB,
     bert_cls,
@@ -76,6 +81,7 @@ from zoo.transformers_models import (
     llama,
     llama_wide,
     model_class,
+    moe,
     saved_model,
     task_model,
 )
@@ -88,6 +94,7 @@ __all__ = [
     "LAYER_KINDS",
     "MLP",
     "MODELS",
+    "MOE_ARCHS",
     "SMALL_VOCAB",
     "TOY_TARGETS",
     "VOCAB",
@@ -116,6 +123,7 @@ __all__ = [
     "lora_layer",
     "main_output",
     "model_class",
+    "moe",
     "output_tensors",
     "perturb_trainable",
     "saved_model",

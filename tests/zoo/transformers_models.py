@@ -26,6 +26,20 @@ _TEXT = dict(
     vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
 )
 
+# the MoE models: Llama-like attention, routers picking 2 of 4 experts of width 4, so that no expert
+# matrix is square (gate_up (4, 8, 16), down (4, 16, 4)) and a transposed layout cannot pass unseen
+_MOE = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=32,
+)
+MOE_ARCHS = ["qwen3_moe", "mixtral", "olmoe", "gpt_oss"]
+
 # architecture → (transformers class prefix, config class, config kwargs)
 _ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "bert": (
@@ -147,6 +161,27 @@ _ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
             attention_probs_dropout_prob=0.0,
         ),
     ),
+    # mixture-of-experts: experts as 3-D parameters of one module (issue 16); 4 experts, 2 per token
+    "qwen3_moe": (
+        "Qwen3Moe",
+        "Qwen3MoeConfig",
+        dict(**_MOE, moe_intermediate_size=4, num_experts=4, head_dim=8),
+    ),
+    "mixtral": ("Mixtral", "MixtralConfig", dict(**_MOE, num_local_experts=4)),
+    "olmoe": ("Olmoe", "OlmoeConfig", dict(**_MOE, num_experts=4, pad_token_id=0, eos_token_id=2)),
+    # experts stored (experts, in, out), gate and up interleaved, expert biases
+    "gpt_oss": (
+        "GptOss",
+        "GptOssConfig",
+        dict(
+            **_MOE,
+            num_local_experts=4,
+            head_dim=8,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        ),
+    ),
     # no default target modules in PEFT (nor in lorakit): the "what can I target?" errors
     "xlnet": ("XLNet", "XLNetConfig", dict(vocab_size=VOCAB, d_model=16, n_layer=2, n_head=2, d_inner=32)),
 }
@@ -174,6 +209,15 @@ def build(arch: str, head: str = "Model", *, seed: int = 0, **overrides: Any) ->
 
 
 # -- the unit-test models (vocab 64): crossed with every state change ---------------------------------
+def moe(arch: str, seed: int = 0, experts_implementation: str = "grouped_mm", **overrides: Any) -> nn.Module:
+    """``<Arch>ForCausalLM`` of a mixture-of-experts architecture (``MOE_ARCHS``), eval mode, with
+    its experts run by ``experts_implementation`` ("grouped_mm": transformers' default, "eager",
+    "batched_mm")."""
+    model = build(arch, "ForCausalLM", seed=seed, **overrides)
+    model.set_experts_implementation(experts_implementation)
+    return model
+
+
 def llama(seed: int = 0, *, vocab: int = SMALL_VOCAB) -> nn.Module:
     """A 2-layer Llama with hidden size 16 (q/k/v/o, gate/up/down projections, untied head).
 

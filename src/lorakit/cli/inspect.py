@@ -62,10 +62,14 @@ def run(args: Any) -> int:
     path = PRESETS[args.model].model() if args.model in PRESETS else args.model
     model = build_empty(path, args.task, args.revision, args.trust_remote_code)
     print(f"{type(model).__name__} from {path}")
-    print(lorakit.inspect(model))
+    report = lorakit.inspect(model)
+    print(report)
     defaults = TrainSettings()
     print(
         f"\nlorakit train defaults: r={defaults.r}, alpha={defaults.alpha}, dropout={defaults.dropout}, "
         "target_modules=the default above (override with --target-modules a,b)"
     )
+    experts = [".".join(p["name"].rsplit(".", 2)[-2:]) for p in report.parameters if len(p["shape"]) == 3]
+    if experts:
+        print(f"LoRA on the experts too: --target-parameters {','.join(dict.fromkeys(experts))}")
     return 0

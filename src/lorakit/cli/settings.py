@@ -82,6 +82,9 @@ class TrainSettings:
     target_modules: str | list[str] | None = None
     """module names, comma-separated or a list, or all-linear (default: the architecture's table;
     see `lorakit inspect`)"""
+    target_parameters: str | list[str] | None = None
+    """parameter names, comma-separated or a list, e.g. experts.gate_up_proj,experts.down_proj: LoRA
+    on the experts of mixture-of-experts models (see `lorakit inspect`)"""
     lr: float = 5e-4
     """peak learning rate"""
     lr_scheduler: Scheduler = "linear"
@@ -144,6 +147,8 @@ class TrainSettings:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             object.__setattr__(self, "target_modules", _comma_list(self.target_modules))
+        if isinstance(self.target_parameters, str):
+            object.__setattr__(self, "target_parameters", _comma_list(self.target_parameters))
         if isinstance(self.rank_sweep, str):
             object.__setattr__(self, "rank_sweep", _ints(self.rank_sweep))
         problems = self.problems()

@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lorakit import LoraConfig, get_peft_model
 from lorakit.cli import data as data_mod
@@ -187,6 +187,7 @@ def build_model(plan: Plan, labels: list[str]) -> Any:
         lora_alpha=s.alpha,
         lora_dropout=s.dropout,
         target_modules=s.target_modules,
+        target_parameters=cast("list[str] | None", s.target_parameters),  # a list after __post_init__
         task_type=plan.task.task_type,
         base_model_name_or_path=plan.model_path,
         revision=s.revision,
@@ -235,6 +236,7 @@ def _record(
         "label_column": plan.label_column,
         "config": config,
         "target_modules": sorted(model.peft_config["default"].target_modules or []),
+        "target_parameters": sorted(model.peft_config["default"].target_parameters or []),
         **results,
         "steps": trainer.state.global_step,
         "examples": counts,

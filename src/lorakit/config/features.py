@@ -29,7 +29,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
         "layer replication (copies of layers sharing base weights: a change to the base model "
         "that unload() cannot undo and that no merge can reproduce)",
     ),
-    "target_parameters": ((None, []), "LoRA on parameters (mixture-of-experts experts)"),
     "use_bdlora": ((None, False), "BD-LoRA"),
     "arrow_config": ((None,), "Arrow routing"),
     "kasa_config": ((None,), "KaSA"),

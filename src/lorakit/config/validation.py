@@ -90,6 +90,16 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
     _check_modules(cfg, "target_modules", problems, out, allow_regex=True)
     _check_modules(cfg, "exclude_modules", problems, out, allow_regex=True)
     _check_modules(cfg, "modules_to_save", problems, out, allow_regex=False)
+    if cfg.target_parameters is not None:
+        names = _names(cfg.target_parameters) if not isinstance(cfg.target_parameters, str) else None
+        if names is None:
+            problems.append(
+                f"target_parameters={cfg.target_parameters!r}: must be a list of parameter names "
+                "(e.g. ['experts.gate_up_proj', 'experts.down_proj']) or None; a regex is not supported "
+                "(as in PEFT)"
+            )
+        else:
+            out["target_parameters"] = names
     _check_layers(cfg, problems, out)
     for field, kind in (("rank_pattern", "int"), ("alpha_pattern", "float")):
         _check_pattern(field, getattr(cfg, field), kind, problems, out)

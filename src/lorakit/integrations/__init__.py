@@ -5,7 +5,8 @@ Importing this package registers one ``PeftModel`` subclass per task type with
 :mod:`lorakit.integrations.trainer` (imported explicitly by the user) does.
 """
 
-from lorakit.integrations import default_targets  # noqa: F401 (importing it registers the model_type table)
+# importing these registers the model_type table and the transformers-4 MoE config rewrite
+from lorakit.integrations import default_targets, moe_targets  # noqa: F401
 from lorakit.integrations.heads import find_heads
 from lorakit.integrations.tasks import (
     TASK_MODELS,

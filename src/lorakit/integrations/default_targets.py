@@ -1,8 +1,10 @@
 """Default ``target_modules`` per transformers ``model_type`` (used when a config gives ``None``).
 
 Data only: it starts from PEFT's table (same choices, so a config saved by one library targets the
-same modules in the other) and adds the architectures PEFT leaves out. The attention query and value
-projections are the classic choice of the LoRA paper (§7.1).
+same modules in the other) and adds the architectures PEFT leaves out (:data:`LORAKIT_ADDITIONS`).
+With ``target_parameters`` only the defaults PEFT applies are used, as PEFT otherwise adapts the
+parameters alone. The attention query and value projections are the classic choice of the LoRA
+paper (§7.1).
 """
 
 from __future__ import annotations
@@ -84,16 +86,51 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 }
 
 
-def default_targets(model_type: str | None) -> list[str] | None:
-    """The default module names for ``model_type``, or ``None`` when lorakit has no default."""
-    if model_type is None:
+# The entries PEFT 0.21's table does not have (tests/integrations/test_default_targets.py checks it).
+LORAKIT_ADDITIONS = frozenset(
+    {
+        "albert",
+        "camembert",
+        "cohere",
+        "deit",
+        "dinov2",
+        "distilbert",
+        "granite",
+        "m2m_100",
+        "marian",
+        "mbart",
+        "mpnet",
+        "olmo",
+        "olmo2",
+        "pegasus",
+        "phi3",
+        "qwen2_moe",
+        "qwen3_moe",
+        "smollm3",
+        "starcoder2",
+        "umt5",
+        "vit",
+        "whisper",
+    }
+)
+
+
+# Where PEFT 0.21 applies no default: its table lacks the type, or (mixtral) its conversion of
+# transformers-4 MoE configs replaces target_modules=None by an empty set before the table is read.
+PEFT_WITHOUT_DEFAULT = LORAKIT_ADDITIONS | {"mixtral"}
+
+
+def default_targets(model_type: str | None, *, peft_only: bool = False) -> list[str] | None:
+    """The default module names for ``model_type``, or ``None`` when lorakit has no default (with
+    ``peft_only``: when PEFT applies none, :data:`PEFT_WITHOUT_DEFAULT`)."""
+    if model_type is None or (peft_only and model_type in PEFT_WITHOUT_DEFAULT):
         return None
     names = DEFAULT_TARGETS.get(model_type)
     return list(names) if names is not None else None
 
 
-def _for_model(model: nn.Module) -> list[str] | None:
-    return default_targets(model_type_of(model))
+def _for_model(model: nn.Module, peft_only: bool) -> list[str] | None:
+    return default_targets(model_type_of(model), peft_only=peft_only)
 
 
 register_default_targets(_for_model)

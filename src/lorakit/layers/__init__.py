@@ -8,6 +8,8 @@
 ``conv``               ``nn.Conv1d/2d/3d``
 ``conv_grouped``       ``nn.Conv1d/2d/3d`` with ``groups > 1``
 ``mha``                ``nn.MultiheadAttention`` (its in_proj, and its out_proj as a nested Linear)
+``parameter``          a parameter read inside its module's forward (``target_parameters``: MoE experts)
+``lowrank_weight``     the stand-in weight through which ``parameter`` applies its adapters
 ``modules_to_save``    a module trained in full beside the adapters
 ``trainable_tokens``   chosen rows of an embedding trained beside the adapters (tied heads share them)
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
@@ -25,7 +27,15 @@ from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
-from lorakit.layers.registry import lora_layer_for, register_layer, supported_kinds, variant_for
+from lorakit.layers.parameter import ParamWrapper, wrapper_chain
+from lorakit.layers.registry import (
+    lora_layer_for,
+    parameter_layer_for,
+    register_layer,
+    supported_kinds,
+    supported_parameter_kinds,
+    variant_for,
+)
 from lorakit.layers.rows import BASE_ROWS
 from lorakit.layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layer_problem
 
@@ -41,7 +51,11 @@ __all__ = [
     "TrainableTokensWrapper",
     "TrainableTokensLayer",
     "token_layer_problem",
+    "ParamWrapper",
+    "wrapper_chain",
     "lora_layer_for",
+    "parameter_layer_for",
+    "supported_parameter_kinds",
     "register_layer",
     "supported_kinds",
     "variant_for",

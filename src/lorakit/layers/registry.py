@@ -19,9 +19,18 @@ from lorakit.layers.dora import DORA
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
 from lorakit.layers.mha import MultiheadAttention
+from lorakit.layers.parameter import ParamWrapper, is_adaptable_parameter
 from lorakit.layers.variant import LoraVariant
 
-__all__ = ["register_layer", "lora_layer_for", "supported_kinds", "variant_for", "variants"]
+__all__ = [
+    "register_layer",
+    "lora_layer_for",
+    "parameter_layer_for",
+    "supported_kinds",
+    "supported_parameter_kinds",
+    "variant_for",
+    "variants",
+]
 
 # (predicate on the base module, LoRA layer class, human-readable kind); first match wins.
 _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
@@ -35,6 +44,15 @@ _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
     ),
     (is_grouped_conv, GroupedConv, "torch.nn.Conv1d/2d/3d (groups>1)"),
     (lambda m: isinstance(m, nn.MultiheadAttention), MultiheadAttention, "torch.nn.MultiheadAttention"),
+]
+
+# Parameters (``target_parameters``): (predicate on (owning module, parameter name), layer, kind).
+_PARAMETER_KINDS: list[tuple[Callable[[nn.Module, str], bool], type[ParamWrapper], str]] = [
+    (
+        is_adaptable_parameter,
+        ParamWrapper,
+        "a floating 2-D matrix or 3-D stack of experts nn.Parameter (not a bias)",
+    ),
 ]
 
 _VARIANTS: list[LoraVariant] = [DORA]
@@ -62,6 +80,18 @@ def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
 
 def supported_kinds() -> list[str]:
     return [kind for _, _, kind in _KINDS]
+
+
+def parameter_layer_for(owner: nn.Module, name: str) -> type[ParamWrapper] | None:
+    """The LoRA layer class that can adapt parameter ``name`` of ``owner``, or ``None``."""
+    for predicate, layer, _ in _PARAMETER_KINDS:
+        if predicate(owner, name):
+            return layer
+    return None
+
+
+def supported_parameter_kinds() -> list[str]:
+    return [kind for _, _, kind in _PARAMETER_KINDS]
 
 
 def variants() -> list[LoraVariant]:

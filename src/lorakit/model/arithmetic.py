@@ -88,6 +88,12 @@ def _check(
         if variant is not None and variant.combine_problem:
             by_variant.setdefault(f"{variant.name}; {variant.combine_problem}", []).append(adapter)
     problems += [f"adapters {names} use {why}" for why, names in by_variant.items()]
+    with_parameters = [a for a in adapters if configs[a].target_parameters]
+    if with_parameters:
+        problems.append(
+            f"adapters {with_parameters} use target_parameters; combining them is not supported (nor in "
+            "PEFT): their experts' factors are stacked in one tensor"
+        )
     ranks = {a: _max_rank(configs[a]) for a in adapters}
     if combination_type in FACTOR_TYPES and len(adapters) > 1 and len(set(ranks.values())) > 1:
         problems.append(

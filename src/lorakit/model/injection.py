@@ -14,6 +14,7 @@ import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only, parse_init
@@ -24,15 +25,20 @@ from lorakit.layers import (
     ModulesToSaveWrapper,
     TrainableTokensWrapper,
     lora_layer_for,
+    parameter_layer_for,
     supported_kinds,
+    supported_parameter_kinds,
     variant_for,
 )
 from lorakit.model import engines, lora_ga, tying
 from lorakit.model.targeting import (
+    ParameterTarget,
     bypassed_modules,
     iter_plain_modules,
+    parameter_summary,
     rank_and_alpha,
     resolve_config,
+    select_parameters,
     select_targets,
     suffix_summary,
 )
@@ -81,15 +87,25 @@ def _creation_problem(config: LoraConfig) -> None:
 
 @dataclasses.dataclass
 class Plan:
-    """What :func:`inject` will do: the resolved config, the LoRA targets, the modules to save, the
-    modules with trainable token rows, and the modules tied to the input embedding that share its
-    adapter (``ensure_weight_tying``)."""
+    """What :func:`inject` will do: the resolved config, the LoRA targets (modules, and parameters
+    from ``target_parameters``), the modules to save, the modules with trainable token rows, and the
+    modules tied to the input embedding that share its adapter (``ensure_weight_tying``)."""
 
     config: LoraConfig
     targets: list[tuple[str, nn.Module]]
     to_save: list[tuple[str, nn.Module]]
     tokens: list[tying.TokenTarget] = dataclasses.field(default_factory=list)
     ties: tying.Ties = dataclasses.field(default_factory=tying.Ties)
+    parameters: list[ParameterTarget] = dataclasses.field(default_factory=list)
+
+    def parameter_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(path of its LoRA layer once injected, the unmerged weight) of each targeted parameter."""
+        out = []
+        for t in self.parameters:
+            weight = t.layer.original_weight() if t.layer is not None else t.owner._parameters[t.parameter]
+            if weight is not None:
+                out.append((t.path, weight))
+        return out
 
 
 AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper
@@ -170,7 +186,8 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
     resolved, ties = tying.tie_adapters(resolve_config(config, model), model)
     tied = {n for n, _ in ties}
     targets = [(n, m) for n, m in select_targets(resolved, model) if n not in tied]
-    if not targets:
+    parameters, problems = select_parameters(resolved, model)
+    if not targets and resolved.target_modules != []:
         filtered = (
             " (after exclude_modules / layers_to_transform)"
             if config.exclude_modules or config.layers_to_transform is not None
@@ -180,7 +197,16 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             f"target_modules={resolved.target_modules!r} matches no module of the model{filtered}. "
             f"{suffix_summary(model)}"
         )
-    problems = []
+    if resolved.target_parameters and not parameters and not problems:
+        raise TargetingError(
+            f"target_parameters={resolved.target_parameters!r} matches no parameter of the model. "
+            f"{parameter_summary(model)}"
+        )
+    if not targets and not parameters and not problems:
+        raise TargetingError(
+            "target_modules=[] and no target_parameters: nothing to adapt. "
+            f"{suffix_summary(model)} {parameter_summary(model)}"
+        )
     variant = variant_for(resolved)
     bypassed = bypassed_modules(model)
     for name, module in targets:
@@ -203,16 +229,33 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
         problems.extend(f"{name} ({reason})" for reason in refused)
         if _init_kind(resolved) == "lora_ga":
             problems.extend(lora_ga.layer_problems(name, base, rank_and_alpha(resolved, name)[0], kind))
+    targeted = {n for n, _ in targets}
+    for t in parameters:
+        kind = parameter_layer_for(t.owner, t.parameter)
+        if t.module in targeted:
+            problems.append(f"{t.key} (its module is also in target_modules; target it one way only)")
+        elif kind is None:
+            param = t.owner._parameters[t.parameter]
+            shape = None if param is None else tuple(param.shape)
+            problems.append(f"{t.key} (shape {shape}: {', '.join(supported_parameter_kinds())} only)")
+        else:
+            refused = kind.parameter_problems(
+                t.owner,
+                t.parameter,
+                init=resolved.init_lora_weights,
+                lora_bias=resolved.lora_bias,
+                variant=variant,
+            )
+            problems.extend(f"{t.key} ({reason})" for reason in refused)
     if problems:
-        raise TargetingError(
-            "cannot add LoRA to: "
-            + "; ".join(problems)
-            + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
-        )
+        hint = f"Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
+        if resolved.target_parameters:
+            hint += f" Parameters: {', '.join(supported_parameter_kinds())}. {parameter_summary(model)}"
+        raise TargetingError("cannot add LoRA to: " + "; ".join(problems) + ". " + hint)
     resolved = _fan_in_fan_out(resolved, targets)
     tying.check_ties(ties, resolved, [n for n, _ in targets])
     tokens = tying.token_targets(resolved, model, [n for n, _ in targets])
-    return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties)
+    return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties, parameters)
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
@@ -242,9 +285,14 @@ def _parent_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
 
 
 def _replace(slots: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new: nn.Module) -> None:
-    """Put ``new`` wherever ``old`` is a child."""
-    for parent, child_name in slots.get(id(old), []):
+    """Put ``new`` wherever ``old`` is a child. ``new`` then holds ``old``'s slots too, so that a
+    LoRA layer nested in ``old`` (a second targeted parameter of one module) and now in its place is
+    unwrapped into the right parent when its turn comes."""
+    held = slots.get(id(old), [])
+    for parent, child_name in held:
         setattr(parent, child_name, new)
+    if held:
+        slots[id(new)] = list(held)
 
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
@@ -279,6 +327,18 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         layers[name] = layer
     for _name, module in p.ties.targets:
         _tie_lora(layers[str(p.ties.embedding)], _lora_layer(module, slots), adapter_name, cfg)
+    for target, layer in _wrap_parameters(p.parameters, slots):
+        r, alpha = rank_and_alpha(cfg, target.key)
+        layer.add_adapter(
+            adapter_name,
+            r,
+            alpha,
+            use_rslora=cfg.use_rslora,
+            dropout=cfg.lora_dropout,
+            init=cfg.init_lora_weights,
+            lora_bias=cfg.lora_bias,
+        )
+        layer.train(target.owner.training)
     copies: dict[str, nn.Module] = {}
     for name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
@@ -359,6 +419,28 @@ def _add_tokens(
             wrapper.add_adapter(adapter_name, target.indices)
 
 
+def _wrap_parameters(
+    targets: list[ParameterTarget], slots: dict[int, list[tuple[nn.Module, str]]]
+) -> list[tuple[ParameterTarget, LoraLayer]]:
+    """Each target's LoRA layer: its existing one, or a new wrapper. The new wrappers of one module
+    nest in the targets' order (the first innermost) and the outermost takes the module's place."""
+    out: list[tuple[ParameterTarget, LoraLayer]] = []
+    outermost: dict[int, tuple[nn.Module, nn.Module]] = {}  # id(owner) → (owner, its outer wrapper)
+    for t in targets:
+        if t.layer is not None:
+            out.append((t, t.layer))
+            continue
+        inner = outermost.get(id(t.owner), (t.owner, t.owner))[1]
+        kind = parameter_layer_for(t.owner, t.parameter)
+        assert kind is not None  # guaranteed by plan()
+        layer = kind(inner, t.parameter)
+        outermost[id(t.owner)] = (t.owner, layer)
+        out.append((t, layer))
+    for owner, wrapper in outermost.values():
+        _replace(slots, owner, wrapper)
+    return out
+
+
 def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     """Remove every LoRA layer and wrapper from ``model`` and return it.
 
@@ -368,7 +450,7 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     each modules-to-save wrapper is replaced by its active copy.
     """
     slots = _parent_slots(model)
-    for _, module in list(lora_modules(model)):
+    for _, module in list(lora_modules(model)):  # outermost first
         if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
             if not keep_merged:
                 module.unmerge()
@@ -384,7 +466,7 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
     wrapper left without any adapter, so the model's structure is as before the injection.
     (Used to roll back a load that failed after injecting; the adapter must not be merged.)"""
     slots = _parent_slots(model)
-    modules = [m for _, m in lora_modules(model)]
+    modules = [m for _, m in lora_modules(model)]  # outermost first, as in unload
     for module in modules:  # first everywhere: tied wrappers lose the adapter with their embedding's
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)

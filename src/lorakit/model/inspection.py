@@ -15,6 +15,7 @@ from lorakit.model.targeting import (
     model_type_of,
     suffix_summary,
     targetable_modules,
+    targetable_parameters,
 )
 
 __all__ = ["inspect", "ModelReport"]
@@ -26,11 +27,14 @@ _NO_DEFAULT = (
 
 @dataclasses.dataclass
 class ModelReport:
-    """The targetable modules of a model (name, type, shape, params, picked by default?)."""
+    """The targetable modules of a model (name, type, shape, params, picked by default?), and the
+    parameters only ``target_parameters`` reaches (the experts of MoE layers, routers that are not
+    ``nn.Linear``: name, owning module's type, shape, params)."""
 
     model_type: str | None
     default_targets: list[str] | None
     modules: list[dict[str, Any]]
+    parameters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [
@@ -44,17 +48,28 @@ class ModelReport:
                 f"{m['name']:<{width}}  {m['type']:<10} {str(m['shape']):<16} "
                 f"{m['params']:>10,}  {'yes' if m['default'] else ''}"
             )
+        if self.parameters:
+            lines.append("")
+            lines.append("parameters for target_parameters (experts of mixture-of-experts layers, ...):")
+            pwidth = max(len(p["name"]) for p in self.parameters)
+            twidth = max(len(p["type"]) for p in self.parameters)
+            for p in self.parameters:
+                lines.append(
+                    f"{p['name']:<{pwidth}}  {p['type']:<{twidth}} {str(p['shape']):<16} {p['params']:>10,}"
+                )
         return "\n".join(lines)
 
 
 def inspect(model: nn.Module) -> ModelReport:
     """Every module lorakit can adapt, with type, weight shape, parameter count and whether the
-    default ``target_modules`` for the model's type selects it."""
+    default ``target_modules`` for the model's type selects it; and every parameter only
+    ``target_parameters`` can reach."""
     defaults = default_targets_for(model)
     config = LoraConfig(target_modules=defaults) if defaults else None
     rows = targetable_modules(model)
     for row in rows:
         row["default"] = bool(config and matches_target(config, row["name"]))
-    if not rows:
+    parameters = targetable_parameters(model)
+    if not rows and not parameters:
         raise TargetingError(suffix_summary(model))
-    return ModelReport(model_type_of(model), defaults, rows)
+    return ModelReport(model_type_of(model), defaults, rows, parameters)

@@ -257,8 +257,9 @@ def _tied_weight_problems(
     layers = dict(named)
     problems = []
     for lname, layer in named:
-        # the tensors a merge writes are the base layer's own (an attention's in_proj_weight, ...)
-        own = list(layer.base_layer.parameters(recurse=False))
+        # the tensors a merge writes: the base layer's own (an attention's in_proj_weight, ...) or,
+        # for a targeted parameter, that parameter of the owning module
+        own = [layer.dense_weight(), *layer.base_layer.parameters(recurse=False)]
         sharing = max((owners.get(id(p), []) for p in own), key=len, default=[])
         pending = layer.merge_result_names(names)
         others = [p for p in sharing if not p.startswith(lname + ".")]

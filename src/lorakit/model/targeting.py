@@ -13,6 +13,13 @@ Rules (PEFT's, so a config selects the same modules in both libraries):
 * ``layers_to_transform`` keeps modules whose first numbered path segment (after
   ``layers_pattern`` when given) is one of the listed layer indices; like PEFT, it does not filter
   a module whose full name is listed.
+
+``target_parameters`` (PEFT's rules too) selects parameters rather than modules: the key
+``<module path>.<parameter name>`` of a parameter registered on its module must equal an entry or
+end with ``"." + entry``. ``exclude_modules``, ``layers_to_transform`` and ``modules_to_save`` do not
+filter parameters (as in PEFT, so that a config selects the same tensors in both libraries). The
+parameters of one module are wrapped one inside the other in their registration order, the last
+outermost (:class:`ParameterTarget`'s ``path``).
 """
 
 from __future__ import annotations
@@ -31,12 +38,17 @@ from lorakit.layers import (
     ModulesToSaveWrapper,
     TrainableTokensWrapper,
     lora_layer_for,
+    parameter_layer_for,
     supported_kinds,
+    wrapper_chain,
 )
 
 __all__ = [
     "resolve_config",
     "select_targets",
+    "ParameterTarget",
+    "select_parameters",
+    "targetable_parameters",
     "matches_target",
     "rank_and_alpha",
     "iter_plain_modules",
@@ -44,8 +56,10 @@ __all__ = [
     "bypassed_modules",
     "model_type_of",
     "register_default_targets",
+    "register_config_rewrite",
     "default_targets_for",
     "suffix_summary",
+    "parameter_summary",
 ]
 
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -59,19 +73,33 @@ def model_type_of(model: nn.Module) -> str | None:
 # Where ``target_modules=None`` finds its names: lookups registered by the integrations that know a
 # model family (transformers' model_type table registers itself), asked in order; the first that
 # knows the model wins. Kept as a registry so that this layer does not import the integrations.
-_DEFAULT_TARGET_LOOKUPS: list[Callable[[nn.Module], list[str] | None]] = []
+# A lookup is called as ``lookup(model, peft_only)``: with ``peft_only`` it answers only where PEFT's
+# own table has an entry (the rule when ``target_parameters`` is set, see :func:`resolve_config`).
+_DEFAULT_TARGET_LOOKUPS: list[Callable[[nn.Module, bool], list[str] | None]] = []
 
 
-def register_default_targets(lookup: Callable[[nn.Module], list[str] | None]) -> None:
-    """Add a source of default ``target_modules``: ``lookup(model)`` gives names, or ``None``."""
+def register_default_targets(lookup: Callable[[nn.Module, bool], list[str] | None]) -> None:
+    """Add a source of default ``target_modules``: ``lookup(model, peft_only)`` gives names, or ``None``."""
     if lookup not in _DEFAULT_TARGET_LOOKUPS:
         _DEFAULT_TARGET_LOOKUPS.append(lookup)
 
 
-def default_targets_for(model: nn.Module) -> list[str] | None:
-    """The default ``target_modules`` for ``model``, or ``None`` when no registered lookup has one."""
+# Rewrites of a config for a model before its targets are resolved, registered by the integrations
+# (transformers-4 names of experts that transformers 5 fused into parameters); applied in order.
+_CONFIG_REWRITES: list[Callable[[nn.Module, LoraConfig], LoraConfig]] = []
+
+
+def register_config_rewrite(rewrite: Callable[[nn.Module, LoraConfig], LoraConfig]) -> None:
+    """Add ``rewrite(model, config) -> config``, run by :func:`resolve_config` before it resolves."""
+    if rewrite not in _CONFIG_REWRITES:
+        _CONFIG_REWRITES.append(rewrite)
+
+
+def default_targets_for(model: nn.Module, *, peft_only: bool = False) -> list[str] | None:
+    """The default ``target_modules`` for ``model``, or ``None`` when no registered lookup has one
+    (with ``peft_only``: when PEFT's table has none)."""
     for lookup in _DEFAULT_TARGET_LOOKUPS:
-        names = lookup(model)
+        names = lookup(model, peft_only)
         if names is not None:
             return names
     return None
@@ -170,12 +198,22 @@ def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
     return {name for name, module in model.named_modules() if any(module is h for h in heads)}
 
 
-def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
-    """The config with concrete targets: ``None`` → the model type's defaults; ``"all-linear"`` →
-    the full names of every selected linear layer, as PEFT saves them."""
+def resolve_config(config: LoraConfig, model: nn.Module, *, rewrite: bool = True) -> LoraConfig:
+    """The config with concrete targets: ``None`` → the model type's defaults (with
+    ``target_parameters``: PEFT's defaults, or none); ``"all-linear"`` → the full names of every
+    selected linear layer, as PEFT saves them. With ``rewrite`` the registered config rewrites run
+    first (:func:`register_config_rewrite`)."""
+    if rewrite:
+        for rewriter in _CONFIG_REWRITES:
+            config = rewriter(model, config)
     targets = config.target_modules
     if targets is None:
-        defaults = default_targets_for(model)
+        # With target_parameters PEFT adds its table's modules where it has an entry and otherwise
+        # adapts the parameters alone; the same here, so that the config (and its saved file, which
+        # keeps target_modules=None) selects the same tensors in both libraries.
+        defaults = default_targets_for(model, peft_only=bool(config.target_parameters))
+        if defaults is None and config.target_parameters:
+            return dataclasses.replace(config, target_modules=[])
         if defaults is None:
             raise TargetingError(
                 f"target_modules=None and lorakit has no default for model_type "
@@ -201,6 +239,67 @@ def select_targets(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.M
     """The (name, module) pairs a resolved config adapts; a module already wrapped by a LoRA layer
     is returned as that layer (a second adapter goes into the same wrapper)."""
     return [(n, m) for n, m in iter_plain_modules(model) if n and matches_target(config, n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterTarget:
+    """A parameter ``target_parameters`` selects: ``key`` is what was matched, ``module`` the path of
+    the module that holds it (``owner``), ``parameter`` its name there, ``path`` where its LoRA layer
+    is once injected (``module`` plus one ``.base_layer`` per parameter of the same module wrapped
+    outside it) and ``layer`` that LoRA layer if it exists already (a further adapter joins it)."""
+
+    key: str
+    module: str
+    owner: nn.Module
+    parameter: str
+    path: str
+    layer: LoraLayer | None
+
+
+def _parameter_matches(names: list[str], key: str) -> bool:
+    return key in names or any(key.endswith("." + n) for n in names)
+
+
+def select_parameters(config: LoraConfig, model: nn.Module) -> tuple[list[ParameterTarget], list[str]]:
+    """The parameters ``config.target_parameters`` selects, each module's in registration order,
+    and the problems that stop some from being adapted (a module already adapted otherwise, a
+    parameter of the model itself, a new parameter of a module whose others are wrapped already)."""
+    names = list(config.target_parameters or [])
+    if not names:
+        return [], []
+    found: list[ParameterTarget] = []
+    problems: list[str] = []
+    for path, module in iter_plain_modules(model):
+        chain, owner = wrapper_chain(module)
+        if isinstance(owner, LoraLayer):  # another kind wraps it: the module is a target_modules target
+            owner = owner.base_layer
+            hit = [p for p in owner._parameters if _parameter_matches(names, f"{path}.{p}")]
+            problems.extend(
+                f"{path}.{p}: its module is already adapted through target_modules; target it one way only"
+                for p in hit
+            )
+            continue
+        matched = [p for p in owner._parameters if _parameter_matches(names, f"{path}.{p}" if path else p)]
+        if not matched:
+            continue
+        if not path:
+            problems.extend(
+                f"{p}: a parameter of the model itself cannot be wrapped (as in PEFT)" for p in matched
+            )
+            continue
+        wrapped = [w.parameter_name for w in chain]
+        if chain and not set(matched) <= set(wrapped):
+            new = sorted(set(matched) - set(wrapped))
+            problems.append(
+                f"{path}: adapters here adapt {sorted(wrapped)}; a further adapter must target the same "
+                f"parameters (not also {new}), as in PEFT (the nesting is part of the file keys)"
+            )
+            continue
+        for i, p in enumerate(matched):
+            depth = wrapped.index(p) if chain else len(matched) - 1 - i
+            layer = chain[depth] if chain else None
+            found.append(ParameterTarget(f"{path}.{p}", path, owner, p, path + ".base_layer" * depth, layer))
+    return found, problems
 
 
 def rank_and_alpha(config: LoraConfig, name: str) -> tuple[int, float]:
@@ -241,6 +340,31 @@ def targetable_modules(model: nn.Module) -> list[dict[str, Any]]:
     return rows
 
 
+def targetable_parameters(model: nn.Module) -> list[dict[str, Any]]:
+    """The parameters ``target_parameters`` is for, which ``target_modules`` cannot reach: stacks
+    of experts (3-D) and the ``weight`` matrices of modules that are no layer kind (the routers of
+    MoE layers): name, owning module's type, shape, parameter count. (Other 2-D parameters can be
+    targeted too, and adapt if the module multiplies by them; they are not listed.)"""
+    rows = []
+    for path, module in iter_plain_modules(model):
+        _, owner = wrapper_chain(module)
+        if not path or isinstance(owner, LoraLayer) or lora_layer_for(owner) is not None:
+            continue
+        for pname, param in owner._parameters.items():
+            if param is None or not (param.dim() == 3 or pname == "weight"):
+                continue
+            if parameter_layer_for(owner, pname) is not None:
+                rows.append(
+                    {
+                        "name": f"{path}.{pname}",
+                        "type": type(owner).__name__,
+                        "shape": tuple(param.shape),
+                        "params": param.numel(),
+                    }
+                )
+    return rows
+
+
 def suffix_summary(model: nn.Module, limit: int = 40) -> str:
     """'Modules that could be targeted: q_proj, k_proj, ...' (deduplicated last name parts)."""
     suffixes = list(dict.fromkeys(row["name"].rsplit(".", 1)[-1] for row in targetable_modules(model)))
@@ -248,3 +372,12 @@ def suffix_summary(model: nn.Module, limit: int = 40) -> str:
         return f"The model has no module lorakit can adapt ({', '.join(supported_kinds())})."
     shown = ", ".join(suffixes[:limit]) + (", ..." if len(suffixes) > limit else "")
     return f"Modules that could be targeted: {shown}"
+
+
+def parameter_summary(model: nn.Module, limit: int = 40) -> str:
+    """'Parameters that could be targeted: experts.gate_up_proj, ...' (the last two name parts)."""
+    keys = list(dict.fromkeys(".".join(r["name"].rsplit(".", 2)[-2:]) for r in targetable_parameters(model)))
+    if not keys:
+        return "The model has no parameter for target_parameters (2-D or 3-D, outside linear layers)."
+    shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+    return f"Parameters that could be targeted: {shown}"

@@ -304,7 +304,7 @@ def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None
     if on_base_mismatch == "ignore" or recorded is None:
         return
     trained = Fingerprint.from_json(recorded)
-    current = fingerprint(plan.targets)
+    current = fingerprint([*plan.targets, *plan.parameter_weights()])
     if trained is None or current is None:
         return
     diffs = trained.differences(current)

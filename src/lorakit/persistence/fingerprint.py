@@ -97,8 +97,11 @@ class Fingerprint:
         return out
 
 
-def base_weight(module: nn.Module) -> torch.Tensor | None:
-    """The unmerged base weight of a target (a LoRA layer's original weight while merged)."""
+def base_weight(module: nn.Module | torch.Tensor) -> torch.Tensor | None:
+    """The unmerged base weight of a target (a LoRA layer's original weight while merged; a
+    targeted parameter is its own weight)."""
+    if isinstance(module, torch.Tensor):
+        return module
     if isinstance(module, LoraLayer):
         return module.original_weight()
     weight = getattr(module, "weight", None)
@@ -112,7 +115,7 @@ def _samples(weight: torch.Tensor) -> list[float]:
     return flat.index_select(0, idx).float().cpu().tolist()
 
 
-def fingerprint(modules: Iterable[tuple[str, nn.Module]]) -> Fingerprint | None:
+def fingerprint(modules: Iterable[tuple[str, nn.Module | torch.Tensor]]) -> Fingerprint | None:
     """The fingerprint of these named targets; ``None`` if none has a readable floating weight."""
     shapes: dict[str, tuple[int, ...]] = {}
     values: dict[str, list[float]] = {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -99,6 +99,7 @@ def prepare_model_for_compiled_hotswap(
     layers = [m for _, m in injection.lora_modules(_user_model(model)) if isinstance(m, LoraLayer)]
     if not layers:
         raise AdapterError("the model holds no LoRA layer to prepare for hot-swapping")
+    _refuse_parameters(_configs(model).values())
     largest = max(r for layer in layers for r in layer.r.values())
     rank = largest if target_rank is None else target_rank
     if not isinstance(rank, int) or rank < largest:
@@ -115,6 +116,17 @@ def prepare_model_for_compiled_hotswap(
         for name in layer.adapter_names:
             if layer.r[name] < rank:
                 _pad_layer(layer, name, rank)
+
+
+def _refuse_parameters(configs: Iterable[LoraConfig | None]) -> None:
+    """The factors of several experts interleave their ranks (``lorakit.functional.experts``):
+    padding them to another rank would mix experts, so such adapters are not hot-swapped."""
+    if any(c is not None and c.target_parameters for c in configs):
+        raise AdapterError(
+            "hot-swapping adapters that use target_parameters (experts of MoE layers) is not supported: "
+            "their per-expert factors cannot be padded to another rank; load the adapter with "
+            "load_adapter and set_adapter instead"
+        )
 
 
 def _problems(
@@ -191,6 +203,7 @@ def hotswap_adapter_from_state_dict(
     scalings. Without it the loaded scalings are assumed to apply. Every check runs first: on an
     error nothing changes.
     """
+    _refuse_parameters([config, _configs(model).get(adapter_name)])
     user = _user_model(model)
     live = adapter_keys(user, adapter_name, "none").tensors
     if not live:

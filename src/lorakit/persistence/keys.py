@@ -19,6 +19,8 @@ lm_head, see ``EMBEDDING_LAYER_NAMES``)               when such a layer is targe
 (trainable tokens; a tied wrapper writes nothing)
 ``<m>.token_adapter.base_layer.weight``               unchanged; optional on load (PEFT writes it
                                                       when the vocabulary was resized)
+``<m>.base_layer.lora_A.<name>.weight`` (a second     ``<m>.base_layer.lora_A.weight`` (PEFT nests
+targeted parameter of module ``<m>``)                 one wrapper per parameter of a module)
 ====================================================  ===========================================
 
 Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring;
@@ -41,6 +43,7 @@ from lorakit.layers import (
     ModulesToSaveWrapper,
     TrainableTokensWrapper,
     lora_layer_for,
+    parameter_layer_for,
     variant_for,
 )
 from lorakit.model import engines
@@ -235,6 +238,7 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
             weight = cast(torch.Tensor, target.module.weight)
             width = int(weight.shape[1])
             shapes[_join(target.name, TOKEN_ADAPTER, TOKEN_ROWS)] = (len(target.indices), width)
+    shapes.update(_planned_parameter_shapes(plan, adapter_name))
     for name, module in [*plan.to_save, *plan.ties.saves]:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
@@ -267,6 +271,25 @@ def _bias_shapes(layer: LoraLayer) -> tuple[dict[str, tuple[int, ...]], dict[str
         if pname.endswith("bias") and not _inside_adapter(pname)
     }
     return lora_only, every
+
+
+def _planned_parameter_shapes(plan: Plan, adapter_name: str) -> dict[str, tuple[int, ...]]:
+    """File key → shape for the targeted parameters, at the paths their LoRA layers will have."""
+    cfg = plan.config
+    shapes: dict[str, tuple[int, ...]] = {}
+    for t in plan.parameters:
+        layer_cls = parameter_layer_for(t.owner, t.parameter)
+        if layer_cls is None:  # plan() refuses these; kept for type narrowing
+            continue
+        r, alpha = rank_and_alpha(cfg, t.key)
+        scratch = layer_cls(t.owner, t.parameter)  # holds the owner; does not change the model
+        scratch.add_adapter(
+            adapter_name, r, alpha, use_rslora=cfg.use_rslora, dropout=0.0, init=False, lora_bias=False
+        )
+        shapes.update(
+            {_join(t.path, k): tuple(v.shape) for k, v in scratch.adapter_tensors(adapter_name).items()}
+        )
+    return shapes
 
 
 def _shape_signature(base: nn.Module) -> tuple:

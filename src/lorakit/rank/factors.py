@@ -75,6 +75,11 @@ def split_factors(
     config: LoraConfig, state_dict: Mapping[str, torch.Tensor]
 ) -> tuple[list[ModuleFactors], dict[str, torch.Tensor]]:
     """(the factors of every adapted module, every other tensor)."""
+    if config.target_parameters:
+        raise AdapterError(
+            f"the adapter uses target_parameters={config.target_parameters}: its factors stack one pair "
+            "per expert, and rank analysis, resizing and extraction handle per-module factors only"
+        )
     modules, used = [], set()
     for key in sorted(state_dict):
         parsed = parse_key(key)
