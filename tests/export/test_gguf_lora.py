@@ -216,6 +216,18 @@ def test_what_gguf_cannot_express_is_refused_before_writing(
     assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".x.gguf*")) == []
 
 
+def test_lora_on_experts_is_refused_with_its_reason(tmp_path: Path) -> None:
+    from zoo import moe
+
+    config = LoraConfig(
+        target_modules=["q_proj"], target_parameters=["experts.down_proj"], init_lora_weights=False
+    )
+    get_peft_model(moe("qwen3_moe"), config).save_pretrained(tmp_path / "experts")
+    with pytest.raises(ExportError, match=r"target_parameters=\['experts.down_proj'\]"):
+        export_gguf(tmp_path / "experts", tmp_path / "x.gguf", base=tmp_path / "none")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_an_unsupported_architecture_names_the_supported_ones(tmp_path: Path) -> None:
     from zoo import gpt2
 

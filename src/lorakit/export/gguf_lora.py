@@ -97,6 +97,12 @@ def export_gguf(
         raise ExportError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     files = read_adapter(adapter)
     config = files.config
+    if config.target_parameters:
+        raise ExportError(
+            f"{adapter} cannot be exported to GGUF: LoRA on parameters (target_parameters="
+            f"{config.target_parameters}, e.g. MoE experts) stacks one pair per expert; the export "
+            "writes one lora_a/lora_b pair per 2-D weight"
+        )
     shape = base_shape(base if base is not None else config.base_model_name_or_path)
     modules, rest = split_factors(config, files.tensors)
     # PEFT also saves the base weights of adapted embeddings (save_embedding_layers): not adapter data
