@@ -1,13 +1,13 @@
 """``lorakit export ADAPTER --to gguf --out FILE.gguf``: an adapter for llama.cpp (and what runs on it).
 
-llama.cpp applies the file to the base model's GGUF at load time::
+llama.cpp applies the file to the base model's GGUF at load time:
 
     llama-cli -m base.gguf --lora FILE.gguf          # or llama_cpp.Llama(model_path=..., lora_path=...)
 
 ADAPTER is a folder or a Hugging Face Hub id. ``--base`` is the base model's GGUF file (tensor names
 and shapes are then checked against it) or its transformers folder or Hub id; by default the
 adapter's ``base_model_name_or_path``. What a GGUF adapter cannot express (DoRA, modules_to_save
-heads, LoRA biases, convolutions) is refused before anything is written.
+heads, LoRA biases, convolutions, MoE experts) is refused before anything is written.
 """
 
 from __future__ import annotations
