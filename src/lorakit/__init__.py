@@ -17,8 +17,11 @@ from lorakit.errors import (
     BaseModelMismatchWarning,
     ConfigError,
     DistributedError,
+    ExportError,
     LorakitError,
     MixedBatchError,
+    ModelNotFoundError,
+    ServingError,
     TargetingError,
 )
 from lorakit.integrations.tasks import (
@@ -103,5 +106,8 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "ServingError",
+    "ModelNotFoundError",
+    "ExportError",
     "__version__",
 ]

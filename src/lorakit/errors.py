@@ -12,6 +12,9 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "ServingError",
+    "ModelNotFoundError",
+    "ExportError",
 ]
 
 
@@ -51,3 +54,17 @@ class BaseModelMismatchWarning(UserWarning):
 class DistributedError(LorakitError):
     """A distributed operation was misused (not called on every rank, ranks disagree) or the model's
     sharding does not allow it."""
+
+
+class ServingError(LorakitError):
+    """A generation request the server cannot run as asked (a prompt longer than the context, a bad
+    sampling parameter): the client's mistake, answered with HTTP 400."""
+
+
+class ModelNotFoundError(ServingError):
+    """A request names a model that is not served (neither the base nor a loaded adapter): HTTP 404."""
+
+
+class ExportError(LorakitError):
+    """An adapter that the export format cannot express (DoRA, modules to save, an unknown
+    architecture), or a base model it does not fit."""
