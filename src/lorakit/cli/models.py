@@ -16,7 +16,15 @@ from lorakit.cli.errors import CliError
 from lorakit.cli.tasks import Task, check_model_fits
 from lorakit.hub import is_hub_id, local_folder
 
-__all__ = ["model_reference", "model_config", "load_model", "load_tokenizer", "DTYPES"]
+__all__ = [
+    "model_reference",
+    "model_config",
+    "load_model",
+    "load_tokenizer",
+    "quantization",
+    "DTYPES",
+    "HEADS",
+]
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "auto": "auto"}
 
@@ -72,9 +80,11 @@ def load_model(
     revision: str | None = None,
     dtype: str = "fp32",
     trust_remote_code: bool = False,
+    quantize: str = "none",
 ) -> Any:
     """The pretrained model with the task's head (a new head for classification, whose config
-    carries the class names as ``id2label``)."""
+    carries the class names as ``id2label``); with ``quantize`` (a name of
+    :data:`lorakit.QUANTIZATIONS`, or ``"none"``) its linear layers are loaded quantized (QLoRA)."""
     import transformers
 
     cls = getattr(transformers, task.auto_class)
@@ -90,12 +100,33 @@ def load_model(
             "label2id": {n: i for i, n in enumerate(labels)},
             "ignore_mismatched_sizes": True,
         }
+    if quantize != "none":
+        kwargs["quantization_config"] = quantization(quantize, task)
     try:
         return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:  # e.g. "Unrecognized configuration class", no weights
         raise CliError(
             f"model {name!r} cannot be loaded for --task {task.name}: {str(exc).splitlines()[0]}"
         ) from exc
+
+
+# the new heads of classification models: trained in full, so kept out of quantization
+HEADS = ["classifier", "score"]
+
+
+def quantization(name: str, task: Task) -> Any:
+    """The transformers quantization config for ``--quantize name`` (see
+    :func:`lorakit.quantization_config`); a missing package is one line that installs it. Called
+    when the run is planned, so that this is refused before anything slow, and when the model loads."""
+    from lorakit import ConfigError, quantization_config
+
+    # (an explicit skip list replaces transformers' own, which keeps the output head of a language
+    # model unquantized: only classifiers pass one)
+    skip = HEADS if task.classifies else ()
+    try:
+        return quantization_config(name, skip_modules=skip)
+    except ConfigError as exc:
+        raise CliError(f"--quantize: {exc}") from exc
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:

@@ -114,6 +114,14 @@ def summary_rows(record: dict[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("adapter size", f"{record['adapter_bytes'] / 1e6:.2f} MB", record["out"]),
     ]
+    if record.get("base_memory_bytes"):
+        rows.append(
+            (
+                "base model memory",
+                f"{record['base_memory_bytes'] / 2**20:.1f} MiB",
+                record.get("quantize") or "not quantized",
+            )
+        )
     return rows
 
 

@@ -13,8 +13,8 @@ Precedence, lowest first: the field defaults, the preset, the config file, the f
 checked when the dataclass is built (:meth:`TrainSettings.problems`), so a bad number is one line
 before anything slow happens.
 
-A new setting is one field here with its docstring (and its use where it acts); e.g. a quantized
-base would be ``quantize: Literal["none", "nf4", "int8"] = "none"`` read where the model is loaded.
+A new setting is one field here with its docstring (and its use where it acts); e.g. the quantized
+base is ``quantize: Quantize = "none"``, read where the model is loaded (``cli/models.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ from typing import Any, Literal
 
 from lorakit.cli.errors import CliError
 
-__all__ = ["TrainSettings", "TaskName", "SCHEDULERS", "DTYPES", "PRECISIONS", "load_config_text"]
+__all__ = [
+    "TrainSettings",
+    "TaskName",
+    "SCHEDULERS",
+    "DTYPES",
+    "PRECISIONS",
+    "QUANTIZE",
+    "load_config_text",
+]
 
 TaskName = Literal["seq-cls", "token-cls", "causal-lm", "seq2seq"]
 Scheduler = Literal[
@@ -41,9 +49,12 @@ Scheduler = Literal[
 ]
 Dtype = Literal["fp32", "bf16", "fp16", "auto"]
 Precision = Literal["no", "bf16", "fp16"]
+# "none", then the names of lorakit.QUANTIZATIONS (a test keeps the two equal)
+Quantize = Literal["none", "nf4", "fp4", "int8", "int8-ao"]
 SCHEDULERS = typing.get_args(Scheduler)
 DTYPES = typing.get_args(Dtype)
 PRECISIONS = typing.get_args(Precision)
+QUANTIZE = typing.get_args(Quantize)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +122,9 @@ class TrainSettings:
     """the dtype the base model's weights are loaded in (auto: as saved); LoRA weights stay fp32"""
     mixed_precision: Precision = "no"
     """compute in bf16 or fp16 autocast while training (fp16 needs a GPU)"""
+    quantize: Quantize = "none"
+    """load the base model's linear layers quantized and train LoRA on them (QLoRA): nf4, fp4 or
+    int8 (bitsandbytes), int8-ao (torchao); a classifier's new head stays unquantized"""
     test_size: float = 0.2
     """held-out fraction (or count, if >= 1) for evaluation, when there is no --eval-data"""
     max_eval_samples: int | None = None

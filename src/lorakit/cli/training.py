@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from lorakit import LoraConfig, get_peft_model
+from lorakit import LoraConfig, base_model_bytes, get_peft_model, prepare_model_for_kbit_training
 from lorakit.cli import data as data_mod
 from lorakit.cli import report, runs
 from lorakit.cli.chat import is_chat
 from lorakit.cli.errors import CliError
 from lorakit.cli.evaluation import evaluate
-from lorakit.cli.models import check_model, load_model, load_tokenizer
+from lorakit.cli.models import check_model, load_model, load_tokenizer, quantization
 from lorakit.cli.parsing import add_dataclass, new_parser
 from lorakit.cli.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from lorakit.cli.settings import TrainSettings
@@ -151,6 +151,8 @@ def plan_run(settings: TrainSettings) -> Plan:
     if preset is None and not (settings.model and settings.data):
         raise CliError("give both --model and --data (or a --preset, or neither for the embedded default)")
     check_precision(settings)
+    if settings.quantize != "none":  # an unknown name, or its package missing: one line, before anything slow
+        quantization(settings.quantize, task)
     model = settings.model or preset.model()  # type: ignore[union-attr]
     model_path = check_model(task, model, settings.revision, settings.trust_remote_code)
     rows = data_mod.read_table(settings.data) if settings.data else preset.rows()  # type: ignore[union-attr]
@@ -181,7 +183,10 @@ def build_model(plan: Plan, labels: list[str]) -> Any:
         revision=s.revision,
         dtype=s.dtype,
         trust_remote_code=s.trust_remote_code,
+        quantize=s.quantize,
     )
+    if s.quantize != "none":  # freeze, norms in float32, bitsandbytes' CPU repacking off (PEFT's recipe)
+        prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     config = LoraConfig(
         r=s.r,
         lora_alpha=s.alpha,
@@ -241,6 +246,8 @@ def _record(
         "steps": trainer.state.global_step,
         "examples": counts,
         "parameters": {"trainable": trainable, "total": total},
+        "quantize": None if s.quantize == "none" else s.quantize,
+        "base_memory_bytes": base_model_bytes(model),
         "adapter_bytes": report.folder_bytes(out),
         "timings": timings,
         "versions": report.versions(),

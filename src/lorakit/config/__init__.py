@@ -9,16 +9,19 @@ from lorakit.config.inits import (
     LOAD_ONLY_INITS,
     LORA_GA_GRAD,
     load_only,
+    loftq_init_token,
     moves_base_weight,
     parse_init,
+    parse_loftq,
 )
-from lorakit.config.lora_config import LoraConfig, LoraRuntimeConfig, config_from_peft_dict
+from lorakit.config.lora_config import LoftQConfig, LoraConfig, LoraRuntimeConfig, config_from_peft_dict
 from lorakit.config.task_type import PeftType, TaskType
 from lorakit.config.validation import ALL_LINEAR, BIAS_MODES
 
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "LoftQConfig",
     "EvaConfig",
     "LoraGAConfig",
     "TaskType",
@@ -31,5 +34,7 @@ __all__ = [
     "LORA_GA_GRAD",
     "parse_init",
     "moves_base_weight",
+    "loftq_init_token",
+    "parse_loftq",
     "config_from_peft_dict",
 ]

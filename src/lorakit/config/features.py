@@ -50,21 +50,14 @@ INITS_NOT_IMPLEMENTED: dict[str, str] = {
         "trained factors, so that base cannot be rebuilt from it (PEFT cannot either without the "
         f"data). {_CONVERT}"
     ),
-    "loftq": (
-        "LoftQ replaces each targeted base weight by its quantized form Q and "
-        "fits the factors to W - Q; PEFT recomputes Q from loftq_config when it loads such a file, "
-        "and lorakit has no LoftQ quantizer, so the factors alone would apply to the wrong base. Load "
-        "it onto the LoftQ base model saved with it after setting init_lora_weights to true in its "
-        "adapter_config.json (PEFT's LoftQ example saves it so)"
-    ),
 }
 
 # Sub-configs of initialisations lorakit refuses: ignored (with a warning, as PEFT does) next to
 # another init, so a file PEFT converted to plain LoRA (init true, the sub-config kept) loads. (EVA's
-# and LoRA-GA's are lorakit.config.init_configs.)
+# and LoRA-GA's are lorakit.config.init_configs; LoftQ's loftq_config is checked by
+# lorakit.config.validation, LoftQ being implemented.)
 INIT_SUBCONFIGS: dict[str, str] = {
     "corda_config": "corda",
-    "loftq_config": "loftq",
 }
 
 

@@ -24,6 +24,7 @@ from lorakit.errors import ConfigError
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "LoftQConfig",
     "TaskType",
     "PeftType",
     "ConfigError",
@@ -42,6 +43,16 @@ class LoraRuntimeConfig:
     """
 
     ephemeral_gpu_offload: bool = False
+
+
+@dataclasses.dataclass
+class LoftQConfig:
+    """PEFT's LoftQ settings: ``loftq_bits`` (4: NF4, 8: int8) and ``loftq_iter`` (alternating
+    rounds of quantizing and fitting). Pass it as ``LoraConfig(init_lora_weights="loftq",
+    loftq_config=LoftQConfig(...))``; the config stores it as a dict, as PEFT does."""
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
 
 
 @dataclasses.dataclass

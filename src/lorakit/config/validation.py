@@ -56,6 +56,8 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
     elif parsed is None:
         choices = ", ".join(repr(c) for c in INIT_NAMES)
         problems.append(f"init_lora_weights={init!r}: must be one of {choices} (N ≥ 0 iterations)")
+    elif parsed[0] == "loftq" and init != "loftq":
+        problems.append(f"init_lora_weights={init!r}: LoftQ is init_lora_weights='loftq' with a loftq_config")
     elif parsed[0] == "orthogonal":
         odd = {"r": cfg.r} if isinstance(cfg.r, int) and cfg.r % 2 else {}
         if isinstance(cfg.rank_pattern, Mapping):
@@ -123,8 +125,46 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
     _check_token_indices(cfg.trainable_token_indices, problems, out)
     _check_subconfigs(cfg, parsed, problems, out)
+    _check_loftq(cfg, problems, out)
     problems.extend(feature_problems(cfg))
     return out
+
+
+LOFTQ_KEYS = {"loftq_bits": (4, (4, 8)), "loftq_iter": (1, None)}  # key → (PEFT's default, choices)
+
+
+def _check_loftq(cfg: Any, problems: list[str], out: dict[str, Any]) -> None:
+    """``loftq_config`` (a dict or PEFT's ``LoftQConfig``) is needed by, and only by, LoftQ."""
+    value = cfg.loftq_config
+    if value is not None and not isinstance(value, Mapping) and hasattr(value, "loftq_bits"):
+        value = vars(value)  # a LoftQConfig object, stored as a dict (as PEFT does)
+    if cfg.init_lora_weights != "loftq":
+        if value:
+            warnings.warn(
+                f"loftq_config is set but init_lora_weights={cfg.init_lora_weights!r} is not 'loftq': it is "
+                "ignored (as in PEFT, which also empties it)",
+                stacklevel=5,
+            )
+        out["loftq_config"] = {}
+        return
+    if not isinstance(value, Mapping) or not value:
+        problems.append(
+            "init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1} "
+            "(or LoftQConfig(loftq_bits=4))"
+        )
+        return
+    unknown = sorted(set(value) - set(LOFTQ_KEYS))
+    if unknown:
+        problems.append(f"loftq_config has unknown key(s) {unknown}; keys: {', '.join(LOFTQ_KEYS)}")
+    normalized = {}
+    for key, (default, allowed) in LOFTQ_KEYS.items():
+        item = value.get(key, default)
+        good = isinstance(item, int) and not isinstance(item, bool) and item >= 1
+        if not good or (allowed is not None and item not in allowed):
+            wanted = f"one of {', '.join(map(str, allowed))}" if allowed else "a positive integer"
+            problems.append(f"loftq_config[{key!r}]={item!r}: must be {wanted}")
+        normalized[key] = item
+    out["loftq_config"] = normalized
 
 
 def _indices_problem(value: Any) -> str | None:
@@ -167,9 +207,9 @@ def _check_token_indices(value: Any, problems: list[str], out: dict[str, Any]) -
 def _check_subconfigs(
     cfg: Any, parsed: tuple[str, int | None] | None, problems: list[str], out: dict[str, Any]
 ) -> None:
-    """``corda_config`` / ``loftq_config`` (of inits lorakit refuses) are dicts (a PEFT config object
-    becomes one); next to another init each is ignored with a warning, as PEFT does (PEFT also
-    empties ``loftq_config``)."""
+    """``corda_config`` (of an init lorakit refuses) is a dict (a PEFT config object becomes one);
+    next to another init it is ignored with a warning, as PEFT does. (``loftq_config``:
+    :func:`_check_loftq`.)"""
     init = cfg.init_lora_weights
     for field, owner in INIT_SUBCONFIGS.items():
         value = getattr(cfg, field)
@@ -185,8 +225,6 @@ def _check_subconfigs(
                 f"{field} is set but init_lora_weights={init!r} is not {owner!r}: it is ignored (as in PEFT)",
                 stacklevel=5,
             )
-        if field == "loftq_config":
-            out[field] = {}
 
 
 def _check_init_configs(cfg: Any, kind: str | None, problems: list[str], out: dict[str, Any]) -> None:

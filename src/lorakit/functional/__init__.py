@@ -8,6 +8,7 @@
 ``init``       PiSSA, OLoRA and orthogonal initialisations
 ``combine``    combining task tensors (task arithmetic, TIES, DARE)
 ``eva``        EVA's incremental SVD of layer inputs and its rank redistribution
+``quantized``  a frozen quantized linear product that recomputes its weight in backward
 =============  =====================================================================
 
 Modules import one another in this order only (``fused`` uses ``dropout`` and ``lora``).

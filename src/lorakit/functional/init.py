@@ -22,16 +22,20 @@ base weight, so the adapted layer starts out computing exactly ``W x``.
 ``"lora_ga"``          LoRA-GA (Wang et al. 2024, §3.2): from the SVD of an estimate G of the
                        loss gradient w.r.t. W, A and B take r of G's first 2r singular
                        directions each; base ← ``W − s·B A`` (see :func:`lora_ga`)
+``"loftq"``            LoftQ (Li et al. 2023, Alg. 1) with the scaling accounted for: alternate
+                       ``Q = q(W − s·B A)`` and ``B, A = SVD_r((W − Q) / s)``; base ← ``Q``
 ====================  =======================================================================
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lorakit.errors import ConfigError
 
-__all__ = ["pissa", "olora", "orthogonal", "lora_ga"]
+__all__ = ["pissa", "olora", "orthogonal", "lora_ga", "loftq"]
 
 
 def _residual(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
@@ -143,3 +147,29 @@ def lora_ga(
         raise ConfigError(f"LoRA-GA scale={scale!r}: must be stable, weight_svd, gd_scale or unit")
     b = b.contiguous()
     return a, b, _residual(weight, a, b, s)
+
+
+def loftq(
+    weight: torch.Tensor, r: int, s: float, quantize: Callable[[torch.Tensor], torch.Tensor], iters: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ: a quantized ``Q`` and factors with ``Q + s·B A ≈ W`` (d × k), better than ``Q`` alone.
+
+    ``quantize`` maps a float32 matrix to the float32 value of its quantization, ``q(·)``. Starting
+    from ``B A = 0``, each of ``iters`` rounds sets ``Q = q(W − s·B A)`` and then ``B A`` to the
+    best rank-r approximation of ``(W − Q) / s`` (Eckart–Young, by SVD: ``A = √S_r V_rᵀ`` (r × k),
+    ``B = U_r √S_r`` (d × r)). Dividing by ``s`` is what makes the adapter, which adds ``s·B A``,
+    fit the residual at any scaling; PEFT fits ``B A ≈ W − Q``, which is right only at s = 1.
+    Returns ``(A, B, Q)`` in float32.
+    """
+    if iters < 1:
+        raise ConfigError(f"LoftQ needs at least one iteration, got loftq_iter={iters}")
+    w = weight.float()
+    low_rank = torch.zeros_like(w)
+    for _ in range(iters):
+        q = quantize(w - low_rank)
+        u, sv, vh = torch.linalg.svd((w - q) / s, full_matrices=False)
+        root = torch.sqrt(sv[:r])
+        a = (root[:, None] * vh[:r]).contiguous()  # (r, k)
+        b = (u[:, :r] * root[None, :]).contiguous()  # (d, r)
+        low_rank = s * (b @ a)
+    return a, b, q

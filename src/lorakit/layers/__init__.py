@@ -8,6 +8,9 @@
 ``conv``               ``nn.Conv1d/2d/3d``
 ``conv_grouped``       ``nn.Conv1d/2d/3d`` with ``groups > 1``
 ``mha``                ``nn.MultiheadAttention`` (its in_proj, and its out_proj as a nested Linear)
+``quantized``          what the quantized linear kinds share (no silent re-quantization, exact unmerge)
+``bnb``                bitsandbytes ``Linear4bit`` (QLoRA) and ``Linear8bitLt``
+``torchao``            ``nn.Linear`` with a torchao int8 weight
 ``parameter``          a parameter read inside its module's forward (``target_parameters``: MoE experts)
 ``lowrank_weight``     the stand-in weight through which ``parameter`` applies its adapters
 ``modules_to_save``    a module trained in full beside the adapters
@@ -20,7 +23,7 @@
 
 from __future__ import annotations
 
-from lorakit.layers.base import LoraLayer
+from lorakit.layers.base import LoraLayer, RequantizeReport
 from lorakit.layers.conv import Conv
 from lorakit.layers.conv_grouped import GroupedConv
 from lorakit.layers.embedding import Embedding
@@ -28,9 +31,11 @@ from lorakit.layers.linear import Linear, is_conv1d, linear_shape
 from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.layers.parameter import ParamWrapper, wrapper_chain
+from lorakit.layers.quantized import QuantizedLinear
 from lorakit.layers.registry import (
     lora_layer_for,
     parameter_layer_for,
+    prepare_model,
     register_layer,
     supported_kinds,
     supported_parameter_kinds,
@@ -48,6 +53,9 @@ __all__ = [
     "GroupedConv",
     "MultiheadAttention",
     "ModulesToSaveWrapper",
+    "QuantizedLinear",
+    "RequantizeReport",
+    "prepare_model",
     "TrainableTokensWrapper",
     "TrainableTokensLayer",
     "token_layer_problem",

@@ -23,8 +23,12 @@ for variants (DoRA)        ``out_axis``, ``base_without_bias``, ``magnitude_shap
                            ``channel_view``, ``norm_delta`` (see
                            :class:`lorakit.layers.variant.VariantHost`)
 for weights that are not   ``dense_weight`` / ``write_base`` (read and write the weight as a
-plain tensors              dense float tensor), ``unloaded`` (what replaces the layer on unload),
-                           ``base_summary`` (what ``lorakit.inspect`` lists)
+plain tensors              dense float tensor), ``keep_base`` / ``restore_base`` (what a merge
+(quantized kinds)          keeps so that unmerging is exact), ``base_output`` (the base's output,
+                           merged adapters included), ``unloaded`` (what replaces the layer on
+                           unload), ``merge_problem``, ``is_quantized`` (the stored weight is not
+                           the dense one: the base fingerprint leaves it out), ``base_summary``
+                           (what ``lorakit.inspect`` lists)
 for bases with children    ``bypassed_children`` (children the base never calls: not targets of
 that hold weights          their own), ``throwaway`` (a layer that changes nothing the caller
                            holds, for planning)
@@ -37,6 +41,7 @@ type: model operations, persistence and hot-swapping go through this contract.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -49,10 +54,22 @@ from lorakit.functional import lora as LF
 from lorakit.layers.rows import BASE_ROWS, rows_for
 from lorakit.layers.variant import LoraVariant
 
-__all__ = ["LoraLayer", "CONTAINERS"]
+__all__ = ["LoraLayer", "CONTAINERS", "RequantizeReport"]
 
 # PEFT's per-adapter containers, in PEFT's attribute order (it shows in print(model)).
 CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+@dataclasses.dataclass(frozen=True)
+class RequantizeReport:
+    """What re-quantizing one merged layer lost.
+
+    ``relative_error = ‖q(W') − W'‖_F / ‖ΔW‖_F``: the weight error re-quantization caused, as a
+    fraction of the update that was merged (1.0: as large as the fine-tune itself)."""
+
+    name: str
+    relative_error: float
+    update_norm: float
 
 
 class LoraLayer(nn.Module, abc.ABC):
@@ -71,6 +88,7 @@ class LoraLayer(nn.Module, abc.ABC):
     adapter_param_names: ClassVar[tuple[str, ...]] = CONTAINERS
     factor_containers: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
     is_linear: ClassVar[bool] = False
+    is_quantized: ClassVar[bool] = False
     out_axis: int = 0  # the axis of the base weight that indexes output channels
     # A's rank axis is split into this many equal blocks, block g feeding group g of B (B's rank
     # axis then holds r / rank_blocks): grouped convolutions. Rank padding keeps the blocks apart.
@@ -199,8 +217,39 @@ class LoraLayer(nn.Module, abc.ABC):
             if bias is not None and base_bias is not None:
                 base_bias.copy_(bias)
 
-    def unloaded(self) -> nn.Module:
-        """The module that takes this layer's place when LoRA is removed (merged or not)."""
+    def keep_base(self, new_bias: torch.Tensor | None) -> None:
+        """Before a merge writes: keep what :meth:`restore_base` needs to undo every merge exactly
+        (a copy of the weight on the first merge, of the bias on the first merge that changes it)."""
+        if self._original_weight is None:
+            self._original_weight = self.dense_weight().detach().clone()
+        base_bias = self.base_bias()
+        if new_bias is not None and self._original_bias is None and base_bias is not None:
+            self._original_bias = base_bias.detach().clone()
+
+    def restore_base(self) -> None:
+        """Put back the weight and bias :meth:`keep_base` kept, and drop the copies."""
+        if self._original_weight is None:
+            raise AdapterError("this layer was merged without keeping its original weight; cannot unmerge")
+        self.write_base(self._original_weight, self._original_bias)
+        self._original_weight = None
+        self._original_bias = None
+
+    def requantized(self, name: str = "") -> tuple[nn.Module, RequantizeReport]:
+        """For quantized kinds (``is_quantized``): the lossy merge, asked for explicitly (a new
+        quantized base storing the merged weight, and what that lost). Others have nothing to
+        re-quantize."""
+        raise AdapterError(f"{name or type(self).__name__}: its base weight is not quantized")
+
+    def base_output(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output for ``x``, merged adapters included."""
+        result: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        return result
+
+    def unloaded(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The module that takes this layer's place when LoRA is removed (merged or not).
+
+        ``dtype`` is the floating dtype of the model around the layer, for kinds that must build a
+        new dense module (a merged quantized layer); the others ignore it."""
         return self.base_layer
 
     # -- adapters --------------------------------------------------------------------------------
@@ -438,12 +487,8 @@ class LoraLayer(nn.Module, abc.ABC):
                 f"safe_merge: merging adapter(s) {pending} gives non-finite weights in "
                 f"{type(self.base_layer).__name__}; the weights were left unchanged"
             )
-        if keep_original and self._original_weight is None:
-            self._original_weight = self.dense_weight().detach().clone()
-        # The bias may first change on a later merge (the first adapter with lora_bias).
-        base_bias = self.base_bias()
-        if keep_original and new_bias is not None and self._original_bias is None and base_bias is not None:
-            self._original_bias = base_bias.detach().clone()
+        if keep_original:  # the bias may first change on a later merge (the first with lora_bias)
+            self.keep_base(new_bias)
         self.write_base(new_weight, new_bias)
         self.merged_adapters.extend(pending)
 
@@ -471,11 +516,7 @@ class LoraLayer(nn.Module, abc.ABC):
         """Restore the base weight (and bias) exactly as they were before the first merge."""
         if not self.merged_adapters:
             return
-        if self._original_weight is None:
-            raise AdapterError("this layer was merged without keeping its original weight; cannot unmerge")
-        self.write_base(self._original_weight, self._original_bias)
-        self._original_weight = None
-        self._original_bias = None
+        self.restore_base()
         self.merged_adapters = []
 
     # -- forward ---------------------------------------------------------------------------------
@@ -486,7 +527,7 @@ class LoraLayer(nn.Module, abc.ABC):
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
     ) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_output(x, *args, **kwargs)
         if self.disable_adapters:
             return result
         rows = rows_for(x, adapter_names)

@@ -18,7 +18,7 @@ from lorakit.layers.base import LoraLayer
 from lorakit.layers.variant import LoraVariant
 
 # inits defined for a (d × k) matrix (the weight, or inputs of width k), not for a convolution
-_WEIGHT_INITS = ("pissa", "olora", "orthogonal", "eva")
+_WEIGHT_INITS = ("pissa", "olora", "orthogonal", "eva", "loftq")
 
 
 class Conv(LoraLayer):

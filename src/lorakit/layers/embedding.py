@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.config import parse_init
 from lorakit.errors import TargetingError
 from lorakit.functional import lora as LF
 from lorakit.layers.base import LoraLayer
@@ -32,7 +33,10 @@ class Embedding(LoraLayer):
     def option_problems(
         cls, base: nn.Module, *, init: bool | str, lora_bias: bool, variant: LoraVariant | None
     ) -> list[str]:
-        return ["lora_bias=True is not supported on embeddings"] if lora_bias else []
+        problems = ["lora_bias=True is not supported on embeddings"] if lora_bias else []
+        if (parse_init(init) or ("default", None))[0] == "loftq":
+            problems.append("init_lora_weights='loftq' is implemented for linear layers only")
+        return problems
 
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         if lora_bias:

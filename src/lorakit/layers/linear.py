@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import LORA_GA_GRAD, parse_init
+from lorakit.config import LORA_GA_GRAD, parse_init, parse_loftq
 from lorakit.functional import init as LI
 from lorakit.functional import lora as LF
 from lorakit.layers import linear_fast as fast
+from lorakit.layers import loftq
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.variant import LoraVariant
 
 __all__ = ["Linear", "is_conv1d", "linear_shape"]
 
@@ -62,6 +64,8 @@ class Linear(LoraLayer):
         kind, niter = parse_init(init) or ("default", None)
         if kind in ("pissa", "olora"):
             self._init_from_weight(name, kind, niter)
+        elif kind == "loftq":
+            self._init_loftq(name, init)
         elif kind == "eva" or (kind == "lora_ga" and hasattr(self.base_layer, LORA_GA_GRAD)):
             # A stays a placeholder until EVA / LoRA-GA sets it (no draw: PEFT's RNG order); B = 0
             nn.init.zeros_(b)
@@ -90,6 +94,27 @@ class Linear(LoraLayer):
         new_a.copy_(a)
         new_b.copy_(b)
         weight.copy_(self.to_matrix(residual).to(weight.dtype))  # (d, k) → the stored layout
+
+    @torch.no_grad()
+    def _init_loftq(self, name: str, init: bool | str) -> None:
+        """LoftQ: the base weight becomes its quantized value ``Q`` (kept in the weight's dtype, to be
+        saved and loaded quantized) and ``s·B A`` approximates ``W − Q``."""
+        bits, iters = parse_loftq(init) or (4, 1)
+        weight = self.dense_weight()
+        a, b, q = LI.loftq(
+            self.to_matrix(weight), self.r[name], self.scaling[name], loftq.quantizer(bits), iters
+        )
+        new_a, new_b = self.factors(name)
+        new_a.copy_(a)
+        new_b.copy_(b)
+        weight.copy_(self.to_matrix(q).to(weight.dtype))
+
+    @classmethod
+    def option_problems(
+        cls, base: nn.Module, *, init: bool | str, lora_bias: bool, variant: LoraVariant | None
+    ) -> list[str]:
+        missing = loftq.missing_package() if (parse_init(init) or ("",))[0] == "loftq" else None
+        return [missing] if missing else []
 
     # -- the math ----------------------------------------------------------------------------------
     def to_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:

@@ -125,8 +125,8 @@ class MultiheadAttention(LoraLayer):
         bias = self.base_layer.in_proj_bias
         return bias if isinstance(bias, torch.Tensor) else None
 
-    def unloaded(self) -> nn.Module:
-        self.base_layer.out_proj = self._out.unloaded()
+    def unloaded(self, dtype: torch.dtype | None = None) -> nn.Module:
+        self.base_layer.out_proj = self._out.unloaded(dtype)
         return self.base_layer
 
     # -- adapters: the in_proj's here, the out_proj's in the wrapped out_proj ----------------------

@@ -133,8 +133,10 @@ class ParamWrapper(LoraLayer):
     def base_bias(self) -> torch.Tensor | None:
         return None  # expert biases (GPT-OSS) are parameters of their own, not this weight's
 
-    def unloaded(self) -> nn.Module:
-        return self.base_layer.unloaded() if isinstance(self.base_layer, ParamWrapper) else self.base_layer
+    def unloaded(self, dtype: torch.dtype | None = None) -> nn.Module:
+        return (
+            self.base_layer.unloaded(dtype) if isinstance(self.base_layer, ParamWrapper) else self.base_layer
+        )
 
     def to_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
         if weight_like.dim() != 2:

@@ -12,7 +12,9 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.layers import bnb
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.bnb import Linear4bit, Linear8bitLt, is_bnb_4bit, is_bnb_8bit
 from lorakit.layers.conv import Conv
 from lorakit.layers.conv_grouped import GroupedConv, is_grouped_conv
 from lorakit.layers.dora import DORA
@@ -20,6 +22,7 @@ from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
 from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.parameter import ParamWrapper, is_adaptable_parameter
+from lorakit.layers.torchao import TorchaoLoraLinear, is_torchao_linear
 from lorakit.layers.variant import LoraVariant
 
 __all__ = [
@@ -30,10 +33,14 @@ __all__ = [
     "supported_parameter_kinds",
     "variant_for",
     "variants",
+    "prepare_model",
 ]
 
 # (predicate on the base module, LoRA layer class, human-readable kind); first match wins.
 _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
+    (is_bnb_4bit, Linear4bit, "bitsandbytes Linear4bit (NF4/FP4)"),  # subclasses nn.Linear
+    (is_bnb_8bit, Linear8bitLt, "bitsandbytes Linear8bitLt (int8)"),  # subclasses nn.Linear
+    (is_torchao_linear, TorchaoLoraLinear, "torch.nn.Linear with a torchao int8 weight"),
     (lambda m: isinstance(m, nn.Linear), Linear, "torch.nn.Linear"),
     (is_conv1d, Linear, "transformers Conv1D"),
     (lambda m: isinstance(m, nn.Embedding), Embedding, "torch.nn.Embedding"),
@@ -57,6 +64,9 @@ _PARAMETER_KINDS: list[tuple[Callable[[nn.Module, str], bool], type[ParamWrapper
 
 _VARIANTS: list[LoraVariant] = [DORA]
 
+# Whole-model preparations a kind needs beyond its own targets, run by every injection.
+_MODEL_PREPARATIONS: list[Callable[[nn.Module], None]] = [bnb.prepare_base]
+
 
 def register_layer(
     predicate: Callable[[nn.Module], bool], layer: type[LoraLayer], kind: str, *, first: bool = False
@@ -76,6 +86,13 @@ def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
         if predicate(module):
             return layer
     return None
+
+
+def prepare_model(model: nn.Module) -> None:
+    """Run every kind's whole-model preparation (bitsandbytes 4-bit: see
+    :func:`lorakit.layers.bnb.prepare_base`); idempotent, and a no-op for models without such layers."""
+    for prepare in _MODEL_PREPARATIONS:
+        prepare(model)
 
 
 def supported_kinds() -> list[str]:

@@ -215,7 +215,7 @@ class TrainableTokensWrapper(nn.Module):
         self._original_index = []
         self.merged_adapters.clear()
 
-    def unloaded(self) -> nn.Module:
+    def unloaded(self, dtype: torch.dtype | None = None) -> nn.Module:
         return self.base_layer
 
     # -- forward --------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import copy
@@ -17,15 +18,17 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only, parse_init
+from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only, loftq_init_token, parse_init
 from lorakit.errors import AdapterError, ConfigError, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
     ModulesToSaveWrapper,
+    RequantizeReport,
     TrainableTokensWrapper,
     lora_layer_for,
     parameter_layer_for,
+    prepare_model,
     supported_kinds,
     supported_parameter_kinds,
     variant_for,
@@ -48,10 +51,12 @@ __all__ = [
     "uninject",
     "remove_at",
     "unload",
+    "unload_requantized",
     "lora_modules",
     "check_adapter_name",
     "Plan",
     "plan",
+    "model_dtype",
     "filling_from_file",
     "share_factors",
     "rerecord",
@@ -81,7 +86,8 @@ def _creation_problem(config: LoraConfig) -> None:
         raise ConfigError(
             f"init_lora_weights={init!r}: {LOAD_ONLY_INITS[kind]}. lorakit loads adapters trained with it "
             "(PeftModel.from_pretrained, load_adapter) but cannot create a new one; create it with PEFT, "
-            "or use another init (True, 'gaussian', 'pissa', 'olora', 'orthogonal', 'eva', 'lora_ga')"
+            "or use another init (True, 'gaussian', 'pissa', 'olora', 'orthogonal', 'eva', 'lora_ga', "
+            "'loftq')"
         )
 
 
@@ -157,6 +163,15 @@ def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) ->
     return config
 
 
+def layer_init(config: LoraConfig) -> bool | str:
+    """What each LoRA layer receives as its init: ``init_lora_weights``, with LoftQ's settings
+    folded in (``"loftq_4bit_1iter"``), since layers see nothing else of the config."""
+    if config.init_lora_weights == "loftq":
+        settings = config.loftq_config or {}
+        return loftq_init_token(int(settings["loftq_bits"]), int(settings["loftq_iter"]))
+    return config.init_lora_weights
+
+
 def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = config.modules_to_save or []
     found: list[tuple[str, nn.Module]] = []
@@ -223,7 +238,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             problems.append(f"{name} ({type(base).__name__})")
             continue
         refused = kind.option_problems(
-            base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
+            base, init=layer_init(resolved), lora_bias=resolved.lora_bias, variant=variant
         )
         refused += kind.rank_problems(base, rank_and_alpha(resolved, name)[0])
         problems.extend(f"{name} ({reason})" for reason in refused)
@@ -304,6 +319,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     p = plan(model, config, adapter_name)
     cfg = p.config
     variant = variant_for(cfg)
+    prepare_model(model)
     slots = _parent_slots(model)
     layers: dict[str, LoraLayer] = {}
     for name, module in p.targets:
@@ -315,7 +331,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             alpha,
             use_rslora=cfg.use_rslora,
             dropout=cfg.lora_dropout,
-            init=cfg.init_lora_weights,
+            init=layer_init(cfg),
             lora_bias=cfg.lora_bias,
             variant=variant,
         )
@@ -450,15 +466,53 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     each modules-to-save wrapper is replaced by its active copy.
     """
     slots = _parent_slots(model)
+    dtype = model_dtype(model)
     for _, module in list(lora_modules(model)):  # outermost first
         if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
             if not keep_merged:
                 module.unmerge()
-            _replace(slots, module, module.unloaded())
+            _replace(slots, module, module.unloaded(dtype))
         else:
             replacement = module.active_module if keep_merged else module.original_module
             _replace(slots, module, replacement)
     return model
+
+
+def unload_requantized(model: nn.Module) -> list[RequantizeReport]:
+    """``unload(model, keep_merged=True)``, except that each merged *quantized* layer is replaced by
+    a new quantized module storing its merged weight re-quantized (lossy: PEFT's merge). Returns
+    what each re-quantization lost (:class:`~lorakit.layers.RequantizeReport`)."""
+    slots = _parent_slots(model)
+    dtype = model_dtype(model)
+    reports = []
+    for name, module in list(lora_modules(model)):
+        if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
+            replacement = module.unloaded(dtype)
+            if isinstance(module, LoraLayer) and module.is_quantized and module.merged:
+                replacement, report = module.requantized(name)
+                reports.append(report)
+            _replace(slots, module, replacement)
+        else:
+            _replace(slots, module, module.active_module)
+    return reports
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The floating dtype activations flow in through ``model``: a transformers model's ``dtype``,
+    else the most common dtype of its plain floating parameters (LoRA factors and quantized
+    tensors aside); ``None`` if it has none."""
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    adapter_params = {
+        id(p) for _, m in lora_modules(model) for n in m.adapter_names for p in m.adapter_parameters(n)
+    }
+    counts = collections.Counter(
+        p.dtype
+        for p in model.parameters()
+        if p.is_floating_point() and type(p) in (nn.Parameter, torch.Tensor) and id(p) not in adapter_params
+    )
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def uninject(model: nn.Module, adapter_name: str) -> None:

@@ -89,6 +89,7 @@ def _adapter_payload(
     adapter as saved right after a PiSSA/OLoRA init (the result is converted to a plain LoRA for the
     original base); ``whole``: the adapter's tensors gathered from a sharded model (by
     :mod:`lorakit.distributed`)."""
+    config = as_fitted(config)
     live = saved_tensors(
         model,
         name,
@@ -258,7 +259,17 @@ def read_adapter(
     ):
         config = dataclasses.replace(config, task_type=TaskType(task))
     config = dataclasses.replace(config, inference_mode=not is_trainable)
-    return AdapterFiles(config, from_file_keys(tensors), metadata, weights)
+    return AdapterFiles(as_fitted(config), from_file_keys(tensors), metadata, weights)
+
+
+def as_fitted(config: LoraConfig) -> LoraConfig:
+    """The config of an adapter whose initialisation is done and stored in its tensors: LoftQ's
+    ``init_lora_weights="loftq"`` becomes ``True`` (PEFT's LoftQ recipe saves it so), since its
+    factors were fitted to a base that already holds the quantized weights, and running LoftQ again
+    on load would quantize that base once more (and cannot run at all on a quantized one)."""
+    if config.init_lora_weights != "loftq":
+        return config
+    return dataclasses.replace(config, init_lora_weights=True, loftq_config={})
 
 
 # -- checking -------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from lorakit.layers import LoraLayer
+from lorakit.layers import LoraLayer, lora_layer_for
 
 __all__ = ["Fingerprint", "fingerprint", "base_weight", "METADATA_KEY"]
 
@@ -99,11 +99,16 @@ class Fingerprint:
 
 def base_weight(module: nn.Module | torch.Tensor) -> torch.Tensor | None:
     """The unmerged base weight of a target (a LoRA layer's original weight while merged; a
-    targeted parameter is its own weight)."""
+    targeted parameter is its own weight); ``None`` for a quantized one: an adapter trained on a
+    quantized base is meant for the full-precision model too (``lorakit merge --base``), whose
+    weights differ by the quantization error."""
     if isinstance(module, torch.Tensor):
         return module
     if isinstance(module, LoraLayer):
-        return module.original_weight()
+        return None if module.is_quantized else module.original_weight()
+    kind = lora_layer_for(module)
+    if kind is not None and kind.is_quantized:
+        return None
     weight = getattr(module, "weight", None)
     return weight if isinstance(weight, torch.Tensor) else None
 

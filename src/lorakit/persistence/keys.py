@@ -293,9 +293,12 @@ def _planned_parameter_shapes(plan: Plan, adapter_name: str) -> dict[str, tuple[
 
 
 def _shape_signature(base: nn.Module) -> tuple:
-    """What an adapter's shapes can depend on: the base's own parameter shapes and conv geometry."""
+    """What an adapter's shapes can depend on: the base's own parameter shapes, its declared sizes
+    (a quantized weight's stored shape does not tell them: bitsandbytes packs a 32 × 16 and a 16 × 32
+    4-bit weight alike) and conv geometry."""
     params = tuple((n, tuple(p.shape)) for n, p in base.named_parameters(recurse=False))
-    conv = tuple(getattr(base, a, None) for a in ("in_channels", "out_channels", "kernel_size", "groups"))
+    sizes = ("in_features", "out_features", "in_channels", "out_channels", "kernel_size", "groups")
+    conv = tuple(getattr(base, a, None) for a in sizes)
     return params, conv
 
 

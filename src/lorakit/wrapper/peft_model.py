@@ -18,7 +18,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig, TaskType
 from lorakit.distributed import group as distributed_group
-from lorakit.errors import AdapterError, ConfigError
+from lorakit.errors import AdapterError, ConfigError, RequantizationWarning
 from lorakit.layers.rows import BASE_ROWS, row_adapters
 from lorakit.model import arithmetic, injection, state
 from lorakit.persistence import adapter_dir
@@ -246,12 +246,38 @@ class PeftModel(nn.Module):
         state.unmerge(self.get_base_model())
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Sequence[str] | None = None,
+        *,
+        requantize: bool = False,
     ) -> nn.Module:
-        """Merge, then return the base model without any LoRA layer (for deployment)."""
+        """Merge, then return the base model without any LoRA layer (for deployment).
+
+        On a quantized base (bitsandbytes, torchao) each merged layer becomes a dense ``nn.Linear``
+        holding ``deq(Q) + s·B·A`` (summed in float32, rounded once into the model's dtype): exact,
+        at the memory of a dense weight (while merging, 4 bytes per element of each merged layer).
+        ``requantize=True`` (lorakit's, off by default) stores the merged weights quantized again
+        instead, as PEFT does: compact but lossy, and it warns how much of the update it lost
+        (:class:`~lorakit.errors.RequantizationWarning`)."""
         model = self.get_base_model()
         state.merge(model, adapter_names, safe_merge=safe_merge, keep_original=False)
-        return injection.unload(model, keep_merged=True)
+        if not requantize:
+            return injection.unload(model, keep_merged=True)
+        reports = injection.unload_requantized(model)
+        if reports:
+            worst = max(reports, key=lambda r: r.relative_error)
+            mean = sum(r.relative_error for r in reports) / len(reports)
+            warnings.warn(
+                f"merge_and_unload(requantize=True) re-quantized {len(reports)} merged layer(s): the "
+                f"weight error this caused is {mean:.2f}× the merged update ‖s·B·A‖ on average "
+                f"(worst: {worst.name}, {worst.relative_error:.2f}×), so the model no longer computes "
+                "what the adapter learned; merge_and_unload() without requantize keeps them exact",
+                RequantizationWarning,
+                stacklevel=2,
+            )
+        return model
 
     def unload(self) -> nn.Module:
         """Return the base model with every LoRA layer removed and its original weights.
