@@ -8,13 +8,14 @@ model exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterator
 
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, TargetingError
+from lorakit.errors import AdapterError, PeftWarning, TargetingError
 from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
@@ -25,6 +26,7 @@ from lorakit.layers import (
 )
 from lorakit.model import engines
 from lorakit.model.targeting import (
+    excluded_names,
     iter_plain_modules,
     rank_and_alpha,
     resolve_config,
@@ -32,7 +34,16 @@ from lorakit.model.targeting import (
     suffix_summary,
 )
 
-__all__ = ["inject", "uninject", "unload", "lora_modules", "check_adapter_name", "Plan", "plan"]
+__all__ = [
+    "inject",
+    "uninject",
+    "unload",
+    "lora_modules",
+    "has_lora_layers",
+    "check_adapter_name",
+    "Plan",
+    "plan",
+]
 
 
 @dataclasses.dataclass
@@ -49,6 +60,11 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToS
     for name, module in model.named_modules():
         if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
             yield name, module
+
+
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether ``model`` already holds a LoRA layer (of any adapter)."""
+    return any(isinstance(m, LoraLayer) for m in model.modules())
 
 
 def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> None:
@@ -85,6 +101,11 @@ def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) ->
     return config
 
 
+# Containers a modules-to-save copy cannot stand in for: they have no forward of their own, so
+# the wrapper (which selects a copy by calling it) would break the model at its first forward.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = config.modules_to_save or []
     found: list[tuple[str, nn.Module]] = []
@@ -98,13 +119,24 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
             f"modules_to_save={names} matches no module of the model. "
             f"Top-level modules: {', '.join(n for n, _ in model.named_children())}"
         )
+    containers = [f"{n} ({type(m).__name__})" for n, m in found if isinstance(m, _CONTAINERS)]
+    lora = [n for n, m in found if isinstance(m, LoraLayer)]
+    if containers or lora:
+        problems = [f"{c} is a container without a forward; name the modules inside it" for c in containers]
+        problems += [
+            f"{n} is already targeted by a LoRA adapter (modules_to_save cannot be applied to modules "
+            "that are targeted by PEFT)"
+            for n in lora
+        ]
+        raise TargetingError(f"modules_to_save={names} cannot be used: " + "; ".join(problems))
     return found
 
 
-def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
-    """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
+def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: bool = False) -> Plan:
+    """Validate ``config`` against ``model`` and say what injecting it would change (read-only).
+    ``replacing``: an adapter named ``adapter_name`` may exist (it is about to be deleted)."""
     _refuse_wrapped(model)
-    check_adapter_name(model, adapter_name, must_be_new=True)
+    check_adapter_name(model, adapter_name, must_be_new=not replacing)
     resolved = resolve_config(config, model)
     targets = select_targets(resolved, model)
     if not targets:
@@ -171,13 +203,20 @@ def _replace(slots: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new:
         setattr(parent, child_name, new)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
+def inject(
+    model: nn.Module, config: LoraConfig, adapter_name: str, *, low_cpu_mem_usage: bool = False
+) -> LoraConfig:
     """Add adapter ``adapter_name`` to ``model`` in place; returns the resolved config.
 
     The new adapter is not activated and its parameters are left as created; activation and
-    trainability are the caller's (see :mod:`lorakit.adapters`).
+    trainability are the caller's (see :mod:`lorakit.model.state`). ``low_cpu_mem_usage``: the
+    adapter's tensors are created on the meta device, uninitialised, for a load to fill (an init
+    that rewrites the base weight, PiSSA or OLoRA, still runs for real).
     """
     p = plan(model, config, adapter_name)
+    _warn_unused_patterns(model, config, p)
+    # New layers take the model's active list (as PEFT's do), so every layer reports the same one.
+    active = next((list(m.active_adapters) for _, m in lora_modules(model) if isinstance(m, LoraLayer)), [])
     cfg = p.config
     variant = variant_for(cfg)
     slots = _parent_slots(model)
@@ -188,6 +227,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             layer_cls = lora_layer_for(module)
             assert layer_cls is not None  # guaranteed by plan()
             layer = layer_cls(module)
+            layer.set_active(active)
             _replace(slots, module, layer)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(
@@ -199,6 +239,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             init=cfg.init_lora_weights,
             lora_bias=cfg.lora_bias,
             variant=variant,
+            meta=low_cpu_mem_usage,
         )
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
@@ -207,6 +248,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         if wrapper is not module:
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
+        wrapper.set_active(active)
         wrapper.train(wrapper.original_module.training)
     params = [
         p
@@ -216,6 +258,43 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
     ]
     engines.record(model, adapter_name, params)
     return cfg
+
+
+def _warn_unused_patterns(model: nn.Module, config: LoraConfig, p: Plan) -> None:
+    """PEFT's warnings for settings that cannot act: ``exclude_modules`` that excluded no module,
+    ``rank_pattern`` / ``alpha_pattern`` keys that match no targeted module, and ``lora_bias`` on a
+    layer without a bias to merge it into."""
+    if config.exclude_modules and not excluded_names(config, model):
+        warnings.warn(
+            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
+            "Please check that exclude_modules was set correctly.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if config.lora_bias:
+        no_bias = [
+            f"{n} ({type(m.base_layer if isinstance(m, LoraLayer) else m).__name__})"
+            for n, m in p.targets
+            if getattr(m.base_layer if isinstance(m, LoraLayer) else m, "bias", None) is None
+        ]
+        if no_bias:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type "
+                f"{no_bias[0].split('(')[1].rstrip(')')} has no bias: {', '.join(no_bias)}. This means that "
+                "merging LoRA weights won't be possible.",
+                PeftWarning,
+                stacklevel=4,
+            )
+    targets = [n for n, _ in p.targets]
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr) or {}
+        unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in targets))
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:

@@ -30,6 +30,7 @@ __all__ = [
     "resolve_config",
     "select_targets",
     "matches_target",
+    "excluded_names",
     "rank_and_alpha",
     "iter_plain_modules",
     "targetable_modules",
@@ -147,6 +148,17 @@ def matches_target(config: LoraConfig, name: str) -> bool:
     if name in targets:  # as in PEFT, a full name is taken as given, without layers_to_transform
         return True
     return any(name.endswith("." + t) for t in targets) and _in_layers(config, name)
+
+
+def excluded_names(config: LoraConfig, model: nn.Module) -> list[str]:
+    """The modules ``config.exclude_modules`` matches (whether or not they were targeted)."""
+    excluded = config.exclude_modules
+    if not excluded:
+        return []
+    names = [n for n, _ in iter_plain_modules(model) if n]
+    if isinstance(excluded, str):
+        return [n for n in names if re.fullmatch(excluded, n)]
+    return [n for n in names if _name_in(n, list(excluded))]
 
 
 def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:
