@@ -13,11 +13,15 @@ from lorakit.config import LoraConfig, LoraRuntimeConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
+    AdapterMergeError,
+    AdapterShapeError,
+    AdapterStateDictError,
     BaseModelMismatchError,
     BaseModelMismatchWarning,
     ConfigError,
     DistributedError,
     LorakitError,
+    PeftWarning,
     TargetingError,
 )
 from lorakit.integrations.tasks import (
@@ -32,13 +36,20 @@ from lorakit.integrations.tasks import (
     PeftModelForTokenClassification,
     PeftModelForTranslation,
 )
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers.tuner_layer import BaseTunerLayer
 from lorakit.model.inspection import inspect
 from lorakit.persistence.hotswap import (
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
     prepare_model_for_compiled_hotswap,
 )
-from lorakit.persistence.keys import get_peft_model_state_dict, set_peft_model_state_dict
+from lorakit.persistence.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from lorakit.rank import (
     ExtractResult,
     RankReport,
@@ -49,7 +60,14 @@ from lorakit.rank import (
     resize_adapter,
     resize_adapter_files,
 )
-from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
+from lorakit.wrapper.peft_model import (
+    LoraModel,
+    PeftMixedModel,
+    PeftModel,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from lorakit.wrapper.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __all__ = [
     "LoraConfig",
@@ -57,6 +75,7 @@ __all__ = [
     "TaskType",
     "PeftType",
     "PeftModel",
+    "PeftMixedModel",
     "LoraModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -72,6 +91,15 @@ __all__ = [
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "BaseTunerLayer",
+    "LoraLayer",
+    "ModulesToSaveWrapper",
     "inspect",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
@@ -89,8 +117,12 @@ __all__ = [
     "TargetingError",
     "AdapterError",
     "AdapterFileError",
+    "AdapterShapeError",
+    "AdapterStateDictError",
+    "AdapterMergeError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "PeftWarning",
     "__version__",
 ]

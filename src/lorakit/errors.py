@@ -1,4 +1,6 @@
-"""lorakit's exceptions. Each is a ``ValueError`` so that PEFT-style ``except ValueError`` still works."""
+"""lorakit's exceptions. Each is a ``ValueError`` so that PEFT-style ``except ValueError`` still works;
+where PEFT raises another built-in type for the same problem, the error is that type too (a size
+mismatch in loading is also a ``RuntimeError``, as torch's ``load_state_dict`` raises)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ __all__ = [
     "TargetingError",
     "AdapterError",
     "AdapterFileError",
+    "AdapterShapeError",
+    "AdapterStateDictError",
+    "AdapterMergeError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "PeftWarning",
 ]
 
 
@@ -34,6 +40,21 @@ class AdapterFileError(LorakitError):
     """An adapter file or directory is missing, unreadable, truncated, corrupt or unsafe."""
 
 
+class AdapterShapeError(AdapterError, RuntimeError):
+    """Loading an adapter whose tensors have other shapes than the model's (PEFT raises a
+    ``RuntimeError`` here: "size mismatch")."""
+
+
+class AdapterStateDictError(AdapterError, RuntimeError):
+    """A strict load of a state dict whose keys do not match the model's (torch raises a
+    ``RuntimeError`` here: "Missing key(s)" / "Unexpected key(s)")."""
+
+
+class AdapterMergeError(AdapterError, RuntimeError):
+    """A merge that cannot be done (nothing was merged); PEFT raises a ``RuntimeError`` for some of
+    these, e.g. a LoRA bias with no base bias to merge into."""
+
+
 class BaseModelMismatchError(AdapterError):
     """An adapter's recorded base-weight fingerprint differs from the model it is loaded onto."""
 
@@ -45,3 +66,8 @@ class BaseModelMismatchWarning(UserWarning):
 class DistributedError(LorakitError):
     """A distributed operation was misused (not called on every rank, ranks disagree) or the model's
     sharding does not allow it."""
+
+
+class PeftWarning(UserWarning):
+    """The category of the warnings lorakit gives where PEFT gives its ``PeftWarning``, under the same
+    name, so that warning filters written for PEFT keep working."""
