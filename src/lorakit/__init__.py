@@ -23,6 +23,7 @@ from lorakit.errors import (
     LorakitError,
     PeftWarning,
     TargetingError,
+    TargetingTypeError,
 )
 from lorakit.integrations.tasks import (
     PeftModelForCausalLM,
@@ -115,6 +116,7 @@ __all__ = [
     "LorakitError",
     "ConfigError",
     "TargetingError",
+    "TargetingTypeError",
     "AdapterError",
     "AdapterFileError",
     "AdapterShapeError",

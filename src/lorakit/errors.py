@@ -8,6 +8,7 @@ __all__ = [
     "LorakitError",
     "ConfigError",
     "TargetingError",
+    "TargetingTypeError",
     "AdapterError",
     "AdapterFileError",
     "AdapterShapeError",
@@ -30,6 +31,11 @@ class ConfigError(LorakitError):
 
 class TargetingError(LorakitError):
     """A config selects no module, or a module lorakit cannot adapt."""
+
+
+class TargetingTypeError(TargetingError, TypeError):
+    """A config names a module of a type that cannot be used that way (PEFT raises a ``TypeError``:
+    ``modules_to_save`` naming a ``ModuleList``, say)."""
 
 
 class AdapterError(LorakitError):

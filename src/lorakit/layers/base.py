@@ -83,6 +83,7 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict[str, LoraVariant] = {}
+        self.use_dora: dict[str, bool] = {}  # PEFT's table: adapter name → whether it is DoRA
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -194,10 +195,9 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         was set; the model-level ``active_adapter`` is the single name)."""
         return list(self.active_adapters)
 
-    @property
-    def use_dora(self) -> dict[str, bool]:
-        """Adapter name → whether it is a DoRA adapter (PEFT's per-adapter table)."""
-        return {name: getattr(self.lora_variant.get(name), "name", None) == "DoRA" for name in self.r}
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """PEFT's name for ``ΔW`` of a LoRA adapter, in the base weight's dtype and shape."""
+        return self.delta_weight(adapter).to(self.dense_weight().dtype)
 
     def enable_adapters(self, enabled: bool) -> None:
         """As PEFT: disabling freezes every adapter here; enabling re-applies :meth:`set_adapter`
@@ -255,6 +255,7 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         self.lora_alpha[name] = alpha
         self.scaling[name] = LF.scaling(alpha, r, use_rslora)
         self.lora_bias[name] = lora_bias
+        self.use_dora[name] = variant is not None and variant.name == "DoRA"
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         if meta and not _rewrites_base(init):
             with torch.device("meta"):
@@ -300,7 +301,14 @@ class LoraLayer(nn.Module, BaseTunerLayer):
             holder = getattr(self, attr)
             if name in holder:
                 del holder[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.lora_variant):
+        for table in (
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.lora_bias,
+            self.lora_variant,
+            self.use_dora,
+        ):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 

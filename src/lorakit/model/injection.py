@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, PeftWarning, TargetingError
+from lorakit.errors import AdapterError, PeftWarning, TargetingError, TargetingTypeError
 from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
@@ -120,15 +120,18 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
             f"Top-level modules: {', '.join(n for n, _ in model.named_children())}"
         )
     containers = [f"{n} ({type(m).__name__})" for n, m in found if isinstance(m, _CONTAINERS)]
+    if containers:
+        raise TargetingTypeError(
+            "modules_to_save cannot be applied to modules of type "
+            f"{', '.join(c.__name__ for c in _CONTAINERS)}: modules_to_save={names} names "
+            f"{', '.join(containers)}, a container without a forward of its own; name the modules inside it"
+        )
     lora = [n for n, m in found if isinstance(m, LoraLayer)]
-    if containers or lora:
-        problems = [f"{c} is a container without a forward; name the modules inside it" for c in containers]
-        problems += [
-            f"{n} is already targeted by a LoRA adapter (modules_to_save cannot be applied to modules "
-            "that are targeted by PEFT)"
-            for n in lora
-        ]
-        raise TargetingError(f"modules_to_save={names} cannot be used: " + "; ".join(problems))
+    if lora:
+        raise TargetingError(
+            f"modules_to_save={names} names {', '.join(lora)}, already targeted by a LoRA adapter "
+            "(modules_to_save cannot be applied to modules that are targeted by PEFT)"
+        )
     return found
 
 

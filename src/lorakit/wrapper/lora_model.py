@@ -90,6 +90,8 @@ class LoraModel(nn.Module):
             )
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
+        # The adapted modules' names, each once, in the order adapters first targeted them (PEFT's).
+        self.targeted_module_names: list[str] = []
         self.inject(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         if not autocast_adapter_dtype:
             state.place_adapter(model, adapter_name, autocast_dtype=False)
@@ -117,11 +119,19 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = injection.inject(
             self.model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage
         )
-
-    @property
-    def targeted_module_names(self) -> list[str]:
-        """The names of the modules that hold LoRA layers (for any adapter)."""
-        return [n for n, m in injection.lora_modules(self.model) if isinstance(m, LoraLayer)]
+        for name, module in injection.lora_modules(self.model):
+            held = isinstance(module, LoraLayer) and module.has_adapter(adapter_name)
+            if held and name not in self.targeted_module_names:
+                self.targeted_module_names.append(name)
+        if state.merged_adapters(self.model):
+            # As PEFT (its injection re-applies set_adapter): a model gaining an adapter is unmerged,
+            # so that every adapter is again separate from the base weights.
+            warnings.warn(
+                "Adapter cannot be set when the model is merged. Unmerging the model first.",
+                UserWarning,
+                stacklevel=3,
+            )
+            state.unmerge(self.model)
 
     @property
     def targeted_parameter_names(self) -> list[str]:

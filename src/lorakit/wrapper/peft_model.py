@@ -462,6 +462,16 @@ def get_peft_model(
     """
     if not isinstance(peft_config, LoraConfig):
         raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
+    new_name = model.__dict__.get("name_or_path") or getattr(model, "name_or_path", None) or None
+    old_name = peft_config.base_model_name_or_path
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to '{new_name}'. "
+            "Please ensure that the correct base model is loaded when loading this checkpoint (the saved "
+            "adapter names the model it was added to)",
+            UserWarning,
+            stacklevel=2,
+        )
     if revision is not None:
         if peft_config.revision is not None and peft_config.revision != revision:
             warnings.warn(
