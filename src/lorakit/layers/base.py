@@ -444,8 +444,9 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         new_weight, new_bias = result
         if safe_merge and not all(torch.isfinite(t).all() for t in result if t is not None):
             raise AdapterError(
-                f"safe_merge: merging adapter(s) {pending} gives non-finite weights in "
-                f"{type(self.base_layer).__name__}; the weights were left unchanged"
+                f"NaNs detected in the merged weights. The adapter {', '.join(pending)} seems to be broken "
+                f"(safe_merge: merging gives non-finite weights in {type(self.base_layer).__name__}; the "
+                "weights were left unchanged)"
             )
         if keep_original and self._original_weight is None:
             self._original_weight = self.dense_weight().detach().clone()

@@ -249,8 +249,10 @@ def merge(
             if result is not None and not all(t.isfinite().all() for t in result if t is not None):
                 bad.append(lname)
         if bad:
+            wanted = names if names is not None else active_adapters(model)
             raise AdapterError(
-                f"safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged"
+                f"NaNs detected in the merged weights. The adapter {', '.join(wanted)} seems to be broken "
+                f"(safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged)"
             )
     for layer in layers:
         layer.merge(names, keep_original=keep_original)
