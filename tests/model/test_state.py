@@ -552,3 +552,28 @@ def test_trainable_parameters_with_biased_modules_to_save_match_peft(bias):
         n for n, p in theirs.named_parameters() if p.requires_grad
     }
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_set_adapter_on_a_merged_model_unmerges_first_with_a_warning():
+    """As PEFT (issue 14): merged weights must not stay in effect beside the newly active adapter."""
+    peft_model, x, _ = setup("llama")
+    add_second(peft_model, "llama")
+    peft_model.set_adapter("other")
+    other_alone = logits(peft_model, x)
+    peft_model.set_adapter("default")
+    peft_model.merge_adapter()
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        peft_model.set_adapter("other")
+    assert not any(m.merged for m in peft_model.modules() if isinstance(m, LoraLayer))
+    assert torch.equal(logits(peft_model, x), other_alone)
+
+
+def test_adding_an_adapter_to_a_merged_model_unmerges_it_with_a_warning():
+    peft_model, x, _ = setup("toy")
+    merged = logits(peft_model, x)
+    peft_model.merge_adapter()
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        peft_model.add_adapter("other", LoraConfig(target_modules=["lin"]))
+    assert not any(m.merged for m in peft_model.modules() if isinstance(m, LoraLayer))
+    assert torch.allclose(logits(peft_model, x), merged, atol=ATOL)
+    peft_model.delete_adapter("default")  # unmerged, so it can go (as in PEFT)

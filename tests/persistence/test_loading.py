@@ -96,3 +96,10 @@ def test_bad_keywords_are_refused_before_anything_changes(saved):
     with pytest.raises(lorakit.ConfigError, match="config must be a lorakit.LoraConfig"):
         PeftModel.from_pretrained(base, path, config={"r": 4})
     assert not any(isinstance(m, lorakit.LoraLayer) for m in base.modules())
+
+
+def test_offload_keywords_are_accepted_and_runtime_flag_recorded(saved):
+    model, path = saved
+    loaded = PeftModel.from_pretrained(tiny(), path, device_map={"": "cpu"}, ephemeral_gpu_offload=True)
+    assert loaded.peft_config["default"].runtime_config.ephemeral_gpu_offload
+    assert torch.equal(loaded(tiny_inputs()), model(tiny_inputs()))
