@@ -17,7 +17,7 @@ import lorakit
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 DOC = ROOT / "docs" / "architecture.md"
-CLI_ALLOWED = ("lorakit", "lorakit.integrations.trainer", "lorakit.distributed")
+CLI_ALLOWED = ("lorakit", "lorakit.integrations.trainer", "lorakit.distributed", "lorakit.hub")
 
 
 def _layers() -> dict[str, int]:

@@ -9,7 +9,7 @@ Importing :mod:`lorakit.integrations.tasks` here registers the task wrappers wit
 """
 
 from lorakit._version import __version__
-from lorakit.config import LoraConfig, LoraRuntimeConfig, PeftType, TaskType
+from lorakit.config import EvaConfig, LoraConfig, LoraGAConfig, LoraRuntimeConfig, PeftType, TaskType
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
@@ -21,6 +21,7 @@ from lorakit.errors import (
     ConfigError,
     DistributedError,
     LorakitError,
+    MixedBatchError,
     PeftWarning,
     TargetingError,
     TargetingTypeError,
@@ -39,7 +40,10 @@ from lorakit.integrations.tasks import (
 )
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 from lorakit.layers.tuner_layer import BaseTunerLayer
+from lorakit.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.model.inspection import inspect
+from lorakit.model.lora_ga import preprocess_loraga
+from lorakit.model.loraplus import create_loraplus_optimizer
 from lorakit.persistence.hotswap import (
     hotswap_adapter,
     hotswap_adapter_from_state_dict,
@@ -73,6 +77,8 @@ from lorakit.wrapper.status import TunerLayerStatus, TunerModelStatus, get_layer
 __all__ = [
     "LoraConfig",
     "LoraRuntimeConfig",
+    "EvaConfig",
+    "LoraGAConfig",
     "TaskType",
     "PeftType",
     "PeftModel",
@@ -102,6 +108,10 @@ __all__ = [
     "LoraLayer",
     "ModulesToSaveWrapper",
     "inspect",
+    "create_loraplus_optimizer",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "preprocess_loraga",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
     "prepare_model_for_compiled_hotswap",
@@ -122,6 +132,7 @@ __all__ = [
     "AdapterShapeError",
     "AdapterStateDictError",
     "AdapterMergeError",
+    "MixedBatchError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",

@@ -10,6 +10,7 @@ __all__ = [
     "TargetingError",
     "TargetingTypeError",
     "AdapterError",
+    "MixedBatchError",
     "AdapterFileError",
     "AdapterShapeError",
     "AdapterStateDictError",
@@ -40,6 +41,11 @@ class TargetingTypeError(TargetingError, TypeError):
 
 class AdapterError(LorakitError):
     """An adapter operation was asked for that the model's current state does not allow."""
+
+
+class MixedBatchError(AdapterError, TypeError):
+    """``adapter_names`` (a mixed batch) reached a layer kind that applies one set of adapters to the
+    whole batch (``nn.MultiheadAttention``). Also a ``TypeError``, which PEFT raises there."""
 
 
 class AdapterFileError(LorakitError):

@@ -72,7 +72,13 @@ def test_seq_cls_writes_adapter_metrics_plot_and_card(
     assert metrics["steps"] == 12 and metrics["labels"] == ["neg", "pos"]
     assert [p["step"] for p in metrics["loss_curve"]] == [3, 6, 9, 12]
     assert [p["step"] for p in metrics["eval_curve"]] == [6, 12]
-    assert metrics["examples"] == {"train": 96, "held_out": 24, "eval_sample": 24}
+    assert metrics["examples"] == {
+        "train": 96,
+        "train_rows": 96,
+        "held_out": 24,
+        "eval_sample": 24,
+        "dropped": 0,
+    }
     assert metrics["adapter_bytes"] == (out / "adapter_model.safetensors").stat().st_size
     assert {"lorakit", "torch", "transformers"} <= set(metrics["versions"])
     config = json.loads((out / "adapter_config.json").read_text())
@@ -170,7 +176,7 @@ def test_resume_continues_an_interrupted_run(
     from safetensors.torch import load_file
     from transformers import TrainerCallback
 
-    import lorakit.cli.train as train_cmd
+    import lorakit.cli.training as train_cmd
 
     class StopAtSix(TrainerCallback):  # an interruption right after the step-6 checkpoint
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
@@ -231,6 +237,8 @@ def test_embedded_default_learns(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert record["preset"] == "minilm-vader" and record["examples"]["train"] == 8454
     assert record["after"]["accuracy"] > record["before"]["accuracy"] + 0.05
     assert "accuracy" in capsys.readouterr().out
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "from_pretrained('sentence-transformers/all-MiniLM-L6-v2'" in card and "site-packages" not in card
 
 
 @pytest.mark.distributed

@@ -129,14 +129,11 @@ def test_neutral_values_are_accepted(key, value):
 @pytest.mark.parametrize(
     "key, value, shown",
     [
-        ("loftq_config", {"loftq_bits": 4}, "loftq_config={'loftq_bits': 4}"),
         ("use_qalora", True, "use_qalora=True"),
         ("layer_replication", [[0, 2]], "layer_replication=[[0, 2]]"),
-        ("trainable_token_indices", [1, 2], "trainable_token_indices=[1, 2]"),
         ("megatron_config", {"tp": 2}, "megatron_config="),
         ("alora_invocation_tokens", [5], "alora_invocation_tokens=[5]"),
         ("target_parameters", ["experts.weight"], "target_parameters="),
-        ("eva_config", {"rho": 2}, "eva_config="),
         ("init_lora_weights", "corda", "init_lora_weights='corda'"),
         ("init_lora_weights", "loftq", "init_lora_weights='loftq'"),
     ],
@@ -168,6 +165,8 @@ def test_all_problems_are_reported_together():
         ("init_lora_weights", "pissa_niter_4"),
         ("init_lora_weights", "olora"),
         ("init_lora_weights", "orthogonal"),
+        ("init_lora_weights", "eva"),
+        ("init_lora_weights", "mica"),
     ],
 )
 def test_dora_and_initialisations_are_read(key, value):
@@ -229,3 +228,18 @@ def test_json_roundtrip_property(r, alpha, dropout, targets, bias, rslora, init,
     back = config_from_peft_dict(data)
     expected_task = None if task is None else peft_task_type(task)
     assert back == dataclasses.replace(config, inference_mode=True, task_type=expected_task)
+
+
+@pytest.mark.parametrize(
+    "key, value, kept",
+    [
+        ("loftq_config", {"loftq_bits": 4}, {}),  # PEFT empties it too
+        ("corda_config", {"cache_file": None}, {"cache_file": None}),
+    ],
+)
+def test_an_init_sub_config_without_its_init_is_ignored_with_a_warning(key, value, kept):
+    """PEFT's conversion of a CorDA adapter to plain LoRA writes init true and keeps corda_config:
+    such files load, as in PEFT."""
+    with pytest.warns(UserWarning, match=f"{key} is set but init_lora_weights=True"):
+        config = config_from_peft_dict({**PEFT_LORA_KEYS, key: value})
+    assert getattr(config, key) == kept

@@ -357,12 +357,45 @@ def _zero3_merge(peft: lorakit.PeftModel, engine: Any) -> dict[str, Any]:
     return out
 
 
+# -- EVA: each rank's layer inputs are gathered, so every rank computes one SVD of all of them --------
+def eva_gather(ref: tuple, work: Path) -> dict[str, Any]:
+    """Each rank feeds its own half of each batch; the components and ranks equal one process's on
+    the whole batches, and are identical on every rank."""
+    rank, world = _rank_world()
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(6)]
+    batches = [torch.randint(1, S.VOCAB, (S.GLOBAL_BATCH, 12), generator=g) for g in gens]
+    config = lorakit.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights="eva", eva_config={"tau": 0.9}
+    )
+    mine = [{"input_ids": b.chunk(world)[rank]} for b in batches]
+    got = lorakit.get_eva_state_dict(
+        lorakit.get_peft_model(S.base_model(), config), mine, show_progress_bar=False
+    )
+    want = lorakit.get_eva_state_dict(
+        lorakit.get_peft_model(S.base_model(), config),
+        [{"input_ids": b} for b in batches],
+        gather_distributed_inputs=False,
+        show_progress_bar=False,
+    )
+    flat = torch.cat([got[k].flatten() for k in sorted(got)])
+    copies = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(copies, flat)
+    same_shapes = {k: tuple(v.shape) for k, v in got.items()} == {k: tuple(v.shape) for k, v in want.items()}
+    return {
+        "eva_identical_on_ranks": all(torch.equal(c, flat) for c in copies),
+        "eva_matches_reference": max((got[k] - want[k]).abs().max().item() for k in want)
+        if same_shapes
+        else 1.0,
+    }
+
+
 SCENARIOS: dict[str, list[tuple[str, Callable[[tuple, Path], dict[str, Any]]]]] = {
     "ddp": [
         ("ddp", ddp()),
         ("ddp_accum", ddp(accum=2)),
         ("ddp_reentrant_ckpt", ddp(reentrant=True)),
         ("controls", ddp_controls),
+        ("eva_gather", eva_gather),
     ],
     "fsdp2": [
         ("fsdp2", fsdp2()),

@@ -227,6 +227,15 @@ def test_zero3_merge_gathers(launch: Launch) -> None:
     assert results["zero3_unmerge_logits"] == 0.0
 
 
+def test_eva_gathers_every_ranks_layer_inputs(launch: Launch) -> None:
+    """EVA in a process group: each rank sees half of every batch, every rank gets the components
+    and ranks of one process that sees all of it (same rows, same order: equal bits)."""
+    results = launch("ddp")["eva_gather"]
+    assert "error" not in results, results.get("error")
+    assert results["eva_identical_on_ranks"] is True
+    assert results["eva_matches_reference"] == 0.0
+
+
 def test_rank0_only_save_fails_instead_of_hanging(launch: Launch) -> None:
     results = launch("fsdp2")["rank0_only_save"]
     assert str(results["rank0_only_save_fails"]).startswith("ok"), results

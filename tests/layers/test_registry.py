@@ -6,7 +6,7 @@ import pytest
 from torch import nn
 from zoo import LAYER_KINDS, lora_layer
 
-from lorakit.layers import Conv, Embedding, Linear, lora_layer_for
+from lorakit.layers import Conv, Embedding, GroupedConv, Linear, MultiheadAttention, lora_layer_for
 
 
 @pytest.mark.parametrize("kind", LAYER_KINDS)
@@ -16,6 +16,16 @@ def test_dispatch(kind):
     assert type(layer) is expected
 
 
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d, nn.Conv3d])
+def test_dispatch_grouped_conv(conv):
+    assert lora_layer_for(conv(4, 4, 3, groups=2)) is GroupedConv
+    assert lora_layer_for(conv(4, 4, 3)) is Conv
+
+
+def test_dispatch_multihead_attention():
+    assert lora_layer_for(nn.MultiheadAttention(8, 2)) is MultiheadAttention
+
+
 def test_dispatch_unsupported():
     assert lora_layer_for(nn.LayerNorm(4)) is None
-    assert lora_layer_for(nn.Conv2d(4, 4, 3, groups=2)) is None
+    assert lora_layer_for(nn.GRU(4, 4)) is None

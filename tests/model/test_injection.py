@@ -37,6 +37,12 @@ FAILING = [
         TargetingError,
         ["scorer", "lm_head"],
     ),
+    (
+        {"target_modules": ["q_proj"], "init_lora_weights": "mica"},
+        "default",
+        ConfigError,
+        ["'mica'", "A only"],
+    ),
     ({"target_modules": ["q_proj"]}, "a.b", AdapterError, ["'a.b'", "'.'"]),
     ({"target_modules": ["q_proj"]}, "", AdapterError, ["''", "non-empty"]),
     ({"target_modules": ["q_proj"]}, "__base__", AdapterError, ["'__base__'"]),

@@ -165,3 +165,44 @@ def test_peft_legacy_bin_loads(tmp_path):
     ]
     loaded = lorakit.PeftModel.from_pretrained(ZOO["gpt2"].build(), tmp_path)
     torch.testing.assert_close(_out(loaded, "gpt2"), _out(model, "gpt2"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "init, kwargs",
+    [
+        ("eva", {"eva_config": {"rho": 2.0}}),
+        ("mica", {"target_modules": ["q_proj", "v_proj", "embed_tokens"]}),
+    ],
+)
+def test_data_driven_init_files_load_both_ways(init, kwargs, tmp_path):
+    """EVA and MiCA adapters are plain LoRA factors once trained: their files load without running the
+    init (EVA's needs data; MiCA's SVD is skipped), the base stays as it is, MiCA's B stays frozen as
+    in PEFT, and lorakit writes the same init back."""
+    config = peft.LoraConfig(**{**BASE, "init_lora_weights": init, **kwargs})
+    theirs = peft.get_peft_model(ZOO["llama"].build(), config)
+    perturb_trainable(theirs, seed=6)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "peft")
+
+    fresh = ZOO["llama"].build()
+    base_state = {k: v.clone() for k, v in fresh.state_dict().items()}
+    loaded = lorakit.PeftModel.from_pretrained(fresh, tmp_path / "peft", is_trainable=True)
+    torch.testing.assert_close(_out(loaded, "llama"), _out(theirs, "llama"), rtol=1e-5, atol=1e-6)
+    base_now = loaded.get_base_model()
+    for key, value in base_state.items():  # every base weight, under its (possibly wrapped) name
+        module, _, tensor = key.rpartition(".")
+        holder = base_now.get_submodule(module)
+        holder = getattr(holder, "base_layer", holder)
+        assert torch.equal(getattr(holder, tensor), value), key
+    peft_trainable = peft.PeftModel.from_pretrained(
+        ZOO["llama"].build(), tmp_path / "peft", is_trainable=True
+    )
+    assert sorted(n for n, p in loaded.named_parameters() if p.requires_grad) == sorted(
+        n for n, p in peft_trainable.named_parameters() if p.requires_grad
+    )
+
+    loaded.save_pretrained(tmp_path / "lorakit")
+    assert json.loads((tmp_path / "lorakit" / "adapter_config.json").read_text())["init_lora_weights"] == init
+    back = peft.PeftModel.from_pretrained(ZOO["llama"].build(), tmp_path / "lorakit")
+    torch.testing.assert_close(_out(back, "llama"), _out(theirs, "llama"), rtol=1e-5, atol=1e-6)

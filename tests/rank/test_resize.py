@@ -101,3 +101,32 @@ def test_resized_adapter_written_to_disk_loads_in_peft(tmp_path):
     ids = torch.randint(0, 100, (2, 5))
     reloaded = peft.PeftModel.from_pretrained(llama_wide(), tmp_path / "same")
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_attention_resizes_in_proj_and_out_proj_to_one_rank():
+    """Both of an attention's adapters live under one target and share its rank; at full rank the
+    resized adapter computes the same outputs."""
+    from zoo import attention
+
+    config = LoraConfig(target_modules=["mha", "lin0"], r=6, init_lora_weights=False)
+    model = get_peft_model(attention(), config)
+    by_energy = resize_adapter(config, get_peft_model_state_dict(model), energy=0.5)
+    assert by_energy.ranks["mha"] == by_energy.ranks["mha.base_layer.out_proj"]
+    full = resize_adapter(config, get_peft_model_state_dict(model), rank=6)
+    resized = get_peft_model(attention(), full.config)
+    from lorakit import set_peft_model_state_dict
+
+    set_peft_model_state_dict(resized, full.state_dict)
+    x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(resized(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_convolutions_are_not_resized():
+    from zoo import conv_groups
+
+    from lorakit.errors import AdapterError
+
+    config = LoraConfig(target_modules=["conv2d", "lin0"])
+    state = get_peft_model_state_dict(get_peft_model(conv_groups(), config))
+    with pytest.raises(AdapterError, match=r"grouped convolutions: \['conv2d'\]"):
+        resize_adapter(config, state, rank=2)

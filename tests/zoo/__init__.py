@@ -13,8 +13,9 @@ Models
     ``saved_model(arch, vocab_size)``: the CLI tests' models, saved beside a tokenizer.
   plain torch (``zoo.torch_models``): ``toy()`` (one layer of every kind lorakit adapts, targets
   ``TOY_TARGETS``), ``tiny()`` (Embedding → Linear → ReLU → Linear), ``Shared`` (a module at two
-  paths, tied weights), ``MLP`` (Embedding, Conv2d, Linear), ``fake_engine(name)`` (a wrapper named
-  like a distributed engine).
+  paths, tied weights), ``MLP`` (Embedding, Conv2d, Linear), ``conv_groups()`` (grouped Conv2d and
+  Conv1d between Linears), ``attention()`` (``nn.MultiheadAttention`` → Linear),
+  ``fake_engine(name)`` (a wrapper named like a distributed engine).
   single LoRA layers (``zoo.layers``): ``lora_layer(kind)`` for each of ``LAYER_KINDS`` with its
   input, ``add_adapter(layer)``.
 Inputs and outputs (``zoo.inputs``)
@@ -49,7 +50,20 @@ from zoo.state import (
     snapshot_all,
     structure,
 )
-from zoo.torch_models import MLP, TOY_TARGETS, Shared, Tiny, Toy, fake_engine, tiny, toy
+from zoo.torch_models import (
+    MLP,
+    TOY_TARGETS,
+    Attention,
+    ConvGroups,
+    Shared,
+    Tiny,
+    Toy,
+    attention,
+    conv_groups,
+    fake_engine,
+    tiny,
+    toy,
+)
 from zoo.transformers_models import (
     ARCHS,
     MODELS,
@@ -68,6 +82,8 @@ from zoo.transformers_models import (
 
 __all__ = [
     "ARCHS",
+    "Attention",
+    "ConvGroups",
     "BATCH",
     "LAYER_KINDS",
     "MLP",
@@ -83,10 +99,12 @@ __all__ = [
     "add_adapter",
     "assert_same_state",
     "assert_unchanged",
+    "attention",
     "bert_cls",
     "build",
     "choice_inputs",
     "config",
+    "conv_groups",
     "fake_engine",
     "gpt2",
     "ids",

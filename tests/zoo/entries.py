@@ -85,6 +85,10 @@ ZOO: dict[str, ZooEntry] = {
         ZooEntry("roberta", _model("roberta", "Model"), _roberta_inputs),
         ZooEntry("gpt2", _model("gpt2", "LMHeadModel"), _decoder_only_inputs),
         ZooEntry("llama", _model("llama", "ForCausalLM"), _decoder_only_inputs),
+        # lm_head shares the input embedding's weight (tie_word_embeddings=True, as Gemma, Qwen2-0.5B)
+        ZooEntry(
+            "llama_tied", _model("llama", "ForCausalLM", tie_word_embeddings=True), _decoder_only_inputs
+        ),
         ZooEntry("mistral", _model("mistral", "ForCausalLM"), _decoder_only_inputs),
         ZooEntry("t5", _model("t5", "ForConditionalGeneration"), _seq2seq_inputs),
         ZooEntry("bart", _model("bart", "ForConditionalGeneration", classifier_dropout=0.0), _seq2seq_inputs),

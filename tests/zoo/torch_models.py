@@ -96,6 +96,54 @@ class MLP(nn.Module):
         return self.lin1(h)
 
 
+class ConvGroups(nn.Module):
+    """Linear → grouped Conv2d (groups 2) → grouped Conv1d (groups 4) → Linear, as PEFT's
+    ``ModelConv2DGroups`` tests a grouped convolution between linear layers.
+
+    forward(x: (B, 12) float) → (B, 2)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(12, 4 * 9)
+        self.conv2d = nn.Conv2d(4, 8, 3, padding=1, groups=2)  # weight (8, 2, 3, 3)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1, groups=4)  # weight (8, 2, 3)
+        self.act = nn.ReLU()
+        self.lin1 = nn.Linear(8 * 9, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin0(x).reshape(-1, 4, 3, 3)  # (B, 4, 3, 3)
+        h = self.act(self.conv2d(h))  # (B, 8, 3, 3)
+        h = self.act(self.conv1d(h.flatten(2)))  # (B, 8, 9)
+        return self.lin1(h.flatten(1))
+
+
+def conv_groups(seed: int = 0) -> ConvGroups:
+    torch.manual_seed(seed)
+    return ConvGroups().eval()
+
+
+class Attention(nn.Module):
+    """``nn.MultiheadAttention`` (E=8, 2 heads, sequence first) → Linear, as PEFT's ``ModelMha``.
+
+    forward(x: (T, B, 8) float) → (T, B, 3)
+    """
+
+    def __init__(self, batch_first: bool = False, bias: bool = True) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, bias=bias, batch_first=batch_first)
+        self.lin0 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.mha(x, x, x)
+        return self.lin0(torch.tanh(h))
+
+
+def attention(seed: int = 0, **kwargs: bool) -> Attention:
+    torch.manual_seed(seed)
+    return Attention(**kwargs).eval()
+
+
 def fake_engine(class_name: str) -> type[nn.Module]:
     """A wrapper module class named like a distributed engine's (``DistributedDataParallel``, ...):
     lorakit recognises engines by class name. ``fake_engine(name)(model)`` holds ``model`` as

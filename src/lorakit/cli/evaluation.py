@@ -79,7 +79,7 @@ def exact_match(
     model: Any, task: Task, rows: Rows, tokenizer: Any, settings: TrainSettings, label_column: str
 ) -> float:
     """The fraction of rows whose generated answer equals the target (surrounding spaces ignored)."""
-    texts = [str(row[settings.text_column]) for row in rows]
+    texts = [str(row[str(settings.text_column)]) for row in rows]
     if task.name == "causal-lm":
         texts = [prompt_text(tokenizer, t, settings.chat_template) for t in texts]
     answers = generate_answers(

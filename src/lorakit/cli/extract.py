@@ -9,35 +9,42 @@ into ``lora_B``'s bias; every other changed parameter (norms, heads) is saved in
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import lorakit
 from lorakit.cli.errors import CliError
+from lorakit.cli.parsing import new_parser
+from lorakit.cli.resize import refuse_existing
+from lorakit.cli.tasks import TASKS
 
-__all__ = ["add_parser", "run"]
+__all__ = ["parser", "run", "HELP"]
+
+HELP = "turn a full fine-tune into a LoRA adapter"
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "extract",
-        help="turn a full fine-tune into a LoRA adapter",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def parser() -> Any:
+    p = new_parser(prog="lorakit extract", description=__doc__)
+    p.add_argument("--base", required=True, help="the base model folder or Hub id (safetensors)")
+    p.add_argument(
+        "--tuned", required=True, help="the fully fine-tuned model folder or Hub id (same architecture)"
     )
-    parser.add_argument("--base", required=True, help="the base model folder (safetensors)")
-    parser.add_argument(
-        "--tuned", required=True, help="the fully fine-tuned model folder (same architecture)"
-    )
-    size = parser.add_mutually_exclusive_group(required=True)
+    size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the rank of every extracted module")
     size.add_argument("--energy", type=float, help="keep this share of each update's energy, e.g. 0.95")
-    parser.add_argument("--embeddings", action="store_true", help="also extract embedding layers as LoRA")
-    parser.add_argument("--out", required=True, help="the folder to write the adapter to")
-    parser.set_defaults(func=run, command="extract")
+    p.add_argument("--embeddings", action="store_true", help="also extract embedding layers as LoRA")
+    p.add_argument(
+        "--task",
+        choices=list(TASKS),
+        default=None,
+        help="the task the tuned model does, recorded in the adapter so that `lorakit eval` and "
+        "`merge` can load it with the right head",
+    )
+    p.add_argument("--out", required=True, help="a new folder to write the adapter to")
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
+    refuse_existing(args.out)
     try:
         result = lorakit.extract_adapter(
             args.base,
@@ -46,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             energy=args.energy,
             include_embeddings=args.embeddings,
             out=args.out,
+            task_type=TASKS[args.task].task_type if args.task else None,
         )
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc

@@ -5,22 +5,32 @@ Reads only the files (JSON and the safetensors header): no model is loaded.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 from typing import Any
 
 from lorakit.cli.errors import CliError
 from lorakit.cli.loading import open_adapter
+from lorakit.cli.parsing import new_parser
 
-__all__ = ["add_parser", "run", "describe"]
+__all__ = ["parser", "run", "describe", "HELP"]
 
-LORA_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", ".lora_magnitude_vector")
+HELP = "describe an adapter folder"
+
+LORA_PARTS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A",
+    ".lora_embedding_B",
+    ".lora_magnitude_vector",
+    ".token_adapter.",  # trainable token rows
+)
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser("info", help="describe an adapter folder", description=__doc__)
-    parser.add_argument("adapter", help="an adapter folder (PEFT format)")
-    parser.set_defaults(func=run, command="info")
+def parser() -> Any:
+    p = new_parser(prog="lorakit info", description=__doc__)
+    p.add_argument("adapter", help="an adapter folder or Hub id (PEFT format)")
+    p.add_argument("--revision", default=None, help="the adapter's Hub revision (branch, tag or commit)")
+    return p
 
 
 def _sha256(path: Any) -> str:
@@ -31,11 +41,11 @@ def _sha256(path: Any) -> str:
     return digest.hexdigest()
 
 
-def describe(path: str) -> dict[str, Any]:
+def describe(path: str, revision: str | None = None) -> dict[str, Any]:
     """The facts ``lorakit info`` prints, as a dict."""
     from safetensors import SafetensorError, safe_open
 
-    adapter = open_adapter(path)
+    adapter = open_adapter(path, revision)
     targets: set[str] = set()
     saved: set[str] = set()
     params = 0
@@ -55,7 +65,9 @@ def describe(path: str) -> dict[str, Any]:
         raise CliError(f"{adapter.weights} is not a readable safetensors file: {exc}") from exc
     cfg = adapter.config
     return {
-        "path": str(adapter.path),
+        "path": str(adapter.path)
+        if adapter.name == str(adapter.path)
+        else f"{adapter.name} ({adapter.path})",
         "task_type": cfg.get("task_type"),
         "base model": cfg.get("base_model_name_or_path"),
         "r": cfg.get("r"),
@@ -95,8 +107,8 @@ def _trained(record: dict[str, Any] | None) -> str | None:
     return f"{record.get('steps')} steps; {metric} {before:.4f} -> {after:.4f}" if after is not None else None
 
 
-def run(args: argparse.Namespace) -> int:
-    facts = describe(args.adapter)
+def run(args: Any) -> int:
+    facts = describe(args.adapter, args.revision)
     width = max([len(k) for k in facts] + [len("metadata " + k) for k in facts["metadata"]])
     for key, value in facts.items():
         if key == "metadata":

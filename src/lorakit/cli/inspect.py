@@ -5,43 +5,45 @@ Reads only ``config.json``: the model is built on the ``meta`` device, so no wei
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 from typing import Any
 
 import lorakit
-from lorakit.cli.errors import CliError
+from lorakit.cli.models import model_config
+from lorakit.cli.parsing import new_parser
 from lorakit.cli.settings import TrainSettings
 from lorakit.cli.tasks import TASKS, get_task
 
-__all__ = ["add_parser", "run", "build_empty"]
+__all__ = ["parser", "run", "build_empty", "HELP"]
+
+HELP = "list the modules LoRA can target, and the defaults"
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "inspect", help="list the modules LoRA can target, and the defaults", description=__doc__
-    )
-    parser.add_argument("model", help="a transformers model folder, or a preset name")
-    parser.add_argument(
+def parser() -> Any:
+    p = new_parser(prog="lorakit inspect", description=__doc__)
+    p.add_argument("model", help="a transformers model folder, a Hub id, or a preset name")
+    p.add_argument(
         "--task",
         choices=list(TASKS),
         default=None,
         help="the head to build (default: the architecture in config.json)",
     )
-    parser.set_defaults(func=run, command="inspect")
+    p.add_argument("--revision", default=None, help="the model's Hub revision")
+    p.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model's own code (trusted models only)"
+    )
+    return p
 
 
-def build_empty(path: str, task: str | None) -> Any:
-    """The model of ``path/config.json`` (with the task's head), on the meta device: shapes only."""
+def build_empty(
+    path: str, task: str | None, revision: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    """The model of ``path``'s config.json (a folder or Hub id; with the task's head), on the meta
+    device: shapes only, no weights read."""
     import torch
     import transformers
 
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise CliError(f"model {path!r} has no config.json; give a transformers model folder")
-    config = transformers.AutoConfig.from_pretrained(path)
-    architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or []
+    config = model_config(path, revision, trust_remote_code)
+    architectures = getattr(config, "architectures", None) or []
     if task is not None:
         cls = getattr(transformers, get_task(task).auto_class)
     elif architectures and hasattr(transformers, architectures[0]):
@@ -49,14 +51,16 @@ def build_empty(path: str, task: str | None) -> Any:
     else:
         cls = transformers.AutoModel
     with torch.device("meta"):
-        return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=trust_remote_code)
+        return cls(config)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     from lorakit.cli.presets import PRESETS
 
     path = PRESETS[args.model].model() if args.model in PRESETS else args.model
-    model = build_empty(path, args.task)
+    model = build_empty(path, args.task, args.revision, args.trust_remote_code)
     print(f"{type(model).__name__} from {path}")
     print(lorakit.inspect(model))
     defaults = TrainSettings()

@@ -7,28 +7,31 @@ command checks that the merged model gives the adapted model's outputs on a samp
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 from lorakit.cli.errors import CliError
-from lorakit.cli.loading import load_adapted, open_adapter
+from lorakit.cli.loading import adapter_labels, base_name, load_adapted, open_adapter
+from lorakit.cli.parsing import new_parser
 
-__all__ = ["add_parser", "run", "SAMPLE_TEXT"]
+__all__ = ["parser", "run", "SAMPLE_TEXT", "HELP"]
+
+HELP = "merge an adapter into its base model and save it"
 
 SAMPLE_TEXT = "LoRA adds a low-rank update to frozen weights; merging folds it in."
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "merge", help="merge an adapter into its base model and save it", description=__doc__
+def parser() -> Any:
+    p = new_parser(prog="lorakit merge", description=__doc__)
+    p.add_argument("--adapter", required=True, help="the adapter folder or Hub id")
+    p.add_argument("--revision", default=None, help="the adapter's Hub revision (branch, tag or commit)")
+    p.add_argument(
+        "--base",
+        default=None,
+        help="the base model folder or Hub id (default: the adapter's base_model_name_or_path)",
     )
-    parser.add_argument("--adapter", required=True, help="the adapter folder")
-    parser.add_argument(
-        "--base", default=None, help="the base model folder (default: the adapter's base_model_name_or_path)"
-    )
-    parser.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
-    parser.set_defaults(func=run, command="merge")
+    p.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
+    return p
 
 
 def _outputs(model: Any, inputs: dict[str, Any]) -> Any:
@@ -39,12 +42,14 @@ def _outputs(model: Any, inputs: dict[str, Any]) -> Any:
     return out.logits if hasattr(out, "logits") else out[0]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CliError(f"--out {args.out!r} exists and is not an empty folder; pick a new folder")
-    adapter = open_adapter(args.adapter)
-    model, tokenizer, _ = load_adapted(adapter, args.base)
+    adapter = open_adapter(args.adapter, args.revision)
+    base = base_name(adapter, args.base)
+    revision = None if args.base else adapter.config.get("revision")
+    model, tokenizer = load_adapted(adapter, base, adapter_labels(adapter, base, revision), revision)
     model.eval()
     inputs = dict(tokenizer(SAMPLE_TEXT, return_tensors="pt"))
     if adapter.task.name == "seq2seq":
@@ -54,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     difference = (_outputs(merged, inputs) - expected).abs().max().item()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"merged {adapter.path} into {type(merged).__name__}; saved to {out}")
+    print(f"merged {adapter.name} into {type(merged).__name__}; saved to {out}")
     print(f"max |merged - adapted| on a sample input: {difference:.2e}")
     print(f"load it with: transformers.{adapter.task.auto_class}.from_pretrained({str(out)!r})")
     return 0

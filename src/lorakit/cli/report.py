@@ -155,7 +155,7 @@ def model_card(out: str, record: dict[str, Any]) -> None:
         "",
         f"base = {auto}.from_pretrained({record['model']!r}"
         + (f", num_labels={len(record['labels'])})" if record.get("labels") else ")"),
-        f"model = PeftModel.from_pretrained(base, {record['out']!r})",
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
         "```",
         "",
         "Files: `adapter_config.json`, `adapter_model.safetensors` (PEFT format), "

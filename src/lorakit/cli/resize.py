@@ -8,31 +8,36 @@ Frobenius error is printed: exactly the Eckart–Young bound of the discarded si
 
 from __future__ import annotations
 
-import argparse
+from pathlib import Path
 from typing import Any
 
 import lorakit
 from lorakit.cli.errors import CliError
+from lorakit.cli.parsing import new_parser
 
-__all__ = ["add_parser", "run"]
+__all__ = ["parser", "run", "HELP", "refuse_existing"]
+
+HELP = "truncate or pad an adapter to another rank"
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "resize",
-        help="truncate or pad an adapter to another rank",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("adapter", help="an adapter folder (PEFT format)")
-    size = parser.add_mutually_exclusive_group(required=True)
+def parser() -> Any:
+    p = new_parser(prog="lorakit resize", description=__doc__)
+    p.add_argument("adapter", help="an adapter folder or Hub id (PEFT format)")
+    size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="the new rank of every module")
     size.add_argument("--energy", type=float, help="keep this share of each update's energy, e.g. 0.95")
-    parser.add_argument("--out", required=True, help="the folder to write the resized adapter to")
-    parser.set_defaults(func=run, command="resize")
+    p.add_argument("--out", required=True, help="a new folder to write the resized adapter to")
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def refuse_existing(out: str) -> None:
+    """Nothing is written over: ``--out`` must not exist (so it is never the source either)."""
+    if Path(out).exists():
+        raise CliError(f"--out {out!r} exists; give a new folder (nothing is written over)")
+
+
+def run(args: Any) -> int:
+    refuse_existing(args.out)
     try:
         result = lorakit.resize_adapter_files(args.adapter, args.out, rank=args.rank, energy=args.energy)
     except ValueError as exc:

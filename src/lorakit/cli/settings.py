@@ -1,166 +1,313 @@
-"""`TrainSettings`: every knob of ``lorakit train``, its flag, its config-file key and its help.
+"""`TrainSettings`: every knob of ``lorakit train``, in one typed dataclass that is at once the
+command's flags, its config file and its Python entry point.
 
-One dataclass is the single source of truth. Each field becomes a flag (``max_steps`` ->
-``--max-steps``) and a config-file key (``max_steps`` or ``max-steps``, in TOML or YAML); its help is
-the field's ``help`` metadata. Precedence, lowest first: the field default, the preset, the config
-file, the flags given on the command line.
+* Flags: jsonargparse reads the dataclass (types, defaults, and each field's docstring as its
+  help), so ``max_steps: int | None`` is ``--max-steps`` and a bad value is refused by type.
+* Config file: ``--config run.yaml`` (or ``.toml``, or ``.json``) holds the same keys; flags given
+  after it win. ``--print-config`` prints the resolved settings as such a file, and every run writes
+  it to ``<out>/config.yaml``, so ``lorakit train --config runs/x/config.yaml`` repeats a run.
+* Python: ``lorakit.cli.train(TrainSettings(model=..., data=...))``, or
+  ``TrainSettings.from_preset("smollm2-trec", max_steps=300)``.
+
+Precedence, lowest first: the field defaults, the preset, the config file, the flags. Every value is
+checked when the dataclass is built (:meth:`TrainSettings.problems`), so a bad number is one line
+before anything slow happens.
+
+A new setting is one field here with its docstring (and its use where it acts); e.g. a quantized
+base would be ``quantize: Literal["none", "nf4", "int8"] = "none"`` read where the model is loaded.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
+import math
 import types
 import typing
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from lorakit.cli.errors import CliError, choices
+from lorakit.cli.errors import CliError
 
-__all__ = ["TrainSettings", "add_arguments", "resolve", "read_config_file"]
+__all__ = ["TrainSettings", "TaskName", "SCHEDULERS", "DTYPES", "PRECISIONS", "load_config_text"]
 
-
-def _opt(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+TaskName = Literal["seq-cls", "token-cls", "causal-lm", "seq2seq"]
+Scheduler = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+Dtype = Literal["fp32", "bf16", "fp16", "auto"]
+Precision = Literal["no", "bf16", "fp16"]
+SCHEDULERS = typing.get_args(Scheduler)
+DTYPES = typing.get_args(Dtype)
+PRECISIONS = typing.get_args(Precision)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """What ``lorakit train`` does. With neither ``model`` nor ``data`` the embedded default runs."""
+    """What ``lorakit train`` does. With no model, data or preset: the embedded default preset."""
 
-    preset: str | None = _opt(None, "a ready-made run: model, data and settings (see --list-presets)")
-    model: str | None = _opt(None, "a transformers model folder (config.json, weights, tokenizer)")
-    data: str | None = _opt(None, "a CSV, JSONL/JSON or Parquet file of examples")
-    task: str = _opt("seq-cls", "what to train the model for")
-    text_column: str = _opt("text", "the column holding the input text")
-    label_column: str = _opt("label", "the column holding the label / tags / target text")
-    r: int = _opt(8, "LoRA rank")
-    alpha: float = _opt(16.0, "LoRA alpha; the update is scaled by alpha / r")
-    dropout: float = _opt(0.0, "dropout on the LoRA branch's input")
-    target_modules: list[str] | None = _opt(
-        None, "comma-separated module names (default: the architecture's table; see `lorakit inspect`)"
-    )
-    lr: float = _opt(5e-4, "peak learning rate (linear decay after warm-up)")
-    warmup_ratio: float = _opt(0.05, "fraction of the steps spent warming the learning rate up")
-    epochs: float = _opt(1.0, "passes over the training split (ignored when --max-steps is set)")
-    max_steps: int | None = _opt(None, "number of optimizer steps (overrides --epochs)")
-    batch_size: int = _opt(16, "training examples per step")
-    eval_batch_size: int = _opt(64, "examples per evaluation batch")
-    max_length: int = _opt(128, "longest input in tokens; longer inputs are cut")
-    test_size: float = _opt(0.2, "held-out fraction (or count, if >= 1) for evaluation")
-    max_eval_samples: int | None = _opt(None, "evaluate on at most this many held-out examples")
-    eval_steps: int | None = _opt(None, "evaluate on a held-out sample every N steps (for the plot)")
-    logging_steps: int = _opt(10, "record the training loss every N steps")
-    save_steps: int = _opt(100, "write a resumable checkpoint every N steps")
-    chat_template: bool = _opt(
-        True,
-        "causal-lm with a label column: wrap each prompt in the tokenizer's "
-        "chat template, if it has one (else the prompt is the text and a newline)",
-    )
-    max_new_tokens: int = _opt(8, "tokens generated per example for exact-match (language models)")
-    seed: int = _opt(0, "seed for the split, the initialisation and the data order")
-    threads: int | None = _opt(
-        None, "CPU threads for torch (default: torch's choice; 1 is faster on a machine busy with other work)"
-    )
-    out: str | None = _opt(None, "output directory (default: runs/<preset or model name>)")
-    rank_sweep: list[str] | None = _opt(
-        None,
-        "comma-separated ranks, e.g. 1,2,4,8,16,32: train once per "
-        "rank (alpha scaled to keep alpha / r), plot the held-out metric "
-        "and the trainable parameters against the rank",
-    )
-    resume: bool = _opt(False, "continue from the last checkpoint in --out")
+    preset: str | None = None
+    """a ready-made run: model, data and settings (see --list-presets)"""
+    model: str | None = None
+    """a transformers model folder, or a Hugging Face Hub id (org/name)"""
+    revision: str | None = None
+    """the model's Hub revision: a branch, tag or commit"""
+    trust_remote_code: bool = False
+    """run the modelling code shipped with the model (only for models you trust)"""
+    data: str | None = None
+    """a CSV, TSV, JSONL/JSON or Parquet file of examples"""
+    eval_data: str | None = None
+    """a file of held-out examples, used instead of splitting --test-size off --data"""
+    task: TaskName = "seq-cls"
+    """what to train the model for (see the list below)"""
+    text_column: str | None = None
+    """the column of input text, word lists (token-cls) or chat messages (default: text; causal-lm:
+    messages when the data has it and no text column)"""
+    label_column: str | None = None
+    """the column of labels, tags or target text (default: label; causal-lm: label if present,
+    else plain language modelling)"""
+    drop_incomplete: bool = False
+    """leave out rows whose text or label is missing or empty, and say how many (without it such
+    rows are refused, naming them)"""
+    r: int = 8
+    """LoRA rank"""
+    alpha: float = 16.0
+    """LoRA alpha; the update is scaled by alpha / r"""
+    dropout: float = 0.0
+    """dropout on the LoRA branch's input"""
+    target_modules: str | list[str] | None = None
+    """module names, comma-separated or a list, or all-linear (default: the architecture's table;
+    see `lorakit inspect`)"""
+    lr: float = 5e-4
+    """peak learning rate"""
+    lr_scheduler: Scheduler = "linear"
+    """how the learning rate changes after the warm-up"""
+    warmup_ratio: float = 0.05
+    """fraction of the steps spent warming the learning rate up"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    epochs: float = 1.0
+    """passes over the training split (ignored when --max-steps is set)"""
+    max_steps: int | None = None
+    """number of optimizer steps (overrides --epochs)"""
+    batch_size: int = 16
+    """training examples per device and forward pass"""
+    gradient_accumulation_steps: int = 1
+    """forward passes per optimizer step (effective batch: batch-size x this x devices)"""
+    eval_batch_size: int = 64
+    """examples per evaluation batch"""
+    max_length: int = 128
+    """longest input in tokens; longer inputs are cut (with --packing: the length of a packed row)"""
+    packing: bool = False
+    """causal-lm: pack several short examples into each row of --max-length tokens"""
+    dtype: Dtype = "fp32"
+    """the dtype the base model's weights are loaded in (auto: as saved); LoRA weights stay fp32"""
+    mixed_precision: Precision = "no"
+    """compute in bf16 or fp16 autocast while training (fp16 needs a GPU)"""
+    test_size: float = 0.2
+    """held-out fraction (or count, if >= 1) for evaluation, when there is no --eval-data"""
+    max_eval_samples: int | None = None
+    """evaluate on at most this many held-out examples"""
+    eval_steps: int | None = None
+    """evaluate on a held-out sample every N steps (for the plot; 0: never)"""
+    early_stopping_patience: int | None = None
+    """stop when the held-out metric has not improved for N evaluations (needs --eval-steps)"""
+    logging_steps: int = 10
+    """record the training loss every N steps"""
+    save_steps: int = 100
+    """write a resumable checkpoint every N steps"""
+    tensorboard: bool = False
+    """also log to TensorBoard, in <out>/tensorboard"""
+    chat_template: bool = True
+    """causal-lm with a label column: wrap each prompt in the tokenizer's chat template, if it has
+    one (else the prompt is the text and a newline)"""
+    max_new_tokens: int = 8
+    """tokens generated per example for exact match (language models)"""
+    seed: int = 0
+    """seed for the split, the initialisation and the data order"""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice; 1 is faster on a machine busy with other work)"""
+    out: str | None = None
+    """output folder (default: runs/<preset or model name>)"""
+    overwrite: bool = False
+    """replace the run already in --out (its adapter, metrics and checkpoints)"""
+    resume: bool = False
+    """continue the interrupted run in --out from its last checkpoint (same settings)"""
+    rank_sweep: str | list[int] | None = None
+    """ranks, comma-separated or a list, e.g. 1,2,4,8,16,32: train once per rank (alpha scaled to
+    keep alpha / r) and plot the held-out metric and the trainable parameters against the rank"""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            object.__setattr__(self, "target_modules", _comma_list(self.target_modules))
+        if isinstance(self.rank_sweep, str):
+            object.__setattr__(self, "rank_sweep", _ints(self.rank_sweep))
+        problems = self.problems()
+        if problems:
+            raise CliError("; ".join(problems))
+
+    @classmethod
+    def from_preset(cls, name: str, **changes: Any) -> TrainSettings:
+        """A preset's settings (see ``lorakit train --list-presets``) with ``changes`` on top."""
+        from lorakit.cli.presets import get_preset
+
+        return cls(**{**get_preset(name).settings, "preset": name, **changes})
+
+    def problems(self) -> list[str]:
+        """Every value out of its range or of the wrong type, one phrase each (empty: all good)."""
+        problems = _type_problems(self)
+        if problems:
+            return problems
+        rules: list[tuple[str, bool, str]] = [
+            ("r", self.r >= 1, "must be >= 1"),
+            ("alpha", self.alpha > 0, "must be > 0"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "must be > 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "must be in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("epochs", self.epochs > 0 and math.isfinite(self.epochs), "must be > 0"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1 (or unset: --epochs)"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "must be >= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
+            ("max_length", self.max_length >= 2, "must be >= 2"),
+            (
+                "test_size",
+                0 < self.test_size < 1 or (self.test_size >= 1 and float(self.test_size).is_integer()),
+                "must be a fraction in (0, 1) or a whole count >= 1",
+            ),
+            ("max_eval_samples", self.max_eval_samples is None or self.max_eval_samples >= 1, "must be >= 1"),
+            ("eval_steps", self.eval_steps is None or self.eval_steps >= 0, "must be >= 0"),
+            ("logging_steps", self.logging_steps >= 1, "must be >= 1"),
+            ("save_steps", self.save_steps >= 1, "must be >= 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+            ("threads", self.threads is None or self.threads >= 1, "must be >= 1"),
+            (
+                "early_stopping_patience",
+                self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                "must be >= 1",
+            ),
+            (
+                "rank_sweep",
+                not self.rank_sweep or isinstance(self.rank_sweep, str) or min(self.rank_sweep) >= 1,
+                "ranks must be >= 1",
+            ),
+        ]
+        out = [f"{flag(n)} {getattr(self, n)!r} {why}" for n, ok, why in rules if not ok]
+        if isinstance(self.rank_sweep, str):
+            out.append(f"--rank-sweep {self.rank_sweep!r}: give whole numbers, e.g. 1,2,4,8")
+        if self.early_stopping_patience and not self.eval_steps:
+            out.append("--early-stopping-patience needs --eval-steps N (how often the metric is measured)")
+        if self.resume and self.overwrite:
+            out.append("--resume continues the run in --out, --overwrite replaces it: give one")
+        if self.rank_sweep and self.resume:
+            out.append("--rank-sweep cannot --resume; rerun the sweep with --overwrite")
+        if self.packing and self.task != "causal-lm":
+            out.append(f"--packing is for --task causal-lm, not {self.task}")
+        if (
+            self.mixed_precision == "fp16"
+            and self.dtype == "bf16"
+            or (self.mixed_precision == "bf16" and self.dtype == "fp16")
+        ):
+            out.append(
+                f"--mixed-precision {self.mixed_precision} on a --dtype {self.dtype} base: use one kind"
+            )
+        return out
 
 
-def _field_type(field: dataclasses.Field) -> tuple[type, bool]:
-    """(the scalar type, is it a list) of a settings field."""
-    hint = typing.get_type_hints(TrainSettings)[field.name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
-        hint = args[0]
-    if typing.get_origin(hint) is list:
-        return str, True
-    return hint, False
+def flag(name: str) -> str:
+    """The command-line flag of a settings field: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
 
 
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per field; flags default to "not given" so that the config file can fill them."""
+def _ints(text: str) -> list[int] | str:
+    try:
+        return sorted({int(v) for v in _comma_list(text)})
+    except ValueError:
+        return text  # reported by the type check, naming the flag
+
+
+def _allowed(hint: Any) -> list[Any]:
+    """The members of a (possibly optional / union) field type."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(hint) for m in _allowed(a)]
+    return [hint]
+
+
+def _matches(value: Any, member: Any) -> bool:
+    origin = typing.get_origin(member)
+    if member is type(None):
+        return value is None
+    if origin is Literal:
+        return value in typing.get_args(member)
+    if origin is list:
+        (item,) = typing.get_args(member)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if member is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if member is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, member)
+
+
+def _describe(member: Any) -> str:
+    if member is type(None):
+        return "unset"
+    if typing.get_origin(member) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(member)))
+    if typing.get_origin(member) is list:
+        return f"a list of {typing.get_args(member)[0].__name__}"
+    return str(member.__name__)
+
+
+def _type_problems(settings: TrainSettings) -> list[str]:
+    """Values of the wrong type (a Python caller's mistake; the parser checks flags and files)."""
+    hints = typing.get_type_hints(TrainSettings)
+    out = []
     for field in dataclasses.fields(TrainSettings):
-        flag = "--" + field.name.replace("_", "-")
-        kind, is_list = _field_type(field)
-        help_text = f"{field.metadata['help']} (default: {field.default})"
-        if kind is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
-            )
-        else:
-            parser.add_argument(
-                flag,
-                type=_comma_list if is_list else kind,
-                default=argparse.SUPPRESS,
-                metavar=field.name.upper(),
-                help=help_text,
-            )
+        value, members = getattr(settings, field.name), _allowed(hints[field.name])
+        if not any(_matches(value, m) for m in members):
+            out.append(f"{flag(field.name)} {value!r} must be {' or '.join(_describe(m) for m in members)}")
+    return out
 
 
-def _parse(text: str, suffix: str) -> Any:
-    if suffix == ".toml":
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # pragma: no cover
-            import tomli as tomllib
-        return tomllib.loads(text)
+def load_config_text(text: str) -> Any:
+    """A config file's settings: TOML (``r = 4``), else YAML or JSON (``r: 4``); ``max-steps`` and
+    ``max_steps`` are the same key. jsonargparse calls this for every ``--config`` file."""
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
     import yaml
 
-    return yaml.safe_load(text) or {}
-
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """The settings in a TOML or YAML file (keys as field names, ``-`` or ``_``)."""
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"config file {path!r} does not exist")
-    if file.suffix not in (".toml", ".yaml", ".yml"):
-        raise CliError(f"config file {path!r}: use a .toml, .yaml or .yml file")
+    data: Any = None
+    toml_error: Exception | None = None
+    if "\n" in text.strip():  # a file of several lines (a value on the command line is YAML)
+        try:
+            return _dashes(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            toml_error = exc
     try:
-        data = _parse(file.read_text(encoding="utf-8"), file.suffix)
-    except Exception as exc:  # tomllib.TOMLDecodeError, yaml.YAMLError: both name the line
-        raise CliError(f"config file {path!r} could not be read: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise CliError(f"config file {path!r} must hold a table of settings")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        toml = f"not TOML ({toml_error}), " if toml_error else ""
+        raise CliError(f"{toml}not YAML{where}") from exc
+    return _dashes(data)
 
 
-def _coerce(name: str, value: Any) -> Any:
-    field = {f.name: f for f in dataclasses.fields(TrainSettings)}[name]
-    kind, is_list = _field_type(field)
-    if value is None:
-        return None
-    if is_list:
-        if isinstance(value, str):
-            return _comma_list(value)
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise CliError(f"setting {name!r} must be a list of module names, got {value!r}")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise CliError(f"setting {name!r} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-def resolve(*layers: dict[str, Any]) -> TrainSettings:
-    """Settings from layers of values, later layers winning; unknown keys are refused by name."""
-    known = [f.name for f in dataclasses.fields(TrainSettings)]
-    values: dict[str, Any] = {}
-    for layer in layers:
-        unknown = sorted(set(layer) - set(known))
-        if unknown:
-            raise CliError(f"unknown setting(s) {', '.join(unknown)}; settings: {choices(known)}")
-        values.update({k: _coerce(k, v) for k, v in layer.items()})
-    return TrainSettings(**values)
+def _dashes(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return data

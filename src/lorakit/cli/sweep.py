@@ -17,21 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.cli import report
-from lorakit.cli.errors import CliError
 
-__all__ = ["run_sweep", "parse_ranks", "suggest"]
+__all__ = ["run_sweep", "suggest"]
 
 TOLERANCE = {"accuracy": 0.01, "exact_match": 0.01}  # absolute; perplexity: within 2 %
-
-
-def parse_ranks(values: list[str]) -> list[int]:
-    try:
-        ranks = sorted({int(v) for v in values})
-    except ValueError as exc:
-        raise CliError(f"--rank-sweep {','.join(values)!r}: give positive integers, e.g. 1,2,4,8") from exc
-    if not ranks or ranks[0] < 1:
-        raise CliError(f"--rank-sweep {','.join(values)!r}: ranks must be positive integers")
-    return ranks
 
 
 def suggest(rows: list[dict[str, Any]], metric: str) -> int:
@@ -49,7 +38,7 @@ def suggest(rows: list[dict[str, Any]], metric: str) -> int:
 def run_sweep(plan: Any, out: str, fit: Callable[..., dict[str, Any] | None]) -> dict[str, Any] | None:
     """Train ``plan`` once per rank of ``--rank-sweep``; the sweep's record (None off rank 0)."""
     s = plan.settings
-    ranks = parse_ranks(s.rank_sweep)
+    ranks = sorted(set(s.rank_sweep))
     metric = plan.task.metric
     rows: list[dict[str, Any]] = []
     before = None

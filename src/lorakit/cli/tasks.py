@@ -1,8 +1,11 @@
-"""The tasks ``lorakit train`` knows: which transformers head, how rows become features, which metrics.
+"""The tasks ``lorakit train`` knows: which transformers head, which models can learn it, how rows
+become features, which metrics.
 
 A task is a row in :data:`TASKS`. Classification tasks report ``accuracy``; language-model tasks
 report ``perplexity`` (over the target tokens) and, when the data has a target column, the
-``exact_match`` accuracy of greedily generated targets.
+``exact_match`` accuracy of greedily generated targets. ``causal-lm`` on chat data (a column of
+``[{"role": ..., "content": ...}, ...]``) renders each conversation with the tokenizer's chat
+template and puts the loss on the assistant turns only (:mod:`lorakit.cli.chat`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,21 @@ from typing import Any
 import numpy as np
 
 from lorakit import TaskType
-from lorakit.cli.data import Rows
+from lorakit.cli.chat import encode_chat, is_chat
+from lorakit.cli.data import Rows, class_name, class_names
 from lorakit.cli.errors import CliError, choices
 from lorakit.cli.settings import TrainSettings
 
-__all__ = ["Task", "TASKS", "get_task", "label_names", "encode", "load_model", "classification_metrics"]
+__all__ = [
+    "Task",
+    "TASKS",
+    "IGNORE",
+    "get_task",
+    "label_names",
+    "encode",
+    "check_model_fits",
+    "classification_metrics",
+]
 
 IGNORE = -100  # the label id transformers' losses skip
 
@@ -30,6 +43,7 @@ class Task:
     name: str
     task_type: TaskType
     auto_class: str  # the transformers ``AutoModelFor...`` class
+    mapping: str  # transformers' table of the model types that class can build
     help: str
     classifies: bool  # reports accuracy from logits (else perplexity and exact match)
 
@@ -46,6 +60,7 @@ TASKS = {
             "seq-cls",
             TaskType.SEQ_CLS,
             "AutoModelForSequenceClassification",
+            "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
             "one label per text (text column, label column)",
             True,
         ),
@@ -53,6 +68,7 @@ TASKS = {
             "token-cls",
             TaskType.TOKEN_CLS,
             "AutoModelForTokenClassification",
+            "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
             "one tag per word (words and tags: lists, or space-separated strings)",
             True,
         ),
@@ -60,13 +76,16 @@ TASKS = {
             "causal-lm",
             TaskType.CAUSAL_LM,
             "AutoModelForCausalLM",
-            "next-token prediction on the text; with a label column, prompt -> answer",
+            "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+            "next-token prediction on the text; with a label column, prompt -> answer; on a column "
+            "of chat messages, the assistant turns",
             False,
         ),
         Task(
             "seq2seq",
             TaskType.SEQ_2_SEQ_LM,
             "AutoModelForSeq2SeqLM",
+            "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
             "encoder-decoder: text -> target text (label column)",
             False,
         ),
@@ -80,6 +99,32 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def check_model_fits(task: Task, config: Any, name: str) -> None:
+    """Refuse, before loading any weight, a model that cannot learn ``task``: a type without the
+    task's head, an encoder for ``causal-lm`` (BERT would train a left-to-right head it was never
+    trained for, without a word), an encoder-decoder outside ``seq2seq``."""
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "auto_map", None):  # the model's own code (--trust-remote-code) decides
+        return
+    if task.name == "causal-lm" and getattr(config, "is_encoder_decoder", False):
+        raise CliError(f"model {name!r} ({model_type}) is an encoder-decoder: use --task seq2seq")
+    if (
+        task.name == "causal-lm"
+        and model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_decoder", False)
+    ):
+        raise CliError(
+            f"model {name!r} ({model_type}) is an encoder trained on masked tokens, not a language "
+            "model that writes left to right: use --task seq-cls or token-cls, or a decoder model"
+        )
+    if model_type not in getattr(modeling_auto, task.mapping):
+        fitting = [t.name for t in TASKS.values() if model_type in getattr(modeling_auto, t.mapping)]
+        hint = f"; it can learn: {', '.join(fitting)}" if fitting else ""
+        raise CliError(f"model {name!r} ({model_type}) has no head for --task {task.name}{hint}")
+
+
 def _words(value: Any, column: str) -> list[str]:
     if isinstance(value, str):
         return value.split()
@@ -89,11 +134,12 @@ def _words(value: Any, column: str) -> list[str]:
 
 
 def label_names(task: Task, rows: Rows, label_column: str) -> list[str]:
-    """The sorted class names a classification task will learn (empty for language models)."""
+    """The class names a classification task will learn, in numeric order when the labels are
+    numbers (empty for language models)."""
     if task.name == "seq-cls":
-        names = sorted({str(row[label_column]) for row in rows})
+        names = class_names([row[label_column] for row in rows])
     elif task.name == "token-cls":
-        names = sorted({tag for row in rows for tag in _words(row[label_column], label_column)})
+        names = class_names([tag for row in rows for tag in _words(row[label_column], label_column)])
     else:
         return []
     if len(names) < 2:
@@ -101,25 +147,17 @@ def label_names(task: Task, rows: Rows, label_column: str) -> list[str]:
     return names
 
 
-def load_model(task: Task, path: str, labels: list[str]) -> Any:
-    """The pretrained model with the task's head (a new head for classification)."""
-    import transformers
-
-    cls = getattr(transformers, task.auto_class)
-    kwargs: dict[str, Any] = {}
-    if task.classifies:
-        kwargs = {
-            "num_labels": len(labels),
-            "id2label": dict(enumerate(labels)),
-            "label2id": {n: i for i, n in enumerate(labels)},
-            "ignore_mismatched_sizes": True,
-        }
-    try:
-        return cls.from_pretrained(path, **kwargs)
-    except ValueError as exc:  # e.g. "Unrecognized configuration class ... for this kind of AutoModel"
+def _label_ids(rows: Rows, label_column: str, labels: list[str]) -> list[int]:
+    ids = {n: i for i, n in enumerate(labels)}
+    unknown = [(i, class_name(row[label_column])) for i, row in enumerate(rows)]
+    unknown = [(i, name) for i, name in unknown if name not in ids]
+    if unknown:
+        shown = ", ".join(f"{name!r} (row {i + 1})" for i, name in unknown[:5])
         raise CliError(
-            f"model {path!r} cannot be loaded for --task {task.name}: {str(exc).splitlines()[0]}"
-        ) from exc
+            f"{len(unknown)} label(s) in column {label_column!r} are not classes of the model: {shown}; "
+            f"its classes: {choices(labels)}"
+        )
+    return [ids[class_name(row[label_column])] for row in rows]
 
 
 def encode(
@@ -131,15 +169,11 @@ def encode(
     labels: list[str],
 ) -> list[dict[str, Any]]:
     """Token ids (and label ids) for each row, unpadded; the collator pads each batch."""
-    text_column, max_length = settings.text_column, settings.max_length
+    text_column, max_length = str(settings.text_column), settings.max_length
     if task.name == "seq-cls":
-        ids = {n: i for i, n in enumerate(labels)}
-        texts = [str(row[text_column]) for row in rows]
-        enc = tokenizer(texts, truncation=True, max_length=max_length)
-        return [
-            {**{k: enc[k][i] for k in enc}, "labels": ids[str(row[str(label_column)])]}
-            for i, row in enumerate(rows)
-        ]
+        label_ids = _label_ids(rows, str(label_column), labels)
+        enc = tokenizer([str(row[text_column]) for row in rows], truncation=True, max_length=max_length)
+        return [{**{k: enc[k][i] for k in enc}, "labels": label_ids[i]} for i in range(len(rows))]
     if task.name == "token-cls":
         return [
             _encode_tags(row, tokenizer, text_column, str(label_column), labels, max_length) for row in rows
@@ -149,6 +183,8 @@ def encode(
         targets = [str(row[str(label_column)]) for row in rows]
         enc = tokenizer(texts, text_target=targets, truncation=True, max_length=max_length)
         return [{k: enc[k][i] for k in enc} for i in range(len(rows))]
+    if rows and is_chat(rows[0][text_column]):
+        return [encode_chat(row[text_column], tokenizer, max_length, i) for i, row in enumerate(rows)]
     return [
         _encode_causal(row, tokenizer, text_column, label_column, max_length, settings.chat_template)
         for row in rows
@@ -171,9 +207,14 @@ def _encode_tags(
         )
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
     ids = {n: i for i, n in enumerate(labels)}
+    unknown = sorted({class_name(t) for t in tags} - set(ids))
+    if unknown:
+        raise CliError(
+            f"tag(s) {choices(unknown)} are not classes of the model; its classes: {choices(labels)}"
+        )
     label_ids, previous = [], None
     for word in enc.word_ids():  # the first sub-token of each word carries its tag
-        label_ids.append(IGNORE if word is None or word == previous else ids[tags[word]])
+        label_ids.append(IGNORE if word is None or word == previous else ids[class_name(tags[word])])
         previous = word
     return {**dict(enc), "labels": label_ids}
 
@@ -213,6 +254,23 @@ def _encode_causal(
         "attention_mask": [1] * len(ids),
         "labels": ([IGNORE] * len(prompt) + answer)[:max_length],
     }
+
+
+def pack(features: list[dict[str, Any]], max_length: int) -> list[dict[str, Any]]:
+    """Consecutive examples joined into rows of at most ``max_length`` tokens, in order (labels
+    kept, so masked prompt tokens stay masked). Packed examples see the earlier ones of their row
+    (plain packing, as TRL's first ``packing=True``); short examples then cost no padding."""
+    rows: list[dict[str, Any]] = []
+    current: dict[str, list[int]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for feature in features:
+        if current["input_ids"] and len(current["input_ids"]) + len(feature["input_ids"]) > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "attention_mask": [], "labels": []}
+        for key in current:
+            current[key] = current[key] + list(feature[key])
+    if current["input_ids"]:
+        rows.append(current)
+    return rows
 
 
 def collator(task: Task, tokenizer: Any) -> Any:

@@ -12,34 +12,60 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["NOT_IMPLEMENTED", "INITS_NOT_IMPLEMENTED", "feature_problems", "init_problem"]
+__all__ = ["NOT_IMPLEMENTED", "INITS_NOT_IMPLEMENTED", "INIT_SUBCONFIGS", "feature_problems", "init_problem"]
 
 # field → (the values that mean "off", the feature a different value asks for)
 NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "megatron_config": ((None,), "Megatron tensor-parallel LoRA layers"),
-    "trainable_token_indices": ((None, [], {}), "trainable token embeddings"),
-    "loftq_config": ((None, {}), "LoftQ initialisation"),
-    "eva_config": ((None,), "EVA initialisation"),
-    "corda_config": ((None,), "CorDA initialisation"),
-    "lora_ga_config": ((None,), "LoRA-GA initialisation"),
     "velora_config": ((None,), "VeLoRA"),
     "alora_invocation_tokens": ((None, []), "activated LoRA (aLoRA)"),
     "use_qalora": ((False, None), "QA-LoRA"),
     "monteclora_config": ((None,), "MonteCLoRA"),
-    "layer_replication": ((None, []), "layer replication"),
+    # Deliberately refused (README, "Not supported"): it rebuilds the base model's layer list and its
+    # per-layer config (num_hidden_layers, layer_types, layer_idx), which unload() could not restore,
+    # and its copies share base weights, so no merge is exact (PEFT's fails on layer_types models).
+    "layer_replication": (
+        (None, []),
+        "layer replication (copies of layers sharing base weights: a change to the base model "
+        "that unload() cannot undo and that no merge can reproduce)",
+    ),
     "target_parameters": ((None, []), "LoRA on parameters (mixture-of-experts experts)"),
     "use_bdlora": ((None, False), "BD-LoRA"),
     "arrow_config": ((None,), "Arrow routing"),
     "kasa_config": ((None,), "KaSA"),
-    "ensure_weight_tying": ((False, None), "weight tying of adapted embeddings"),
 }
 
-# init_lora_weights values PEFT accepts and lorakit does not implement (yet)
+# init_lora_weights values PEFT accepts and lorakit refuses, for new adapters and for files alike:
+# each changes the base weights in a way the adapter file does not record, so its trained factors
+# alone do not reproduce the trained model (a file converted to plain LoRA by PEFT's
+# path_initial_model_for_weight_conversion has init_lora_weights=true and loads).
+_CONVERT = (
+    "Convert it to plain LoRA in PEFT (save_pretrained(..., path_initial_model_for_weight_conversion=...)), "
+    "or load it onto the modified base model that was saved with it after setting init_lora_weights to "
+    "true in its adapter_config.json"
+)
 INITS_NOT_IMPLEMENTED: dict[str, str] = {
-    "eva": "EVA initialisation (data-driven)",
-    "corda": "CorDA initialisation (changes the base weights)",
-    "loftq": "LoftQ initialisation (for quantized bases)",
-    "mica": "MiCA initialisation",
+    "corda": (
+        "CorDA replaces each targeted base weight W by W - s·B₀A₀ with B₀A₀ from "
+        "the covariance of training data (PEFT's preprocess_corda); the adapter file holds only the "
+        "trained factors, so that base cannot be rebuilt from it (PEFT cannot either without the "
+        f"data). {_CONVERT}"
+    ),
+    "loftq": (
+        "LoftQ replaces each targeted base weight by its quantized form Q and "
+        "fits the factors to W - Q; PEFT recomputes Q from loftq_config when it loads such a file, "
+        "and lorakit has no LoftQ quantizer, so the factors alone would apply to the wrong base. Load "
+        "it onto the LoftQ base model saved with it after setting init_lora_weights to true in its "
+        "adapter_config.json (PEFT's LoftQ example saves it so)"
+    ),
+}
+
+# Sub-configs of initialisations lorakit refuses: ignored (with a warning, as PEFT does) next to
+# another init, so a file PEFT converted to plain LoRA (init true, the sub-config kept) loads. (EVA's
+# and LoRA-GA's are lorakit.config.init_configs.)
+INIT_SUBCONFIGS: dict[str, str] = {
+    "corda_config": "corda",
+    "loftq_config": "loftq",
 }
 
 
@@ -64,7 +90,6 @@ def init_problem(init: Any) -> str | None:
     """The line for an ``init_lora_weights`` PEFT knows and lorakit does not implement, else ``None``."""
     if isinstance(init, str) and init.lower() in INITS_NOT_IMPLEMENTED:
         return (
-            f"init_lora_weights={init!r} asks for {INITS_NOT_IMPLEMENTED[init.lower()]}, which lorakit "
-            "does not support"
+            f"init_lora_weights={init!r} is not supported by lorakit: {INITS_NOT_IMPLEMENTED[init.lower()]}"
         )
     return None

@@ -13,33 +13,52 @@ from typing import Any
 
 from lorakit import fileio
 from lorakit.errors import AdapterFileError
+from lorakit.hub import ADAPTER_FILES, is_hub_id, local_folder
 
 __all__ = ["adapter_folder", "read_config_dict", "save_config_text"]
 
 
-def adapter_folder(path: str | os.PathLike[str], subfolder: str | None = None) -> Path:
+def adapter_folder(
+    path: str | os.PathLike[str],
+    subfolder: str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> Path:
     """The adapter folder at ``path`` (or its ``subfolder``), after finishing or undoing a save that
-    a crash interrupted there; an error naming the path if there is none."""
+    a crash interrupted there; for a Hub id (``"org/adapter"``) that is not a local path, the
+    adapter's files in the Hugging Face cache (fetched at ``revision`` with ``token`` if needed,
+    :func:`lorakit.hub.local_folder`); an error naming the path if there is none."""
     directory = Path(path) / subfolder if subfolder else Path(path)
     if not directory.exists():
         fileio.recover(directory.absolute())
+    if not directory.exists() and not Path(path).exists() and is_hub_id(path):
+        directory = local_folder(
+            path, subfolder=subfolder, revision=revision, token=token, files=ADAPTER_FILES, what="adapter"
+        )
     if not directory.is_dir():
         what = "is a file" if directory.exists() else "does not exist"
         raise AdapterFileError(
             f"no adapter at {str(directory)!r}: the path {what}. An adapter directory (written by "
-            f"save_pretrained) holds {fileio.CONFIG_NAME} and {fileio.WEIGHTS_NAME}; lorakit reads local "
-            "directories only"
+            f"save_pretrained) holds {fileio.CONFIG_NAME} and {fileio.WEIGHTS_NAME}; give its path or "
+            "a Hugging Face Hub id"
         )
     return directory
 
 
-def read_config_dict(path: str | os.PathLike[str], subfolder: str | None = None) -> tuple[Any, str]:
-    """(the parsed JSON, the file it came from) of an adapter folder's config, or of an
-    ``adapter_config.json`` path given directly."""
+def read_config_dict(
+    path: str | os.PathLike[str],
+    subfolder: str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> tuple[Any, str]:
+    """(the parsed JSON, the file it came from) of an adapter folder's config (a path or a Hub id),
+    or of an ``adapter_config.json`` path given directly."""
     candidate = Path(path) / subfolder if subfolder else Path(path)
     if candidate.is_file():
         return fileio.read_json(candidate), str(candidate)
-    config_path = adapter_folder(path, subfolder) / fileio.CONFIG_NAME
+    config_path = adapter_folder(path, subfolder, revision=revision, token=token) / fileio.CONFIG_NAME
     if not config_path.is_file():
         raise AdapterFileError(
             f"{str(config_path)!r} does not exist; an adapter directory written by "

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from lorakit.config import files, peft_json
+from lorakit.config.init_configs import EvaConfig, LoraGAConfig
 from lorakit.config.task_type import PeftType, TaskType
 from lorakit.config.validation import ALL_LINEAR, BIAS_MODES, validate
 from lorakit.errors import ConfigError
@@ -91,9 +92,9 @@ class LoraConfig:
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict[str, Any] | None = dataclasses.field(default_factory=dict)
-    eva_config: Any = None
+    eva_config: EvaConfig | dict[str, Any] | None = None  # with init_lora_weights="eva"
     corda_config: Any = None
-    lora_ga_config: Any = None
+    lora_ga_config: LoraGAConfig | dict[str, Any] | None = None  # with init_lora_weights="lora_ga"
     velora_config: Any = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
@@ -158,6 +159,8 @@ class LoraConfig:
             value = getattr(self, f.name)
             if isinstance(value, (TaskType, PeftType)):
                 value = value.value
+            elif isinstance(value, (EvaConfig, LoraGAConfig)):
+                value = dataclasses.asdict(value)
             elif isinstance(value, dict):
                 value = dict(value)
             elif isinstance(value, list):
@@ -197,11 +200,14 @@ class LoraConfig:
     def from_pretrained(
         cls, path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
     ) -> LoraConfig:
-        """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's), or that
-        file itself; ``kwargs`` override fields of the file. PEFT keys for features lorakit lacks
-        are accepted at their neutral values; a config that enables one is refused with an error
-        naming the key and value; a key PEFT 0.21 does not know is ignored with a warning."""
-        data, source = files.read_config_dict(path, subfolder)
+        """Read the ``adapter_config.json`` of an adapter directory (lorakit's or PEFT's; a path or a
+        Hugging Face Hub id), or that file itself; ``kwargs`` override fields of the file, except
+        ``revision`` and ``token``, which choose what is fetched from the Hub (as in PEFT). PEFT keys
+        for features lorakit lacks are accepted at their neutral values; a config that enables one is
+        refused with an error naming the key and value; a key PEFT 0.21 does not know is ignored
+        with a warning."""
+        hub = {k: kwargs.pop(k) for k in ("revision", "token") if k in kwargs}
+        data, source = files.read_config_dict(path, subfolder, **hub)
         if isinstance(data, dict):
             data = {**data, **kwargs}
         return config_from_peft_dict(data, source)

@@ -7,12 +7,15 @@ member); the config applies the values only when there is no problem.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from lorakit.config.features import feature_problems, init_problem
+from lorakit.config.features import INIT_SUBCONFIGS, feature_problems, init_problem
+from lorakit.config.init_configs import EvaConfig, LoraGAConfig, sub_config
 from lorakit.config.inits import INIT_NAMES, parse_init
 from lorakit.config.task_type import PeftType, TaskType
 
@@ -65,11 +68,17 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
             )
         if odd:
             problems.append(f"init_lora_weights='orthogonal' needs even ranks; odd: {odd}")
+    _check_init_configs(cfg, parsed[0] if parsed else None, problems, out)
     if cfg.lora_bias is True and init not in (True, False):
         problems.append(
             f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
         )
-    for name in ("fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"):
+    flags = ["fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"]
+    if cfg.ensure_weight_tying is None:  # PEFT's "off" reads None too
+        out["ensure_weight_tying"] = False
+    else:
+        flags.append("ensure_weight_tying")
+    for name in flags:
         if not isinstance(getattr(cfg, name), bool):
             problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
     if cfg.use_dora is True and cfg.lora_bias is True:
@@ -102,8 +111,89 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
         problems.append(f"auto_mapping={cfg.auto_mapping!r}: must be a dict or None")
     if not (isinstance(cfg.qalora_group_size, int) and not isinstance(cfg.qalora_group_size, bool)):
         problems.append(f"qalora_group_size={cfg.qalora_group_size!r}: must be an integer")
+    _check_token_indices(cfg.trainable_token_indices, problems, out)
+    _check_subconfigs(cfg, parsed, problems, out)
     problems.extend(feature_problems(cfg))
     return out
+
+
+def _indices_problem(value: Any) -> str | None:
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value
+    ):
+        return "must be a list of non-negative token ids"
+    repeated = sorted({i for i in value if list(value).count(i) > 1})
+    return f"repeats token ids {repeated}" if repeated else None
+
+
+def _check_token_indices(value: Any, problems: list[str], out: dict[str, Any]) -> None:
+    """``trainable_token_indices``: token ids (rows of the input embedding) or a dict module name →
+    token ids."""
+    if value is None:
+        return
+    if isinstance(value, Mapping):
+        found = [
+            f"trainable_token_indices[{key!r}]={ids!r}: {problem}"
+            for key, ids in value.items()
+            if (
+                problem := "the key must be a module name"
+                if not isinstance(key, str)
+                else _indices_problem(ids)
+            )
+        ]
+        problems.extend(found)
+        if not found:
+            out["trainable_token_indices"] = {k: list(v) for k, v in value.items()}
+        return
+    problem = _indices_problem(value)
+    if problem:
+        problems.append(
+            f"trainable_token_indices={value!r}: {problem}, or a dict of module name -> token ids"
+        )
+        return
+    out["trainable_token_indices"] = list(value)
+
+
+def _check_subconfigs(
+    cfg: Any, parsed: tuple[str, int | None] | None, problems: list[str], out: dict[str, Any]
+) -> None:
+    """``corda_config`` / ``loftq_config`` (of inits lorakit refuses) are dicts (a PEFT config object
+    becomes one); next to another init each is ignored with a warning, as PEFT does (PEFT also
+    empties ``loftq_config``)."""
+    init = cfg.init_lora_weights
+    for field, owner in INIT_SUBCONFIGS.items():
+        value = getattr(cfg, field)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = out[field] = dataclasses.asdict(value)
+        if value is not None and not isinstance(value, Mapping):
+            problems.append(f"{field}={value!r}: must be a dict or None")
+            continue
+        if not value or (isinstance(init, str) and init.lower() == owner):
+            continue
+        if parsed is not None or init is True or init is False:
+            warnings.warn(
+                f"{field} is set but init_lora_weights={init!r} is not {owner!r}: it is ignored (as in PEFT)",
+                stacklevel=5,
+            )
+        if field == "loftq_config":
+            out[field] = {}
+
+
+def _check_init_configs(cfg: Any, kind: str | None, problems: list[str], out: dict[str, Any]) -> None:
+    """``eva_config`` / ``lora_ga_config``: dicts from a file become their dataclasses; the init
+    without its sub-config gets the defaults and a sub-config without its init is kept and
+    unused, each with PEFT's warning."""
+    for field, cls, init in (("eva_config", EvaConfig, "eva"), ("lora_ga_config", LoraGAConfig, "lora_ga")):
+        given = getattr(cfg, field)
+        value = sub_config(field, given, cls, problems)
+        if given is None and kind == init:
+            warnings.warn(
+                f"init_lora_weights={init!r} without {field}: using the defaults {cls()!r}", stacklevel=5
+            )
+            value = cls()
+        elif value is not None and kind != init:
+            warnings.warn(f"{field} is ignored: init_lora_weights is not {init!r}", stacklevel=5)
+        out[field] = value
 
 
 def _check_modules(

@@ -7,6 +7,7 @@
 ``dora``       DoRA's magnitude and direction (Liu et al. 2024)
 ``init``       PiSSA, OLoRA and orthogonal initialisations
 ``combine``    combining task tensors (task arithmetic, TIES, DARE)
+``eva``        EVA's incremental SVD of layer inputs and its rank redistribution
 =============  =====================================================================
 
 Modules import one another in this order only (``fused`` uses ``dropout`` and ``lora``).

@@ -16,6 +16,8 @@ __all__ = [
     "scaling",
     "linear_delta",
     "conv_delta",
+    "grouped_conv_delta",
+    "conv_delta_flat",
     "merged_weight",
     "lora_linear",
     "init_lora_linear_",
@@ -47,6 +49,43 @@ def conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, s: float) -> torch.Te
     b = lora_b.float().flatten(1)  # (C_out, r)
     a = lora_a.float()
     return torch.einsum("or,r...->o...", b, a) * s
+
+
+def grouped_conv_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, groups: int) -> torch.Tensor:
+    """``ΔW`` of a LoRA convolution whose B is grouped (PEFT's layout for a base with ``groups=G``),
+    in float32.
+
+    ``A``: (r, C_in, *kernel), an ordinary convolution; ``B``: (C_out, r/G, 1, …, 1) with ``G``
+    groups, so output channel ``o`` of group ``g = o // (C_out/G)`` reads A's rows
+    ``g·r/G … (g+1)·r/G − 1``. The composition is one ordinary (``groups=1``) convolution:
+
+        ΔW[o, i, …] = s · Σ_{j < r/G} B[o, j] A[g·r/G + j, i, …]      → (C_out, C_in, *kernel)
+
+    It links every input channel to every output channel, so for ``G > 1`` it is not a weight of
+    the grouped base's shape (C_out, C_in/G, *kernel): such an adapter cannot be merged.
+    """
+    r, c_out = lora_a.shape[0], lora_b.shape[0]
+    a = lora_a.float().reshape(groups, r // groups, *lora_a.shape[1:])  # (G, r/G, C_in, *kernel)
+    b = lora_b.float().reshape(groups, c_out // groups, r // groups)  # (G, C_out/G, r/G)
+    delta = torch.einsum("goj,gj...->go...", b, a)  # (G, C_out/G, C_in, *kernel)
+    return delta.reshape(c_out, *lora_a.shape[1:]) * s
+
+
+def conv_delta_flat(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, shape: tuple[int, ...] | torch.Size
+) -> torch.Tensor:
+    """``s · (B_flat A_flat)`` reshaped to ``shape`` (the base weight's), in float32, with
+    ``B_flat = B.reshape(-1, r)`` and ``A_flat = A.reshape(r, -1)``: the update PEFT's DoRA adds to a
+    convolution's weight before taking channel norms.
+
+    For an ordinary convolution this is :func:`conv_delta`. For a grouped B (C_out, r/G, 1, …) it
+    is not the composite's ΔW (see :func:`grouped_conv_delta`): row ``p`` of ``B_flat`` holds the B
+    rows of output channels ``pG … pG+G−1`` side by side, and the (C_out/G, C_in·k) product is
+    re-read in the base weight's (C_out, C_in/G, …) shape. It is what PEFT computes, so DoRA adapters
+    on grouped convolutions give PEFT's outputs.
+    """
+    r = lora_a.shape[0]
+    return (lora_b.float().reshape(-1, r) @ lora_a.float().reshape(r, -1)).reshape(shape) * s
 
 
 def merged_weight(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

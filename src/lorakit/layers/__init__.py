@@ -7,7 +7,10 @@
 ``linear_fast``        the linear layer's fused and batched paths, tested equal to the plain one
 ``embedding``          ``nn.Embedding``
 ``conv``               ``nn.Conv1d/2d/3d``
+``conv_grouped``       ``nn.Conv1d/2d/3d`` with ``groups > 1``
+``mha``                ``nn.MultiheadAttention`` (its in_proj, and its out_proj as a nested Linear)
 ``modules_to_save``    a module trained in full beside the adapters
+``trainable_tokens``   chosen rows of an embedding trained beside the adapters (tied heads share them)
 ``variant``            the contract of an adapter variant; ``dora``: DoRA
 ``rows``               mixed batches (``adapter_names``)
 ``registry``           base module type → layer kind; config → variant
@@ -18,11 +21,14 @@ from __future__ import annotations
 
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.conv import Conv
+from lorakit.layers.conv_grouped import GroupedConv
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d, linear_shape
+from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.modules_to_save import ModulesToSaveWrapper
 from lorakit.layers.registry import lora_layer_for, register_layer, supported_kinds, variant_for
 from lorakit.layers.rows import BASE_ROWS
+from lorakit.layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layer_problem
 from lorakit.layers.tuner_layer import BaseTunerLayer
 
 __all__ = [
@@ -32,7 +38,12 @@ __all__ = [
     "Linear",
     "Embedding",
     "Conv",
+    "GroupedConv",
+    "MultiheadAttention",
     "ModulesToSaveWrapper",
+    "TrainableTokensWrapper",
+    "TrainableTokensLayer",
+    "token_layer_problem",
     "lora_layer_for",
     "register_layer",
     "supported_kinds",

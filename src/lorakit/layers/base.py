@@ -11,15 +11,23 @@ A LoRA layer wraps its ``base_layer`` and keeps one entry per adapter name in PE
 must                       ``create_adapter`` (A, B in ``factor_containers``, initialised),
                            ``delta_weight`` (ΔW, float32, shaped like the base weight),
                            ``lora_branch`` (the adapter's output for an input)
-may                        ``option_problems`` (what it refuses, before anything changes),
+may                        ``option_problems`` / ``rank_problems`` (what it refuses, before
+                           anything changes), ``merge_problem`` / ``combine_problem`` (merges and
+                           adapter combinations it cannot form),
                            ``is_linear`` (counts for ``target_modules="all-linear"``),
                            ``stores_input_first`` (the weight is (k × d): ``fan_in_fan_out``),
                            ``to_matrix`` (ΔW as a (d × k) matrix, for SVDs),
+                           ``rank_blocks`` (A's rank axis is split per group of B),
                            ``add_branch`` / ``add_mixed_`` / ``forward`` (faster equal paths)
 for variants (DoRA)        ``out_axis``, ``base_without_bias``, ``magnitude_shape``,
-                           ``channel_view`` (see :class:`lorakit.layers.variant.VariantHost`)
+                           ``channel_view``, ``norm_delta`` (see
+                           :class:`lorakit.layers.variant.VariantHost`)
 for weights that are not   ``dense_weight`` / ``write_base`` (read and write the weight as a
-plain tensors              dense float tensor), ``unloaded`` (what replaces the layer on unload)
+plain tensors              dense float tensor), ``unloaded`` (what replaces the layer on unload),
+                           ``base_summary`` (what ``lorakit.inspect`` lists)
+for bases with children    ``bypassed_children`` (children the base never calls: not targets of
+that hold weights          their own), ``throwaway`` (a layer that changes nothing the caller
+                           holds, for planning)
 =========================  =====================================================================
 
 and is registered in :mod:`lorakit.layers.registry`. Nothing outside the kind's file tests its
@@ -35,6 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lorakit.config import LOAD_ONLY_INITS, moves_base_weight, parse_init
 from lorakit.errors import AdapterError, AdapterMergeError
 from lorakit.functional import lora as LF
 from lorakit.layers.rows import BASE_ROWS, rows_for
@@ -68,6 +77,9 @@ class LoraLayer(nn.Module, BaseTunerLayer):
     factor_containers: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
     is_linear: ClassVar[bool] = False
     out_axis: int = 0  # the axis of the base weight that indexes output channels
+    # A's rank axis is split into this many equal blocks, block g feeding group g of B (B's rank
+    # axis then holds r / rank_blocks): grouped convolutions. Rank padding keeps the blocks apart.
+    rank_blocks: int = 1
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -84,6 +96,7 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict[str, LoraVariant] = {}
         self.use_dora: dict[str, bool] = {}  # PEFT's table: adapter name → whether it is DoRA
+        self.frozen_factors: dict[str, tuple[str, ...]] = {}  # containers that never train (MiCA's B)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -99,7 +112,8 @@ class LoraLayer(nn.Module, BaseTunerLayer):
 
     @abc.abstractmethod
     def delta_weight(self, name: str) -> torch.Tensor:
-        """``ΔW`` of adapter ``name`` in float32, shaped like the base weight."""
+        """``ΔW`` of adapter ``name`` in float32, shaped like the base weight (a kind whose update
+        does not fit its base weight's shape refuses merging and documents the shape it returns)."""
 
     @abc.abstractmethod
     def lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -113,6 +127,30 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         return []
 
     @classmethod
+    def rank_problems(cls, base: nn.Module, r: int) -> list[str]:
+        """Why this kind cannot give ``base`` an adapter of rank ``r`` (empty: it can)."""
+        return []
+
+    @classmethod
+    def bypassed_children(cls, base: nn.Module) -> list[str]:
+        """Names of children of ``base`` whose forward ``base`` never calls (it reads their weights
+        itself), so that an adapter on one of them alone would change nothing: targeting neither
+        selects them for ``"all-linear"`` nor accepts them by name."""
+        return []
+
+    @classmethod
+    def throwaway(cls, base: nn.Module) -> LoraLayer:
+        """A layer around ``base`` that changes nothing the caller holds, to measure the shapes an
+        adapter would have. Kinds that replace children of their base build it on a copy."""
+        return cls(base)
+
+    @classmethod
+    def base_summary(cls, base: nn.Module) -> tuple[tuple[int, ...], int]:
+        """(weight shape, parameter count) of ``base`` as ``lorakit.inspect`` lists it."""
+        weight: torch.Tensor = base.weight  # type: ignore[assignment]
+        return tuple(weight.shape), sum(p.numel() for p in base.parameters(recurse=False))
+
+    @classmethod
     def stores_input_first(cls, base: nn.Module) -> bool | None:
         """Whether ``base`` stores its weight input-first (``None``: the notion does not apply)."""
         return None
@@ -120,6 +158,16 @@ class LoraLayer(nn.Module, BaseTunerLayer):
     def to_matrix(self, weight_like: torch.Tensor) -> torch.Tensor:
         """A tensor shaped like the base weight as the (d × k) matrix that ``B A`` is."""
         return weight_like
+
+    def norm_delta(self, name: str) -> torch.Tensor:
+        """The ΔW that DoRA adds to the base weight before taking channel norms, shaped like the base
+        weight (ΔW itself, unless the kind's ΔW has another shape)."""
+        return self.delta_weight(name)
+
+    def combine_problem(self, combination_type: str) -> str | None:
+        """Why adapter arithmetic cannot form a ``combination_type`` combination on this layer, or
+        ``None``."""
+        return None
 
     def base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's output for ``x`` computed with ``weight`` and without bias."""
@@ -219,7 +267,10 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             for param in self.adapter_parameters(name):
-                param.requires_grad_(requires_grad)
+                param.requires_grad_(False)
+            if requires_grad:  # frozen factors (MiCA's B) never train
+                for param in self.trainable_parameters(name):
+                    param.requires_grad_(True)
 
     def container(self, name: str) -> nn.ModuleDict:
         """One of PEFT's per-adapter containers (:data:`CONTAINERS`) by attribute name."""
@@ -257,7 +308,12 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         self.lora_bias[name] = lora_bias
         self.use_dora[name] = variant is not None and variant.name == "DoRA"
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        if meta and not _rewrites_base(init):
+        kind = (parse_init(init) or ("default", None))[0]
+        if kind in LOAD_ONLY_INITS:  # lorakit does not compute these: the factors come from a file
+            init = True
+        if kind == "mica":  # MiCA keeps B (the minor singular vectors) frozen and trains A, as PEFT
+            self.frozen_factors[name] = (self.factor_containers[1],)
+        if meta and not moves_base_weight(init):
             with torch.device("meta"):
                 self.create_adapter(name, r, init=False, lora_bias=lora_bias)
             if variant is not None:
@@ -310,6 +366,7 @@ class LoraLayer(nn.Module, BaseTunerLayer):
             self.use_dora,
         ):
             table.pop(name, None)
+        self.frozen_factors.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def set_active(self, names: Sequence[str]) -> None:
@@ -322,6 +379,18 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         for attr in self.adapter_param_names:
             holder = getattr(self, attr)
             if name in holder:
+                item = holder[name]
+                params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of adapter ``name`` that train when it is trainable (all but frozen
+        factors, such as MiCA's B)."""
+        frozen = self.frozen_factors.get(name, ())
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_param_names:
+            holder = getattr(self, attr)
+            if name in holder and attr not in frozen:
                 item = holder[name]
                 params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
         return params
@@ -361,6 +430,11 @@ class LoraLayer(nn.Module, BaseTunerLayer):
     def _factor(self, attr: str, name: str) -> torch.Tensor:
         item = getattr(self, attr)[name]
         return item if isinstance(item, nn.Parameter) else item.weight
+
+    def set_alpha(self, name: str, alpha: float, *, use_rslora: bool) -> None:
+        """Give adapter ``name`` a new ``lora_alpha`` (and the scaling for its current rank)."""
+        self.lora_alpha[name] = alpha
+        self.scaling[name] = LF.scaling(alpha, self.r[name], use_rslora)
 
     def set_factors(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Replace adapter ``name``'s factors by new tensors (of any rank), as new parameters that
@@ -457,6 +531,14 @@ class LoraLayer(nn.Module, BaseTunerLayer):
         self.write_base(new_weight, new_bias)
         self.merged_adapters.extend(pending)
 
+    def follow_merge(self, leader: LoraLayer, names: Sequence[str]) -> None:
+        """Record that ``leader``, which shares this layer's base weight and the factors of ``names``
+        (an embedding and its tied output head), merged ``names`` into that weight: nothing is
+        written, and unmerging restores the same original as the leader's."""
+        self._original_weight = leader._original_weight
+        self._original_bias = leader._original_bias
+        self.merged_adapters.extend(n for n in names if n not in self.merged_adapters)
+
     def _merged_bias(self, names: Sequence[str]) -> torch.Tensor | None:
         with_bias = [n for n in names if self.lora_bias.get(n) and n in self.lora_B]
         base_bias = self.base_bias()
@@ -535,11 +617,6 @@ class LoraLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
-
-
-def _rewrites_base(init: bool | str) -> bool:
-    """Whether an init computes the adapter from the base weight and rewrites it (PiSSA, OLoRA)."""
-    return isinstance(init, str) and init.split("_")[0] in ("pissa", "olora")
 
 
 def _sync_shape_attributes(module: nn.Module) -> None:

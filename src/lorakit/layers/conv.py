@@ -17,8 +17,8 @@ from lorakit.functional import lora as LF
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.variant import LoraVariant
 
-# inits that read the base weight: defined for a (d × k) matrix, not for a convolution's kernel
-_WEIGHT_INITS = ("pissa", "olora", "orthogonal")
+# inits defined for a (d × k) matrix (the weight, or inputs of width k), not for a convolution
+_WEIGHT_INITS = ("pissa", "olora", "orthogonal", "eva")
 
 
 class Conv(LoraLayer):
@@ -61,9 +61,11 @@ class Conv(LoraLayer):
             bias=False,
             padding_mode=base.padding_mode,
         )
-        self.lora_B[name] = conv_type(r, self.out_features, ones, ones, bias=lora_bias)
+        # groups > 1 (GroupedConv): B is grouped like the base, A is not (PEFT's layout)
+        self.lora_B[name] = conv_type(r, self.out_features, ones, ones, groups=base.groups, bias=lora_bias)
         a, b = self.factors(name)
-        LF.init_lora_linear_(a, b, init, r)
+        # LoRA-GA initialises linear layers only; PEFT gives other kinds the default init
+        LF.init_lora_linear_(a, b, True if (parse_init(init) or ("",))[0] == "lora_ga" else init, r)
         bias = self.lora_b_bias(name)
         if bias is not None and init is not False:
             nn.init.zeros_(bias)

@@ -53,7 +53,7 @@ class Dora:
                 layer.container(self.container)[adapter] = DoraMagnitude(torch.empty(layer.magnitude_shape()))
             return
         weight = layer.original_weight()
-        m = LD.magnitude_init(weight, layer.delta_weight(adapter), layer.out_axis)
+        m = LD.magnitude_init(weight, layer.norm_delta(adapter), layer.out_axis)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         magnitude = m.reshape(layer.magnitude_shape()).to(device=weight.device, dtype=dtype)
         layer.container(self.container)[adapter] = DoraMagnitude(magnitude)
@@ -69,7 +69,7 @@ class Dora:
     def factor(self, layer: VariantHost, adapter: str) -> torch.Tensor:
         """``f = m / ‖W₀ + ΔW‖_c`` (C_out,), with ``W₀`` the weight before any merge."""
         with torch.no_grad():
-            delta = layer.delta_weight(adapter)
+            delta = layer.norm_delta(adapter)
         magnitude = self._magnitude(layer, adapter)
         return LD.dora_factor(magnitude, layer.original_weight(), delta, layer.out_axis)
 

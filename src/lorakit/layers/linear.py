@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.config import parse_init
+from lorakit.config import LORA_GA_GRAD, parse_init
 from lorakit.functional import init as LI
 from lorakit.functional import lora as LF
 from lorakit.layers import linear_fast as fast
@@ -62,6 +62,11 @@ class Linear(LoraLayer):
         kind, niter = parse_init(init) or ("default", None)
         if kind in ("pissa", "olora"):
             self._init_from_weight(name, kind, niter)
+        elif kind == "eva" or (kind == "lora_ga" and hasattr(self.base_layer, LORA_GA_GRAD)):
+            # A stays a placeholder until EVA / LoRA-GA sets it (no draw: PEFT's RNG order); B = 0
+            nn.init.zeros_(b)
+        elif kind == "lora_ga":  # no gradient estimate (e.g. loading a saved adapter): PEFT's default
+            LF.init_lora_linear_(a, b, True, r)
         elif kind == "orthogonal":
             new_a, new_b = LI.orthogonal(self.out_features, self.in_features, r)
             with torch.no_grad():

@@ -48,8 +48,10 @@ class ModulesToSaveWrapper(nn.Module):
     def has_adapter(self, name: str) -> bool:
         return name in self.modules_to_save
 
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+    def add_adapter(self, name: str, module: nn.Module | None = None) -> None:
+        """Give adapter ``name`` its trainable copy: ``module`` (a copy that shares a tied weight,
+        say), else a deep copy of the original."""
+        self.modules_to_save[name] = copy.deepcopy(self.original_module) if module is None else module
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:

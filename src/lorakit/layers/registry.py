@@ -14,9 +14,11 @@ from torch import nn
 
 from lorakit.layers.base import LoraLayer
 from lorakit.layers.conv import Conv
+from lorakit.layers.conv_grouped import GroupedConv, is_grouped_conv
 from lorakit.layers.dora import DORA
 from lorakit.layers.embedding import Embedding
 from lorakit.layers.linear import Linear, is_conv1d
+from lorakit.layers.mha import MultiheadAttention
 from lorakit.layers.variant import LoraVariant
 
 __all__ = ["register_layer", "lora_layer_for", "supported_kinds", "variant_for", "variants"]
@@ -31,6 +33,8 @@ _KINDS: list[tuple[Callable[[nn.Module], bool], type[LoraLayer], str]] = [
         Conv,
         "torch.nn.Conv1d/2d/3d (groups=1)",
     ),
+    (is_grouped_conv, GroupedConv, "torch.nn.Conv1d/2d/3d (groups>1)"),
+    (lambda m: isinstance(m, nn.MultiheadAttention), MultiheadAttention, "torch.nn.MultiheadAttention"),
 ]
 
 _VARIANTS: list[LoraVariant] = [DORA]

@@ -16,7 +16,8 @@ and, per layer:
   quantile of their entries.
 
 Checks run before anything changes: names, weights, ranks, a single ``modules_to_save`` copy per
-module, and no DoRA adapter (magnitudes have no defined combination).
+module, no DoRA adapter (magnitudes have no defined combination), and no combination a layer kind
+cannot form (``LoraLayer.combine_problem``: a grouped convolution takes only the factor types).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig, moves_base_weight
+from lorakit.config import LoraConfig, load_only, moves_base_weight
 from lorakit.errors import AdapterError
 from lorakit.functional import combine as LC
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper, variant_for
@@ -95,9 +96,20 @@ def _check(
         )
     if len({type(configs[a].target_modules) for a in adapters}) > 1:
         problems.append("the adapters' target_modules mix lists and regular expressions; give them one kind")
+    single = len(adapters) == 1  # acts as "linear" (see add_weighted_adapter)
+    with_tokens = [a for a in adapters if configs[a].trainable_token_indices is not None]
+    if with_tokens:
+        problems.append(
+            f"adapters {with_tokens} train token rows (trainable_token_indices), which have no defined "
+            "combination"
+        )
     for name, module in injection.lora_modules(model):
         if isinstance(module, ModulesToSaveWrapper) and sum(module.has_adapter(a) for a in adapters) > 1:
             problems.append(f"{name}: several of the adapters have their own copy of this module to save")
+        if isinstance(module, LoraLayer) and not single and any(module.has_adapter(a) for a in adapters):
+            refused = module.combine_problem(combination_type)
+            if refused:
+                problems.append(f"{name}: {refused}")
     return problems
 
 
@@ -110,8 +122,10 @@ def _new_config(configs: Mapping[str, LoraConfig], adapters: Sequence[str], rank
         new_targets = list(dict.fromkeys(n for t in targets for n in (t or [])))
     # scaling 1: alpha = r, or √r with rsLoRA (alpha / √r = 1)
     alpha = math.sqrt(rank) if first.use_rslora else rank
-    # the factors are overwritten; an init that rewrites the base weight (PiSSA, OLoRA) must not run
-    init = True if moves_base_weight(first.init_lora_weights) else first.init_lora_weights
+    # the factors are overwritten; an init that rewrites the base weight (PiSSA, OLoRA) must not run,
+    # nor one that only a file can fill (EVA, MiCA)
+    init = first.init_lora_weights
+    init = True if moves_base_weight(init) or load_only(init) else init
     return dataclasses.replace(
         first,
         r=rank,

@@ -7,25 +7,36 @@ model exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import copy
 import dataclasses
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from torch import nn
 
-from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, PeftWarning, TargetingError, TargetingTypeError
+from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only, parse_init
+from lorakit.errors import (
+    AdapterError,
+    ConfigError,
+    PeftWarning,
+    TargetingError,
+    TargetingTypeError,
+)
 from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
     ModulesToSaveWrapper,
+    TrainableTokensWrapper,
     lora_layer_for,
     supported_kinds,
     variant_for,
 )
-from lorakit.model import engines
+from lorakit.model import engines, lora_ga, tying
 from lorakit.model.targeting import (
+    bypassed_modules,
     excluded_names,
     iter_plain_modules,
     rank_and_alpha,
@@ -37,28 +48,67 @@ from lorakit.model.targeting import (
 __all__ = [
     "inject",
     "uninject",
+    "remove_at",
     "unload",
     "lora_modules",
     "has_lora_layers",
     "check_adapter_name",
     "Plan",
     "plan",
+    "filling_from_file",
+    "share_factors",
+    "rerecord",
 ]
+
+# Set while a loader injects adapters whose tensors it then copies from a file (see filling_from_file).
+_FILLING = contextvars.ContextVar("lorakit_filling_from_file", default=False)
+
+
+@contextlib.contextmanager
+def filling_from_file() -> Iterator[None]:
+    """Within the block, injected adapters are about to be filled from an adapter file, so an init
+    that lorakit does not compute but that leaves the base weights as they are (EVA, MiCA:
+    :data:`~lorakit.config.LOAD_ONLY_INITS`) is accepted; its factors are created plainly and
+    overwritten. Outside it, such an init is refused."""
+    token = _FILLING.set(True)
+    try:
+        yield
+    finally:
+        _FILLING.reset(token)
+
+
+def _creation_problem(config: LoraConfig) -> None:
+    init = config.init_lora_weights
+    if load_only(init) and not _FILLING.get():
+        kind = (parse_init(init) or ("", None))[0]
+        raise ConfigError(
+            f"init_lora_weights={init!r}: {LOAD_ONLY_INITS[kind]}. lorakit loads adapters trained with it "
+            "(PeftModel.from_pretrained, load_adapter) but cannot create a new one; create it with PEFT, "
+            "or use another init (True, 'gaussian', 'pissa', 'olora', 'orthogonal', 'eva', 'lora_ga')"
+        )
 
 
 @dataclasses.dataclass
 class Plan:
-    """What :func:`inject` will do: the resolved config, the LoRA targets and the modules to save."""
+    """What :func:`inject` will do: the resolved config, the LoRA targets, the modules to save, the
+    modules with trainable token rows, and the modules tied to the input embedding that share its
+    adapter (``ensure_weight_tying``)."""
 
     config: LoraConfig
     targets: list[tuple[str, nn.Module]]
     to_save: list[tuple[str, nn.Module]]
+    tokens: list[tying.TokenTarget] = dataclasses.field(default_factory=list)
+    ties: tying.Ties = dataclasses.field(default_factory=tying.Ties)
 
 
-def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoraLayer | ModulesToSaveWrapper]]:
-    """Every LoRA layer and modules-to-save wrapper in ``model``, with its name."""
+AdapterModule = LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
+    """Every LoRA layer, modules-to-save wrapper and trainable-tokens wrapper in ``model``, with its
+    name."""
     for name, module in model.named_modules():
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             yield name, module
 
 
@@ -76,6 +126,10 @@ def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> Non
     existing = sorted({a for _, m in lora_modules(model) for a in m.adapter_names})
     if must_be_new and name in existing:
         raise AdapterError(f"an adapter named {name!r} already exists; existing adapters: {existing}")
+
+
+def _init_kind(config: LoraConfig) -> str:
+    return (parse_init(config.init_lora_weights) or ("",))[0]
 
 
 def _fan_in_fan_out(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> LoraConfig:
@@ -113,6 +167,11 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
         if name and any(name == n or name.endswith("." + n) for n in names):
             if any(name.startswith(prev + ".") for prev, _ in found):
                 continue
+            if isinstance(module, TrainableTokensWrapper):
+                raise TargetingError(
+                    f"modules_to_save selects {name}, which has trainable token rows for another adapter; "
+                    "a module is trained either in full or by rows, not both"
+                )
             found.append((name, module))
     if names and not found:
         raise TargetingError(
@@ -139,9 +198,11 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only).
     ``replacing``: an adapter named ``adapter_name`` may exist (it is about to be deleted)."""
     _refuse_wrapped(model)
+    _creation_problem(config)
     check_adapter_name(model, adapter_name, must_be_new=not replacing)
-    resolved = resolve_config(config, model)
-    targets = select_targets(resolved, model)
+    resolved, ties = tying.tie_adapters(resolve_config(config, model), model)
+    tied = {n for n, _ in ties}
+    targets = [(n, m) for n, m in select_targets(resolved, model) if n not in tied]
     if not targets:
         filtered = (
             " (after exclude_modules / layers_to_transform)"
@@ -154,16 +215,27 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
         )
     problems = []
     variant = variant_for(resolved)
+    bypassed = bypassed_modules(model)
     for name, module in targets:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         kind = lora_layer_for(base)
-        if isinstance(module, ModulesToSaveWrapper) or kind is None:
+        if name in bypassed:
+            parent = model.get_submodule(bypassed[name])
+            problems.append(
+                f"{name} ({type(parent).__name__} {bypassed[name]!r} reads its weights without calling it, "
+                f"so LoRA on it alone would change nothing; target {bypassed[name]!r} instead)"
+            )
+            continue
+        if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)) or kind is None:
             problems.append(f"{name} ({type(base).__name__})")
             continue
         refused = kind.option_problems(
             base, init=resolved.init_lora_weights, lora_bias=resolved.lora_bias, variant=variant
         )
+        refused += kind.rank_problems(base, rank_and_alpha(resolved, name)[0])
         problems.extend(f"{name} ({reason})" for reason in refused)
+        if _init_kind(resolved) == "lora_ga":
+            problems.extend(lora_ga.layer_problems(name, base, rank_and_alpha(resolved, name)[0], kind))
     if problems:
         raise TargetingError(
             "cannot add LoRA to: "
@@ -171,7 +243,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
             + f". Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
         )
     resolved = _fan_in_fan_out(resolved, targets)
-    return Plan(resolved, targets, _modules_to_save(resolved, model))
+    tying.check_ties(ties, resolved, [n for n, _ in targets])
+    tokens = tying.token_targets(resolved, model, [n for n, _ in targets])
+    return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties)
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
@@ -214,7 +288,7 @@ def inject(
     The new adapter is not activated and its parameters are left as created; activation and
     trainability are the caller's (see :mod:`lorakit.model.state`). ``low_cpu_mem_usage``: the
     adapter's tensors are created on the meta device, uninitialised, for a load to fill (an init
-    that rewrites the base weight, PiSSA or OLoRA, still runs for real).
+    that rewrites the base weight, PiSSA, OLoRA or LoRA-GA, still runs for real).
     """
     p = plan(model, config, adapter_name)
     _warn_unused_patterns(model, config, p)
@@ -223,15 +297,9 @@ def inject(
     cfg = p.config
     variant = variant_for(cfg)
     slots = _parent_slots(model)
+    layers: dict[str, LoraLayer] = {}
     for name, module in p.targets:
-        if isinstance(module, LoraLayer):
-            layer = module
-        else:
-            layer_cls = lora_layer_for(module)
-            assert layer_cls is not None  # guaranteed by plan()
-            layer = layer_cls(module)
-            layer.set_active(active)
-            _replace(slots, module, layer)
+        layer = _lora_layer(module, slots, active)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(
             adapter_name,
@@ -244,22 +312,35 @@ def inject(
             variant=variant,
             meta=low_cpu_mem_usage,
         )
+        if _init_kind(cfg) == "lora_ga":  # right after its factors are drawn, as in PEFT (same RNG order)
+            settings = cfg.lora_ga_config if isinstance(cfg.lora_ga_config, LoraGAConfig) else LoraGAConfig()
+            lora_ga.initialize(layer, adapter_name, settings)
         # New modules start in train mode; an eval model must stay eval (no LoRA dropout).
         layer.train(layer.base_layer.training)
-    for _name, module in p.to_save:
+        layers[name] = layer
+    for _name, module in p.ties.targets:
+        _tie_lora(layers[str(p.ties.embedding)], _lora_layer(module, slots, active), adapter_name, cfg)
+    copies: dict[str, nn.Module] = {}
+    for name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
         if wrapper is not module:
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
         wrapper.set_active(active)
         wrapper.train(wrapper.original_module.training)
-    params = [
-        p
-        for _, m in lora_modules(model)
-        if m.has_adapter(adapter_name)
-        for p in m.adapter_parameters(adapter_name)
-    ]
-    engines.record(model, adapter_name, params)
+        copies[name] = wrapper.modules_to_save[adapter_name]
+    for _name, module in p.ties.saves:
+        # the tied module's copy is the original with the embedding copy's weight in place of its own
+        weight = copies[str(p.ties.embedding)].weight
+        wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
+        original = wrapper.original_module
+        if wrapper is not module:
+            _replace(slots, module, wrapper)
+        wrapper.add_adapter(adapter_name, copy.deepcopy(original, memo={id(original.weight): weight}))
+        wrapper.set_active(active)
+        wrapper.train(original.training)
+    _add_tokens(model, p.tokens, adapter_name, slots, active)
+    rerecord(model, adapter_name)
     return cfg
 
 
@@ -300,6 +381,70 @@ def _warn_unused_patterns(model: nn.Module, config: LoraConfig, p: Plan) -> None
             )
 
 
+def _lora_layer(
+    module: nn.Module, slots: dict[int, list[tuple[nn.Module, str]]], active: list[str]
+) -> LoraLayer:
+    """``module`` if it is a LoRA layer, else a new LoRA layer put in its place, with the model's
+    active adapters (as PEFT's new layers take them, so every layer reports the same list)."""
+    if isinstance(module, LoraLayer):
+        return module
+    layer_cls = lora_layer_for(module)
+    assert layer_cls is not None  # guaranteed by plan()
+    layer = layer_cls(module)
+    layer.set_active(active)
+    _replace(slots, module, layer)
+    return layer
+
+
+def _tie_lora(embedding: LoraLayer, layer: LoraLayer, adapter_name: str, cfg: LoraConfig) -> None:
+    """Give ``layer`` (an output head whose weight is the embedding's) the embedding's adapter: its
+    A is the embedding's Bᵀ and its B the embedding's Aᵀ, the same tensors (PEFT's layout), with the
+    embedding's rank and scaling, so that both change the shared weight by the same ΔW."""
+    layer.add_adapter(
+        adapter_name,
+        embedding.r[adapter_name],
+        embedding.lora_alpha[adapter_name],
+        use_rslora=cfg.use_rslora,
+        dropout=cfg.lora_dropout,
+        init=True,
+        lora_bias=False,
+    )
+    share_factors(embedding, layer, adapter_name)
+    layer.train(layer.base_layer.training)
+
+
+def share_factors(embedding: LoraLayer, head: LoraLayer, adapter_name: str) -> None:
+    """Make ``head``'s factors of ``adapter_name`` views of ``embedding``'s: A_head = B_embᵀ (r × D),
+    B_head = A_embᵀ (V × r), so that s·B_head·A_head = (s·B_emb·A_emb)ᵀ, the embedding's ΔW."""
+    a, b = embedding.factors(adapter_name)  # (r, V), (D, r)
+    head.set_factors(adapter_name, b.detach().T, a.detach().T)
+
+
+def _add_tokens(
+    model: nn.Module,
+    tokens: list[tying.TokenTarget],
+    adapter_name: str,
+    slots: dict[int, list[tuple[nn.Module, str]]],
+    active: list[str],
+) -> None:
+    """Wrap the trainable-token targets (the ones with rows of their own first, then the tied ones,
+    which share the rows of the wrapper they are tied to) and give ``adapter_name`` its rows."""
+    wrappers: dict[str, TrainableTokensWrapper] = {}
+    for target in sorted(tokens, key=lambda t: t.tied_to is not None):
+        module = target.module
+        if isinstance(module, TrainableTokensWrapper):
+            wrapper = module
+        else:
+            tied_to = None if target.tied_to is None else wrappers[target.tied_to]
+            wrapper = TrainableTokensWrapper(module, tied_to)
+            wrapper.active_adapters = list(active)
+            wrapper.train(module.training)
+            _replace(slots, module, wrapper)
+        wrappers[target.name] = wrapper
+        if target.tied_to is None:
+            wrapper.add_adapter(adapter_name, target.indices)
+
+
 def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     """Remove every LoRA layer and wrapper from ``model`` and return it.
 
@@ -310,7 +455,7 @@ def unload(model: nn.Module, *, keep_merged: bool = False) -> nn.Module:
     """
     slots = _parent_slots(model)
     for _, module in list(lora_modules(model)):
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
             if not keep_merged:
                 module.unmerge()
             _replace(slots, module, module.unloaded())
@@ -325,11 +470,37 @@ def uninject(model: nn.Module, adapter_name: str) -> None:
     wrapper left without any adapter, so the model's structure is as before the injection.
     (Used to roll back a load that failed after injecting; the adapter must not be merged.)"""
     slots = _parent_slots(model)
-    for _, module in list(lora_modules(model)):
+    modules = [m for _, m in lora_modules(model)]
+    for module in modules:  # first everywhere: tied wrappers lose the adapter with their embedding's
         if adapter_name in module.adapter_names:
             module.delete_adapter(adapter_name)
+    for module in modules:
         if not module.adapter_names:
-            if isinstance(module, LoraLayer):
+            if isinstance(module, (LoraLayer, TrainableTokensWrapper)):
                 _replace(slots, module, module.base_layer)
             else:
                 _replace(slots, module, module.original_module)
+
+
+def remove_at(model: nn.Module, names: Iterable[str], adapter_name: str) -> None:
+    """Remove ``adapter_name`` from the LoRA layers at module paths ``names`` of ``model``, and put
+    back the base layer of each one left without any adapter (EVA drops the layers it gives rank 0)."""
+    wanted = set(names)
+    slots = _parent_slots(model)
+    for name, module in list(model.named_modules()):
+        if name in wanted and isinstance(module, LoraLayer):
+            module.delete_adapter(adapter_name)
+            if not module.adapter_names:
+                _replace(slots, module, module.base_layer)
+
+
+def rerecord(model: nn.Module, adapter_name: str) -> None:
+    """Record ``adapter_name``'s parameters and shapes again after an operation replaced them
+    (EVA's new ranks), so that distributed checks compare against the new shapes."""
+    params = [
+        p
+        for _, m in lora_modules(model)
+        if m.has_adapter(adapter_name)
+        for p in m.adapter_parameters(adapter_name)
+    ]
+    engines.record(model, adapter_name, params)

@@ -13,9 +13,9 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 
 from lorakit.errors import AdapterError, AdapterMergeError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import Embedding, LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 from lorakit.model import engines
-from lorakit.model.injection import lora_modules
+from lorakit.model.injection import lora_modules, share_factors
 
 __all__ = [
     "adapter_names",
@@ -73,6 +73,9 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
                 "Only one adapter can be set at a time for ModulesToSaveWrapper: adapters "
                 f"{names} each carry their own copy of a module to save, so only one of them can be active"
             )
+    for name, module in lora_modules(model):
+        if isinstance(module, TrainableTokensWrapper) and (problem := module.overlap_problem(names)):
+            raise AdapterError(f"{name}: {problem}")
     for _, module in lora_modules(model):
         module.set_active(names)
 
@@ -121,7 +124,12 @@ def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "non
         param.requires_grad_(False)
     for _, module in lora_modules(model):
         for name in names:
-            for param in module.adapter_parameters(name):
+            params = (
+                module.trainable_parameters(name)
+                if isinstance(module, LoraLayer)
+                else module.adapter_parameters(name)
+            )
+            for param in params:
                 param.requires_grad_(True)
         if bias == "lora_only" and isinstance(module, LoraLayer):
             base_bias = getattr(module.base_layer, "bias", None)
@@ -157,7 +165,11 @@ def delete(model: nn.Module, name: str) -> list[str]:
     active (PEFT's choice), with a warning; its tensors become trainable, as PEFT's ``set_adapter``
     makes them."""
     _check_known(model, [name])
-    merged = [n for n, m in lora_modules(model) if isinstance(m, LoraLayer) and name in m.merged_adapters]
+    merged = [
+        n
+        for n, m in lora_modules(model)
+        if isinstance(m, (LoraLayer, TrainableTokensWrapper)) and name in m.merged_adapters
+    ]
     if merged:
         raise AdapterError(
             f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first. "
@@ -191,7 +203,7 @@ def disabled(model: nn.Module) -> Iterator[None]:
     gradient. Merged adapters are unmerged (exactly) on entry and merged again on exit; the enabled
     flags and ``requires_grad`` of every adapter tensor are restored exactly."""
     modules = [m for _, m in lora_modules(model)]
-    merged = [(m, list(m.merged_adapters)) for m in modules if isinstance(m, LoraLayer) and m.merged]
+    merged = [(m, list(m.merged_adapters)) for m in _merge_writers(modules) if m.merged]
     previous = [m.disable_adapters for m in modules]
     grads = [(p, p.requires_grad) for m in modules for a in m.adapter_names for p in m.adapter_parameters(a)]
     try:
@@ -207,14 +219,26 @@ def disabled(model: nn.Module) -> Iterator[None]:
             m.disable_adapters = flag
         for param, flag in grads:
             param.requires_grad_(flag)
-        for layer, names in merged:
-            layer.merge(names)
+        _merge_layers([(m, names) for m, names in merged if isinstance(m, LoraLayer)], keep_original=True)
+        for m, names in merged:
+            if isinstance(m, TrainableTokensWrapper):
+                m.merge(names)
+
+
+def _merge_writers(modules: Sequence[nn.Module]) -> list[LoraLayer | TrainableTokensWrapper]:
+    """The modules that write merges into base weights: LoRA layers, and trainable-tokens wrappers
+    that are not tied (a tied one's merges are its embedding's)."""
+    return [
+        m
+        for m in modules
+        if isinstance(m, LoraLayer) or (isinstance(m, TrainableTokensWrapper) and not m.tied)
+    ]
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
     names: dict[str, None] = {}
     for _, m in lora_modules(model):
-        if isinstance(m, LoraLayer):
+        if isinstance(m, (LoraLayer, TrainableTokensWrapper)):
             names.update(dict.fromkeys(m.merged_adapters))
     return list(names)
 
@@ -237,8 +261,11 @@ def merge(
         _check_known(model, list(names))
     named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
     _warn_already_merged(named, names)
+    tokens = [(n, m) for n, m in lora_modules(model) if isinstance(m, TrainableTokensWrapper) and not m.tied]
     problems = [f"{lname}: {problem}" for lname, layer in named if (problem := _merge_problem(layer, names))]
+    problems += [f"{n}: {problem}" for n, m in tokens if (problem := m.merge_problem(names))]
     problems += _tied_weight_problems(model, named, names)
+    problems += _token_weight_problems(model, tokens, names)
     if problems:
         raise AdapterMergeError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
     layers = [m for _, m in named]
@@ -254,8 +281,40 @@ def merge(
                 f"NaNs detected in the merged weights. The adapter {', '.join(wanted)} seems to be broken "
                 f"(safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged)"
             )
-    for layer in layers:
-        layer.merge(names, keep_original=keep_original)
+    if safe_merge:
+        bad_rows = [n for n, m in tokens if any(not m.rows(a).isfinite().all() for a in m.merge_names(names))]
+        if bad_rows:
+            raise AdapterError(
+                f"safe_merge: non-finite token rows in {', '.join(bad_rows)}; nothing was merged"
+            )
+    _merge_layers([(layer, names) for layer in layers], keep_original=keep_original)
+    for _, wrapper in tokens:
+        wrapper.merge(names)
+
+
+def _factors_tied(a: LoraLayer, b: LoraLayer, name: str) -> bool:
+    """Whether layers ``a`` and ``b`` hold adapter ``name``'s factors in the same memory (an output
+    head sharing the embedding's adapter, ``ensure_weight_tying``): then their ΔW are one."""
+    if not (a.has_adapter(name) and b.has_adapter(name)):
+        return False
+    storages = [{t.untyped_storage().data_ptr() for t in layer.factors(name)} for layer in (a, b)]
+    return storages[0] == storages[1]
+
+
+def _merge_layers(pairs: Sequence[tuple[LoraLayer, Sequence[str] | None]], *, keep_original: bool) -> None:
+    """Merge each layer's adapters. A layer whose base weight an earlier layer of the list merged
+    into, with factors tied to that layer's, records that merge instead of adding ΔW a second time
+    (PEFT adds it twice)."""
+    leaders: dict[int, LoraLayer] = {}
+    for layer, names in pairs:
+        weight = layer.dense_weight()
+        leader = leaders.get(id(weight))
+        pending = layer.merge_result_names(names)
+        if leader is not None and pending and all(_factors_tied(layer, leader, n) for n in pending):
+            layer.follow_merge(leader, pending)
+        else:
+            layer.merge(names, keep_original=keep_original)
+            leaders.setdefault(id(weight), layer)
 
 
 def _warn_already_merged(named: list[tuple[str, LoraLayer]], names: Sequence[str] | None) -> None:
@@ -289,11 +348,24 @@ def _tied_weight_problems(
     owners: dict[int, list[str]] = {}
     for pname, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(pname)
+    layers = dict(named)
     problems = []
     for lname, layer in named:
-        sharing = owners.get(id(layer.base_layer.weight), [])
-        if len(sharing) > 1 and layer.merge_result_names(names):
-            others = [p for p in sharing if not p.startswith(lname + ".")]
+        # the tensors a merge writes are the base layer's own (an attention's in_proj_weight, ...)
+        own = list(layer.base_layer.parameters(recurse=False))
+        sharing = max((owners.get(id(p), []) for p in own), key=len, default=[])
+        pending = layer.merge_result_names(names)
+        others = [p for p in sharing if not p.startswith(lname + ".")]
+        # a head that shares the embedding's adapter (ensure_weight_tying) changes with it: allowed
+        others = [
+            p
+            for p in others
+            if not (
+                (other := layers.get(p.removesuffix(".base_layer.weight"))) is not None
+                and all(_factors_tied(layer, other, n) for n in pending)
+            )
+        ]
+        if others and pending:
             problems.append(
                 f"{lname}: its weight is tied to {', '.join(others)}; merging would change those too. "
                 "Use the adapter unmerged, or untie the weights first (e.g. give the output head its own "
@@ -302,11 +374,36 @@ def _tied_weight_problems(
     return problems
 
 
+def _token_weight_problems(
+    model: nn.Module, tokens: list[tuple[str, TrainableTokensWrapper]], names: Sequence[str] | None
+) -> list[str]:
+    """Merging token rows writes them into the base weight; every other module using that weight
+    must compute with the same rows (a wrapper tied to this one), or the merge would change it."""
+    owners: dict[int, list[str]] = {}
+    for pname, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(pname.rsplit(".", 1)[0])
+    wrappers = [(n, m) for n, m in lora_modules(model) if isinstance(m, TrainableTokensWrapper)]
+    problems = []
+    for name, wrapper in tokens:
+        if not wrapper.merge_names(names):
+            continue
+        group = {
+            f"{n}.token_adapter.base_layer" for n, m in wrappers if m.token_indices is wrapper.token_indices
+        }
+        others = [o for o in owners.get(id(wrapper.weight), []) if o not in group]
+        others = [o.removesuffix(".token_adapter.base_layer").removesuffix(".base_layer") for o in others]
+        if others:
+            problems.append(
+                f"{name}: its weight is also used by {', '.join(others)}, which do not use its token rows; "
+                "merging would change them. Use the adapter unmerged"
+            )
+    return problems
+
+
 def unmerge(model: nn.Module) -> None:
     """Restore every merged base weight bit for bit."""
-    for _, module in lora_modules(model):
-        if isinstance(module, LoraLayer):
-            module.unmerge()
+    for module in _merge_writers([m for _, m in lora_modules(model)]):
+        module.unmerge()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -322,8 +419,14 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def place_adapter(model: nn.Module, name: str, *, autocast_dtype: bool = True) -> None:
     """Re-place adapter ``name``'s factors in every LoRA layer: float32 on a half-precision base
-    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``)."""
+    (``autocast_dtype=True``, the default) or the base weight's dtype (``False``). Factors an
+    output head shares with the embedding (``ensure_weight_tying``) stay shared."""
     _check_known(model, [name])
-    for _, module in lora_modules(model):
-        if isinstance(module, LoraLayer) and module.has_adapter(name):
-            module.place_adapter(name, autocast_dtype=autocast_dtype)
+    layers = [m for _, m in lora_modules(model) if isinstance(m, LoraLayer) and m.has_adapter(name)]
+    pairs = [(a, b) for i, a in enumerate(layers) for b in layers[i + 1 :] if _factors_tied(a, b, name)]
+    # (embedding, head): the embedding keeps its factors as parameters, the head views them
+    shared = [(a, b) if isinstance(a, Embedding) else (b, a) for a, b in pairs]
+    for layer in layers:
+        layer.place_adapter(name, autocast_dtype=autocast_dtype)
+    for embedding, head in shared:  # a dtype change gave each its own copy: share again
+        share_factors(embedding, head, name)

@@ -7,6 +7,9 @@ Rules (PEFT's, so a config selects the same modules in both libraries):
 * a string is a regular expression that must match the whole name;
 * ``exclude_modules`` uses the same rules and wins over ``target_modules``;
 * ``modules_to_save`` modules (and their children) are never LoRA targets;
+* a child its parent reads without calling (an ``nn.MultiheadAttention``'s ``out_proj``, see
+  ``LoraLayer.bypassed_children``) is not a target of its own: ``"all-linear"`` skips it and naming
+  it is refused (:func:`bypassed_modules`);
 * ``layers_to_transform`` keeps modules whose first numbered path segment (after
   ``layers_pattern`` when given) is one of the listed layer indices; like PEFT, it does not filter
   a module whose full name is listed.
@@ -17,14 +20,19 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any
 
-import torch
 from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig, TaskType
 from lorakit.errors import TargetingError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for
+from lorakit.layers import (
+    LoraLayer,
+    ModulesToSaveWrapper,
+    TrainableTokensWrapper,
+    lora_layer_for,
+    supported_kinds,
+)
 
 __all__ = [
     "resolve_config",
@@ -34,6 +42,7 @@ __all__ = [
     "rank_and_alpha",
     "iter_plain_modules",
     "targetable_modules",
+    "bypassed_modules",
     "model_type_of",
     "register_default_targets",
     "default_targets_for",
@@ -80,7 +89,7 @@ def iter_plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         yield name, module
-        if isinstance(module, (LoraLayer, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper)):
             continue
         children = [
             (f"{name}.{child_name}" if name else child_name, child)
@@ -187,7 +196,8 @@ def resolve_config(config: LoraConfig, model: nn.Module) -> LoraConfig:
         return dataclasses.replace(config, target_modules=defaults)
     if targets == ALL_LINEAR:
         heads = _output_head_names(model, config)
-        linear = [n for n, m in iter_plain_modules(model) if n and _is_linear(m) and n not in heads]
+        skip = heads | set(bypassed_modules(model))
+        linear = [n for n, m in iter_plain_modules(model) if n and _is_linear(m) and n not in skip]
         # A list of full names (not a regex) so that layers_to_transform stays valid and applies.
         provisional = dataclasses.replace(config, target_modules=linear)
         return dataclasses.replace(
@@ -218,22 +228,28 @@ def rank_and_alpha(config: LoraConfig, name: str) -> tuple[int, float]:
     return lookup(config.rank_pattern, config.r), lookup(config.alpha_pattern, config.lora_alpha)
 
 
+def bypassed_modules(model: nn.Module) -> dict[str, str]:
+    """Modules their parent reads without calling (``LoraLayer.bypassed_children``), which LoRA
+    cannot adapt on their own: name → the parent's name (the module to target instead)."""
+    found: dict[str, str] = {}
+    for name, module in iter_plain_modules(model):
+        kind = lora_layer_for(module)
+        if kind is not None:
+            found.update({(f"{name}.{c}" if name else c): name for c in kind.bypassed_children(module)})
+    return found
+
+
 def targetable_modules(model: nn.Module) -> list[dict[str, Any]]:
     """Every module lorakit can adapt: name, type, weight shape and parameter count."""
     rows = []
+    bypassed = bypassed_modules(model)
     for name, module in iter_plain_modules(model):
         base = module.base_layer if isinstance(module, LoraLayer) else module
-        if not name or lora_layer_for(base) is None:
+        kind = lora_layer_for(base)
+        if not name or kind is None or name in bypassed:
             continue
-        weight = cast(torch.Tensor, base.weight)
-        rows.append(
-            {
-                "name": name,
-                "type": type(base).__name__,
-                "shape": tuple(weight.shape),
-                "params": sum(p.numel() for p in base.parameters(recurse=False)),
-            }
-        )
+        shape, params = kind.base_summary(base)
+        rows.append({"name": name, "type": type(base).__name__, "shape": shape, "params": params})
     return rows
 
 
@@ -241,6 +257,6 @@ def suffix_summary(model: nn.Module, limit: int = 40) -> str:
     """'Modules that could be targeted: q_proj, k_proj, ...' (deduplicated last name parts)."""
     suffixes = list(dict.fromkeys(row["name"].rsplit(".", 1)[-1] for row in targetable_modules(model)))
     if not suffixes:
-        return "The model has no module lorakit can adapt (Linear, Conv1D, Embedding, Conv1d/2d/3d)."
+        return f"The model has no module lorakit can adapt ({', '.join(supported_kinds())})."
     shown = ", ".join(suffixes[:limit]) + (", ..." if len(suffixes) > limit else "")
     return f"Modules that could be targeted: {shown}"

@@ -94,7 +94,12 @@ def _adapter_payload(
     original base); ``whole``: the adapter's tensors gathered from a sharded model (by
     :mod:`lorakit.distributed`)."""
     live = saved_tensors(
-        model, name, config.bias, config.target_modules, save_embedding_layers=save_embedding_layers
+        model,
+        name,
+        config.bias,
+        config.target_modules,
+        save_embedding_layers=save_embedding_layers,
+        trainable_tokens=config.trainable_token_indices is not None,
     )
     if whole is None:
         tensors = dict(live)
@@ -109,6 +114,8 @@ def _adapter_payload(
     targets = [(p, m) for p, m in model.named_modules() if isinstance(m, LoraLayer) and m.has_adapter(name)]
     if any(engines.is_engine_sharded(m.weight) for _, m in targets):
         targets = []  # the fingerprint needs whole base weights; a sharded save goes without it
+    if initial is not None:
+        targets = []  # a converted adapter is for the original base, which the live (residual) one is not
     metadata = {"format": "pt", "lorakit_version": __version__}
     fp = fingerprint(targets) if targets else None
     if fp is not None:
@@ -244,11 +251,17 @@ def save_adapter_tensors(
 
 # -- reading --------------------------------------------------------------------------------------
 def read_adapter(
-    path: str | os.PathLike[str], *, is_trainable: bool = False, subfolder: str | None = None
+    path: str | os.PathLike[str],
+    *,
+    is_trainable: bool = False,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> AdapterFiles:
-    """Read an adapter directory: config, then ``adapter_model.safetensors`` (or the legacy
-    ``adapter_model.bin`` through ``torch.load(weights_only=True)``)."""
-    directory = adapter_folder(path, subfolder)
+    """Read an adapter directory (a path, or a Hub id fetched at ``revision``): config, then
+    ``adapter_model.safetensors`` (or the legacy ``adapter_model.bin`` through
+    ``torch.load(weights_only=True)``)."""
+    directory = adapter_folder(path, subfolder, revision=revision, token=token)
     config = LoraConfig.from_pretrained(directory)
     safe, legacy = directory / fileio.WEIGHTS_NAME, directory / fileio.LEGACY_WEIGHTS_NAME
     if safe.is_file():
@@ -355,7 +368,8 @@ def check_adapter(
         raise AdapterError(
             f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}"
         )
-    plan = injection.plan(model, files_.config, adapter_name)
+    with injection.filling_from_file():
+        plan = injection.plan(model, files_.config, adapter_name)
     lines = _key_problems(
         planned_shapes(model, plan, adapter_name),
         planned_embedding_shapes(model, plan),

@@ -1,7 +1,7 @@
-"""Converting a PiSSA / OLoRA adapter into a plain LoRA adapter for the untouched base model
+"""Converting a PiSSA / OLoRA / LoRA-GA adapter into a plain LoRA adapter for the untouched base model
 (PEFT's ``path_initial_model_for_weight_conversion``).
 
-PiSSA and OLoRA start from ``W = W_res + s · B₀ A₀`` and train on ``W_res``, so the trained adapter
+PiSSA, OLoRA and LoRA-GA start from ``W = W_res + s · B₀ A₀`` and train on ``W_res``, so the trained adapter
 (A, B) only makes sense on the residual base. Relative to the original ``W`` the trained model is
 
     W_res + s · B A = W + s · (B A − B₀ A₀) = W + s · [B | −B₀] [A ; A₀]
@@ -73,6 +73,7 @@ def to_plain_lora(
         r=2 * config.r,
         lora_alpha=config.lora_alpha * alpha_factor,
         init_lora_weights=True,
+        lora_ga_config=None,  # the plain adapter no longer depends on its initialisation
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
     )

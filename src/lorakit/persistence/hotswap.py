@@ -8,6 +8,8 @@ Two adapters differ in rank and in scaling ``s = α / r``; both are absorbed wit
   before compiling) pads every adapter's A (r × k) and B (d × r) with zeros to a ``target_rank`` R:
   ``B_pad A_pad = B A`` exactly. A later adapter of rank r' ≤ R is written into the first r' rows
   of A and columns of B, the rest zeroed.
+  A grouped convolution's A is padded group by group (``rank_blocks``: block g of A's rows feeds
+  group g of B), and its B to ``R / groups`` columns.
 * **Scalings** are not touched: the layer keeps ``s`` and receives ``B' · s'/s`` (and the LoRA bias
   likewise), so ``s · B'(s'/s) A' = s' · B' A'`` — the new adapter's update.
 
@@ -68,12 +70,24 @@ def _record_shapes(user: nn.Module) -> None:
         engines.record(user, name, params)
 
 
+def _copy_blocks(target: torch.Tensor, value: torch.Tensor, blocks: int) -> None:
+    """Copy A ``value`` (r', …) into the larger ``target`` (R, …) block by block: rows
+    ``g·r'/G …`` go to ``g·R/G …``, so that each group of a grouped B still reads its own rows."""
+    step, new_step = target.shape[0] // blocks, value.shape[0] // blocks
+    for g in range(blocks):
+        rows = value[g * new_step : (g + 1) * new_step]
+        target[g * step : g * step + new_step].copy_(rows.to(device=target.device, dtype=target.dtype))
+
+
 @torch.no_grad()
 def _pad_layer(layer: LoraLayer, name: str, rank: int) -> None:
     """Zero-pad adapter ``name``'s factors to ``rank`` (``B_pad A_pad = B A``); the scaling keeps
     the adapter's own rank."""
     a, b = layer.factors(name)
-    layer.set_factors(name, _padded(a, rank, 0), _padded(b, rank, 1))
+    blocks = layer.rank_blocks
+    new_a = a.new_zeros((rank, *a.shape[1:]))
+    _copy_blocks(new_a, a.detach(), blocks)
+    layer.set_factors(name, new_a, _padded(b, rank // blocks, 1))
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -128,6 +142,12 @@ def prepare_model_for_compiled_hotswap(
         raise AdapterError(
             f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
             f"({largest}): target_rank={target_rank!r} must be an integer ≥ the largest rank present"
+        )
+    grouped = sorted({layer.rank_blocks for layer in layers if rank % layer.rank_blocks})
+    if grouped:
+        raise AdapterError(
+            f"target_rank={rank} is not a multiple of the groups of grouped convolution(s) {grouped}; "
+            "choose a multiple of them"
         )
     for layer in layers:
         for name in layer.adapter_names:
@@ -264,7 +284,9 @@ def hotswap_adapter_from_state_dict(
             f"adapter {adapter_name!r} is merged into {len(merged)} layer(s) "
             f"(e.g. {merged[0]}); unmerge before hot-swapping"
         )
-    new = {k: v for k, v in from_file_keys(state_dict).items() if ".base_layer." not in k}
+    # without the base weights PEFT saves beside an adapter (an attention's nested out_proj adapter
+    # has "base_layer" in its path too, so it is the key's own part that tells)
+    new = {k: v for k, v in from_file_keys(state_dict).items() if parse_key(k).part != "base_layer"}
     can_grow = not _is_compiled(model)
     lines = _problems(live, new, adapter_name, can_grow=can_grow)
     if lines:
@@ -277,6 +299,7 @@ def hotswap_adapter_from_state_dict(
         _record_shapes(user)
         live = adapter_keys(user, adapter_name, "none").tensors
     ratios = _scale_ratios(user, adapter_name, config)
+    blocks = {p: m.rank_blocks for p, m in injection.lora_modules(user) if isinstance(m, LoraLayer)}
     for key, target in live.items():
         value = new.get(key)
         target.zero_()
@@ -285,6 +308,9 @@ def hotswap_adapter_from_state_dict(
         parsed = parse_key(key)
         if parsed.role == "B":  # B and its bias carry the scaling ratio
             value = value * ratios.get(parsed.module, 1.0)
+        if parsed.rank_axis == 0 and blocks.get(parsed.module, 1) > 1:
+            _copy_blocks(target, value, blocks[parsed.module])
+            continue
         region = target[tuple(slice(0, n) for n in value.shape)]
         region.copy_(value.to(device=target.device, dtype=target.dtype))
 

@@ -15,6 +15,10 @@ in memory (relative to the model root)                in the adapter state dict 
 <name>.bias`` (bias="all")                            wrapper's biases also under these paths)
 ``<emb>.base_layer.weight`` (targeted embed_tokens /  unchanged; optional on load (PEFT writes it
 lm_head, see ``EMBEDDING_LAYER_NAMES``)               when such a layer is targeted)
+``<m>.token_adapter.trainable_tokens_delta.<name>``   ``<m>.token_adapter.trainable_tokens_delta``
+(trainable tokens; a tied wrapper writes nothing)
+``<m>.token_adapter.base_layer.weight``               unchanged; optional on load (PEFT writes it
+                                                      when the vocabulary was resized)
 ====================================================  ===========================================
 
 Adapter tensors are found by module type (LoRA layer, modules-to-save wrapper), never by substring;
@@ -27,12 +31,19 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper, lora_layer_for, variant_for
+from lorakit.layers import (
+    LoraLayer,
+    ModulesToSaveWrapper,
+    TrainableTokensWrapper,
+    lora_layer_for,
+    variant_for,
+)
 from lorakit.model.injection import Plan
 from lorakit.model.targeting import rank_and_alpha
 
@@ -59,6 +70,9 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 # Which factor each of PEFT's factor containers holds (A: rank on axis 0; B: rank on axis 1).
+TOKEN_ADAPTER = "token_adapter"  # PEFT's container of trainable token rows (and of its base layer)
+TOKEN_ROWS = "trainable_tokens_delta"
+
 FACTOR_ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
 PAIRED_B = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}  # the B beside each A
 
@@ -68,9 +82,10 @@ class AdapterKey:
     """One key of an adapter file, split: ``<module>.<part>[.<tensor>]``.
 
     ``part`` is one of PEFT's per-adapter containers (``lora_A``, ``lora_B``, ``lora_embedding_A``,
-    ``lora_embedding_B``, ``lora_magnitude_vector``), ``"base_layer"`` (a base tensor PEFT also
-    saves) or ``""`` (a module saved in full, or a bias); ``tensor`` is what follows (``weight``,
-    ``bias``; empty for parameters stored directly in the container).
+    ``lora_embedding_B``, ``lora_magnitude_vector``), ``"token_adapter"`` (trainable token rows,
+    ``tensor`` ``trainable_tokens_delta``, or its base layer), ``"base_layer"`` (a base tensor PEFT
+    also saves) or ``""`` (a module saved in full, or a bias); ``tensor`` is what follows
+    (``weight``, ``bias``; empty for parameters stored directly in the container).
     """
 
     module: str
@@ -91,17 +106,22 @@ class AdapterKey:
 
     @property
     def is_adapter_tensor(self) -> bool:
-        """A tensor of the adapter itself (a factor, its bias or a variant's), not a saved module."""
-        return self.part in LoraLayer.adapter_param_names
+        """A tensor of the adapter itself (a factor, its bias, a variant's, trainable token rows),
+        not a saved module."""
+        return self.part in LoraLayer.adapter_param_names or (
+            self.part == TOKEN_ADAPTER and self.tensor == TOKEN_ROWS
+        )
 
 
 def parse_key(key: str) -> AdapterKey:
-    """Split a file key (with or without ``base_model.model.``) at its LoRA container."""
+    """Split a file key (with or without ``base_model.model.``) at its LoRA container: the last one,
+    since a LoRA layer can sit inside another's base layer (an attention's out_proj:
+    ``mha.base_layer.out_proj.lora_A.weight`` is module ``mha.base_layer.out_proj``, part ``lora_A``)."""
     key = key[len(FILE_PREFIX) :] if key.startswith(FILE_PREFIX) else key
     parts = key.split(".")
-    for i, part in enumerate(parts):
-        if part in LoraLayer.adapter_param_names or part == "base_layer":
-            return AdapterKey(".".join(parts[:i]), part, ".".join(parts[i + 1 :]))
+    for i in reversed(range(len(parts))):
+        if parts[i] in LoraLayer.adapter_param_names or parts[i] in ("base_layer", TOKEN_ADAPTER):
+            return AdapterKey(".".join(parts[:i]), parts[i], ".".join(parts[i + 1 :]))
     return AdapterKey(".".join(parts[:-1]), "", parts[-1])
 
 
@@ -152,6 +172,8 @@ def adapter_keys(model: nn.Module, adapter_name: str, bias: str = "none") -> Ada
             if bias == "all":
                 copy = module.modules_to_save[adapter_name]
                 tensors.update(_wrapper_biases(prefix, module.original_module, copy))
+        elif isinstance(module, TrainableTokensWrapper) and module.adapter_parameters(adapter_name):
+            tensors[_join(prefix, TOKEN_ADAPTER, TOKEN_ROWS)] = module.rows(adapter_name)
     if bias != "none":
         for pname, param in model.named_parameters():
             owner = pname.rsplit(".", 1)[0]
@@ -168,16 +190,20 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
     cfg = plan.config
     shapes: dict[str, tuple[int, ...]] = {}
     target_names = set()
-    by_kind: dict[tuple, dict[str, tuple[int, ...]]] = {}  # q/k/v of every block share one scratch
-    for name, module in plan.targets:
+    # per kind (q/k/v of every block share one scratch): the adapter's tensors, and the biases that
+    # bias="lora_only" / "all" save, relative to the target
+    by_kind: dict[tuple, tuple[dict[str, tuple[int, ...]], ...]] = {}
+    tied = {n for n, _ in plan.ties.targets}
+    for name, module in [*plan.targets, *plan.ties.targets]:
         base = module.base_layer if isinstance(module, LoraLayer) else module
         layer_cls = lora_layer_for(base)
         if layer_cls is None:  # plan() refuses these; kept for type narrowing
             continue
-        r, alpha = rank_and_alpha(cfg, name)
+        # a module tied to the embedding (ensure_weight_tying) takes the embedding's rank
+        r, alpha = rank_and_alpha(cfg, str(plan.ties.embedding) if name in tied else name)
         kind = (layer_cls, type(base), r, _shape_signature(base))
         if kind not in by_kind:
-            scratch = layer_cls(base)
+            scratch = layer_cls.throwaway(base)
             scratch.add_adapter(
                 adapter_name,
                 r,
@@ -188,25 +214,58 @@ def planned_shapes(model: nn.Module, plan: Plan, adapter_name: str) -> dict[str,
                 lora_bias=cfg.lora_bias,
                 variant=variant_for(cfg),
             )
-            by_kind[kind] = {k: tuple(t.shape) for k, t in scratch.adapter_tensors(adapter_name).items()}
-        shapes.update({_join(name, k): shape for k, shape in by_kind[kind].items()})
+            by_kind[kind] = (
+                {  # the layer's tensors and those of a LoRA layer it nests (an attention's out_proj)
+                    _join(prefix, k): tuple(t.shape)
+                    for prefix, sub in scratch.named_modules()
+                    if isinstance(sub, LoraLayer)
+                    for k, t in sub.adapter_tensors(adapter_name).items()
+                },
+                *_bias_shapes(scratch),
+            )
+        tensors, lora_only_biases, all_biases = by_kind[kind]
+        shapes.update({_join(name, k): shape for k, shape in tensors.items()})
+        if cfg.bias != "none":
+            biases = lora_only_biases if cfg.bias == "lora_only" else all_biases
+            shapes.update({_join(name, k): shape for k, shape in biases.items()})
         target_names.add(name)
-    for name, module in plan.to_save:
+    for target in plan.tokens:
+        if target.tied_to is None:
+            weight = cast(torch.Tensor, target.module.weight)
+            width = int(weight.shape[1])
+            shapes[_join(target.name, TOKEN_ADAPTER, TOKEN_ROWS)] = (len(target.indices), width)
+    for name, module in [*plan.to_save, *plan.ties.saves]:
         original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
         shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(name, original).items()})
         if cfg.bias == "all":
             shapes.update({k: tuple(t.shape) for k, t in _wrapper_biases(name, original, original).items()})
-    if cfg.bias != "none":
+    if cfg.bias == "all":
+        outside = [*target_names, *(n for n, _ in [*plan.to_save, *plan.ties.saves])]
         for pname, param in model.named_parameters():
-            if not pname.endswith("bias") or _inside_adapter(pname):
-                continue
-            owner = pname.rsplit(".", 1)[0]
-            owner = owner[: -len(".base_layer")] if owner.endswith(".base_layer") else owner
-            if owner in target_names:
-                shapes[_join(owner, "base_layer", "bias")] = tuple(param.shape)
-            elif cfg.bias == "all" and not any(pname.startswith(n + ".") for n, _ in plan.to_save):
+            inside = _inside_adapter(pname) or any(pname.startswith(n + ".") for n in outside)
+            if pname.endswith("bias") and not inside:
                 shapes[pname] = tuple(param.shape)
     return shapes
+
+
+def _bias_shapes(layer: LoraLayer) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """The base biases a LoRA layer's file holds, by key relative to the layer, as
+    :func:`adapter_keys` finds them: with ``bias="lora_only"`` those held directly by the base of
+    each LoRA layer inside it (itself, and one it nests, like an attention's out_proj), with
+    ``bias="all"`` every bias of its base."""
+    lora_only = {
+        _join(prefix, "base_layer", pname): tuple(p.shape)
+        for prefix, sub in layer.named_modules()
+        if isinstance(sub, LoraLayer)
+        for pname, p in sub.base_layer.named_parameters(recurse=False)
+        if pname.endswith("bias")
+    }
+    every = {
+        pname: tuple(p.shape)
+        for pname, p in layer.named_parameters()
+        if pname.endswith("bias") and not _inside_adapter(pname)
+    }
+    return lora_only, every
 
 
 def _shape_signature(base: nn.Module) -> tuple:
@@ -260,6 +319,10 @@ def embedding_base_tensors(
                 if bias is not None and _join(prefix, "bias") in saved:
                     saved[_join(prefix, "bias")] = bias
             tensors.update(saved)
+        elif isinstance(layer, TrainableTokensWrapper):
+            if not wrapped_only:  # PEFT writes these only for a resized vocabulary; read them
+                prefix = _join(name, TOKEN_ADAPTER, "base_layer")
+                tensors.update(_saved_module_tensors(prefix, layer.base_layer))
         elif not wrapped_only and isinstance(layer, (nn.Linear, nn.Embedding)):
             tensors.update(_saved_module_tensors(name, layer))
     return tensors
@@ -279,11 +342,16 @@ def loadable_embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def planned_embedding_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
     """Optional keys a file may hold for ``plan``: the embedding base weights, by PEFT's naming once
     the plan is injected (a plain embedding also under its ``base_layer`` form, see
-    :func:`loadable_embedding_tensors`)."""
+    :func:`loadable_embedding_tensors`; one with trainable token rows under its
+    ``token_adapter.base_layer`` form)."""
+    tokens = {t.name for t in plan.tokens}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, layer in _embedding_layers(model):
-        base = layer.base_layer if isinstance(layer, LoraLayer) else layer
-        for prefix in (_join(name, "base_layer"), name):
+        base = layer.base_layer if isinstance(layer, (LoraLayer, TrainableTokensWrapper)) else layer
+        prefixes = [_join(name, "base_layer"), name]
+        if isinstance(layer, TrainableTokensWrapper) or name in tokens:
+            prefixes.append(_join(name, TOKEN_ADAPTER, "base_layer"))
+        for prefix in prefixes:
             shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(prefix, base).items()})
     return shapes
 
@@ -310,13 +378,15 @@ def saved_tensors(
     target_modules: list[str] | str | None,
     *,
     save_embedding_layers: bool | str = "auto",
+    trainable_tokens: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every tensor an adapter file holds for ``adapter_name``, by file key (without
     ``base_model.model.``): the adapter's tensors plus the embeddings' base weights by PEFT's
     ``save_embedding_layers`` rule: ``"auto"`` (with a warning, as PEFT) when an embedding is a
-    target, ``True`` always (transformers-like models), ``False`` never. Targeted embeddings give
-    their ``base_layer`` weight for this adapter only, as it is without merged adapters. Raises if
-    the model holds no such adapter."""
+    target (not with ``trainable_tokens``, whose point is to save little; PEFT saves them then only
+    for a resized vocabulary, which lorakit does not detect), ``True`` always (transformers-like
+    models), ``False`` never. Targeted embeddings give their ``base_layer`` weight for this adapter
+    only, as it is without merged adapters. Raises if the model holds no such adapter."""
     if save_embedding_layers not in ("auto", True, False):
         raise AdapterError(f"save_embedding_layers={save_embedding_layers!r}: must be 'auto', True or False")
     tensors = adapter_keys(model, adapter_name, bias).tensors
@@ -324,7 +394,7 @@ def saved_tensors(
         raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
     get_base = getattr(model, "get_base_model", None)
     user_model = get_base() if callable(get_base) else model  # target regexes see the user's names
-    targeted = saves_embedding_base(user_model, target_modules)
+    targeted = saves_embedding_base(user_model, target_modules) and not trainable_tokens
     if save_embedding_layers == "auto" and targeted:
         warnings.warn(
             "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",

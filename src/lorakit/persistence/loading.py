@@ -25,13 +25,12 @@ from lorakit.persistence.state_dict import IncompatibleKeys, set_peft_model_stat
 
 __all__ = ["LoadOptions", "load_options", "load_new", "load_adapter", "load_weights", "config_for_state_dict"]
 
-# Keywords PEFT's loaders accept that only matter for files on the Hugging Face Hub or for models
-# accelerate dispatched with CPU/disk offloading; lorakit reads local directories and puts each
-# adapter on its base layer's device, so they are accepted and have nothing to do.
+# Keywords PEFT's loaders accept that only matter for how files are downloaded from the Hugging Face
+# Hub or for models accelerate dispatched with CPU/disk offloading; lorakit fetches a Hub id with
+# ``revision`` / ``token`` (lorakit.hub) and puts each adapter on its base layer's device, so these
+# are accepted and have nothing to do.
 _HUB_OR_OFFLOAD = (
-    "revision",
     "cache_dir",
-    "token",
     "use_auth_token",
     "local_files_only",
     "force_download",
@@ -43,7 +42,7 @@ _HUB_OR_OFFLOAD = (
     "offload_index",
     "use_safetensors",
 )
-_OWN = ("torch_device", "ignore_mismatched_sizes", "subfolder", "on_base_mismatch")
+_OWN = ("torch_device", "ignore_mismatched_sizes", "subfolder", "on_base_mismatch", "revision", "token")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +66,8 @@ class LoadOptions:
     on_base_mismatch: BaseMismatch = "warn"
     subfolder: str | None = None
     ephemeral_gpu_offload: bool = False
+    revision: str | None = None
+    token: str | bool | None = None
 
 
 def load_options(
@@ -106,6 +107,8 @@ def load_options(
         on_base_mismatch=kwargs.get("on_base_mismatch", "warn"),
         subfolder=kwargs.get("subfolder"),
         ephemeral_gpu_offload=bool(ephemeral_gpu_offload),
+        revision=kwargs.get("revision"),
+        token=kwargs.get("token", kwargs.get("use_auth_token")),
     )
 
 
@@ -142,7 +145,13 @@ def _read(
     options: LoadOptions,
 ) -> AdapterFiles:
     """The adapter's files with PEFT's keyword rules applied (a given config, key mapping)."""
-    files_ = read_adapter(path, is_trainable=is_trainable, subfolder=options.subfolder)
+    files_ = read_adapter(
+        path,
+        is_trainable=is_trainable,
+        subfolder=options.subfolder,
+        revision=options.revision,
+        token=options.token,
+    )
     key_mapping = options.key_mapping
     if key_mapping is None:  # transformers models that renamed modules carry their own mapping
         key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
@@ -206,13 +215,14 @@ def load_new(
     )
     config = options.config if options.config is not None else plan.config
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    wrapped = build(
-        model,
-        config,
-        adapter_name,
-        autocast_adapter_dtype=options.autocast_adapter_dtype,
-        low_cpu_mem_usage=options.low_cpu_mem_usage,
-    )
+    with injection.filling_from_file():
+        wrapped = build(
+            model,
+            config,
+            adapter_name,
+            autocast_adapter_dtype=options.autocast_adapter_dtype,
+            low_cpu_mem_usage=options.low_cpu_mem_usage,
+        )
     try:
         _fill(model, files_, adapter_name, options)
     except BaseException:
@@ -265,9 +275,10 @@ def load_adapter(
         options.on_base_mismatch,
         ignore_mismatched_sizes=options.ignore_mismatched_sizes,
     )
-    configs[adapter_name] = injection.inject(
-        model, plan.config, adapter_name, low_cpu_mem_usage=options.low_cpu_mem_usage
-    )
+    with injection.filling_from_file():
+        configs[adapter_name] = injection.inject(
+            model, plan.config, adapter_name, low_cpu_mem_usage=options.low_cpu_mem_usage
+        )
     try:
         return _fill(model, files_, adapter_name, options)
     except BaseException:

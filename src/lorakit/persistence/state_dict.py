@@ -90,6 +90,7 @@ def get_peft_model_state_dict(
         _bias_mode(model, adapter_name),
         getattr(config, "target_modules", None),
         save_embedding_layers=save_embedding_layers,
+        trainable_tokens=getattr(config, "trainable_token_indices", None) is not None,
     )
     if state_dict is None:
         _refuse_shards(model, tensors)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, TaskType
 from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.hub import local_folder
 from lorakit.layers import is_conv1d
 from lorakit.rank.factors import pattern_key
 from lorakit.rank.spectra import rank_keeping, relative_error, split_svd
@@ -40,12 +41,13 @@ class ExtractResult:
 
 
 class Checkpoint:
-    """Lazy access to the tensors of a transformers checkpoint directory (single or sharded)."""
+    """Lazy access to the tensors of a transformers checkpoint directory (single or sharded), or
+    of a Hub model id (its JSON and safetensors files, fetched into the HF cache if needed)."""
 
     def __init__(self, path: str | Path) -> None:
         from safetensors import safe_open
 
-        self.path = Path(path)
+        self.path = local_folder(path, files=["*.json", "*.safetensors"], what="model")
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -99,10 +101,14 @@ def extract_adapter(
     energy: float | None = None,
     include_embeddings: bool = False,
     out: str | Path | None = None,
+    task_type: TaskType | str | None = None,
 ) -> ExtractResult:
-    """A PEFT-format LoRA adapter that turns ``base`` into (approximately) ``tuned``; written to the
-    folder ``out`` when given."""
+    """A PEFT-format LoRA adapter that turns ``base`` into (approximately) ``tuned`` (folders or Hub
+    ids); written to the folder ``out`` when given. ``task_type`` is recorded in the config, so that
+    the adapter loads with the task's wrapper (``SEQ_CLS``: the head in ``modules_to_save``)."""
     result = _extract(base, tuned, rank=rank, energy=energy, include_embeddings=include_embeddings)
+    if task_type is not None:
+        result.config = dataclasses.replace(result.config, task_type=task_type)
     if out is not None:
         from lorakit.persistence.adapter_dir import save_adapter_tensors
 
@@ -118,7 +124,7 @@ def _extract(
     if rank is not None and rank < 1 or energy is not None and not 0 < energy <= 1:
         raise ConfigError(f"rank={rank!r} / energy={energy!r}: rank must be ≥ 1, energy in (0, 1]")
     base_ckpt, tuned_ckpt = Checkpoint(base), Checkpoint(tuned)
-    model = _skeleton(Path(tuned))
+    model = _skeleton(tuned_ckpt.path)
     prefix = getattr(model, "base_model_prefix", "")
     heads = _heads(model)
     factors: dict[str, _Delta] = {}

@@ -2,9 +2,11 @@
 with or without the ``base_model.model.`` file prefix).
 
 Linear / Conv1D / conv: ``<m>.lora_A.weight`` (r, k[, kh, kw]) and ``<m>.lora_B.weight``
-(d, r[, 1, 1]), optional ``<m>.lora_B.bias``; embedding: ``<m>.lora_embedding_A`` (r, V) and
-``<m>.lora_embedding_B`` (D, r); DoRA adds ``<m>.lora_magnitude_vector``. Everything else
-(modules to save, biases) passes through untouched.
+(d, r[, 1, 1]), optional ``<m>.lora_B.bias``; a grouped convolution's B is (d, r/G, 1, …) with G
+groups; embedding: ``<m>.lora_embedding_A`` (r, V) and ``<m>.lora_embedding_B`` (D, r); DoRA adds
+``<m>.lora_magnitude_vector``. A LoRA layer nested in a target's base layer (an attention's
+out_proj, ``<m>.base_layer.out_proj.lora_A.weight``) takes its rank and alpha from the target
+``<m>``. Everything else (modules to save, biases) passes through untouched.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lorakit.functional import lora as LF
 from lorakit.model.targeting import rank_and_alpha
 from lorakit.persistence.keys import FILE_PREFIX, PAIRED_B, parse_key
 
-__all__ = ["ModuleFactors", "split_factors", "module_name", "layer_and_kind"]
+__all__ = ["ModuleFactors", "split_factors", "module_name", "target_name", "layer_and_kind"]
 
 
 @dataclasses.dataclass
@@ -39,10 +41,34 @@ class ModuleFactors:
     def rank(self) -> int:
         return int(self.a.shape[0])
 
+    @property
+    def groups(self) -> int:
+        """G of a grouped convolution's B (d, r/G, 1, …); 1 otherwise."""
+        return self.rank // int(self.b.shape[1]) if self.b.dim() > 2 else 1
+
+    def dense_b(self) -> torch.Tensor:
+        """B as the (d, r) matrix with ``ΔW = s · B A``: a grouped B (d, r/G) spread block-diagonally
+        (output channel o of group g reads A's rows g·r/G …), any other B flattened."""
+        b = self.b.flatten(1)  # (d, r/G)
+        if self.groups == 1:
+            return b
+        d, per = b.shape
+        dense = b.new_zeros(d, self.rank)
+        for g in range(self.groups):
+            rows = slice(g * d // self.groups, (g + 1) * d // self.groups)
+            dense[rows, g * per : (g + 1) * per] = b[rows]
+        return dense
+
 
 def module_name(prefix: str) -> str:
     """The module path relative to the model (what target_modules and rank_pattern match)."""
     return prefix[len(FILE_PREFIX) :] if prefix.startswith(FILE_PREFIX) else prefix
+
+
+def target_name(prefix: str) -> str:
+    """The module the config targeted: a LoRA layer nested in a target's base layer (an attention's
+    out_proj) belongs to that target, whose rank and alpha it shares."""
+    return module_name(prefix).split(".base_layer.", 1)[0]
 
 
 def split_factors(
@@ -58,7 +84,7 @@ def split_factors(
         b_key = f"{prefix}.{PAIRED_B[parsed.part]}" + (f".{parsed.tensor}" if parsed.tensor else "")
         if b_key not in state_dict:
             raise AdapterError(f"{key} has no matching {b_key} in the adapter")
-        r, alpha = rank_and_alpha(config, module_name(prefix))
+        r, alpha = rank_and_alpha(config, target_name(prefix))
         rank = int(state_dict[key].shape[0])
         s = LF.scaling(alpha, rank, config.use_rslora)
         if rank != r:

@@ -107,8 +107,8 @@ def _cell(m: ModuleRank | None) -> str:
 
 
 def rank_report(adapter: str | Path, base: str | Path | None = None) -> RankReport:
-    """The rank report of the adapter folder ``adapter`` (PEFT format). With ``base`` (a model
-    folder with safetensors weights) each module also gets ‖ΔW‖_F / ‖W‖_F."""
+    """The rank report of the adapter folder (or Hub id) ``adapter`` (PEFT format). With ``base`` (a
+    model folder with safetensors weights, or its Hub id) each module also gets ‖ΔW‖_F / ‖W‖_F."""
     files = read_adapter(adapter)
     modules, _ = split_factors(files.config, files.tensors)
     if not modules:
@@ -116,7 +116,7 @@ def rank_report(adapter: str | Path, base: str | Path | None = None) -> RankRepo
     weights = _base_norms(base, [module_name(m.prefix) for m in modules]) if base is not None else {}
     out = []
     for m in modules:
-        sp = spectrum(m.a, m.b, m.scaling)
+        sp = spectrum(m.a, m.dense_b(), m.scaling)
         name = module_name(m.prefix)
         norm = weights.get(name)
         update = (sum(v * v for v in sp.singular_values) ** 0.5) / norm if norm else None

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterFileError, ConfigError
+from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.functional import lora as LF
-from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors
+from lorakit.rank.factors import ModuleFactors, module_name, pattern_key, split_factors, target_name
 from lorakit.rank.spectra import lowrank_svd, rank_keeping, relative_error, split_svd
 
 __all__ = ["ResizeResult", "resize_adapter", "resize_adapter_files", "truncate_factors"]
@@ -73,8 +73,16 @@ def resize_adapter(
         raise AdapterFileError(
             "the adapter has no LoRA factors to resize (no lora_A / lora_embedding_A keys)"
         )
-    ranks = {module_name(m.prefix): _target_rank(m, rank, energy) for m in modules}
-    base_r = max(set(ranks.values()), key=list(ranks.values()).count)
+    grouped = [module_name(m.prefix) for m in modules if m.groups > 1]
+    if grouped:  # a truncated SVD of the update is not a grouped B times an A
+        raise AdapterError(f"cannot resize the adapters of grouped convolutions: {grouped}")
+    # a target and the LoRA layers nested in it (an attention's out_proj) share one rank
+    by_target: dict[str, int] = {}
+    for m in modules:
+        k = _target_rank(m, rank, energy)
+        by_target[target_name(m.prefix)] = max(k, by_target.get(target_name(m.prefix), 0))
+    ranks = {module_name(m.prefix): by_target[target_name(m.prefix)] for m in modules}
+    base_r = max(set(by_target.values()), key=list(by_target.values()).count)
     alpha = float(config.lora_alpha)
     out: dict[str, torch.Tensor] = dict(rest)
     errors = {}
@@ -86,7 +94,7 @@ def resize_adapter(
         bias_key = m.prefix + ".lora_B.bias"
         if bias_key in out:  # the bias enters as s · b: keep s · b fixed under the new scaling
             out[bias_key] = (state_dict[bias_key].double() * m.scaling / new_s).to(state_dict[bias_key].dtype)
-    rank_pattern = {pattern_key(n): k for n, k in ranks.items() if k != base_r}
+    rank_pattern = {pattern_key(n): k for n, k in by_target.items() if k != base_r}
     new_config = dataclasses.replace(
         config, r=base_r, lora_alpha=alpha, rank_pattern=rank_pattern, alpha_pattern={}
     )

@@ -306,12 +306,13 @@ class PeftModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load the adapter in directory ``model_id`` onto ``model``. Config, keys, shapes and the base
-        fingerprint are checked before ``model`` changes. ``is_trainable=False``: inference (frozen,
-        eval mode). ``config``: use this config instead of the saved one. ``key_mapping``: regex →
-        replacement applied to the file's keys (after ``base_model.model.``). Further keywords:
-        ``torch_device``, ``ignore_mismatched_sizes``, ``subfolder``, ``on_base_mismatch``
-        ("warn" | "error" | "ignore"); see :class:`lorakit.persistence.loading.LoadOptions`."""
+        """Load the adapter in directory ``model_id`` (or Hub repository ``"org/adapter"``) onto
+        ``model``. Config, keys, shapes and the base fingerprint are checked before ``model`` changes.
+        ``is_trainable=False``: inference (frozen, eval mode). ``config``: use this config instead of
+        the saved one. ``key_mapping``: regex → replacement applied to the file's keys (after
+        ``base_model.model.``). Further keywords: ``torch_device``, ``ignore_mismatched_sizes``,
+        ``subfolder``, ``on_base_mismatch`` ("warn" | "error" | "ignore"), and for a Hub id
+        ``revision`` and ``token``; see :class:`lorakit.persistence.loading.LoadOptions`."""
         build = get_peft_model if cls is PeftModel else cls
         options = loading.load_options(
             kwargs,
@@ -337,10 +338,10 @@ class PeftModel(nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> IncompatibleKeys:
-        """Add the adapter in directory ``model_id`` as ``adapter_name`` (inactive; trainable only with
-        ``is_trainable``). Same checks and keywords as :meth:`from_pretrained`. Returns PEFT's load
-        result (``missing_keys``, ``unexpected_keys``; both empty, since lorakit refuses a file
-        whose keys do not fit)."""
+        """Add the adapter in directory (or Hub repository) ``model_id`` as ``adapter_name``
+        (inactive; trainable only with ``is_trainable``). Same checks and keywords as
+        :meth:`from_pretrained`. Returns PEFT's load result (``missing_keys``, ``unexpected_keys``;
+        both empty, since lorakit refuses a file whose keys do not fit)."""
         options = loading.load_options(
             {**kwargs, "torch_device": torch_device},
             config=None,

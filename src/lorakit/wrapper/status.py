@@ -13,7 +13,7 @@ from typing import Literal
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 from lorakit.model import state
 from lorakit.model.injection import lora_modules
 from lorakit.wrapper.lora_model import LoraModel
@@ -75,10 +75,12 @@ def _user_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _layer_status(name: str, module: LoraLayer | ModulesToSaveWrapper) -> TunerLayerStatus:
+def _layer_status(
+    name: str, module: LoraLayer | ModulesToSaveWrapper | TrainableTokensWrapper
+) -> TunerLayerStatus:
     adapters = module.adapter_names
     params = {a: module.adapter_parameters(a) for a in adapters}
-    merged = list(module.merged_adapters) if isinstance(module, LoraLayer) else []
+    merged = list(module.merged_adapters) if isinstance(module, (LoraLayer, TrainableTokensWrapper)) else []
     return TunerLayerStatus(
         name=name,
         module_type=repr(module).partition("(")[0],
