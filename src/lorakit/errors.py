@@ -18,12 +18,19 @@ __all__ = [
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
     "DistributedError",
+    "PeftError",
+    "NoMatchingPeftModuleError",
     "PeftWarning",
 ]
 
 
 class LorakitError(ValueError):
     """Base class of every error lorakit raises for bad input."""
+
+
+class PeftError(Exception):
+    """PEFT's base class for the errors it raises under its own names (here:
+    :class:`NoMatchingPeftModuleError`), so that ``except PeftError`` written for PEFT keeps working."""
 
 
 class ConfigError(LorakitError):
@@ -37,6 +44,11 @@ class TargetingError(LorakitError):
 class TargetingTypeError(TargetingError, TypeError):
     """A config names a module of a type that cannot be used that way (PEFT raises a ``TypeError``:
     ``modules_to_save`` naming a ``ModuleList``, say)."""
+
+
+class NoMatchingPeftModuleError(TargetingError, PeftError):
+    """An adapter's ``target_modules`` select no module of the model (PEFT's error of that name: a
+    ``ValueError`` and a ``PeftError``)."""
 
 
 class AdapterError(LorakitError):

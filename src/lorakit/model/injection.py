@@ -21,6 +21,7 @@ from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only,
 from lorakit.errors import (
     AdapterError,
     ConfigError,
+    NoMatchingPeftModuleError,
     PeftWarning,
     TargetingError,
     TargetingTypeError,
@@ -39,6 +40,7 @@ from lorakit.model.targeting import (
     bypassed_modules,
     excluded_names,
     iter_plain_modules,
+    no_match_message,
     rank_and_alpha,
     resolve_config,
     select_targets,
@@ -209,8 +211,9 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
             if config.exclude_modules or config.layers_to_transform is not None
             else ""
         )
-        raise TargetingError(
-            f"target_modules={resolved.target_modules!r} matches no module of the model{filtered}. "
+        raise NoMatchingPeftModuleError(
+            f"{no_match_message(resolved, model)} (lorakit: target_modules={resolved.target_modules!r} "
+            f"matches no module of the model{filtered}.) "
             f"{suffix_summary(model)}"
         )
     problems = []
