@@ -32,7 +32,7 @@ class Embedding(LoraLayer):
     def option_problems(
         cls, base: nn.Module, *, init: bool | str, lora_bias: bool, variant: LoraVariant | None
     ) -> list[str]:
-        return ["lora_bias=True is not supported on embeddings"] if lora_bias else []
+        return ["lora_bias=True is not supported for Embedding"] if lora_bias else []
 
     def create_adapter(self, name: str, r: int, *, init: bool | str, lora_bias: bool) -> None:
         if lora_bias:
