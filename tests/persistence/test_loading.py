@@ -103,3 +103,17 @@ def test_offload_keywords_are_accepted_and_runtime_flag_recorded(saved):
     loaded = PeftModel.from_pretrained(tiny(), path, device_map={"": "cpu"}, ephemeral_gpu_offload=True)
     assert loaded.peft_config["default"].runtime_config.ephemeral_gpu_offload
     assert torch.equal(loaded(tiny_inputs()), model(tiny_inputs()))
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_low_cpu_mem_usage_keeps_each_layers_own_factors(saved, autocast):
+    """Meta tensors have no storage: layers of different kinds must not be taken for a tied pair
+    (an embedding sharing its factors with its head) when the dtype is re-placed."""
+    model, path = saved
+    loaded = PeftModel.from_pretrained(tiny(), path, low_cpu_mem_usage=True, autocast_adapter_dtype=autocast)
+    emb, fc1 = loaded.base_model.model.emb, loaded.base_model.model.fc1
+    assert (
+        emb.lora_embedding_A["default"].shape == model.base_model.model.emb.lora_embedding_A["default"].shape
+    )
+    assert fc1.lora_A["default"].weight.shape == model.base_model.model.fc1.lora_A["default"].weight.shape
+    assert torch.equal(loaded(tiny_inputs()), model(tiny_inputs()))

@@ -297,6 +297,9 @@ def _factors_tied(a: LoraLayer, b: LoraLayer, name: str) -> bool:
     head sharing the embedding's adapter, ``ensure_weight_tying``): then their ΔW are one."""
     if not (a.has_adapter(name) and b.has_adapter(name)):
         return False
+    factors = [*a.factors(name), *b.factors(name)]
+    if any(t.is_meta for t in factors):  # meta tensors (low_cpu_mem_usage) have no storage to share
+        return False
     storages = [{t.untyped_storage().data_ptr() for t in layer.factors(name)} for layer in (a, b)]
     return storages[0] == storages[1]
 
