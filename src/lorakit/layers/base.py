@@ -593,10 +593,14 @@ class LoraLayer(nn.Module, BaseTunerLayer):
     def _check_mixed(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
         if len(adapter_names) != x.shape[0]:
             raise AdapterError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively"
             )
         if self.merged_adapters:
-            raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
+            raise AdapterError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call "
+                "`unmerge_adapter` first."
+            )
 
     def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none): each

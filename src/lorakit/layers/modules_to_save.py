@@ -130,7 +130,8 @@ class ModulesToSaveWrapper(nn.Module):
             return self.active_module(*args, **kwargs)
         if len(adapter_names) != x.shape[0]:
             raise AdapterError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively"
             )
         groups = list(dict.fromkeys(adapter_names))
         copies = dict(self.modules_to_save.items())  # nn.ModuleDict has no .get()

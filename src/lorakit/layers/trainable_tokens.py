@@ -254,9 +254,15 @@ class TrainableTokensWrapper(nn.Module):
                     result = self._replace(result, x, name, None)
             return result
         if len(rows) != x.shape[0]:
-            raise AdapterError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
+            raise AdapterError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(rows)} and {x.shape[0]} respectively"
+            )
         if self.merged_adapters:
-            raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
+            raise AdapterError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call "
+                "`unmerge_adapter` first."
+            )
         for name in dict.fromkeys(rows):
             if name != BASE_ROWS and self.has_adapter(name):
                 batch = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)
