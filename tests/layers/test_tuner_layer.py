@@ -35,6 +35,16 @@ def test_every_lora_layer_is_a_base_tuner_layer_and_nothing_else_is():
     assert issubclass(LoraLayer, BaseTunerLayer)
 
 
+def test_all_available_adapter_names_match_peft():
+    """PEFT's private helper, called by code (and PEFT's tests) on any tuner layer."""
+    ours, theirs = _pair()
+    for model in (ours, theirs):
+        model.add_adapter("b", (LoraConfig if model is ours else peft.LoraConfig)(target_modules=["lin"]))
+    mine = {n: m._all_available_adapter_names() for n, m in _layers(ours, BaseTunerLayer).items()}
+    peft_names = {n: m._all_available_adapter_names() for n, m in _layers(theirs, PeftBaseTunerLayer).items()}
+    assert mine == peft_names and ["b", "default"] in mine.values()
+
+
 @pytest.mark.parity
 def test_layer_attributes_match_peft():
     ours, theirs = _pair()

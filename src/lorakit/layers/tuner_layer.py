@@ -17,6 +17,8 @@ member                      meaning
 ``set_requires_grad(...)``  switch the gradients of some adapters' tensors
 ``merge(...)`` / ``unmerge()``  fold adapters into the base weight and back
 ``delete_adapter(name)``    remove an adapter's tensors from this layer
+``_all_available_adapter_names()``  every adapter the layer holds, sorted (PEFT's private helper,
+                            which code written for PEFT calls on any tuner layer)
 ==========================  ======================================================================
 """
 
@@ -81,3 +83,8 @@ class BaseTunerLayer(abc.ABC):
     @abc.abstractmethod
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove adapter ``adapter_name``'s tensors from this layer."""
+
+    def _all_available_adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, sorted (PEFT's helper of that name)."""
+        names: list[str] = getattr(self, "adapter_names", [])
+        return sorted(names)
