@@ -21,6 +21,9 @@ from lorakit.config import (
 from lorakit.errors import (
     AdapterError,
     AdapterFileError,
+    AdapterMergeError,
+    AdapterShapeError,
+    AdapterStateDictError,
     BaseModelMismatchError,
     BaseModelMismatchWarning,
     ConfigError,
@@ -29,9 +32,13 @@ from lorakit.errors import (
     LorakitError,
     MixedBatchError,
     ModelNotFoundError,
+    NoMatchingPeftModuleError,
+    PeftError,
+    PeftWarning,
     RequantizationWarning,
     ServingError,
     TargetingError,
+    TargetingTypeError,
 )
 from lorakit.integrations.kbit import prepare_model_for_kbit_training
 from lorakit.integrations.quantization import QUANTIZATIONS, base_model_bytes, quantization_config
@@ -47,6 +54,8 @@ from lorakit.integrations.tasks import (
     PeftModelForTokenClassification,
     PeftModelForTranslation,
 )
+from lorakit.layers import LoraLayer, ModulesToSaveWrapper
+from lorakit.layers.tuner_layer import BaseTunerLayer
 from lorakit.model.eva import get_eva_state_dict, initialize_lora_eva_weights
 from lorakit.model.inspection import inspect
 from lorakit.model.lora_ga import preprocess_loraga
@@ -56,7 +65,12 @@ from lorakit.persistence.hotswap import (
     hotswap_adapter_from_state_dict,
     prepare_model_for_compiled_hotswap,
 )
-from lorakit.persistence.keys import get_peft_model_state_dict, set_peft_model_state_dict
+from lorakit.persistence.state_dict import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from lorakit.rank import (
     ExtractResult,
     RankReport,
@@ -67,7 +81,14 @@ from lorakit.rank import (
     resize_adapter,
     resize_adapter_files,
 )
-from lorakit.wrapper.peft_model import LoraModel, PeftModel, get_peft_model, inject_adapter_in_model
+from lorakit.wrapper.peft_model import (
+    LoraModel,
+    PeftMixedModel,
+    PeftModel,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+from lorakit.wrapper.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __all__ = [
     "LoraConfig",
@@ -78,6 +99,7 @@ __all__ = [
     "TaskType",
     "PeftType",
     "PeftModel",
+    "PeftMixedModel",
     "LoraModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -93,6 +115,15 @@ __all__ = [
     "inject_adapter_in_model",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
+    "get_layer_status",
+    "get_model_status",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "BaseTunerLayer",
+    "LoraLayer",
+    "ModulesToSaveWrapper",
     "inspect",
     "prepare_model_for_kbit_training",
     "quantization_config",
@@ -116,8 +147,14 @@ __all__ = [
     "LorakitError",
     "ConfigError",
     "TargetingError",
+    "TargetingTypeError",
+    "NoMatchingPeftModuleError",
+    "PeftError",
     "AdapterError",
     "AdapterFileError",
+    "AdapterShapeError",
+    "AdapterStateDictError",
+    "AdapterMergeError",
     "MixedBatchError",
     "BaseModelMismatchError",
     "BaseModelMismatchWarning",
@@ -126,5 +163,6 @@ __all__ = [
     "ServingError",
     "ModelNotFoundError",
     "ExportError",
+    "PeftWarning",
     "__version__",
 ]

@@ -339,6 +339,19 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tens
 
 
 # -- legacy pickle --------------------------------------------------------------------------------
+def write_legacy_bin(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write ``adapter_model.bin`` as PEFT does with ``safe_serialization=False``: ``torch.save`` of
+    a dict of plain CPU tensors, which :func:`read_legacy_bin` (``weights_only=True``) and PEFT read
+    back. Only tensors are pickled, never code. Not atomic by itself (see :func:`atomic_directory`)."""
+    bad = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise AdapterFileError(f"cannot save {bad}: not tensors")
+    # Clones, so that a view does not drag its whole (shared) storage into the pickle.
+    torch.save({k: t.clone() for k, t in _unshared(tensors).items()}, str(path))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def read_legacy_bin(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Tensors of a legacy ``adapter_model.bin``, read with ``torch.load(weights_only=True)``:
     only tensors and plain containers are accepted; a pickle carrying code is refused unrun."""

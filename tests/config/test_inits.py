@@ -19,7 +19,7 @@ import lorakit
             {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 3, "iters": 2}},
             ["loftq_bits", "3", "one of 4, 8", "unknown key(s) ['iters']"],
         ),
-        ({"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}, ["eva_config", "rho=0.5", "≥ 1.0"]),
+        ({"init_lora_weights": "eva", "eva_config": {"rho": 0.5}}, ["eva_config", "rho=0.5", ">= 1.0"]),
         ({"init_lora_weights": "eva", "eva_config": {"rank": 2}}, ["eva_config", "'rank'", "tau"]),
         ({"init_lora_weights": "lora_ga", "lora_ga_config": {"direction": "AB"}}, ["'AB'", "ArB2r"]),
         ({"init_lora_weights": "pissa_niter_x"}, ["'pissa_niter_x'"]),
@@ -71,17 +71,17 @@ def test_data_init_sub_configs_are_peft_json(init, field, sub, tmp_path):
 def test_data_init_without_sub_config_uses_the_defaults_with_a_warning():
     from lorakit.config.init_configs import EvaConfig
 
-    with pytest.warns(UserWarning, match="without eva_config"):
+    with pytest.warns(UserWarning, match="`eva_config` is not specified"):
         config = lorakit.LoraConfig(init_lora_weights="eva")
     assert config.eva_config == EvaConfig()
-    with pytest.warns(UserWarning, match="eva_config is ignored"):
+    with pytest.warns(UserWarning, match="`eva_config` specified but will be ignored"):
         lorakit.LoraConfig(eva_config=EvaConfig())
 
 
 def test_sub_config_fields_are_checked_on_assignment():
     config = lorakit.EvaConfig()
     config.rho = 1.5  # PEFT code sets fields after construction
-    with pytest.raises(lorakit.ConfigError, match="tau=2"):
+    with pytest.raises(lorakit.ConfigError, match="`tau` must be between 0.0 and 1.0.: tau=2"):
         config.tau = 2
     assert (config.rho, config.tau) == (1.5, 0.99)
     with pytest.raises(lorakit.ConfigError, match="scale='x'"):

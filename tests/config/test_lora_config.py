@@ -262,3 +262,17 @@ def test_to_dict_copies_containers():
 @pytest.mark.parametrize(("use_rslora", "expected"), [(False, 16 / 4), (True, 16 / 2)])
 def test_scaling_for(use_rslora, expected):
     assert LoraConfig(use_rslora=use_rslora).scaling_for(4, 16) == expected
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+@pytest.mark.parametrize("patterns", [{"rank_pattern": {"q": 2}}, {"alpha_pattern": {"q": 2}}])
+def test_rslora_patterns_with_a_weight_rewriting_init_warn_once(init, patterns, recwarn):
+    """PEFT's warning: such an adapter cannot be converted back to plain LoRA at save time. It is
+    given once per config, not again when a field is assigned."""
+    config = LoraConfig(init_lora_weights=init, use_rslora=True, **patterns)
+    config.r = 4
+    messages = [str(w.message) for w in recwarn.list]
+    assert len(messages) == 1 and "Rank-Stabilized LoRA with rank_pattern/alpha_pattern" in messages[0]
+    LoraConfig(init_lora_weights=init, **patterns)  # without rsLoRA: fine
+    LoraConfig(use_rslora=True, **patterns)  # without PiSSA/OLoRA: fine
+    assert len(recwarn.list) == 1

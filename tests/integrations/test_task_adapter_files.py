@@ -13,7 +13,7 @@ from safetensors import safe_open
 from zoo import choice_inputs, image_inputs, speech_inputs, task_model, text_inputs
 
 import lorakit
-from lorakit.persistence.adapter_dir import load_weights
+from lorakit.persistence.loading import load_weights
 
 CASES = {
     "SEQ_CLS": ("bert", "ForSequenceClassification", text_inputs, "SEQ_CLS"),

@@ -22,7 +22,7 @@ from zoo import (
 
 import lorakit
 from lorakit import LoraConfig, TaskType, get_peft_model
-from lorakit.errors import ConfigError, TargetingError
+from lorakit.errors import ConfigError
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
 
@@ -272,9 +272,15 @@ def test_question_answering_alias_builds_the_same_wrapper() -> None:
     assert model.peft_config["default"].task_type is TaskType.QUESTION_ANS
 
 
-def test_head_task_without_head_names_the_modules() -> None:
-    with pytest.raises(TargetingError, match=r"no head was found.*embeddings, encoder"):
-        get_peft_model(task_model("bert", "Model"), LoraConfig(task_type="SEQ_CLS"))
+def test_head_task_without_head_is_accepted_with_a_warning_naming_the_modules() -> None:
+    """As PEFT, a classification wrapper takes a model without a head (only LoRA trains)."""
+    with pytest.warns(UserWarning, match=r"no head was found.*embeddings, encoder"):
+        model = get_peft_model(task_model("bert", "Model"), LoraConfig(task_type="SEQ_CLS"))
+    assert type(model).__name__ == "PeftModelForSequenceClassification"
+    assert model.peft_config["default"].modules_to_save in (None, [])
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    }
 
 
 def test_user_modules_to_save_are_kept_beside_the_head() -> None:

@@ -248,7 +248,7 @@ def test_bf16_base_outputs_and_gradients_match_peft():
 
 
 def test_lora_bias_with_dora_is_refused_like_peft():
-    with pytest.raises(lorakit.ConfigError, match="lora_bias=True cannot be combined with use_dora"):
+    with pytest.raises(lorakit.ConfigError, match="lora_bias=True is not supported for DoRA"):
         lorakit.LoraConfig(use_dora=True, lora_bias=True)
 
 

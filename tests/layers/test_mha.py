@@ -252,7 +252,7 @@ def test_attention_without_bias_takes_a_lora_bias():
         out.base_layer.weight.add_(out.delta_weight("default"))
         out.base_layer.bias = nn.Parameter(out.lora_B["default"].bias * out.scaling["default"])
         torch.testing.assert_close(layer(X, X, X)[0], reference(X, X, X)[0], rtol=1e-6, atol=1e-6)
-    with pytest.raises(AdapterError, match="no bias to merge it into"):
+    with pytest.raises(AdapterError, match="base layer has no bias"):
         model.merge_adapter()
 
 

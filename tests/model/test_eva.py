@@ -142,7 +142,7 @@ def test_a_state_dict_of_the_plain_model_loads_and_rank_zero_drops_the_adapter(t
 def test_get_peft_model_leaves_a_valid_placeholder():
     """Before EVA runs, A is nn.Linear's init and B = 0 (PEFT's): the model computes the base."""
     base = llama()
-    with pytest.warns(UserWarning, match="without eva_config"):
+    with pytest.warns(UserWarning, match="`eva_config` is not specified"):
         config = lorakit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="eva")
     model = lorakit.get_peft_model(copy.deepcopy(base), config)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -194,14 +194,15 @@ def _eva_model():
         ),
         (lambda m: initialize_lora_eva_weights(m, []), lorakit.AdapterError, "yields no batch"),
         (
-            lambda m: initialize_lora_eva_weights(m.base_model.model, []),
+            # (the user's model inside also holds peft_config, as in PEFT, so it is accepted too)
+            lambda m: initialize_lora_eva_weights(m, [], adapter_name="other"),
             lorakit.AdapterError,
-            "holding adapter",
+            "holding adapter 'other'",
         ),
     ],
     ids=["nothing", "unknown-key", "width", "embedding", "tensor-batches", "empty", "no-config"],
 )
-@pytest.mark.filterwarnings("ignore:init_lora_weights='eva' without")
+@pytest.mark.filterwarnings("ignore:`init_lora_weights` is 'eva' but")
 def test_refusals_name_the_problem_and_change_nothing(call, error, shown):
     model = _eva_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -217,7 +218,7 @@ def test_an_adapter_without_eva_is_refused():
         initialize_lora_eva_weights(model, _batches(n=1))
 
 
-@pytest.mark.filterwarnings("ignore:init_lora_weights='eva' without")
+@pytest.mark.filterwarnings("ignore:`init_lora_weights` is 'eva' but")
 def test_tensor_batches_with_a_custom_forward():
     """Batches of any kind work with forward_fn and prepare_*_fn=None (every position is a row)."""
     model = lorakit.get_peft_model(

@@ -232,3 +232,50 @@ def test_eval_model_with_dropout_is_deterministic():
     peft_model.train()
     peft_model.eval()
     assert torch.equal(logits(peft_model, x), first)
+
+
+class _WithContainers(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+        self.table = torch.nn.ParameterDict({"w": torch.nn.Parameter(torch.zeros(4))})
+
+
+@pytest.mark.parametrize("name", ["blocks", "table"])
+def test_modules_to_save_naming_a_container_is_refused_up_front(name):
+    """A ModuleList / ParameterDict has no forward: wrapping it would break the model at its first
+    forward, so it is refused (a TypeError too, as PEFT raises) before anything changes."""
+    model = _WithContainers()
+    before = structure(model)
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type") as info:
+        lorakit.get_peft_model(model, LoraConfig(target_modules=["lin"], modules_to_save=[name]))
+    assert isinstance(info.value, lorakit.TargetingTypeError) and name in str(info.value)
+    assert structure(model) == before
+
+
+def test_modules_to_save_naming_a_lora_layer_is_refused():
+    model = lorakit.get_peft_model(_WithContainers(), LoraConfig(target_modules=["lin"]))
+    with pytest.raises(lorakit.TargetingError, match="already targeted by a LoRA adapter"):
+        model.add_adapter("b", LoraConfig(target_modules=["blocks.0"], modules_to_save=["lin"]))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_settings_that_select_nothing_warn():
+    config = LoraConfig(target_modules=["lin"], exclude_modules=["nothing"])
+    with pytest.warns(UserWarning, match=r"exclude_modules=\['nothing'\] but no modules were excluded"):
+        lorakit.get_peft_model(_WithContainers(), config)
+    with pytest.warns(
+        RuntimeWarning, match=r"rank_pattern keys did not match any targeted module.*\['typo'\]"
+    ):
+        lorakit.get_peft_model(
+            _WithContainers(), LoraConfig(target_modules=["lin"], rank_pattern={"typo": 2})
+        )
+    with pytest.warns(RuntimeWarning, match=r"alpha_pattern keys did not match.*\['typo'\]"):
+        lorakit.get_peft_model(
+            _WithContainers(), LoraConfig(target_modules=["lin"], alpha_pattern={"typo": 2})
+        )
+    no_bias = _WithContainers()
+    no_bias.lin = torch.nn.Linear(4, 4, bias=False)
+    with pytest.warns(lorakit.PeftWarning, match="has no bias"):
+        lorakit.get_peft_model(no_bias, LoraConfig(target_modules=["lin"], lora_bias=True))

@@ -163,17 +163,20 @@ def test_second_adapter_does_not_change_first(model_name):
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
-def test_set_adapter_keeps_requires_grad_unless_trainable(model_name):
+def test_set_adapter_trains_the_activated_adapter_unless_inference_mode(model_name):
+    """PEFT's rule: the activated adapter becomes trainable and the others frozen; with
+    inference_mode=True every adapter is frozen. Base parameters are never touched."""
     peft_model, x, _ = setup(model_name)
     add_second(peft_model, model_name)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("default" in n.split(".") for n in trainable)
     peft_model.set_adapter("other")
-    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == trainable
-    peft_model.set_adapter("other", trainable=True)
     now = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert now and all("other" in n.split(".") for n in now)
     assert len(now) == len(trainable)
+    peft_model.set_adapter("default", inference_mode=True)
+    assert not any(p.requires_grad for p in peft_model.parameters())
+    assert peft_model.active_adapters == ["default"]
 
 
 TRAINABLE_CASES = {
@@ -219,7 +222,7 @@ def test_requires_grad_is_only_active_adapter_and_saved_copies():
     peft_model, _, _ = setup("llama", modules_to_save=["lm_head"])
     add_second(peft_model, "llama", modules_to_save=["lm_head"])
     for active in ("default", "other", "default"):
-        peft_model.set_adapter(active, trainable=True)
+        peft_model.set_adapter(active)
         for name, param in peft_model.named_parameters():
             expected = active in name.split(".") and (".lora_" in name or ".modules_to_save." in name)
             assert param.requires_grad == expected, name
@@ -241,19 +244,40 @@ def test_delete_adapter_leaves_no_trace(model_name):
     assert torch.equal(logits(peft_model, x), first)
 
 
-def test_delete_active_adapter_activates_remaining():
-    peft_model, x, _ = setup("llama")
-    add_second(peft_model, "llama")
-    peft_model.set_adapter("other")
-    with pytest.warns(UserWarning, match="'default' is now active"):
-        peft_model.delete_adapter("other")
-    assert peft_model.active_adapter == "default"
-
-
-def test_delete_last_adapter_refused():
+def test_delete_active_adapter_activates_first_remaining_by_name():
+    """As PEFT: the first remaining adapter in sorted order, not in creation order."""
     peft_model, _, _ = setup("llama")
-    with pytest.raises(AdapterError, match="unload"):
+    add_second(peft_model, "llama", name="zeta")
+    add_second(peft_model, "llama", name="beta")
+    peft_model.set_adapter("default")
+    with pytest.warns(UserWarning, match="Setting active adapter to beta"):
         peft_model.delete_adapter("default")
+    assert peft_model.active_adapter == "beta"
+    assert {n for n, p in peft_model.named_parameters() if p.requires_grad} == {
+        n for n, _ in peft_model.named_parameters() if "beta" in n.split(".")
+    }
+
+
+def test_delete_one_of_several_active_adapters_keeps_the_others_active():
+    peft_model, _, _ = setup("llama")
+    add_second(peft_model, "llama")
+    peft_model.set_adapter(["default", "other"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no new adapter is chosen, so nothing to warn about
+        peft_model.delete_adapter("default")
+    assert peft_model.active_adapters == ["other"]
+
+
+def test_delete_last_adapter_leaves_the_base_model_computing():
+    """As PEFT: the LoRA layers stay (without adapters) and the model computes as its base."""
+    peft_model, x, base_out = setup("llama")
+    peft_model.delete_adapter("default")
+    assert peft_model.peft_config == {}
+    assert peft_model.active_adapters == []
+    assert any(isinstance(m, LoraLayer) for m in peft_model.modules())
+    assert not any(".lora_" in n for n, _ in peft_model.named_parameters())
+    assert torch.equal(logits(peft_model, x), base_out)
+    assert torch.equal(logits(peft_model.unload(), x), base_out)
 
 
 @pytest.mark.parametrize("call", ["set_adapter", "delete_adapter", "merge_adapter"])
@@ -266,7 +290,7 @@ def test_unknown_adapter_name_changes_nothing(call):
     arg = ["nope"] if call == "merge_adapter" else "nope"
     with pytest.raises(AdapterError) as info:
         getattr(peft_model, call)(arg)
-    assert "'nope'" in str(info.value)
+    assert "nope" in str(info.value)
     assert "['default', 'other']" in str(info.value)
     assert_same_state(state, peft_model)
     assert structure(peft_model) == shape
@@ -335,7 +359,7 @@ def test_lora_free_state_unchanged_by_set_and_add():
     peft_model, _, _ = setup("gpt2")
     before = lora_free_state(peft_model)
     add_second(peft_model, "gpt2")
-    peft_model.set_adapter("other", trainable=True)
+    peft_model.set_adapter("other")
     after = lora_free_state(peft_model)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -528,3 +552,28 @@ def test_trainable_parameters_with_biased_modules_to_save_match_peft(bias):
         n for n, p in theirs.named_parameters() if p.requires_grad
     }
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_set_adapter_on_a_merged_model_unmerges_first_with_a_warning():
+    """As PEFT (issue 14): merged weights must not stay in effect beside the newly active adapter."""
+    peft_model, x, _ = setup("llama")
+    add_second(peft_model, "llama")
+    peft_model.set_adapter("other")
+    other_alone = logits(peft_model, x)
+    peft_model.set_adapter("default")
+    peft_model.merge_adapter()
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        peft_model.set_adapter("other")
+    assert not any(m.merged for m in peft_model.modules() if isinstance(m, LoraLayer))
+    assert torch.equal(logits(peft_model, x), other_alone)
+
+
+def test_adding_an_adapter_to_a_merged_model_unmerges_it_with_a_warning():
+    peft_model, x, _ = setup("toy")
+    merged = logits(peft_model, x)
+    peft_model.merge_adapter()
+    with pytest.warns(UserWarning, match="Unmerging the model first"):
+        peft_model.add_adapter("other", LoraConfig(target_modules=["lin"]))
+    assert not any(m.merged for m in peft_model.modules() if isinstance(m, LoraLayer))
+    assert torch.allclose(logits(peft_model, x), merged, atol=ATOL)
+    peft_model.delete_adapter("default")  # unmerged, so it can go (as in PEFT)

@@ -148,6 +148,32 @@ def test_no_match_after_exclusion_says_so():
         lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], exclude_modules=["q_proj"]))
 
 
+NONE_TARGETED = "No modules were targeted for adaptation"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "peft_sentence"),
+    [
+        ({"target_modules": ["qproj"]}, r"Target modules \['qproj'\] not found in the base model"),
+        ({"target_modules": ["q_proj"], "exclude_modules": ["q_proj"]}, NONE_TARGETED),
+        ({"target_modules": ["nope"], "modules_to_save": ["lm_head"]}, NONE_TARGETED),
+        ({"target_modules": ["q_proj"], "exclude_modules": ".*"}, "All modules were excluded"),
+    ],
+)
+def test_no_match_is_pefts_error_with_pefts_sentence(kwargs, peft_sentence):
+    """Issue 14: PEFT's NoMatchingPeftModuleError (a ValueError and a PeftError) and its sentence
+    for each case, before lorakit's own detail; the model is unchanged, for a second adapter too."""
+    with pytest.raises(lorakit.NoMatchingPeftModuleError, match=peft_sentence) as info:
+        lorakit.get_peft_model(llama(), LoraConfig(**kwargs))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, lorakit.PeftError)
+    assert isinstance(info.value, TargetingError)
+    model = lorakit.get_peft_model(llama(), LoraConfig(target_modules=["q_proj"]))
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(lorakit.NoMatchingPeftModuleError, match=peft_sentence):
+        model.add_adapter("other", LoraConfig(**kwargs))
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+
+
 def test_no_default_for_unknown_model_type_lists_modules():
     with pytest.raises(TargetingError) as info:
         lorakit.inject_adapter_in_model(LoraConfig(), toy())

@@ -25,8 +25,9 @@ from lorakit import (
     LoraConfig,
     PeftModel,
     get_peft_model,
+    get_peft_model_state_dict,
 )
-from lorakit.persistence import adapter_dir
+from lorakit.persistence import adapter_dir, loading
 
 CONFIG = {
     "target_modules": ["emb", "fc1"],
@@ -52,7 +53,7 @@ def _files(path):
 # -- layout and round trips -----------------------------------------------------------------------
 def test_layout_metadata_and_roundtrip(tmp_path):
     model, path = _trained(tmp_path)
-    assert _files(path) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert _files(path) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     with safe_open(str(path / "adapter_model.safetensors"), "pt") as fh:
         metadata = fh.metadata()
         keys = set(fh.keys())
@@ -90,6 +91,7 @@ def test_multi_adapter_subfolders_and_selected(tmp_path):
     path = tmp_path / "multi"
     model.save_pretrained(path)
     assert _files(path) == [
+        "README.md",
         "adapter_config.json",
         "adapter_model.safetensors",
         "other",
@@ -104,7 +106,12 @@ def test_multi_adapter_subfolders_and_selected(tmp_path):
         assert torch.equal(loaded(tiny_inputs()), model(tiny_inputs())), name
     only = tmp_path / "only"
     model.save_pretrained(only, selected_adapters=["other"])
-    assert _files(only) == ["other", "other/adapter_config.json", "other/adapter_model.safetensors"]
+    assert _files(only) == [
+        "README.md",
+        "other",
+        "other/adapter_config.json",
+        "other/adapter_model.safetensors",
+    ]
 
 
 def test_load_adapter_is_trainable_and_keeps_others(tmp_path):
@@ -294,7 +301,7 @@ def test_failure_after_injection_is_rolled_back(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("device ran out of memory")
 
-    monkeypatch.setattr(adapter_dir, "set_peft_model_state_dict", broken)
+    monkeypatch.setattr(loading, "set_peft_model_state_dict", broken)
     _fails(tiny(), path, RuntimeError, "out of memory")
     model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
     before = snapshot_all(model)
@@ -308,7 +315,7 @@ def test_load_adapter_errors_change_nothing(tmp_path):
     _, path = _trained(tmp_path)
     model = get_peft_model(tiny(), LoraConfig(target_modules=["fc1"]))
     before = snapshot_all(model)
-    with pytest.raises(AdapterError, match="an adapter named 'default' already exists"):
+    with pytest.raises(AdapterError, match="Adapter with name 'default' already exists"):
         model.load_adapter(path, "default")
     _rewrite(path, lambda t: t.pop("base_model.model.fc2.bias"))
     with pytest.raises(AdapterError, match="fc2: targeted by the config, but the file has no 'bias'"):
@@ -352,9 +359,22 @@ def test_save_keywords(tmp_path):
     model = get_peft_model(tiny(), LoraConfig(**CONFIG))
     model.save_pretrained(tmp_path / "rank1", is_main_process=False)
     assert not (tmp_path / "rank1").exists()
-    with pytest.raises(AdapterError, match="safe_serialization=False: lorakit writes"):
-        model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    with pytest.raises(AdapterError, match=r"unknown keyword argument\(s\) \['max_shard_size'\]"):
+        model.save_pretrained(tmp_path / "x", max_shard_size="1GB")
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_pickle_save_writes_a_tensors_only_bin_that_loads_back(tmp_path):
+    """safe_serialization=False writes adapter_model.bin as PEFT does (a torch.save of plain tensors,
+    readable with weights_only=True), replacing an earlier safetensors file."""
+    model, path = _trained(tmp_path)
+    model.save_pretrained(path, safe_serialization=False)
+    assert _files(path) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    data = torch.load(path / "adapter_model.bin", weights_only=True)
+    assert data.keys() == get_peft_model_state_dict(model).keys()
+    loaded = PeftModel.from_pretrained(tiny(), path)
+    x = tiny_inputs()
+    assert torch.equal(loaded(x), model.eval()(x))
 
 
 def test_malicious_legacy_bin_is_refused_and_never_runs(tmp_path):

@@ -113,15 +113,49 @@ def test_from_lorakit_and_peft_directories_like_peft(tmp_path):
     ],
 )
 def test_impossible_swaps_explain_and_change_nothing(source_kw, parts):
+    """A larger rank is impossible only in a compiled model (compiled in place here: parameter
+    shapes are then part of the graph); every refusal is also a RuntimeError, as PEFT's."""
     base = llama()
     model = _adapter(base, 1, target_modules=["q_proj", "v_proj"])
+    model.compile()  # sets the compiled call; nothing is compiled until the first forward
     source = _adapter(base, 2, **{"target_modules": ["q_proj", "v_proj"], **source_kw})
     before = snapshot(model)
-    with pytest.raises(lorakit.AdapterError) as err:
+    with pytest.raises(lorakit.AdapterStateDictError) as err:
         _swap(model, source)
+    assert isinstance(err.value, RuntimeError)
     for part in parts:
         assert part in str(err.value)
     assert_same_state(before, model)
+
+
+@pytest.mark.parametrize("ranks", [(4, 7), (7, 4)])
+def test_uncompiled_model_takes_a_larger_or_smaller_rank(ranks):
+    """As PEFT: without compiling, an adapter of larger rank is swapped in (the factors grow); the
+    model then computes exactly what the source adapter computes, and swapping back restores it."""
+    base = llama()
+    model = _adapter(base, 1, r=ranks[0], lora_alpha=ranks[0], target_modules=["q_proj", "v_proj"])
+    source = _adapter(base, 2, r=ranks[1], lora_alpha=3, target_modules=["q_proj"])
+    first = _adapter(base, 1, r=ranks[0], lora_alpha=ranks[0], target_modules=["q_proj", "v_proj"])
+    x = ids()
+    _swap(model, source)
+    torch.testing.assert_close(_logits(model, x), _logits(source, x), atol=1e-5, rtol=1e-5)
+    _swap(model, first)
+    torch.testing.assert_close(_logits(model, x), _logits(first, x), atol=1e-5, rtol=1e-5)
+
+
+def test_prepare_with_config_describes_the_padded_adapter(tmp_path):
+    """prepare_model_for_compiled_hotswap(config=...) sets r and rank_pattern to the target rank (as
+    PEFT) and rescales alpha so that a save of the padded adapter reloads to the same outputs."""
+    base = llama()
+    model = _adapter(base, 1, r=3, lora_alpha=5, rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 7})
+    x = ids()
+    want = _logits(model, x)
+    prepare_model_for_compiled_hotswap(model, target_rank=6, config=model.peft_config)
+    config = model.peft_config["default"]
+    assert (config.r, config.rank_pattern) == (6, {"v_proj": 6})
+    model.save_pretrained(tmp_path)
+    reloaded = lorakit.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(_logits(reloaded, x), want, atol=1e-5, rtol=1e-5)
 
 
 def test_merged_adapter_and_mismatched_directory_are_refused(tmp_path):

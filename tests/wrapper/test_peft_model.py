@@ -305,3 +305,71 @@ def test_add_adapter_trainability_matches_peft():
     }
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert set(ours.state_dict()) == set(theirs.state_dict())
+
+
+def test_any_attribute_of_the_user_model_is_forwarded():
+    """PEFT users reach the model's submodules and fields through the wrapper (peft_model.lin0)."""
+    base = toy()
+    base.custom_field = 5
+    model = lorakit.get_peft_model(base, LoraConfig(target_modules=["lin"]))
+    assert model.head is base.head and model.lin is base.lin
+    assert model.custom_field == 5
+    assert model.base_model.head is base.head
+    assert model.model is base  # PEFT code reads peft_model.model
+    assert model.modules_to_save is None
+
+
+def test_get_peft_model_twice_warns_and_replaces_the_adapter():
+    base = toy()
+    first = lorakit.get_peft_model(base, LoraConfig(target_modules=["lin"], r=2))
+    first.merge_adapter()
+    with pytest.raises(AdapterError, match="merged"), pytest.warns(UserWarning, match="for a second time"):
+        lorakit.get_peft_model(base, LoraConfig(target_modules=["lin", "conv1"], r=4))
+    first.unmerge_adapter()
+    with pytest.warns(UserWarning, match="for a second time"):
+        second = lorakit.get_peft_model(base, LoraConfig(target_modules=["lin", "conv1"], r=4))
+    assert second.base_model.targeted_module_names == ["lin", "conv1"]
+    assert base.lin.r == {"default": 4} and base.conv1.r == {"default": 4}
+    second.unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unloaded: a fresh start, no warning
+        lorakit.get_peft_model(base, LoraConfig(target_modules=["lin"]))
+
+
+def test_mixed_model_activates_several_adapters_and_saves(tmp_path):
+    model = lorakit.get_peft_model(
+        toy(), LoraConfig(target_modules=["lin"], init_lora_weights=False), "a", mixed=True
+    )
+    assert isinstance(model, lorakit.PeftMixedModel)
+    model.add_adapter("b", LoraConfig(target_modules=["conv1"], init_lora_weights=False))
+    model.set_adapter(["a", "b"])
+    x = ids(seq=4)
+    out = logits(model, x)
+    model.save_pretrained(tmp_path, selected_adapters=["a", "b"])
+    loaded = lorakit.PeftMixedModel.from_pretrained(toy(), tmp_path / "a", "a")
+    loaded.load_adapter(tmp_path / "b", "b")
+    loaded.set_adapter(["a", "b"])
+    assert torch.equal(logits(loaded, x), out)
+
+
+def test_add_adapter_keywords_set_dtype_and_device():
+    base = toy().to(torch.bfloat16)
+    model = lorakit.get_peft_model(base, LoraConfig(target_modules=["lin"]), autocast_adapter_dtype=False)
+    model.add_adapter("f32", LoraConfig(target_modules=["lin"]))
+    model.add_adapter("bf16", LoraConfig(target_modules=["lin"]), autocast_adapter_dtype=False)
+    model.add_adapter("meta", LoraConfig(target_modules=["lin"]), low_cpu_mem_usage=True)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if "lora_A" in n}
+    assert dtypes["base_model.model.lin.lora_A.default.weight"] == torch.bfloat16
+    assert dtypes["base_model.model.lin.lora_A.f32.weight"] == torch.float32
+    assert dtypes["base_model.model.lin.lora_A.bf16.weight"] == torch.bfloat16
+    assert model.get_base_model().lin.lora_A["meta"].weight.is_meta
+
+
+def test_a_config_naming_another_base_model_warns():
+    base = toy()
+    base.name_or_path = "my/base"
+    with pytest.warns(UserWarning, match="renamed from 'other/base' to 'my/base'"):
+        lorakit.get_peft_model(base, LoraConfig(target_modules=["lin"], base_model_name_or_path="other/base"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lorakit.get_peft_model(toy(), LoraConfig(target_modules=["lin"], base_model_name_or_path=None))

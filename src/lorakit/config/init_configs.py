@@ -57,9 +57,9 @@ class EvaConfig(_Checked):
     def __post_init__(self) -> None:
         problems = []
         if not (_number(self.rho) and self.rho >= 1.0):
-            problems.append(f"rho={self.rho!r}: must be a number ≥ 1.0 (1.0: no rank redistribution)")
+            problems.append(f"`rho` must be >= 1.0: rho={self.rho!r} (1.0: no rank redistribution)")
         if not (_number(self.tau) and 0.0 <= self.tau <= 1.0):
-            problems.append(f"tau={self.tau!r}: must be a number in [0, 1]")
+            problems.append(f"`tau` must be between 0.0 and 1.0.: tau={self.tau!r}")
         if not (isinstance(self.label_mask_value, int) and not isinstance(self.label_mask_value, bool)):
             problems.append(f"label_mask_value={self.label_mask_value!r}: must be an integer")
         for name in ("use_label_mask", "whiten", "adjust_scaling_factors"):

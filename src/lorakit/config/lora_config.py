@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -130,13 +131,32 @@ class LoraConfig:
         if isinstance(self.runtime_config, Mapping):
             object.__setattr__(self, "runtime_config", LoraRuntimeConfig(**self.runtime_config))
         object.__setattr__(self, "_checked", True)
+        self._warn_conversion()
+
+    def _warn_conversion(self) -> None:
+        """PEFT's warning: a PiSSA/OLoRA adapter with rsLoRA and rank/alpha patterns cannot be
+        converted to plain LoRA at save time (its per-module scalings are not recoverable)."""
+        init = self.init_lora_weights
+        rewrites = isinstance(init, str) and init.split("_")[0] in ("pissa", "olora")
+        if rewrites and self.use_rslora and (self.rank_pattern or self.alpha_pattern):
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                "modified base weights (PiSSA, OLoRA) means that you won't be able to pass "
+                "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                "rank_pattern/alpha_pattern.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Assigning a field validates the config with the new value first (nothing changes on error)."""
         if not self.__dict__.get("_checked") or name not in _FIELD_NAMES:
             object.__setattr__(self, name, value)
             return
-        checked = dataclasses.replace(self, **{name: value})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the check's copy would repeat the config's warnings
+            checked = dataclasses.replace(self, **{name: value})
         object.__setattr__(self, name, getattr(checked, name))
 
     # -- serialisation -------------------------------------------------------------------------

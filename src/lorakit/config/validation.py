@@ -73,7 +73,8 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
     _check_init_configs(cfg, parsed[0] if parsed else None, problems, out)
     if cfg.lora_bias is True and init not in (True, False):
         problems.append(
-            f"lora_bias=True works with init_lora_weights=True or False only (as in PEFT), got {init!r}"
+            "The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+            f"init_lora_weights={init!r} instead"
         )
     flags = ["fan_in_fan_out", "use_rslora", "inference_mode", "use_dora", "lora_bias"]
     if cfg.ensure_weight_tying is None:  # PEFT's "off" reads None too
@@ -85,7 +86,7 @@ def validate(cfg: Any, problems: list[str]) -> dict[str, Any]:
             problems.append(f"{name}={getattr(cfg, name)!r}: must be True or False")
     if cfg.use_dora is True and cfg.lora_bias is True:
         problems.append(
-            "lora_bias=True cannot be combined with use_dora=True (as in PEFT): DoRA "
+            "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False: DoRA "
             "rescales the whole output, so a separate LoRA bias has no exact merge"
         )
 
@@ -227,6 +228,9 @@ def _check_subconfigs(
             )
 
 
+_INIT_TITLES = {"eva": "EVA", "lora_ga": "LoRA-GA"}
+
+
 def _check_init_configs(cfg: Any, kind: str | None, problems: list[str], out: dict[str, Any]) -> None:
     """``eva_config`` / ``lora_ga_config``: dicts from a file become their dataclasses; the init
     without its sub-config gets the defaults and a sub-config without its init is kept and
@@ -235,12 +239,17 @@ def _check_init_configs(cfg: Any, kind: str | None, problems: list[str], out: di
         given = getattr(cfg, field)
         value = sub_config(field, given, cls, problems)
         if given is None and kind == init:
-            warnings.warn(
-                f"init_lora_weights={init!r} without {field}: using the defaults {cls()!r}", stacklevel=5
+            warnings.warn(  # PEFT's sentence, then the defaults used
+                f"`init_lora_weights` is {init!r} but `{field}` is not specified. Using default "
+                f"{_INIT_TITLES[init]} config: {cls()!r}",
+                stacklevel=5,
             )
             value = cls()
         elif value is not None and kind != init:
-            warnings.warn(f"{field} is ignored: init_lora_weights is not {init!r}", stacklevel=5)
+            warnings.warn(
+                f"`{field}` specified but will be ignored when `init_lora_weights` is not {init!r}.",
+                stacklevel=5,
+            )
         out[field] = value
 
 
@@ -283,14 +292,16 @@ def _check_layers(cfg: Any, problems: list[str], out: dict[str, Any]) -> None:
             out["layers_to_transform"] = list(layers)  # type: ignore[arg-type]
         if isinstance(cfg.target_modules, str) and cfg.target_modules.lower() != ALL_LINEAR:
             problems.append(
-                "layers_to_transform cannot be used with a regex target_modules "
-                f"({cfg.target_modules!r}); put the layer numbers in the regex, or give a list of names"
+                "`layers_to_transform` cannot be used when `target_modules` is a str. "
+                f"(target_modules={cfg.target_modules!r}: put the layer numbers in the regex, or give a "
+                "list of names)"
             )
     pattern = cfg.layers_pattern
     if pattern is not None:
         if layers is None:
             problems.append(
-                f"layers_pattern={pattern!r} only applies together with layers_to_transform, which is None"
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified. "
+                f"(layers_pattern={pattern!r}, layers_to_transform=None)"
             )
         if not (isinstance(pattern, str) or _names(pattern) is not None):
             problems.append(f"layers_pattern={pattern!r}: must be a string, a list of strings or None")

@@ -63,18 +63,26 @@ def save_pretrained(
     is_main_process: bool | None = None,
     safe_serialization: bool = True,
     timeout: float | None = None,
+    **save_options: Any,
 ) -> None:
     """Save adapters of ``model`` (the module holding the LoRA layers, possibly inside wrappers)
     from a process group: validated, written by rank 0 only. **Collective** when the adapter is
     sharded (see the module docstring). ``is_main_process`` defaults to ``rank == 0``; for a
     sharded adapter only rank 0 can write (it alone holds the gathered tensors), and passing
-    ``is_main_process=False`` there makes it validate without writing."""
+    ``is_main_process=False`` there makes it validate without writing. ``save_options``: the other
+    keywords of :func:`lorakit.persistence.adapter_dir.save_adapters`."""
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     writer = group.is_main_process() if is_main_process is None else is_main_process
     sharded = any(adapter_is_sharded(model, n) for n in names if n in configs)
     if not sharded:
         adapter_dir.save_adapters(
-            model, configs, directory, names, is_main_process=writer, safe_serialization=safe_serialization
+            model,
+            configs,
+            directory,
+            names,
+            is_main_process=writer,
+            safe_serialization=safe_serialization,
+            **save_options,
         )
         return
     whole = {n: gather_adapter_state_dict(model, n, timeout=timeout) for n in names}
@@ -89,6 +97,7 @@ def save_pretrained(
                 safe_serialization=safe_serialization,
                 whole=whole,
                 is_main_process=is_main_process is not False,
+                **save_options,
             )
         except (OSError, ValueError) as exc:
             error = exc

@@ -14,10 +14,11 @@ are looked up as a fallback.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from lorakit.config import TaskType
-from lorakit.errors import TargetingError
 
 __all__ = ["HEAD_TASKS", "find_heads", "head_modules_to_save"]
 
@@ -65,16 +66,18 @@ def find_heads(model: nn.Module) -> list[str]:
 def head_modules_to_save(model: nn.Module, task: TaskType, user_modules: list[str] | None) -> list[str]:
     """The ``modules_to_save`` for ``task``: the user's list plus the model's head (deduplicated).
 
-    Raises when a head task finds no head and the user named no module to save, since training
-    would then leave a randomly initialised head frozen.
+    A head task on a model without a head (a backbone, a custom module) is accepted as in PEFT,
+    with a warning: a head added later would stay frozen and would not be saved.
     """
     wanted = list(user_modules or [])
     heads = find_heads(model)
     if not heads and not wanted:
         children = ", ".join(n for n, _ in model.named_children()) or "(none)"
-        raise TargetingError(
-            f"task_type={task.value} needs a trainable head, but no head was found in "
-            f"{type(model).__name__} (top-level modules: {children}). Pass modules_to_save=[...] naming "
-            f"the head, use a task model (e.g. AutoModelFor...), or use task_type=None"
+        warnings.warn(
+            f"task_type={task.value} usually trains a head, but no head was found in "
+            f"{type(model).__name__} (top-level modules: {children}); only the LoRA weights will train. "
+            f"Pass modules_to_save=[...] naming the head if there is one",
+            UserWarning,
+            stacklevel=5,
         )
     return list(dict.fromkeys(wanted + heads))

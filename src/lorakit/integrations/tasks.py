@@ -59,10 +59,23 @@ class TaskPeftModel(PeftModel):
 
     task_type: ClassVar[TaskType]
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: LoraConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"peft_config must be a lorakit.LoraConfig, got {type(peft_config).__name__}")
-        super().__init__(model, self._with_head(model, peft_config), adapter_name)
+        super().__init__(
+            model,
+            self._with_head(model, peft_config),
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+        )
 
     def _with_head(self, model: nn.Module, peft_config: LoraConfig) -> LoraConfig:
         """For a head task, the config with the model's head added to ``modules_to_save``."""
@@ -71,9 +84,20 @@ class TaskPeftModel(PeftModel):
         heads = head_modules_to_save(model, self.task_type, peft_config.modules_to_save)
         return dataclasses.replace(peft_config, modules_to_save=heads)
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: LoraConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add another adapter, with its own copy of the head (as PEFT)."""
-        super().add_adapter(adapter_name, self._with_head(self.get_base_model(), peft_config))
+        super().add_adapter(
+            adapter_name,
+            self._with_head(self.get_base_model(), peft_config),
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
 
     def _run(self, adapter_names: Sequence[str] | None, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
         """Call the base model with the named arguments that are set, plus ``kwargs``."""

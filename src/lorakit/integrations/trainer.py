@@ -29,7 +29,7 @@ import torch
 import transformers
 from torch import nn
 
-from lorakit.persistence.adapter_dir import load_weights
+from lorakit.persistence.loading import load_weights
 from lorakit.wrapper.peft_model import PeftModel
 
 __all__ = ["AdapterCheckpointsMixin", "LorakitTrainer", "save_adapters", "load_adapters"]

@@ -1,6 +1,7 @@
 """LoRA layers: one file per base-layer kind, the variant strategies, and the dispatch tables.
 
 =====================  =============================================================================
+``tuner_layer``        ``BaseTunerLayer``: PEFT's layer interface, which every LoRA layer implements
 ``base``               ``LoraLayer``: what every kind shares, and the contract a kind fulfils
 ``linear``             ``nn.Linear`` / transformers ``Conv1D`` (the plain, readable LoRA linear)
 ``linear_fast``        the linear layer's fused and batched paths, tested equal to the plain one
@@ -43,9 +44,11 @@ from lorakit.layers.registry import (
 )
 from lorakit.layers.rows import BASE_ROWS
 from lorakit.layers.trainable_tokens import TrainableTokensLayer, TrainableTokensWrapper, token_layer_problem
+from lorakit.layers.tuner_layer import BaseTunerLayer
 
 __all__ = [
     "BASE_ROWS",
+    "BaseTunerLayer",
     "LoraLayer",
     "Linear",
     "Embedding",

@@ -48,10 +48,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lorakit.config import LOAD_ONLY_INITS, parse_init
-from lorakit.errors import AdapterError
+from lorakit.config import LOAD_ONLY_INITS, moves_base_weight, parse_init
+from lorakit.errors import AdapterError, AdapterMergeError
 from lorakit.functional import lora as LF
 from lorakit.layers.rows import BASE_ROWS, rows_for
+from lorakit.layers.tuner_layer import BaseTunerLayer
 from lorakit.layers.variant import LoraVariant
 
 __all__ = ["LoraLayer", "CONTAINERS", "RequantizeReport"]
@@ -72,7 +73,7 @@ class RequantizeReport:
     update_norm: float
 
 
-class LoraLayer(nn.Module, abc.ABC):
+class LoraLayer(nn.Module, BaseTunerLayer):
     """A base layer plus any number of named low-rank adapters.
 
     ``forward(x) = base_layer(x) + Σ_{a ∈ active, a ∉ merged} update_a(x)``, where a LoRA
@@ -86,6 +87,10 @@ class LoraLayer(nn.Module, abc.ABC):
     _original_weight: torch.Tensor | None  # buffers, registered in __init__
     _original_bias: torch.Tensor | None
     adapter_param_names: ClassVar[tuple[str, ...]] = CONTAINERS
+    # PEFT's names for the per-adapter containers and the per-adapter tables (code that cleans up
+    # or inspects adapters walks them)
+    adapter_layer_names: ClassVar[tuple[str, ...]] = CONTAINERS
+    other_param_names: ClassVar[tuple[str, ...]] = ("r", "lora_alpha", "scaling", "lora_dropout")
     factor_containers: ClassVar[tuple[str, str]] = ("lora_A", "lora_B")
     is_linear: ClassVar[bool] = False
     is_quantized: ClassVar[bool] = False
@@ -108,6 +113,7 @@ class LoraLayer(nn.Module, abc.ABC):
         self.scaling: dict[str, float] = {}
         self.lora_bias: dict[str, bool] = {}
         self.lora_variant: dict[str, LoraVariant] = {}
+        self.use_dora: dict[str, bool] = {}  # PEFT's table: adapter name → whether it is DoRA
         self.frozen_factors: dict[str, tuple[str, ...]] = {}  # containers that never train (MiCA's B)
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -273,6 +279,48 @@ class LoraLayer(nn.Module, abc.ABC):
     def has_adapter(self, name: str) -> bool:
         return name in self.r
 
+    # -- PEFT's layer interface (BaseTunerLayer) ---------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        base: nn.Module = self.base_layer
+        while isinstance(base, LoraLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapters' names, as a list (PEFT's layers give the list once any adapter
+        was set; the model-level ``active_adapter`` is the single name)."""
+        return list(self.active_adapters)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """PEFT's name for ``ΔW`` of a LoRA adapter, in the base weight's dtype and shape."""
+        return self.delta_weight(adapter).to(self.dense_weight().dtype)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """As PEFT: disabling freezes every adapter here; enabling re-applies :meth:`set_adapter`
+        to the active adapters (they become trainable, the others frozen)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+            self.disable_adapters = False
+        else:
+            self.set_requires_grad(self.adapter_names, False)
+            self.disable_adapters = True
+
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name in self.adapter_names:
+            self.set_requires_grad(name, name in names and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(False)
+            if requires_grad:  # frozen factors (MiCA's B) never train
+                for param in self.trainable_parameters(name):
+                    param.requires_grad_(True)
+
     def container(self, name: str) -> nn.ModuleDict:
         """One of PEFT's per-adapter containers (:data:`CONTAINERS`) by attribute name."""
         holder = getattr(self, name)
@@ -298,17 +346,29 @@ class LoraLayer(nn.Module, abc.ABC):
         init: bool | str,
         lora_bias: bool,
         variant: LoraVariant | None = None,
+        meta: bool = False,
     ) -> None:
+        """Create adapter ``name``. ``meta=True`` (``low_cpu_mem_usage``): its tensors (a variant's
+        too) are created on the meta device, uninitialised, for a load to fill; an init that
+        rewrites the base weight (PiSSA, OLoRA) runs for real instead."""
         self.r[name] = r
         self.lora_alpha[name] = alpha
         self.scaling[name] = LF.scaling(alpha, r, use_rslora)
         self.lora_bias[name] = lora_bias
+        self.use_dora[name] = variant is not None and variant.name == "DoRA"
         self.lora_dropout[name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         kind = (parse_init(init) or ("default", None))[0]
         if kind in LOAD_ONLY_INITS:  # lorakit does not compute these: the factors come from a file
             init = True
         if kind == "mica":  # MiCA keeps B (the minor singular vectors) frozen and trains A, as PEFT
             self.frozen_factors[name] = (self.factor_containers[1],)
+        if meta and not moves_base_weight(init):
+            with torch.device("meta"):
+                self.create_adapter(name, r, init=False, lora_bias=lora_bias)
+            if variant is not None:
+                variant.init(self, name, empty=True)
+                self.lora_variant[name] = variant
+            return
         self.create_adapter(name, r, init=init, lora_bias=lora_bias)
         self.place_adapter(name)
         if variant is not None:
@@ -327,12 +387,17 @@ class LoraLayer(nn.Module, abc.ABC):
         dtype = weight.dtype if keep_base and weight.is_floating_point() else torch.float32
         for attr in self.adapter_param_names:
             holder = getattr(self, attr)
-            if name not in holder:
-                continue
+            if name not in holder or any(p.is_meta for p in self._holder_params(holder, name)):
+                continue  # a meta tensor has no data to move; loading gives it some
             if isinstance(holder, nn.ParameterDict):
                 holder[name].data = holder[name].data.to(device=weight.device, dtype=dtype)
             else:
                 holder[name].to(device=weight.device, dtype=dtype)
+
+    @staticmethod
+    def _holder_params(holder: nn.Module, name: str) -> list[torch.Tensor]:
+        item = holder[name]  # type: ignore[index]
+        return list(item.parameters()) if isinstance(item, nn.Module) else [item]
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -341,7 +406,14 @@ class LoraLayer(nn.Module, abc.ABC):
             holder = getattr(self, attr)
             if name in holder:
                 del holder[name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.lora_bias, self.lora_variant):
+        for table in (
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.lora_bias,
+            self.lora_variant,
+            self.use_dora,
+        ):
             table.pop(name, None)
         self.frozen_factors.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
@@ -443,8 +515,9 @@ class LoraLayer(nn.Module, abc.ABC):
         with_bias = [n for n in self.merge_result_names(names) if self.lora_bias.get(n)]
         if with_bias and self.base_bias() is None:
             return (
-                f"adapter(s) {with_bias} have lora_bias=True but the base "
-                f"{type(self.base_layer).__name__} has no bias to merge it into"
+                "Impossible to merge LoRA with `lora_bias=True` because the base layer has no bias: "
+                f"adapter(s) {with_bias} have lora_bias=True but the base {type(self.base_layer).__name__} "
+                "has none"
             )
         return None
 
@@ -467,16 +540,26 @@ class LoraLayer(nn.Module, abc.ABC):
         return LF.merged_weight(original, total), self._merged_bias(all_merged)
 
     def merge(
-        self, names: Sequence[str] | None = None, *, safe_merge: bool = False, keep_original: bool = True
+        self,
+        adapter_names: Sequence[str] | None = None,
+        *,
+        safe_merge: bool = False,
+        keep_original: bool = True,
     ) -> None:
-        """Merge ``names`` (default: the active adapters) into the base weight.
+        """Merge ``adapter_names`` (default: the active adapters) into the base weight.
 
         With ``safe_merge`` a non-finite result raises and changes nothing. With ``keep_original``
         (the default) the pre-merge weight is kept so that :meth:`unmerge` is exact.
         """
+        if isinstance(adapter_names, (str, bool)):
+            raise TypeError(
+                f"adapter_names={adapter_names!r}: expected a list of adapter names or None "
+                "(safe_merge is a keyword argument)"
+            )
+        names = adapter_names
         problem = self.merge_problem(names)
         if problem:
-            raise AdapterError(f"cannot merge: {problem}; the weights were left unchanged")
+            raise AdapterMergeError(f"cannot merge: {problem}; the weights were left unchanged")
         pending = self.merge_result_names(names)
         result = self.merge_result(pending)
         if result is None:
@@ -484,8 +567,9 @@ class LoraLayer(nn.Module, abc.ABC):
         new_weight, new_bias = result
         if safe_merge and not all(torch.isfinite(t).all() for t in result if t is not None):
             raise AdapterError(
-                f"safe_merge: merging adapter(s) {pending} gives non-finite weights in "
-                f"{type(self.base_layer).__name__}; the weights were left unchanged"
+                f"NaNs detected in the merged weights. The adapter {', '.join(pending)} seems to be broken "
+                f"(safe_merge: merging gives non-finite weights in {type(self.base_layer).__name__}; the "
+                "weights were left unchanged)"
             )
         if keep_original:  # the bias may first change on a later merge (the first with lora_bias)
             self.keep_base(new_bias)
@@ -550,10 +634,14 @@ class LoraLayer(nn.Module, abc.ABC):
     def _check_mixed(self, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
         if len(adapter_names) != x.shape[0]:
             raise AdapterError(
-                f"adapter_names has {len(adapter_names)} entries but the batch has {x.shape[0]} rows"
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively"
             )
         if self.merged_adapters:
-            raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
+            raise AdapterError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call "
+                "`unmerge_adapter` first."
+            )
 
     def add_mixed_(self, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of the batch gets adapter ``adapter_names[i]`` (``"__base__"``: none): each

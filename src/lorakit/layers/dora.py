@@ -47,7 +47,11 @@ class Dora:
         return layer.container(self.container)[adapter].weight  # type: ignore[return-value]
 
     @torch.no_grad()
-    def init(self, layer: VariantHost, adapter: str) -> None:
+    def init(self, layer: VariantHost, adapter: str, *, empty: bool = False) -> None:
+        if empty:  # low_cpu_mem_usage: the magnitude will be loaded, not computed
+            with torch.device("meta"):
+                layer.container(self.container)[adapter] = DoraMagnitude(torch.empty(layer.magnitude_shape()))
+            return
         weight = layer.original_weight()
         m = LD.magnitude_init(weight, layer.norm_delta(adapter), layer.out_axis)
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32

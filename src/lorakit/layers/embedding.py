@@ -33,7 +33,7 @@ class Embedding(LoraLayer):
     def option_problems(
         cls, base: nn.Module, *, init: bool | str, lora_bias: bool, variant: LoraVariant | None
     ) -> list[str]:
-        problems = ["lora_bias=True is not supported on embeddings"] if lora_bias else []
+        problems = ["lora_bias=True is not supported for Embedding"] if lora_bias else []
         if (parse_init(init) or ("default", None))[0] == "loftq":
             problems.append("init_lora_weights='loftq' is implemented for linear layers only")
         return problems

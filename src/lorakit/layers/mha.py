@@ -150,6 +150,7 @@ class MultiheadAttention(LoraLayer):
         init: bool | str,
         lora_bias: bool,
         variant: LoraVariant | None = None,
+        meta: bool = False,
     ) -> None:
         if variant is not None:  # injection refuses it first (option_problems)
             raise AdapterError(f"{variant.name} is not supported on nn.MultiheadAttention")
@@ -159,7 +160,13 @@ class MultiheadAttention(LoraLayer):
                 "through the weights, where dropout cannot apply (as in PEFT)",
                 stacklevel=2,
             )
-        options = {"use_rslora": use_rslora, "dropout": dropout, "init": init, "lora_bias": lora_bias}
+        options = {
+            "use_rslora": use_rslora,
+            "dropout": dropout,
+            "init": init,
+            "lora_bias": lora_bias,
+            "meta": meta,
+        }
         super().add_adapter(name, r, alpha, **options)  # type: ignore[arg-type]
         self._out.add_adapter(name, r, alpha, **options)  # type: ignore[arg-type]
 

@@ -153,6 +153,28 @@ class TrainableTokensWrapper(nn.Module):
             raise AdapterError(problem)
         self.active_adapters = list(names)
 
+    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
+        """PEFT's rule: activate ``adapter_names``; their rows train unless ``inference_mode``,
+        the other adapters' rows are frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.set_active(names)
+        for name in self.adapter_names:
+            self.set_requires_grad(name, name in names and not inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """As PEFT: disabling freezes every adapter's rows; enabling re-applies :meth:`set_adapter`."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            self.set_requires_grad(self.adapter_names, False)
+        self.disable_adapters = not enabled
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(requires_grad)
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Adapter ``name``'s rows, owned by the untied wrapper only (a tied one shares them)."""
         if self.tied or name not in self.token_indices:
@@ -232,9 +254,15 @@ class TrainableTokensWrapper(nn.Module):
                     result = self._replace(result, x, name, None)
             return result
         if len(rows) != x.shape[0]:
-            raise AdapterError(f"adapter_names has {len(rows)} entries but the batch has {x.shape[0]} rows")
+            raise AdapterError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(rows)} and {x.shape[0]} respectively"
+            )
         if self.merged_adapters:
-            raise AdapterError("adapter_names cannot be used while adapters are merged; unmerge first")
+            raise AdapterError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call "
+                "`unmerge_adapter` first."
+            )
         for name in dict.fromkeys(rows):
             if name != BASE_ROWS and self.has_adapter(name):
                 batch = torch.tensor([i for i, n in enumerate(rows) if n == name], device=x.device)

@@ -5,6 +5,7 @@ A plain LoRA adapter needs no variant. A variant is a strategy object the layer 
 
 =====================  ==========================================================================
 ``init``               after A and B exist: create the variant's own tensors on the layer
+                       (``empty=True``: on the meta device, uncomputed, for a load to fill)
 ``delta``              the change the adapter makes to the weight (what merging writes)
 ``add_update``         the adapter's change to a whole batch's output
 ``rows_update``        the same for the rows of a mixed batch that use the adapter
@@ -78,7 +79,7 @@ class LoraVariant(Protocol):
         """Whether ``config`` (a :class:`~lorakit.config.LoraConfig`) asks for this variant."""
         ...
 
-    def init(self, layer: VariantHost, adapter: str) -> None: ...
+    def init(self, layer: VariantHost, adapter: str, *, empty: bool = False) -> None: ...
 
     def delta(self, layer: VariantHost, adapter: str, weight: torch.Tensor) -> torch.Tensor: ...
 

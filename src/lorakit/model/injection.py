@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
+import re
 import warnings
 from collections.abc import Iterable, Iterator
 
@@ -19,7 +20,14 @@ import torch
 from torch import nn
 
 from lorakit.config import LOAD_ONLY_INITS, LoraConfig, LoraGAConfig, load_only, loftq_init_token, parse_init
-from lorakit.errors import AdapterError, ConfigError, TargetingError
+from lorakit.errors import (
+    AdapterError,
+    ConfigError,
+    NoMatchingPeftModuleError,
+    PeftWarning,
+    TargetingError,
+    TargetingTypeError,
+)
 from lorakit.layers import (
     BASE_ROWS,
     LoraLayer,
@@ -37,7 +45,9 @@ from lorakit.model import engines, lora_ga, tying
 from lorakit.model.targeting import (
     ParameterTarget,
     bypassed_modules,
+    excluded_names,
     iter_plain_modules,
+    no_match_message,
     parameter_summary,
     rank_and_alpha,
     resolve_config,
@@ -53,6 +63,7 @@ __all__ = [
     "unload",
     "unload_requantized",
     "lora_modules",
+    "has_lora_layers",
     "check_adapter_name",
     "Plan",
     "plan",
@@ -125,6 +136,11 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, AdapterModule]]:
             yield name, module
 
 
+def has_lora_layers(model: nn.Module) -> bool:
+    """Whether ``model`` already holds a LoRA layer (of any adapter)."""
+    return any(isinstance(m, LoraLayer) for m in model.modules())
+
+
 def check_adapter_name(model: nn.Module, name: str, *, must_be_new: bool) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE_ROWS:
         raise AdapterError(
@@ -172,6 +188,11 @@ def layer_init(config: LoraConfig) -> bool | str:
     return config.init_lora_weights
 
 
+# Containers a modules-to-save copy cannot stand in for: they have no forward of their own, so
+# the wrapper (which selects a copy by calling it) would break the model at its first forward.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+
+
 def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
     names = config.modules_to_save or []
     found: list[tuple[str, nn.Module]] = []
@@ -190,14 +211,28 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
             f"modules_to_save={names} matches no module of the model. "
             f"Top-level modules: {', '.join(n for n, _ in model.named_children())}"
         )
+    containers = [f"{n} ({type(m).__name__})" for n, m in found if isinstance(m, _CONTAINERS)]
+    if containers:
+        raise TargetingTypeError(
+            "modules_to_save cannot be applied to modules of type "
+            f"{', '.join(c.__name__ for c in _CONTAINERS)}: modules_to_save={names} names "
+            f"{', '.join(containers)}, a container without a forward of its own; name the modules inside it"
+        )
+    lora = [n for n, m in found if isinstance(m, LoraLayer)]
+    if lora:
+        raise TargetingError(
+            f"modules_to_save={names} names {', '.join(lora)}, already targeted by a LoRA adapter "
+            "(modules_to_save cannot be applied to modules that are targeted by PEFT)"
+        )
     return found
 
 
-def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
-    """Validate ``config`` against ``model`` and say what injecting it would change (read-only)."""
+def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: bool = False) -> Plan:
+    """Validate ``config`` against ``model`` and say what injecting it would change (read-only).
+    ``replacing``: an adapter named ``adapter_name`` may exist (it is about to be deleted)."""
     _refuse_wrapped(model)
     _creation_problem(config)
-    check_adapter_name(model, adapter_name, must_be_new=True)
+    check_adapter_name(model, adapter_name, must_be_new=not replacing)
     resolved, ties = tying.tie_adapters(resolve_config(config, model), model)
     tied = {n for n, _ in ties}
     targets = [(n, m) for n, m in select_targets(resolved, model) if n not in tied]
@@ -208,17 +243,18 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str) -> Plan:
             if config.exclude_modules or config.layers_to_transform is not None
             else ""
         )
-        raise TargetingError(
-            f"target_modules={resolved.target_modules!r} matches no module of the model{filtered}. "
+        raise NoMatchingPeftModuleError(
+            f"{no_match_message(resolved, model)} (lorakit: target_modules={resolved.target_modules!r} "
+            f"matches no module of the model{filtered}.) "
             f"{suffix_summary(model)}"
         )
     if resolved.target_parameters and not parameters and not problems:
-        raise TargetingError(
+        raise NoMatchingPeftModuleError(
             f"target_parameters={resolved.target_parameters!r} matches no parameter of the model. "
             f"{parameter_summary(model)}"
         )
     if not targets and not parameters and not problems:
-        raise TargetingError(
+        raise NoMatchingPeftModuleError(
             "target_modules=[] and no target_parameters: nothing to adapt. "
             f"{suffix_summary(model)} {parameter_summary(model)}"
         )
@@ -310,20 +346,27 @@ def _replace(slots: dict[int, list[tuple[nn.Module, str]]], old: nn.Module, new:
         slots[id(new)] = list(held)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfig:
+def inject(
+    model: nn.Module, config: LoraConfig, adapter_name: str, *, low_cpu_mem_usage: bool = False
+) -> LoraConfig:
     """Add adapter ``adapter_name`` to ``model`` in place; returns the resolved config.
 
     The new adapter is not activated and its parameters are left as created; activation and
-    trainability are the caller's (see :mod:`lorakit.adapters`).
+    trainability are the caller's (see :mod:`lorakit.model.state`). ``low_cpu_mem_usage``: the
+    adapter's tensors are created on the meta device, uninitialised, for a load to fill (an init
+    that rewrites the base weight, PiSSA, OLoRA or LoRA-GA, still runs for real).
     """
     p = plan(model, config, adapter_name)
+    _warn_unused_patterns(model, config, p)
+    # New layers take the model's active list (as PEFT's do), so every layer reports the same one.
+    active = next((list(m.active_adapters) for _, m in lora_modules(model) if isinstance(m, LoraLayer)), [])
     cfg = p.config
     variant = variant_for(cfg)
     prepare_model(model)
     slots = _parent_slots(model)
     layers: dict[str, LoraLayer] = {}
     for name, module in p.targets:
-        layer = _lora_layer(module, slots)
+        layer = _lora_layer(module, slots, active)
         r, alpha = rank_and_alpha(cfg, name)
         layer.add_adapter(
             adapter_name,
@@ -334,6 +377,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             init=layer_init(cfg),
             lora_bias=cfg.lora_bias,
             variant=variant,
+            meta=low_cpu_mem_usage,
         )
         if _init_kind(cfg) == "lora_ga":  # right after its factors are drawn, as in PEFT (same RNG order)
             settings = cfg.lora_ga_config if isinstance(cfg.lora_ga_config, LoraGAConfig) else LoraGAConfig()
@@ -342,8 +386,8 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         layer.train(layer.base_layer.training)
         layers[name] = layer
     for _name, module in p.ties.targets:
-        _tie_lora(layers[str(p.ties.embedding)], _lora_layer(module, slots), adapter_name, cfg)
-    for target, layer in _wrap_parameters(p.parameters, slots):
+        _tie_lora(layers[str(p.ties.embedding)], _lora_layer(module, slots, active), adapter_name, cfg)
+    for target, layer in _wrap_parameters(p.parameters, slots, active):
         r, alpha = rank_and_alpha(cfg, target.key)
         layer.add_adapter(
             adapter_name,
@@ -353,6 +397,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
             dropout=cfg.lora_dropout,
             init=cfg.init_lora_weights,
             lora_bias=cfg.lora_bias,
+            meta=low_cpu_mem_usage,
         )
         layer.train(target.owner.training)
     copies: dict[str, nn.Module] = {}
@@ -361,6 +406,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         if wrapper is not module:
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name)
+        wrapper.set_active(active)
         wrapper.train(wrapper.original_module.training)
         copies[name] = wrapper.modules_to_save[adapter_name]
     for _name, module in p.ties.saves:
@@ -371,19 +417,61 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraConfi
         if wrapper is not module:
             _replace(slots, module, wrapper)
         wrapper.add_adapter(adapter_name, copy.deepcopy(original, memo={id(original.weight): weight}))
+        wrapper.set_active(active)
         wrapper.train(original.training)
-    _add_tokens(model, p.tokens, adapter_name, slots)
+    _add_tokens(model, p.tokens, adapter_name, slots, active)
     rerecord(model, adapter_name)
     return cfg
 
 
-def _lora_layer(module: nn.Module, slots: dict[int, list[tuple[nn.Module, str]]]) -> LoraLayer:
-    """``module`` if it is a LoRA layer, else a new LoRA layer put in its place."""
+def _warn_unused_patterns(model: nn.Module, config: LoraConfig, p: Plan) -> None:
+    """PEFT's warnings for settings that cannot act: ``exclude_modules`` that excluded no module,
+    ``rank_pattern`` / ``alpha_pattern`` keys that match no targeted module, and ``lora_bias`` on a
+    layer without a bias to merge it into."""
+    if config.exclude_modules and not excluded_names(config, model):
+        warnings.warn(
+            f"You have passed exclude_modules={config.exclude_modules} but no modules were excluded. "
+            "Please check that exclude_modules was set correctly.",
+            UserWarning,
+            stacklevel=4,
+        )
+    if config.lora_bias:
+        no_bias = [
+            f"{n} ({type(m.base_layer if isinstance(m, LoraLayer) else m).__name__})"
+            for n, m in p.targets
+            if getattr(m.base_layer if isinstance(m, LoraLayer) else m, "bias", None) is None
+        ]
+        if no_bias:
+            warnings.warn(
+                f"`lora_bias=True` was passed but the targeted layer of type "
+                f"{no_bias[0].split('(')[1].rstrip(')')} has no bias: {', '.join(no_bias)}. This means that "
+                "merging LoRA weights won't be possible.",
+                PeftWarning,
+                stacklevel=4,
+            )
+    targets = [n for n, _ in p.targets]
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr) or {}
+        unmatched = sorted(k for k in patterns if not any(re.match(rf"(.*\.)?({k})$", n) for n in targets))
+        if unmatched:
+            warnings.warn(
+                f"The following {attr} keys did not match any targeted module and were ignored: {unmatched}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def _lora_layer(
+    module: nn.Module, slots: dict[int, list[tuple[nn.Module, str]]], active: list[str]
+) -> LoraLayer:
+    """``module`` if it is a LoRA layer, else a new LoRA layer put in its place, with the model's
+    active adapters (as PEFT's new layers take them, so every layer reports the same list)."""
     if isinstance(module, LoraLayer):
         return module
     layer_cls = lora_layer_for(module)
     assert layer_cls is not None  # guaranteed by plan()
     layer = layer_cls(module)
+    layer.set_active(active)
     _replace(slots, module, layer)
     return layer
 
@@ -417,6 +505,7 @@ def _add_tokens(
     tokens: list[tying.TokenTarget],
     adapter_name: str,
     slots: dict[int, list[tuple[nn.Module, str]]],
+    active: list[str],
 ) -> None:
     """Wrap the trainable-token targets (the ones with rows of their own first, then the tied ones,
     which share the rows of the wrapper they are tied to) and give ``adapter_name`` its rows."""
@@ -428,6 +517,7 @@ def _add_tokens(
         else:
             tied_to = None if target.tied_to is None else wrappers[target.tied_to]
             wrapper = TrainableTokensWrapper(module, tied_to)
+            wrapper.active_adapters = list(active)
             wrapper.train(module.training)
             _replace(slots, module, wrapper)
         wrappers[target.name] = wrapper
@@ -436,7 +526,7 @@ def _add_tokens(
 
 
 def _wrap_parameters(
-    targets: list[ParameterTarget], slots: dict[int, list[tuple[nn.Module, str]]]
+    targets: list[ParameterTarget], slots: dict[int, list[tuple[nn.Module, str]]], active: list[str]
 ) -> list[tuple[ParameterTarget, LoraLayer]]:
     """Each target's LoRA layer: its existing one, or a new wrapper. The new wrappers of one module
     nest in the targets' order (the first innermost) and the outermost takes the module's place."""
@@ -450,6 +540,7 @@ def _wrap_parameters(
         kind = parameter_layer_for(t.owner, t.parameter)
         assert kind is not None  # guaranteed by plan()
         layer = kind(inner, t.parameter)
+        layer.set_active(active)
         outermost[id(t.owner)] = (t.owner, layer)
         out.append((t, layer))
     for owner, wrapper in outermost.values():

@@ -7,11 +7,12 @@ before it changes anything. Temporary states are context managers that restore i
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 from torch import nn
 
-from lorakit.errors import AdapterError
+from lorakit.errors import AdapterError, AdapterMergeError
 from lorakit.layers import Embedding, LoraLayer, ModulesToSaveWrapper, TrainableTokensWrapper
 from lorakit.model import engines
 from lorakit.model.injection import lora_modules, share_factors
@@ -20,7 +21,10 @@ __all__ = [
     "adapter_names",
     "active_adapters",
     "set_active",
+    "set_adapter",
     "set_trainable",
+    "set_requires_grad",
+    "enable_layers",
     "delete",
     "disabled",
     "merge",
@@ -47,8 +51,10 @@ def _check_known(model: nn.Module, names: Sequence[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
+    """The model's active list, as its LoRA layers record it (a modules-to-save wrapper records
+    only the active adapters it has a copy for)."""
     for _, module in lora_modules(model):
-        if module.active_adapters:
+        if isinstance(module, LoraLayer) and module.active_adapters:
             return list(module.active_adapters)
     return []
 
@@ -64,13 +70,48 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     for wrapper in savers:
         if sum(wrapper.has_adapter(n) for n in names) > 1:
             raise AdapterError(
-                f"adapters {names} each carry their own modules_to_save; only one of them can be active"
+                "Only one adapter can be set at a time for ModulesToSaveWrapper: adapters "
+                f"{names} each carry their own copy of a module to save, so only one of them can be active"
             )
     for name, module in lora_modules(model):
         if isinstance(module, TrainableTokensWrapper) and (problem := module.overlap_problem(names)):
             raise AdapterError(f"{name}: {problem}")
     for _, module in lora_modules(model):
         module.set_active(names)
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str], *, inference_mode: bool = False) -> None:
+    """PEFT's ``set_adapter``: activate ``names`` and make exactly their adapter tensors (and
+    modules-to-save copies) trainable, or freeze them all with ``inference_mode``; other parameters
+    keep their ``requires_grad``. A merged layer is first unmerged, with a warning (merged weights
+    would otherwise stay in effect beside the new adapters)."""
+    names = [names] if isinstance(names, str) else list(names)
+    set_active(model, names)  # validates first
+    if merged_adapters(model):
+        warnings.warn(
+            "Adapter cannot be set when the model is merged. Unmerging the model first.",
+            UserWarning,
+            stacklevel=3,
+        )
+        unmerge(model)
+    for _, module in lora_modules(model):
+        module.set_adapter(names, inference_mode=inference_mode)
+
+
+def set_requires_grad(model: nn.Module, names: str | Sequence[str], requires_grad: bool = True) -> None:
+    """Switch ``requires_grad`` of the adapter tensors and modules-to-save copies of ``names``."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_known(model, names)
+    for _, module in lora_modules(model):
+        module.set_requires_grad(names, requires_grad)
+
+
+def enable_layers(model: nn.Module, enabled: bool) -> None:
+    """PEFT's ``enable_adapter_layers`` / ``disable_adapter_layers``: every layer computes with its
+    adapters or as its base layer; disabling freezes the adapters, enabling makes the active ones
+    trainable again (PEFT's rule; the ``disabled()`` block restores the exact previous flags)."""
+    for _, module in lora_modules(model):
+        module.enable_adapters(enabled)
 
 
 def set_trainable(model: nn.Module, names: str | Sequence[str], bias: str = "none") -> None:
@@ -116,8 +157,13 @@ def _is_adapter_param(model: nn.Module, pname: str) -> bool:
     return any(p in LoraLayer.adapter_param_names or p == "modules_to_save" for p in parts)
 
 
-def delete(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` and every parameter it owns."""
+def delete(model: nn.Module, name: str) -> list[str]:
+    """Remove adapter ``name`` and every parameter it owns; returns the adapters active afterwards.
+
+    The LoRA layers stay in place (with no adapter left, they compute as their base layers), as in
+    PEFT. If ``name`` was the only active adapter, the first remaining adapter by sorted name becomes
+    active (PEFT's choice), with a warning; its tensors become trainable, as PEFT's ``set_adapter``
+    makes them."""
     _check_known(model, [name])
     merged = [
         n
@@ -125,27 +171,54 @@ def delete(model: nn.Module, name: str) -> None:
         if isinstance(m, (LoraLayer, TrainableTokensWrapper)) and name in m.merged_adapters
     ]
     if merged:
-        raise AdapterError(f"adapter {name!r} is merged into {len(merged)} layers; unmerge it first")
+        raise AdapterError(
+            f"Cannot delete adapter(s) {[name]} while they are merged. Please unmerge them first. "
+            f"(merged into {len(merged)} layer(s), e.g. {merged[0]})"
+        )
+    active = active_adapters(model)
     for _, module in lora_modules(model):
         module.delete_adapter(name)
+    if name not in active:
+        return active
+    remaining_active = [a for a in active if a != name]
+    if remaining_active:
+        new_active = remaining_active
+    else:
+        remaining = sorted(adapter_names(model))
+        new_active = remaining[:1]
+        if new_active:
+            warnings.warn(
+                f"Adapter {name} was active which is now deleted. Setting active adapter to {new_active[0]}.",
+                UserWarning,
+                stacklevel=3,
+            )
+    for _, module in lora_modules(model):
+        module.set_adapter(new_active)
+    return new_active
 
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block the model computes as its base model. Merged adapters are unmerged (exactly)
-    on entry and merged again on exit."""
+    """Within the block the model computes as its base model and no adapter tensor requires a
+    gradient. Merged adapters are unmerged (exactly) on entry and merged again on exit; the enabled
+    flags and ``requires_grad`` of every adapter tensor are restored exactly."""
     modules = [m for _, m in lora_modules(model)]
     merged = [(m, list(m.merged_adapters)) for m in _merge_writers(modules) if m.merged]
     previous = [m.disable_adapters for m in modules]
+    grads = [(p, p.requires_grad) for m in modules for a in m.adapter_names for p in m.adapter_parameters(a)]
     try:
         for layer, _ in merged:
             layer.unmerge()
         for m in modules:
             m.disable_adapters = True
+        for param, _ in grads:
+            param.requires_grad_(False)
         yield
     finally:
         for m, flag in zip(modules, previous, strict=True):
             m.disable_adapters = flag
+        for param, flag in grads:
+            param.requires_grad_(flag)
         _merge_layers([(m, names) for m, names in merged if isinstance(m, LoraLayer)], keep_original=True)
         for m, names in merged:
             if isinstance(m, TrainableTokensWrapper):
@@ -182,16 +255,19 @@ def merge(
     With ``safe_merge`` every layer's result is checked first: if any is non-finite, nothing is
     written anywhere.
     """
+    if isinstance(names, str):
+        raise TypeError(f"adapter_names should be a list of strings, got {names!r}")
     if names is not None:
         _check_known(model, list(names))
     named = [(n, m) for n, m in lora_modules(model) if isinstance(m, LoraLayer)]
+    _warn_already_merged(named, names)
     tokens = [(n, m) for n, m in lora_modules(model) if isinstance(m, TrainableTokensWrapper) and not m.tied]
     problems = [f"{lname}: {problem}" for lname, layer in named if (problem := _merge_problem(layer, names))]
     problems += [f"{n}: {problem}" for n, m in tokens if (problem := m.merge_problem(names))]
     problems += _tied_weight_problems(model, named, names)
     problems += _token_weight_problems(model, tokens, names)
     if problems:
-        raise AdapterError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
+        raise AdapterMergeError("cannot merge, nothing was merged:\n  - " + "\n  - ".join(problems))
     layers = [m for _, m in named]
     if safe_merge:
         bad = []
@@ -200,8 +276,10 @@ def merge(
             if result is not None and not all(t.isfinite().all() for t in result if t is not None):
                 bad.append(lname)
         if bad:
+            wanted = names if names is not None else active_adapters(model)
             raise AdapterError(
-                f"safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged"
+                f"NaNs detected in the merged weights. The adapter {', '.join(wanted)} seems to be broken "
+                f"(safe_merge: merging would give non-finite weights in {', '.join(bad)}; nothing was merged)"
             )
     if safe_merge:
         bad_rows = [n for n, m in tokens if any(not m.rows(a).isfinite().all() for a in m.merge_names(names))]
@@ -218,6 +296,9 @@ def _factors_tied(a: LoraLayer, b: LoraLayer, name: str) -> bool:
     """Whether layers ``a`` and ``b`` hold adapter ``name``'s factors in the same memory (an output
     head sharing the embedding's adapter, ``ensure_weight_tying``): then their ΔW are one."""
     if not (a.has_adapter(name) and b.has_adapter(name)):
+        return False
+    factors = [*a.factors(name), *b.factors(name)]
+    if any(t.is_meta for t in factors):  # meta tensors (low_cpu_mem_usage) have no storage to share
         return False
     storages = [{t.untyped_storage().data_ptr() for t in layer.factors(name)} for layer in (a, b)]
     return storages[0] == storages[1]
@@ -237,6 +318,22 @@ def _merge_layers(pairs: Sequence[tuple[LoraLayer, Sequence[str] | None]], *, ke
         else:
             layer.merge(names, keep_original=keep_original)
             leaders.setdefault(id(weight), layer)
+
+
+def _warn_already_merged(named: list[tuple[str, LoraLayer]], names: Sequence[str] | None) -> None:
+    """PEFT's warnings when merging into layers that already hold merged adapters."""
+    already = list(dict.fromkeys(a for _, m in named for a in m.merged_adapters))
+    if not already:
+        return
+    adding = list(dict.fromkeys(a for _, m in named if m.merged for a in m.merge_result_names(names)))
+    if adding:
+        message = (
+            f"Already following adapters were merged {','.join(already)}. "
+            f"You are now additionally merging {','.join(adding)}."
+        )
+    else:
+        message = "All adapters are already merged, nothing to do."
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def _merge_problem(layer: LoraLayer, names: Sequence[str] | None) -> str | None:

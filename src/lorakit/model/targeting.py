@@ -50,6 +50,8 @@ __all__ = [
     "select_parameters",
     "targetable_parameters",
     "matches_target",
+    "excluded_names",
+    "no_match_message",
     "rank_and_alpha",
     "iter_plain_modules",
     "targetable_modules",
@@ -184,6 +186,49 @@ def matches_target(config: LoraConfig, name: str) -> bool:
     if name in targets:  # as in PEFT, a full name is taken as given, without layers_to_transform
         return True
     return any(name.endswith("." + t) for t in targets) and _in_layers(config, name)
+
+
+def excluded_names(config: LoraConfig, model: nn.Module) -> list[str]:
+    """The modules ``config.exclude_modules`` matches (whether or not they were targeted)."""
+    excluded = config.exclude_modules
+    if not excluded:
+        return []
+    names = [n for n, _ in iter_plain_modules(model) if n]
+    if isinstance(excluded, str):
+        return [n for n in names if re.fullmatch(excluded, n)]
+    return [n for n in names if _name_in(n, list(excluded))]
+
+
+def no_match_message(config: LoraConfig, model: nn.Module) -> str:
+    """PEFT's sentence for a config that targets nothing, by its cases: every module excluded,
+    target names found nowhere, or a mix (some excluded or kept for ``modules_to_save``, the rest
+    not matched)."""
+    names = [n for n, _ in iter_plain_modules(model) if n]
+    excluded = set(excluded_names(config, model))
+    excluded |= {n for n in names if _is_module_to_save(n, config.modules_to_save)}
+    unmatched = [n for n in names if n not in excluded]
+    if excluded and not unmatched:
+        return (
+            "All modules were excluded. This is likely unintended. Check your `target_modules`, "
+            "`exclude_modules` and `modules_to_save` configuration."
+        )
+    if not excluded:
+        message = (
+            f"Target modules {config.target_modules} not found in the base model. "
+            "Please check the target modules and try again."
+        )
+    else:
+        message = (
+            "No modules were targeted for adaptation. This might be caused by a combination of mismatched "
+            "target modules and excluded modules. Please check your `target_modules` and `exclude_modules` "
+            "configuration. You may also have only targeted modules that are marked to be saved "
+            "(`modules_to_save`)."
+        )
+    if config.layers_to_transform is not None:
+        message += f" Note: You specified 'layers_to_transform': {config.layers_to_transform}."
+    if config.layers_pattern is not None:
+        message += f" You also specified 'layers_pattern': {config.layers_pattern}."
+    return message
 
 
 def _output_head_names(model: nn.Module, config: LoraConfig) -> set[str]:

@@ -229,7 +229,8 @@ def tie_adapters(config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, Ties
     if not config.ensure_weight_tying:
         if (in_saves or in_targets) and tied:
             warnings.warn(
-                "the model ties its input embedding to "
+                "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                "`ensure_weight_tying` is not set to True: the model ties its input embedding to "
                 f"{', '.join(tied)} and the adapter adapts one of them on its own, so they are no longer "
                 "tied; set ensure_weight_tying=True to share the adapter between them",
                 stacklevel=5,

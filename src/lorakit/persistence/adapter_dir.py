@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -29,7 +29,13 @@ from lorakit import fileio
 from lorakit._version import __version__
 from lorakit.config import LoraConfig, TaskType, peft_json
 from lorakit.config.files import adapter_folder
-from lorakit.errors import AdapterError, AdapterFileError, BaseModelMismatchError, BaseModelMismatchWarning
+from lorakit.errors import (
+    AdapterError,
+    AdapterFileError,
+    AdapterShapeError,
+    BaseModelMismatchError,
+    BaseModelMismatchWarning,
+)
 from lorakit.layers import LoraLayer
 from lorakit.model import engines, injection
 from lorakit.model.injection import Plan
@@ -42,7 +48,6 @@ from lorakit.persistence.keys import (
     planned_embedding_shapes,
     planned_shapes,
     saved_tensors,
-    set_peft_model_state_dict,
     to_file_keys,
 )
 
@@ -52,8 +57,6 @@ __all__ = [
     "save_adapter_tensors",
     "read_adapter",
     "check_adapter",
-    "load_new",
-    "load_adapter",
 ]
 
 BaseMismatch = Literal["warn", "error", "ignore"]
@@ -84,6 +87,7 @@ def _adapter_payload(
     config: LoraConfig,
     initial: AdapterFiles | None = None,
     whole: Mapping[str, torch.Tensor] | None = None,
+    save_embedding_layers: bool | str = "auto",
 ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
     """(config JSON text, file tensors, header metadata) of adapter ``name``. ``initial``: the
     adapter as saved right after a PiSSA/OLoRA init (the result is converted to a plain LoRA for the
@@ -95,6 +99,7 @@ def _adapter_payload(
         name,
         config.bias,
         config.target_modules,
+        save_embedding_layers=save_embedding_layers,
         trainable_tokens=config.trainable_token_indices is not None,
     )
     if whole is None:
@@ -157,6 +162,7 @@ def save_adapters(
     *,
     is_main_process: bool = True,
     safe_serialization: bool = True,
+    save_embedding_layers: bool | str = "auto",
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
     whole: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> None:
@@ -166,9 +172,13 @@ def save_adapters(
     adapters are validated and serialised in memory first; then the directory is replaced
     atomically (other files in it are kept). A path that is an existing file is refused.
 
+    ``safe_serialization=False``: ``adapter_model.bin`` (tensors only, as PEFT writes it) instead
+    of ``adapter_model.safetensors``. ``save_embedding_layers``: see
+    :func:`lorakit.persistence.keys.saved_tensors`.
     ``path_initial_model_for_weight_conversion``: the directory where a PiSSA/OLoRA adapter was
     saved right after its initialisation; the adapters are then saved as plain LoRA adapters of
-    twice the rank that apply to the original base (:mod:`lorakit.persistence.conversion`).
+    twice the rank that apply to the original base (:mod:`lorakit.persistence.conversion`), and
+    that directory's config is marked ``init_lora_weights=True``, as PEFT does.
     """
     names = list(configs) if selected_adapters is None else list(selected_adapters)
     unknown = [n for n in names if n not in configs]
@@ -183,18 +193,16 @@ def save_adapters(
             f"adapter name(s) {unsafe} cannot be saved: each non-default adapter is written "
             "to a subfolder named after it, so a name must be a single path component"
         )
-    if not safe_serialization:
-        raise AdapterError(
-            "safe_serialization=False: lorakit writes adapter_model.safetensors only (pickled "
-            "adapter_model.bin files can carry code); it still reads legacy .bin files safely"
-        )
     initial = (
         None
         if path_initial_model_for_weight_conversion is None
         else read_adapter(path_initial_model_for_weight_conversion)
     )
     payloads = {
-        n: _adapter_payload(model, n, configs[n], initial, None if whole is None else whole[n]) for n in names
+        n: _adapter_payload(
+            model, n, configs[n], initial, None if whole is None else whole[n], save_embedding_layers
+        )
+        for n in names
     }
     if not is_main_process:  # other ranks of a distributed run validate, but only rank 0 writes
         return
@@ -207,8 +215,23 @@ def save_adapters(
         for name, (text, tensors, metadata) in payloads.items():
             out = staging / _subfolder(name)
             out.mkdir(parents=True, exist_ok=True)
-            fileio.write_safetensors(out / fileio.WEIGHTS_NAME, tensors, metadata)
+            if safe_serialization:
+                fileio.write_safetensors(out / fileio.WEIGHTS_NAME, tensors, metadata)
+            else:
+                fileio.write_legacy_bin(out / fileio.LEGACY_WEIGHTS_NAME, tensors)
             (out / fileio.CONFIG_NAME).write_text(text, encoding="utf-8")
+    if initial is not None:
+        _mark_initial_plain(path_initial_model_for_weight_conversion)  # type: ignore[arg-type]
+
+
+def _mark_initial_plain(directory: str | os.PathLike[str]) -> None:
+    """As PEFT: after converting against the initial PiSSA/OLoRA adapter, its saved config says
+    ``init_lora_weights=True`` (it is then a plain LoRA of the residual base model)."""
+    path = adapter_folder(directory) / fileio.CONFIG_NAME
+    data = fileio.read_json(path)
+    if isinstance(data, dict) and data.get("init_lora_weights") is not True:
+        data["init_lora_weights"] = True
+        fileio.atomic_write_text(path, peft_json.dumps(data))
 
 
 def save_adapter_tensors(
@@ -273,12 +296,18 @@ def as_fitted(config: LoraConfig) -> LoraConfig:
 
 
 # -- checking -------------------------------------------------------------------------------------
+_SIZE_MISMATCH = "size mismatch"
+
+
 def _key_problems(
     expected: Mapping[str, tuple[int, ...]],
     optional: Mapping[str, tuple[int, ...]],
     found: Mapping[str, torch.Tensor],
+    *,
+    ignore_mismatched_sizes: bool = False,
 ) -> list[str]:
-    """Unknown keys, missing keys and shape mismatches, one line each (optional keys may be absent)."""
+    """Unknown keys, missing keys and shape mismatches, one line each (optional keys may be absent;
+    mismatches are no problem with ``ignore_mismatched_sizes``: the loader skips them)."""
     lines = []
     for key in sorted(set(found) - set(expected) - set(optional)):
         lines.append(f"{key}: in the file, but no module of the model has this adapter tensor")
@@ -291,7 +320,7 @@ def _key_problems(
     known = {**optional, **expected}
     for key in sorted(set(known) & set(found)):
         shape = tuple(found[key].shape)
-        if shape != tuple(known[key]):
+        if shape != tuple(known[key]) and not ignore_mismatched_sizes:
             module, tensor = _split(key)
             hint = (
                 " (was the vocabulary resized? resize the model's embeddings first)"
@@ -299,7 +328,8 @@ def _key_problems(
                 else ""
             )
             lines.append(
-                f"{module}: {tensor} has shape {shape} in the file, the model expects {known[key]}{hint}"
+                f"{module}: {tensor} has shape {shape} in the file, the model expects {known[key]}{hint} "
+                f"({_SIZE_MISMATCH}; ignore_mismatched_sizes=True skips such tensors)"
             )
     return lines
 
@@ -334,10 +364,17 @@ def _check_base(plan: Plan, files_: AdapterFiles, on_base_mismatch: str) -> None
 
 
 def check_adapter(
-    model: nn.Module, files_: AdapterFiles, adapter_name: str, on_base_mismatch: BaseMismatch = "warn"
+    model: nn.Module,
+    files_: AdapterFiles,
+    adapter_name: str,
+    on_base_mismatch: BaseMismatch = "warn",
+    *,
+    ignore_mismatched_sizes: bool = False,
 ) -> Plan:
     """Everything that can go wrong with loading ``files_`` into ``model``, checked read-only:
-    the config against the model, then every key and shape, then the base fingerprint."""
+    the config against the model, then every key and shape (a size mismatch raises
+    :class:`~lorakit.errors.AdapterShapeError`, unless ``ignore_mismatched_sizes``), then the base
+    fingerprint."""
     if on_base_mismatch not in _MISMATCH_CHOICES:
         raise AdapterError(
             f"on_base_mismatch={on_base_mismatch!r}: must be one of {', '.join(_MISMATCH_CHOICES)}"
@@ -345,11 +382,15 @@ def check_adapter(
     with injection.filling_from_file():
         plan = injection.plan(model, files_.config, adapter_name)
     lines = _key_problems(
-        planned_shapes(model, plan, adapter_name), planned_embedding_shapes(model, plan), files_.tensors
+        planned_shapes(model, plan, adapter_name),
+        planned_embedding_shapes(model, plan),
+        files_.tensors,
+        ignore_mismatched_sizes=ignore_mismatched_sizes,
     )
     if lines:
+        sizes = any(_SIZE_MISMATCH in line for line in lines)
         more = f"\n  ... and {len(lines) - _MAX_LINES} more" if len(lines) > _MAX_LINES else ""
-        raise AdapterError(
+        raise (AdapterShapeError if sizes else AdapterError)(
             f"cannot load {str(files_.weights_path)!r} as adapter {adapter_name!r} "
             f"({len(lines)} problem(s)); the model was not changed:\n  - "
             + "\n  - ".join(lines[:_MAX_LINES])
@@ -357,84 +398,3 @@ def check_adapter(
         )
     _check_base(plan, files_, on_base_mismatch)
     return plan
-
-
-# -- loading --------------------------------------------------------------------------------------
-def _fill(model: nn.Module, files_: AdapterFiles, adapter_name: str) -> None:
-    """Copy the checked tensors into the freshly injected adapter; on any failure remove it again."""
-    try:
-        set_peft_model_state_dict(model, files_.tensors, adapter_name)
-    except BaseException:
-        injection.uninject(model, adapter_name)
-        raise
-
-
-def load_weights(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    adapter_name: str = "default",
-    subfolder: str | None = None,
-) -> list[str]:
-    """Copy an adapter directory's tensors into the *existing* adapter ``adapter_name`` (resuming a
-    checkpoint). Every key and shape is checked before anything is copied."""
-    files_ = read_adapter(path, subfolder=subfolder)
-    return set_peft_model_state_dict(model, files_.tensors, adapter_name)
-
-
-def load_new(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    is_trainable: bool,
-    build: Callable[[nn.Module, LoraConfig, str], Any],
-    on_base_mismatch: BaseMismatch = "warn",
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-) -> Any:
-    """``PeftModel.from_pretrained``: read and check, then ``build(model, config, adapter_name)``
-    (which injects the adapter and wraps the model), then copy the weights in."""
-    files_ = read_adapter(
-        path, is_trainable=is_trainable, subfolder=subfolder, revision=revision, token=token
-    )
-    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    with injection.filling_from_file():
-        wrapped = build(model, plan.config, adapter_name)
-    try:
-        _fill(model, files_, adapter_name)
-    except BaseException:
-        for param, flag in requires_grad:  # the wrapper froze the base; give it back as it was
-            param.requires_grad_(flag)
-        raise
-    if not is_trainable:
-        wrapped.eval()
-    return wrapped
-
-
-def load_adapter(
-    model: nn.Module,
-    configs: dict[str, LoraConfig],
-    path: str | os.PathLike[str],
-    adapter_name: str,
-    *,
-    is_trainable: bool,
-    on_base_mismatch: BaseMismatch = "warn",
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | bool | None = None,
-) -> None:
-    """``PeftModel.load_adapter``: add adapter ``adapter_name`` from ``path`` to ``model`` (inactive;
-    trainability is the caller's) and record its config in ``configs``."""
-    files_ = read_adapter(
-        path, is_trainable=is_trainable, subfolder=subfolder, revision=revision, token=token
-    )
-    plan = check_adapter(model, files_, adapter_name, on_base_mismatch)
-    with injection.filling_from_file():
-        configs[adapter_name] = injection.inject(model, plan.config, adapter_name)
-    try:
-        _fill(model, files_, adapter_name)
-    except BaseException:
-        configs.pop(adapter_name, None)
-        raise

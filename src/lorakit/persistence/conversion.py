@@ -32,8 +32,9 @@ def _convertible(config: LoraConfig) -> list[str]:
         problems.append("DoRA adapters cannot be converted (their magnitude is tied to the residual base)")
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         problems.append(
-            "use_rslora=True with rank_pattern/alpha_pattern cannot keep its scalings when the "
-            "ranks double (PEFT refuses this too)"
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when "
+            "using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`: the scalings "
+            "cannot be kept when the ranks double"
         )
     return problems
 

@@ -14,7 +14,9 @@ Two adapters differ in rank and in scaling ``s = α / r``; both are absorbed wit
   likewise), so ``s · B'(s'/s) A' = s' · B' A'`` — the new adapter's update.
 
 The new adapter must target the same modules as the loaded one (a subset is fine: the layers it
-lacks are zeroed, as in PEFT); anything else is refused before any weight changes.
+lacks are zeroed, as in PEFT); anything else is refused before any weight changes. A model that is
+not compiled also takes an adapter of larger rank (its factors grow, as PEFT swaps them in); a
+compiled one needs the padding.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError
+from lorakit.errors import AdapterError, AdapterStateDictError
 from lorakit.layers import LoraLayer
 from lorakit.layers.registry import variants
-from lorakit.model import injection
+from lorakit.model import engines, injection
 from lorakit.model.targeting import rank_and_alpha
 from lorakit.persistence.adapter_dir import read_adapter
 from lorakit.persistence.keys import adapter_keys, from_file_keys, parse_key
@@ -58,6 +60,16 @@ def _padded(old: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     return new
 
 
+def _record_shapes(user: nn.Module) -> None:
+    """After factors changed shape, record the new shapes as the adapter's own (saving checks
+    tensors against what was recorded, to recognise a distributed engine's shards)."""
+    if engines.recorded(user) is None:
+        return
+    for name in {a for _, m in injection.lora_modules(user) for a in m.adapter_names}:
+        params = [p for _, m in injection.lora_modules(user) for p in m.adapter_parameters(name)]
+        engines.record(user, name, params)
+
+
 def _copy_blocks(target: torch.Tensor, value: torch.Tensor, blocks: int) -> None:
     """Copy A ``value`` (r', …) into the larger ``target`` (R, …) block by block: rows
     ``g·r'/G …`` go to ``g·R/G …``, so that each group of a grouped B still reads its own rows."""
@@ -78,33 +90,59 @@ def _pad_layer(layer: LoraLayer, name: str, rank: int) -> None:
     layer.set_factors(name, new_a, _padded(b, rank // blocks, 1))
 
 
+def _is_compiled(model: nn.Module) -> bool:
+    """A ``torch.compile`` wrapper, or a module compiled in place (``module.compile()``)."""
+    return hasattr(model, "_orig_mod") or bool(getattr(model, "_compiled_call_impl", None))
+
+
 def prepare_model_for_compiled_hotswap(
-    model: nn.Module, *, target_rank: int | None = None, config: object = None, check_compiled: str = "error"
+    model: nn.Module,
+    *,
+    target_rank: int | None = None,
+    config: LoraConfig | Mapping[str, LoraConfig] | None = None,
+    check_compiled: str = "error",
 ) -> None:
     """Pad every adapter of ``model`` to rank ``target_rank`` (default: the largest rank present)
     so that adapters up to that rank can be hot-swapped in without recompiling. Call it before
     ``torch.compile``; outputs are unchanged (the padding is zeros).
 
-    ``config`` is accepted for PEFT's signature and not needed: lorakit never turns scalings into
-    tensors (a swap folds the new scaling into B). ``check_compiled``: ``"error"`` (default),
+    ``config``: the loaded adapter's config, or the model's ``peft_config`` dict; each is updated
+    to describe the padded adapters (``r`` and every ``rank_pattern`` entry become ``target_rank``,
+    as in PEFT, and ``lora_alpha`` / ``alpha_pattern`` are rescaled so that each layer's scaling,
+    and so a save of the padded adapter, stays what it was). lorakit never turns scalings into
+    tensors: a swap folds the new scaling into B. ``check_compiled``: ``"error"`` (default),
     ``"warn"`` or ``"ignore"`` when ``model`` is already compiled (padding then recompiles)."""
     if check_compiled not in ("error", "warn", "ignore"):
-        raise AdapterError(f"check_compiled={check_compiled!r}: must be one of 'error', 'warn', 'ignore'")
-    if hasattr(model, "_orig_mod"):
-        message = "prepare_model_for_compiled_hotswap must be called before torch.compile(model)"
+        raise AdapterError(
+            f"check_compiles should be one of 'error', 'warn', or 'ignore', got {check_compiled!r} instead."
+        )
+    if _is_compiled(model):
         if check_compiled == "error":
-            raise AdapterError(message)
+            raise AdapterError(
+                "Call prepare_model_for_compiled_hotswap *before* compiling the model (or pass "
+                "check_compiled='warn' / 'ignore' to pad anyway and recompile)"
+            )
         if check_compiled == "warn":
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(
+                "prepare_model_for_compiled_hotswap was called with a model that is already compiled. "
+                "This will likely result in re-compilation, hurting performance. Call the function "
+                "before compiling the model.",
+                UserWarning,
+                stacklevel=2,
+            )
     layers = [m for _, m in injection.lora_modules(_user_model(model)) if isinstance(m, LoraLayer)]
     if not layers:
-        raise AdapterError("the model holds no LoRA layer to prepare for hot-swapping")
+        raise AdapterError(
+            "No adapter layers found on the model, make sure call `prepare_model_for_compiled_hotswap` after "
+            "loading the first adapter and before loading the second adapter."
+        )
     _refuse_parameters(_configs(model).values())
     largest = max(r for layer in layers for r in layer.r.values())
     rank = largest if target_rank is None else target_rank
-    if not isinstance(rank, int) or rank < largest:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < largest:
         raise AdapterError(
-            f"target_rank={target_rank!r}: must be an integer ≥ the largest rank present ({largest})"
+            f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is larger "
+            f"({largest}): target_rank={target_rank!r} must be an integer ≥ the largest rank present"
         )
     grouped = sorted({layer.rank_blocks for layer in layers if rank % layer.rank_blocks})
     if grouped:
@@ -116,6 +154,30 @@ def prepare_model_for_compiled_hotswap(
         for name in layer.adapter_names:
             if layer.r[name] < rank:
                 _pad_layer(layer, name, rank)
+    _record_shapes(_user_model(model))
+    if config is not None and target_rank is not None:
+        for cfg in config.values() if isinstance(config, Mapping) else [config]:
+            _describe_padding(cfg, rank)
+
+
+def _describe_padding(config: LoraConfig, rank: int) -> None:
+    """Make ``config`` say rank ``rank`` everywhere while keeping each pattern's scaling
+    (``α / r`` → ``α' / rank`` with ``α' = α · rank / r``; with rsLoRA ``α · √(rank / r)``)."""
+
+    def alpha_for(alpha: float, r: int) -> float:
+        factor = (rank / r) ** 0.5 if config.use_rslora else rank / r
+        return alpha * factor
+
+    alpha_pattern = dict(config.alpha_pattern or {})
+    for key, r in (config.rank_pattern or {}).items():
+        alpha_pattern[key] = alpha_for(alpha_pattern.get(key, config.lora_alpha), r)
+    for key in list(alpha_pattern):
+        if key not in (config.rank_pattern or {}):
+            alpha_pattern[key] = alpha_for(alpha_pattern[key], config.r)
+    config.lora_alpha = alpha_for(config.lora_alpha, config.r)
+    config.alpha_pattern = alpha_pattern
+    config.rank_pattern = dict.fromkeys(config.rank_pattern or {}, rank)
+    config.r = rank
 
 
 def _refuse_parameters(configs: Iterable[LoraConfig | None]) -> None:
@@ -130,7 +192,7 @@ def _refuse_parameters(configs: Iterable[LoraConfig | None]) -> None:
 
 
 def _problems(
-    live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], adapter_name: str
+    live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], adapter_name: str, *, can_grow: bool
 ) -> list[str]:
     variant_of = {v.container: v.name for v in variants()}
     extra = sorted(set(new) - set(live))
@@ -156,23 +218,40 @@ def _problems(
         if old_shape == new_shape:
             continue
         axis = parse_key(key).rank_axis
-        pairs = enumerate(zip(old_shape, new_shape, strict=False))
+        pairs = list(enumerate(zip(old_shape, new_shape, strict=False)))
         fits = (
             axis is not None
             and len(old_shape) == len(new_shape)
-            and all(o == n or (i == axis and n < o) for i, (o, n) in pairs)
+            and all(o == n or (i == axis and (n < o or can_grow)) for i, (o, n) in pairs)
         )
         if not fits:
             hint = (
                 (
-                    " (a larger rank: call prepare_model_for_compiled_hotswap(model, target_rank=...) "
-                    "before compiling)"
+                    " (a larger rank in a compiled model: call prepare_model_for_compiled_hotswap(model, "
+                    "target_rank=...) before compiling)"
                 )
                 if axis is not None
                 else ""
             )
             lines.append(f"{key}: shape {new_shape} does not fit the loaded {old_shape}{hint}")
     return lines
+
+
+def _grow(
+    user: nn.Module, live: Mapping[str, torch.Tensor], new: Mapping[str, torch.Tensor], adapter_name: str
+) -> None:
+    """Give the layers where the new adapter's rank is larger that rank (zero-padded factors, new
+    parameters): only for a model that is not compiled, where parameter shapes may change."""
+    ranks: dict[str, int] = {}
+    for key, value in new.items():
+        parsed = parse_key(key)
+        axis = parsed.rank_axis
+        if axis is not None and key in live and value.shape[axis] > live[key].shape[axis]:
+            ranks[parsed.module] = max(ranks.get(parsed.module, 0), int(value.shape[axis]))
+    for path, rank in ranks.items():
+        layer = user.get_submodule(path)
+        if isinstance(layer, LoraLayer):
+            _pad_layer(layer, adapter_name, rank)
 
 
 def _scale_ratios(user: nn.Module, adapter_name: str, config: LoraConfig | None) -> dict[str, float]:
@@ -221,12 +300,17 @@ def hotswap_adapter_from_state_dict(
     # without the base weights PEFT saves beside an adapter (an attention's nested out_proj adapter
     # has "base_layer" in its path too, so it is the key's own part that tells)
     new = {k: v for k, v in from_file_keys(state_dict).items() if parse_key(k).part != "base_layer"}
-    lines = _problems(live, new, adapter_name)
+    can_grow = not _is_compiled(model)
+    lines = _problems(live, new, adapter_name, can_grow=can_grow)
     if lines:
-        raise AdapterError(
-            f"cannot hot-swap into adapter {adapter_name!r}; nothing was changed:\n  - "
-            + "\n  - ".join(lines)
+        raise AdapterStateDictError(
+            f"Hot swapping the adapter did not succeed: cannot hot-swap into adapter {adapter_name!r}; "
+            "nothing was changed:\n  - " + "\n  - ".join(lines)
         )
+    if can_grow:
+        _grow(user, live, new, adapter_name)
+        _record_shapes(user)
+        live = adapter_keys(user, adapter_name, "none").tensors
     ratios = _scale_ratios(user, adapter_name, config)
     blocks = {p: m.rank_blocks for p, m in injection.lora_modules(user) if isinstance(m, LoraLayer)}
     for key, target in live.items():

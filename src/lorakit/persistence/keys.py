@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Mapping
 from typing import cast
 
@@ -46,7 +47,6 @@ from lorakit.layers import (
     parameter_layer_for,
     variant_for,
 )
-from lorakit.model import engines
 from lorakit.model.injection import Plan
 from lorakit.model.targeting import rank_and_alpha
 
@@ -60,11 +60,10 @@ __all__ = [
     "saved_tensors",
     "planned_embedding_shapes",
     "embedding_base_tensors",
+    "loadable_embedding_tensors",
     "saves_embedding_base",
     "to_file_keys",
     "from_file_keys",
-    "get_peft_model_state_dict",
-    "set_peft_model_state_dict",
 ]
 
 FILE_PREFIX = "base_model.model."  # what a PeftModel's file puts before each module path
@@ -326,14 +325,26 @@ def saves_embedding_base(model: nn.Module, target_modules: list[str] | str | Non
     return any(e in names for e in EMBEDDING_LAYER_NAMES)
 
 
-def embedding_base_tensors(model: nn.Module, *, wrapped_only: bool) -> dict[str, torch.Tensor]:
+def embedding_base_tensors(
+    model: nn.Module, *, wrapped_only: bool, adapter_name: str | None = None
+) -> dict[str, torch.Tensor]:
     """The input / output embedding base weights under PEFT's keys: ``<m>.base_layer.<p>`` for a LoRA
-    layer, ``<m>.<p>`` for a plain one (only LoRA layers with ``wrapped_only``)."""
+    layer, ``<m>.<p>`` for a plain one (only LoRA layers with ``wrapped_only``, and with
+    ``adapter_name`` only those holding that adapter). A layer with merged adapters gives its
+    weights as they are without them (they are what a fresh base model has)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in _embedding_layers(model):
         if isinstance(layer, LoraLayer) and isinstance(layer.base_layer, (nn.Linear, nn.Embedding)):
+            if adapter_name is not None and not layer.has_adapter(adapter_name):
+                continue
             prefix = _join(name, "base_layer")
-            tensors.update(_saved_module_tensors(prefix, layer.base_layer))
+            saved = _saved_module_tensors(prefix, layer.base_layer)
+            if layer.merged:
+                saved[_join(prefix, "weight")] = layer.original_weight()
+                bias = layer.original_bias()
+                if bias is not None and _join(prefix, "bias") in saved:
+                    saved[_join(prefix, "bias")] = bias
+            tensors.update(saved)
         elif isinstance(layer, TrainableTokensWrapper):
             if not wrapped_only:  # PEFT writes these only for a resized vocabulary; read them
                 prefix = _join(name, TOKEN_ADAPTER, "base_layer")
@@ -343,24 +354,31 @@ def embedding_base_tensors(model: nn.Module, *, wrapped_only: bool) -> dict[str,
     return tensors
 
 
+def loadable_embedding_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every key under which a file may carry an embedding's base weight, mapped to the live tensor
+    it loads into: a plain layer also answers to the ``<m>.base_layer.<p>`` form (a file saved with
+    another adapter wrapping it, as PEFT writes beside every adapter)."""
+    tensors = embedding_base_tensors(model, wrapped_only=False)
+    for name, layer in _embedding_layers(model):
+        if not isinstance(layer, LoraLayer) and isinstance(layer, (nn.Linear, nn.Embedding)):
+            tensors.update(_saved_module_tensors(_join(name, "base_layer"), layer))
+    return tensors
+
+
 def planned_embedding_shapes(model: nn.Module, plan: Plan) -> dict[str, tuple[int, ...]]:
     """Optional keys a file may hold for ``plan``: the embedding base weights, by PEFT's naming once
-    the plan is injected."""
-    targeted = {n for n, _ in [*plan.targets, *plan.ties.targets]}
+    the plan is injected (a plain embedding also under its ``base_layer`` form, see
+    :func:`loadable_embedding_tensors`; one with trainable token rows under its
+    ``token_adapter.base_layer`` form)."""
     tokens = {t.name for t in plan.tokens}
     shapes: dict[str, tuple[int, ...]] = {}
     for name, layer in _embedding_layers(model):
-        wrapped = isinstance(layer, LoraLayer) or name in targeted
-        rows = isinstance(layer, TrainableTokensWrapper) or name in tokens
         base = layer.base_layer if isinstance(layer, (LoraLayer, TrainableTokensWrapper)) else layer
-        prefix = (
-            _join(name, TOKEN_ADAPTER, "base_layer")
-            if rows
-            else _join(name, "base_layer")
-            if wrapped
-            else name
-        )
-        shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(prefix, base).items()})
+        prefixes = [_join(name, "base_layer"), name]
+        if isinstance(layer, TrainableTokensWrapper) or name in tokens:
+            prefixes.append(_join(name, TOKEN_ADAPTER, "base_layer"))
+        for prefix in prefixes:
+            shapes.update({k: tuple(t.shape) for k, t in _saved_module_tensors(prefix, base).items()})
     return shapes
 
 
@@ -379,104 +397,43 @@ def _inside_adapter(pname: str) -> bool:
     return bool(parts & (set(LoraLayer.adapter_param_names) | {"modules_to_save", "original_module"}))
 
 
-def _bias_mode(model: nn.Module, adapter_name: str) -> str:
-    configs = getattr(model, "peft_config", None)
-    if isinstance(configs, Mapping) and adapter_name in configs:
-        return str(getattr(configs[adapter_name], "bias", "none"))
-    return "none"
-
-
-def _refuse_shards(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
-    """A sharded engine's pieces are not the adapter: say how to get the whole tensors."""
-    root = next((m for _, m in model.named_modules() if engines.recorded(m) is not None), model)
-    problems = engines.shard_problems(tensors, engines.expected_shapes(root, tensors))
-    if problems:
-        raise AdapterError(
-            f"{len(problems)} adapter tensor(s) are shards of a distributed engine, not whole tensors:\n  - "
-            + "\n  - ".join(problems[:10])
-            + "\nCall lorakit.distributed.gather_adapter_state_dict(model) "
-            "on every rank, or pass a gathered full state_dict"
-        )
-
-
-def get_peft_model_state_dict(
-    model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None, adapter_name: str = "default"
-) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's keys (adapter name removed), detached, on their device.
-
-    If ``state_dict`` is given (e.g. a gathered full state dict), values are read from it by their
-    in-memory key instead of from the live model.
-    """
-    configs = getattr(model, "peft_config", None)
-    config = configs.get(adapter_name) if isinstance(configs, Mapping) else None
-    tensors = saved_tensors(
-        model,
-        adapter_name,
-        _bias_mode(model, adapter_name),
-        getattr(config, "target_modules", None),
-        trainable_tokens=getattr(config, "trainable_token_indices", None) is not None,
-    )
-    if state_dict is None:
-        _refuse_shards(model, tensors)
-        return {k: t.detach() for k, t in tensors.items()}
-    live = {id(t): k for k, t in model.state_dict(keep_vars=True).items()}
-    return {k: state_dict[live[id(t)]] for k, t in tensors.items()}
-
-
 def saved_tensors(
     model: nn.Module,
     adapter_name: str,
     bias: str,
     target_modules: list[str] | str | None,
     *,
+    save_embedding_layers: bool | str = "auto",
     trainable_tokens: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Every tensor an adapter file holds for ``adapter_name``, by file key (without
-    ``base_model.model.``): the adapter's tensors plus, by PEFT's rule, targeted embeddings' base
-    weights (not with ``trainable_tokens``, whose point is to save little; PEFT saves them then only
-    for a resized vocabulary, which lorakit does not detect). Raises if the model holds no such
-    adapter."""
+    ``base_model.model.``): the adapter's tensors plus the embeddings' base weights by PEFT's
+    ``save_embedding_layers`` rule: ``"auto"`` (with a warning, as PEFT) when an embedding is a
+    target (not with ``trainable_tokens``, whose point is to save little; PEFT saves them then only
+    for a resized vocabulary, which lorakit does not detect), ``True`` always (transformers-like
+    models), ``False`` never. Targeted embeddings give their ``base_layer`` weight for this adapter
+    only, as it is without merged adapters. Raises if the model holds no such adapter."""
+    if save_embedding_layers not in ("auto", True, False):
+        raise AdapterError(f"save_embedding_layers={save_embedding_layers!r}: must be 'auto', True or False")
     tensors = adapter_keys(model, adapter_name, bias).tensors
     if not tensors:
         raise AdapterError(f"the model holds no adapter named {adapter_name!r}")
     get_base = getattr(model, "get_base_model", None)
     user_model = get_base() if callable(get_base) else model  # target regexes see the user's names
-    if saves_embedding_base(user_model, target_modules) and not trainable_tokens:
-        tensors.update(embedding_base_tensors(model, wrapped_only=True))
-    return tensors
-
-
-def set_peft_model_state_dict(
-    model: nn.Module, peft_model_state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"
-) -> list[str]:
-    """Load PEFT-format tensors into adapter ``adapter_name``; every key must fit.
-
-    All problems (keys that match nothing, expected keys that are missing, shape mismatches) are
-    collected and raised together before any tensor is copied. Returns the loaded keys.
-    """
-    keys = adapter_keys(model, adapter_name, "all")
-    keys.tensors.update(embedding_base_tensors(model, wrapped_only=False))  # optional, as in PEFT
-    expected = adapter_keys(model, adapter_name, _bias_mode(model, adapter_name)).tensors
-    unknown = sorted(k for k in peft_model_state_dict if k not in keys.tensors)
-    missing = sorted(k for k in expected if k not in peft_model_state_dict)
-    mismatched = [
-        f"{k}: model expects {tuple(keys.tensors[k].shape)}, got {tuple(v.shape)}"
-        for k, v in peft_model_state_dict.items()
-        if k in keys.tensors and tuple(v.shape) != tuple(keys.tensors[k].shape)
-    ]
-    if unknown or missing or mismatched:
-        lines = []
-        if unknown:
-            lines.append(f"{len(unknown)} key(s) match no adapter tensor of the model: {unknown[:20]}")
-        if missing:
-            lines.append(f"{len(missing)} adapter tensor(s) missing from the state dict: {missing[:20]}")
-        if mismatched:
-            lines.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:20]))
-        raise AdapterError(
-            f"cannot load adapter {adapter_name!r}; nothing was changed:\n  - " + "\n  - ".join(lines)
+    targeted = saves_embedding_base(user_model, target_modules) and not trainable_tokens
+    if save_embedding_layers == "auto" and targeted:
+        warnings.warn(
+            "Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+            UserWarning,
+            stacklevel=4,
         )
-    with torch.no_grad():
-        for k, v in peft_model_state_dict.items():
-            target = keys.tensors[k]
-            target.copy_(v.to(device=target.device, dtype=target.dtype))
-    return sorted(peft_model_state_dict)
+        save_embedding_layers = True
+    if save_embedding_layers is True:
+        if not _embedding_layers(model) and not hasattr(user_model, "get_input_embeddings"):
+            warnings.warn(
+                "Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                UserWarning,
+                stacklevel=4,
+            )
+        tensors.update(embedding_base_tensors(model, wrapped_only=targeted, adapter_name=adapter_name))
+    return tensors
