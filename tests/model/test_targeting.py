@@ -353,8 +353,11 @@ def test_parameter_targeting_errors():
         lorakit.inject_adapter_in_model(
             LoraConfig(target_modules=[], target_parameters=["q_proj.weight"]), adapted, "second"
         )
-    with pytest.raises(TargetingError, match="nothing to adapt"):
+    with pytest.raises(TargetingError, match="nothing to adapt") as nothing:
         lorakit.inject_adapter_in_model(LoraConfig(target_modules=[]), _qwen3_moe())
+    # PEFT's error and sentence first, so code written for PEFT catches and matches it
+    assert isinstance(nothing.value, lorakit.NoMatchingPeftModuleError)
+    assert str(nothing.value).startswith("No `target_modules` passed but also no `target_parameters` found.")
     with pytest.raises(TargetingError, match=r"gate_up_proj_bias \(shape \(4, 8\): .*not a bias"):
         from zoo import moe
 

@@ -227,6 +227,13 @@ def _modules_to_save(config: LoraConfig, model: nn.Module) -> list[tuple[str, nn
     return found
 
 
+# PEFT's sentence when neither target list selects anything, first, so code matching it keeps working
+_NO_TARGETS = (
+    "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+    "these arguments."
+)
+
+
 def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: bool = False) -> Plan:
     """Validate ``config`` against ``model`` and say what injecting it would change (read-only).
     ``replacing``: an adapter named ``adapter_name`` may exist (it is about to be deleted)."""
@@ -250,12 +257,13 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
         )
     if resolved.target_parameters and not parameters and not problems:
         raise NoMatchingPeftModuleError(
-            f"target_parameters={resolved.target_parameters!r} matches no parameter of the model. "
+            f"{_NO_TARGETS} (lorakit: target_parameters={resolved.target_parameters!r} matches no "
+            "parameter of the model.) "
             f"{parameter_summary(model)}"
         )
     if not targets and not parameters and not problems:
         raise NoMatchingPeftModuleError(
-            "target_modules=[] and no target_parameters: nothing to adapt. "
+            f"{_NO_TARGETS} (lorakit: target_modules=[] and no target_parameters: nothing to adapt.) "
             f"{suffix_summary(model)} {parameter_summary(model)}"
         )
     variant = variant_for(resolved)
