@@ -50,6 +50,11 @@ class PeftModel(nn.Module):
     by loading weights (:meth:`load_adapter`, :func:`lorakit.set_peft_model_state_dict`).
     """
 
+    # transformers' Trainer refuses a quantized model that has no adapters, telling adapters by
+    # PEFT's class or by this flag of its own PEFT integration; this model has adapters. (Set on the
+    # class, so it is not forwarded to the base model, which reports is_quantized.)
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         model: nn.Module,
