@@ -10,15 +10,19 @@ postfix instead of printing a dict per log line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from lorakit.cli.errors import CliError
 from lorakit.cli.settings import TrainSettings
 from lorakit.cli.tasks import Task, argmax_logits, classification_metrics, collator
 
-__all__ = ["build_trainer", "last_checkpoint", "has_accelerator", "check_precision"]
+__all__ = ["build_trainer", "last_checkpoint", "has_accelerator", "check_precision", "steps_end_on_ctrl_c"]
 
 CHECKPOINTS = "checkpoints"
 TENSORBOARD = "tensorboard"
@@ -46,6 +50,41 @@ def _bar_callback() -> Any:
                 self.training_bar.set_postfix(self.shown, refresh=True)
 
     return BarCallback()
+
+
+@contextlib.contextmanager
+def steps_end_on_ctrl_c(trainer: Any) -> Iterator[None]:
+    """Within it, Ctrl-C ends ``trainer.train()`` between two optimizer steps: the signal handler
+    only records the request and a callback raises ``KeyboardInterrupt`` at the next step's end, in
+    lorakit's code. (Raised wherever the signal lands, the exception can be caught inside a library,
+    and the run then went on to its last step, or it can cut a checkpoint being written.) A second
+    Ctrl-C interrupts at once; the previous handler is back on leaving, however it is left."""
+    from transformers.trainer_callback import TrainerCallback
+
+    requested = threading.Event()
+
+    class InterruptCallback(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if requested.is_set():
+                raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request(signum: int, frame: Any) -> None:
+        requested.set()
+        signal.signal(signal.SIGINT, previous)
+
+    callback = InterruptCallback()
+    trainer.add_callback(callback)
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        trainer.remove_callback(callback)
 
 
 def has_accelerator() -> bool:

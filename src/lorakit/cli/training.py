@@ -31,7 +31,7 @@ from lorakit.cli.parsing import add_dataclass, new_parser
 from lorakit.cli.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from lorakit.cli.settings import TrainSettings
 from lorakit.cli.tasks import TASKS, Task, encode, get_task, label_names, pack
-from lorakit.cli.trainer import build_trainer, check_precision, last_checkpoint
+from lorakit.cli.trainer import build_trainer, check_precision, last_checkpoint, steps_end_on_ctrl_c
 
 __all__ = ["parser", "parse_settings", "run", "train", "fit", "Plan", "plan_run", "resolve_columns"]
 
@@ -346,7 +346,8 @@ def fit(
 
     before = measure("before") if before is None else before
     began = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    with steps_end_on_ctrl_c(trainer):
+        trainer.train(resume_from_checkpoint=checkpoint)
     timings["train_s"] = time.perf_counter() - began
     curves = report.curves(trainer.state.log_history, plan.task.metric)  # before the final evaluation
     after = measure("after")
