@@ -336,6 +336,9 @@ def fit(
         return result
 
     before = measure("before") if before is None else before
+    # Training starts from the seed whatever ran before it: an evaluation draws from torch's
+    # generator (each DataLoader takes a base seed), and a sweep's later ranks skip "before".
+    set_seed(s.seed)
     began = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     timings["train_s"] = time.perf_counter() - began
