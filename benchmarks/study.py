@@ -184,9 +184,14 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     for preset, rows in summary.items():
         budget = BUDGET[preset]
         metrics = METRICS[preset]
+        mine = [r for r in runs if r["preset"] == preset]
+        untrained = ", ".join(
+            f"{m} {statistics.fmean(r['before'][m] for r in mine):.{2 if m == 'perplexity' else 3}f}"
+            for m in metrics
+        )
         lines.append(
             f"**{preset}**: {budget['max_steps']} steps, held-out metric on "
-            f"{budget['max_eval_samples']} examples"
+            f"{budget['max_eval_samples']} examples (before training: {untrained})"
         )
         lines.append("")
         head = ["setting", "changes"]
@@ -228,16 +233,18 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             if not mine:
                 continue
             steps = sorted({p["step"] for r in mine for p in r["eval_curve"]})
-            means = []
+            means = [statistics.fmean(r["before"][metric] for r in mine)]  # step 0: before training
             for step in steps:
                 values = [p[metric] for r in mine for p in r["eval_curve"] if p["step"] == step]
                 means.append(statistics.fmean(values))
-            ax.plot(steps, means, marker="o", ms=3, color=f"C{i}", label=f"{name} ({len(mine)} seeds)")
+            seeds = f"{len(mine)} seed{'s' if len(mine) > 1 else ''}"
+            ax.plot([0, *steps], means, marker="o", ms=3, color=f"C{i % 10}", label=f"{name} ({seeds})")
+        sample = min(256, BUDGET[preset]["max_eval_samples"])
         ax.set_xlabel("step")
-        ax.set_ylabel(f"held-out {metric} (256-example sample, mean over seeds)")
+        ax.set_ylabel(f"held-out {metric}, mean over seeds")
+        ax.set_title(f"{preset}: {sample} held-out examples every {BUDGET[preset]['eval_steps']} steps")
         if metric == "perplexity":
             ax.set_yscale("log")
-        ax.set_title(preset)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -269,10 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(HERE), help="where study.json / .md / .png go")
     ap.add_argument("--fresh", action="store_true", help="ignore the runs already in study.json")
     ap.add_argument("--max-steps", type=int, default=None, help="override the budget (a smoke test)")
+    ap.add_argument("--report", action="store_true", help="only rewrite study.md / .png from study.json")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        write(json.loads((out / "study.json").read_text())["runs"], out)
+        print(markdown(json.loads((out / "study.json").read_text())["runs"]))
+        return 0
     presets = [p for p in args.presets.split(",") if p]
     names = args.settings.split(",") if args.settings else list(SETTINGS)
     unknown = [n for n in names if n not in SETTINGS] + [p for p in presets if p not in PRESETS]
