@@ -60,6 +60,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "lr 5e-4": {"lr": 5e-4},
     "lr 1e-3": {"lr": 1e-3},
     "lr 5e-3": {"lr": 5e-3},
+    # the same sweep at r=32 with alpha kept at 16 (the 1/r scaling under which "LoRA without regret"
+    # finds the best learning rate about independent of the rank)
+    "r32 lr 5e-4": {"r": 32, "lr": 5e-4},
+    "r32 lr 1e-3": {"r": 32, "lr": 1e-3},
+    "r32 lr 2e-3": {"r": 32},
+    "r32 lr 5e-3": {"r": 32, "lr": 5e-3},
 }
 # plotted against the steps (the learning-rate sweep has its own table rows)
 # smollm2-trec costs about 4x a minilm-vader run: its first tier is these settings, the rest come
