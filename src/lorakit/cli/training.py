@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 from typing import Any, cast
 
-from lorakit import LoraConfig, base_model_bytes, get_peft_model, prepare_model_for_kbit_training
+from lorakit import (
+    EvaConfig,
+    LoraConfig,
+    LoraGAConfig,
+    base_model_bytes,
+    create_loraplus_optimizer,
+    get_peft_model,
+    initialize_lora_eva_weights,
+    prepare_model_for_kbit_training,
+    preprocess_loraga,
+)
 from lorakit.cli import data as data_mod
 from lorakit.cli import report, runs
 from lorakit.cli.chat import is_chat
@@ -30,7 +40,7 @@ from lorakit.cli.models import check_model, load_model, load_tokenizer, quantiza
 from lorakit.cli.parsing import add_dataclass, new_parser
 from lorakit.cli.presets import DEFAULT_PRESET, PRESETS, Preset, get_preset
 from lorakit.cli.settings import TrainSettings
-from lorakit.cli.tasks import TASKS, Task, encode, get_task, label_names, pack
+from lorakit.cli.tasks import TASKS, Task, collator, encode, get_task, label_names, pack
 from lorakit.cli.trainer import build_trainer, check_precision, last_checkpoint, steps_end_on_ctrl_c
 
 __all__ = ["parser", "parse_settings", "run", "train", "fit", "Plan", "plan_run", "resolve_columns"]
@@ -172,9 +182,34 @@ def plan_run(settings: TrainSettings) -> Plan:
     return Plan(settings, task, model_path, rows, eval_rows, data_name, preset, dropped)
 
 
-def build_model(plan: Plan, labels: list[str]) -> Any:
+# --init -> init_lora_weights
+INIT_LORA_WEIGHTS: dict[str, bool | str] = {"default": True, "lora-ga": "lora_ga"}
+
+
+def lora_config(plan: Plan) -> LoraConfig:
+    """The adapter's ``LoraConfig`` from the settings (rank, targets, init and variants)."""
+    s = plan.settings
+    return LoraConfig(
+        r=s.r,
+        lora_alpha=s.alpha,
+        lora_dropout=s.dropout,
+        target_modules=s.target_modules,
+        target_parameters=cast("list[str] | None", s.target_parameters),  # a list after __post_init__
+        task_type=plan.task.task_type,
+        base_model_name_or_path=plan.model_path,
+        revision=s.revision,
+        init_lora_weights=INIT_LORA_WEIGHTS.get(s.init, s.init),
+        eva_config=EvaConfig() if s.init == "eva" else None,
+        lora_ga_config=LoraGAConfig() if s.init == "lora-ga" else None,
+        use_rslora=s.use_rslora,
+        use_dora=s.use_dora,
+    )
+
+
+def build_model(plan: Plan, labels: list[str], init_batches: list[dict] | None = None) -> Any:
     """The base model with a fresh LoRA adapter; the task's wrapper makes a classifier's head
-    trainable (and saved with the adapter) by itself."""
+    trainable (and saved with the adapter) by itself. ``init_batches``: the training batches that
+    ``--init eva`` and ``--init lora-ga`` read."""
     s = plan.settings
     base = load_model(
         plan.task,
@@ -187,17 +222,51 @@ def build_model(plan: Plan, labels: list[str]) -> Any:
     )
     if s.quantize != "none":  # freeze, norms in float32, bitsandbytes' CPU repacking off (PEFT's recipe)
         prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    config = LoraConfig(
-        r=s.r,
-        lora_alpha=s.alpha,
-        lora_dropout=s.dropout,
-        target_modules=s.target_modules,
-        target_parameters=cast("list[str] | None", s.target_parameters),  # a list after __post_init__
-        task_type=plan.task.task_type,
-        base_model_name_or_path=plan.model_path,
-        revision=s.revision,
+    config = lora_config(plan)
+    if s.init == "lora-ga":
+
+        def train_step() -> None:  # the gradient LoRA-GA starts from: the mean over the batches
+            for batch in init_batches or []:
+                base(**batch).loss.backward()
+
+        preprocess_loraga(base, config, train_step)
+    model = get_peft_model(base, config)
+    if s.init == "eva":
+        # a sequence label is one id per row, not per token: EVA's label mask cannot read it
+        batches = [
+            {k: v for k, v in b.items() if k != "labels" or v.shape == b["input_ids"].shape}
+            for b in init_batches or []
+        ]
+        initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    return model
+
+
+def first_batches(plan: Plan, tokenizer: Any, train_set: list[dict]) -> list[dict] | None:
+    """The first ``--init-batches`` training batches (padded tensors), for eva and lora-ga."""
+    s = plan.settings
+    if s.init not in ("eva", "lora-ga"):
+        return None
+    collate = collator(plan.task, tokenizer)
+    size = s.batch_size
+    return [
+        collate(train_set[i : i + size]) for i in range(0, min(len(train_set), size * s.init_batches), size)
+    ]
+
+
+def loraplus_optimizer(model: Any, settings: TrainSettings) -> Any:
+    """``--loraplus-ratio``: AdamW over LoRA+'s groups (B at ratio x --lr), else None (the
+    Trainer's own AdamW)."""
+    if settings.loraplus_ratio is None:
+        return None
+    import torch
+
+    return create_loraplus_optimizer(
+        model,
+        torch.optim.AdamW,
+        lr=settings.lr,
+        loraplus_lr_ratio=settings.loraplus_ratio,
+        loraplus_weight_decay=settings.weight_decay,
     )
-    return get_peft_model(base, config)
 
 
 def by_length(features: list[dict], rows: data_mod.Rows) -> tuple[list[dict], data_mod.Rows]:
@@ -331,10 +400,11 @@ def fit(
         torch.set_num_threads(s.threads)
     set_seed(s.seed)
     tokenizer = load_tokenizer(plan.model_path, s.revision, s.trust_remote_code)
-    model = build_model(plan, labels)
     feats = [encode(plan.task, r, tokenizer, s, plan.label_column, labels) for r in (train_rows, held_rows)]
     train_set = pack(feats[0], s.max_length) if s.packing else feats[0]
-    trainer = build_trainer(model, tokenizer, plan.task, train_set, feats[1][:EVAL_SAMPLE], s, out)
+    model = build_model(plan, labels, first_batches(plan, tokenizer, train_set))
+    optimizer = loraplus_optimizer(model, s)
+    trainer = build_trainer(model, tokenizer, plan.task, train_set, feats[1][:EVAL_SAMPLE], s, out, optimizer)
     feats[1], held_rows = by_length(feats[1], held_rows)
     timings = {"load_s": time.perf_counter() - start}
 
@@ -345,6 +415,9 @@ def fit(
         return result
 
     before = measure("before") if before is None else before
+    # Training starts from the seed whatever ran before it: an evaluation draws from torch's
+    # generator (each DataLoader takes a base seed), and a sweep's later ranks skip "before".
+    set_seed(s.seed)
     began = time.perf_counter()
     with steps_end_on_ctrl_c(trainer):
         trainer.train(resume_from_checkpoint=checkpoint)
