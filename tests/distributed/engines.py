@@ -154,6 +154,8 @@ def ddp_moe(ref: tuple, work: Path) -> dict[str, Any]:
     gathered = ld.gather_adapter_state_dict(model, rank0_only=False)
     digests = S.all_ranks(S.digest(gathered))
     peft.save_pretrained(str(work))  # every rank; rank 0 writes
+    # PEFT's default is_main_process=True must not make every rank write (they raced on one folder)
+    peft.save_pretrained(str(work / "by-rank" / f"rank{dist.get_rank()}"))
     peft.eval()
     logits = _logits(peft)(S.eval_batch())
     dist.barrier()
@@ -168,6 +170,7 @@ def ddp_moe(ref: tuple, work: Path) -> dict[str, Any]:
         "matches_reference": S.max_diff(gathered, reference),
         "adapter_moved": S.max_diff(gathered, initial),
         "expert_keys_saved": sum(".experts." in k for k in gathered),
+        "ranks_that_wrote": sorted(p.name for p in (work / "by-rank").iterdir()),
         "reload_logits": float((ours - logits).abs().max()),
         "peft_reload_logits": float((theirs - logits).abs().max()),
     }

@@ -252,5 +252,6 @@ def test_ddp_trains_and_saves_lora_on_experts(launch: Launch) -> None:
     assert results["matches_reference"] <= 1e-5
     assert results["adapter_moved"] > 1e-3
     assert results["expert_keys_saved"] == 2 * 2 * 2  # 2 layers × (gate_up, down) × (A, B)
+    assert results["ranks_that_wrote"] == ["rank0"]
     assert results["reload_logits"] <= 1e-6
     assert results["peft_reload_logits"] <= 1e-5

@@ -289,6 +289,9 @@ class PeftModel(nn.Module):
         if distributed_group.is_active():
             from lorakit.distributed import persist
 
+            # PEFT's default is_main_process=True means "this process may write"; in a process
+            # group the writer is rank 0 (None: persist's default), and False keeps a rank silent
+            options["is_main_process"] = None if is_main_process else False
             persist.save_pretrained(
                 self.get_base_model(), self.peft_config, save_directory, selected_adapters, **options
             )
