@@ -41,6 +41,7 @@ from lorakit.layers import (
     supported_parameter_kinds,
     variant_for,
 )
+from lorakit.layers.variant import LoraVariant
 from lorakit.model import engines, lora_ga, tying
 from lorakit.model.targeting import (
     ParameterTarget,
@@ -288,7 +289,24 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
         problems.extend(f"{name} ({reason})" for reason in refused)
         if _init_kind(resolved) == "lora_ga":
             problems.extend(lora_ga.layer_problems(name, base, rank_and_alpha(resolved, name)[0], kind))
-    targeted = {n for n, _ in targets}
+    problems.extend(_parameter_problems(parameters, {n for n, _ in targets}, resolved, variant))
+    if problems:
+        hint = f"Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
+        if resolved.target_parameters:
+            hint += f" Parameters: {', '.join(supported_parameter_kinds())}. {parameter_summary(model)}"
+        raise TargetingError("cannot add LoRA to: " + "; ".join(problems) + ". " + hint)
+    resolved = _fan_in_fan_out(resolved, targets)
+    tying.check_ties(ties, resolved, [n for n, _ in targets])
+    tokens = tying.token_targets(resolved, model, [n for n, _ in targets])
+    return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties, parameters)
+
+
+def _parameter_problems(
+    parameters: list[ParameterTarget], targeted: set[str], resolved: LoraConfig, variant: LoraVariant | None
+) -> list[str]:
+    """Why each targeted parameter cannot be adapted (empty: all can); ``targeted``: the module
+    paths ``target_modules`` adapts, which a parameter of theirs may not be adapted through too."""
+    problems: list[str] = []
     for t in parameters:
         kind = parameter_layer_for(t.owner, t.parameter)
         if t.module in targeted:
@@ -306,15 +324,7 @@ def plan(model: nn.Module, config: LoraConfig, adapter_name: str, *, replacing: 
                 variant=variant,
             )
             problems.extend(f"{t.key} ({reason})" for reason in refused)
-    if problems:
-        hint = f"Supported layer kinds: {', '.join(supported_kinds())}. {suffix_summary(model)}"
-        if resolved.target_parameters:
-            hint += f" Parameters: {', '.join(supported_parameter_kinds())}. {parameter_summary(model)}"
-        raise TargetingError("cannot add LoRA to: " + "; ".join(problems) + ". " + hint)
-    resolved = _fan_in_fan_out(resolved, targets)
-    tying.check_ties(ties, resolved, [n for n, _ in targets])
-    tokens = tying.token_targets(resolved, model, [n for n, _ in targets])
-    return Plan(resolved, targets, _modules_to_save(resolved, model), tokens, ties, parameters)
+    return problems
 
 
 def _refuse_wrapped(model: nn.Module) -> None:
@@ -395,19 +405,7 @@ def inject(
         layers[name] = layer
     for _name, module in p.ties.targets:
         _tie_lora(layers[str(p.ties.embedding)], _lora_layer(module, slots, active), adapter_name, cfg)
-    for target, layer in _wrap_parameters(p.parameters, slots, active):
-        r, alpha = rank_and_alpha(cfg, target.key)
-        layer.add_adapter(
-            adapter_name,
-            r,
-            alpha,
-            use_rslora=cfg.use_rslora,
-            dropout=cfg.lora_dropout,
-            init=cfg.init_lora_weights,
-            lora_bias=cfg.lora_bias,
-            meta=low_cpu_mem_usage,
-        )
-        layer.train(target.owner.training)
+    _add_to_parameters(p.parameters, slots, active, adapter_name, cfg, meta=low_cpu_mem_usage)
     copies: dict[str, nn.Module] = {}
     for name, module in p.to_save:
         wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
@@ -531,6 +529,31 @@ def _add_tokens(
         wrappers[target.name] = wrapper
         if target.tied_to is None:
             wrapper.add_adapter(adapter_name, target.indices)
+
+
+def _add_to_parameters(
+    targets: list[ParameterTarget],
+    slots: dict[int, list[tuple[nn.Module, str]]],
+    active: list[str],
+    adapter_name: str,
+    cfg: LoraConfig,
+    *,
+    meta: bool,
+) -> None:
+    """Give each targeted parameter's LoRA layer (wrapping it first if needed) ``adapter_name``."""
+    for target, layer in _wrap_parameters(targets, slots, active):
+        r, alpha = rank_and_alpha(cfg, target.key)
+        layer.add_adapter(
+            adapter_name,
+            r,
+            alpha,
+            use_rslora=cfg.use_rslora,
+            dropout=cfg.lora_dropout,
+            init=cfg.init_lora_weights,
+            lora_bias=cfg.lora_bias,
+            meta=meta,
+        )
+        layer.train(target.owner.training)
 
 
 def _wrap_parameters(
