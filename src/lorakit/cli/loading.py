@@ -20,7 +20,7 @@ from lorakit.cli.runs import CONFIG_FILE, absolute, read_settings
 from lorakit.cli.tasks import TASKS, Task
 from lorakit.hub import ADAPTER_FILES, local_folder
 
-__all__ = ["Adapter", "open_adapter", "load_adapted", "base_name", "adapter_labels"]
+__all__ = ["Adapter", "open_adapter", "load_adapted", "load_adapter_model", "base_name", "adapter_labels"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,10 +126,10 @@ def adapter_labels(adapter: Adapter, base: str, revision: str | None = None) -> 
     return [f"LABEL_{i}" for i in range(rows)]
 
 
-def load_adapted(
-    adapter: Adapter, base: str, labels: list[str], revision: str | None = None
-) -> tuple[Any, Any]:
-    """(the base model with the adapter loaded, its tokenizer)."""
+def load_adapter_model(
+    adapter: Adapter, base: str, labels: list[str], revision: str | None = None, quantize: str = "none"
+) -> Any:
+    """The base model (in the run's dtype; ``quantize``: loaded quantized) with the adapter loaded."""
     settings = adapter.settings or {}
     model = load_model(
         adapter.task,
@@ -138,6 +138,14 @@ def load_adapted(
         revision=revision,
         dtype=str(settings.get("dtype") or "fp32"),
         trust_remote_code=bool(settings.get("trust_remote_code")),
+        quantize=quantize,
     )
-    model = PeftModel.from_pretrained(model, str(adapter.path))
-    return model, load_tokenizer(base, revision, bool(settings.get("trust_remote_code")))
+    return PeftModel.from_pretrained(model, str(adapter.path))
+
+
+def load_adapted(
+    adapter: Adapter, base: str, labels: list[str], revision: str | None = None
+) -> tuple[Any, Any]:
+    """(the base model with the adapter loaded, its tokenizer)."""
+    trust = bool((adapter.settings or {}).get("trust_remote_code"))
+    return load_adapter_model(adapter, base, labels, revision), load_tokenizer(base, revision, trust)

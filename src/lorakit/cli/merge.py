@@ -16,10 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lorakit import PeftModel
 from lorakit.cli.errors import CliError
-from lorakit.cli.loading import Adapter, adapter_labels, base_name, load_adapted, open_adapter
-from lorakit.cli.models import load_model
+from lorakit.cli.loading import (
+    Adapter,
+    adapter_labels,
+    base_name,
+    load_adapted,
+    load_adapter_model,
+    open_adapter,
+)
 from lorakit.cli.parsing import new_parser
 from lorakit.cli.settings import QUANTIZE
 
@@ -68,17 +73,7 @@ def _against_quantized(
     merged: Any,
 ) -> tuple[float, float]:
     """(max |merged − adapted on the quantized base|, max |adapted − base| there)."""
-    settings = adapter.settings or {}
-    quantized = load_model(
-        adapter.task,
-        base,
-        labels,
-        revision=revision,
-        dtype=str(settings.get("dtype") or "fp32"),
-        trust_remote_code=bool(settings.get("trust_remote_code")),
-        quantize=quantize,
-    )
-    model = PeftModel.from_pretrained(quantized, str(adapter.path))
+    model = load_adapter_model(adapter, base, labels, revision, quantize)
     model.eval()
     adapted = _outputs(model, inputs)
     with model.disable_adapter():
