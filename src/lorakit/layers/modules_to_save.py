@@ -15,9 +15,10 @@ from torch import nn
 
 from lorakit.errors import AdapterError
 from lorakit.layers.rows import rows_for
+from lorakit.layers.switching import AdapterSwitching
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(nn.Module, AdapterSwitching):
     """``forward`` runs the active adapter's copy, or the original when disabled or none is active.
 
     Attributes the wrapper does not have itself (``weight``, ``bias``, ``out_features``, a custom
@@ -66,28 +67,8 @@ class ModulesToSaveWrapper(nn.Module):
             )
         self.active_adapters = present  # as PEFT: only the adapters this wrapper has a copy for
 
-    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
-        """Activate ``adapter_names``; their copy trains unless ``inference_mode``, the other copies
-        and the original are frozen (PEFT's rule)."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.set_active(names)
-        self.original_module.requires_grad_(False)
-        for name in self.adapter_names:
-            self.set_requires_grad(name, name in names and not inference_mode)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """As PEFT: disabling freezes every copy; enabling re-applies :meth:`set_adapter`."""
-        if enabled:
-            self.set_adapter(self.active_adapters)
-        else:
-            self.set_requires_grad(self.adapter_names, False)
-        self.disable_adapters = not enabled
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            for param in self.adapter_parameters(name):
-                param.requires_grad_(requires_grad)
+    def base_parameters(self) -> list[nn.Parameter]:
+        return list(self.original_module.parameters())  # PEFT's rule: the original never trains
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[name].parameters()) if name in self.modules_to_save else []

@@ -36,6 +36,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError
 from lorakit.layers.rows import BASE_ROWS, rows_for
+from lorakit.layers.switching import AdapterSwitching
 
 __all__ = ["TrainableTokensWrapper", "TrainableTokensLayer", "token_layer_problem"]
 
@@ -61,7 +62,7 @@ class TrainableTokensLayer(nn.Module):
         self.trainable_tokens_delta = delta
 
 
-class TrainableTokensWrapper(nn.Module):
+class TrainableTokensWrapper(nn.Module, AdapterSwitching):
     """An embedding (or tied output head) whose rows ``token_indices[a]`` adapter ``a`` replaces.
 
     ``tied_to``: the wrapper of the embedding whose weight this module shares; the new wrapper then
@@ -152,28 +153,6 @@ class TrainableTokensWrapper(nn.Module):
         if problem:
             raise AdapterError(problem)
         self.active_adapters = list(names)
-
-    def set_adapter(self, adapter_names: str | Sequence[str], inference_mode: bool = False) -> None:
-        """PEFT's rule: activate ``adapter_names``; their rows train unless ``inference_mode``,
-        the other adapters' rows are frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self.set_active(names)
-        for name in self.adapter_names:
-            self.set_requires_grad(name, name in names and not inference_mode)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        """As PEFT: disabling freezes every adapter's rows; enabling re-applies :meth:`set_adapter`."""
-        if enabled:
-            self.set_adapter(self.active_adapters)
-        else:
-            self.set_requires_grad(self.adapter_names, False)
-        self.disable_adapters = not enabled
-
-    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in names:
-            for param in self.adapter_parameters(name):
-                param.requires_grad_(requires_grad)
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """Adapter ``name``'s rows, owned by the untied wrapper only (a tied one shares them)."""
